@@ -1,0 +1,47 @@
+"""The ``pyllm`` command: a thin dispatcher. Each subcommand lives beside the API it drives and exposes
+``main(argv: list[str]) -> int``; it is imported only when invoked, so one stage's optional
+dependencies never slow down or break another's."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "info": ("pyllm.info", "show versions, devices and which op backends are available"),
+    "pipeline": ("pyllm.pipeline", "run every stage end to end on the built-in default and write a report"),
+    "data": ("pyllm.data.cli", "curate text, train a BPE tokenizer and pack token shards"),
+    "train": ("pyllm.train.cli", "pretrain a model"),
+    "plan": ("pyllm.train.plan", "size a model and its data for a compute budget"),
+    "sft": ("pyllm.post.cli", "supervised fine-tuning"),
+    "rm": ("pyllm.post.cli", "train a reward model"),
+    "dpo": ("pyllm.post.cli", "direct preference optimisation"),
+    "ppo": ("pyllm.post.cli", "RLHF with PPO"),
+    "grpo": ("pyllm.post.cli", "group relative policy optimisation"),
+    "eval": ("pyllm.eval.cli", "evaluate a checkpoint (perplexity, bits-per-byte, tasks)"),
+    "bench": ("benchmarks.__main__", "run the benchmark suite"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: pyllm <command> [options]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"pyllm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    # post-training stages share one module; it learns which stage from the command name
+    return int(module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""A decoder-only transformer built only from ``pyllm.ops``.
+
+The residual stream uses the fused "add + norm" form: each norm op receives the sublayer output
+``delta`` and the running ``residual`` and returns (norm(residual + delta), residual + delta), so the
+add never makes a separate pass over memory. The computation equals the textbook pre-norm block
+x = x + attn(norm(x)); x = x + mlp(norm(x)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from pyllm import ops
+
+from .config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, Hkv, max_len, D) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.bias and cfg.norm == "layernorm" else None
+
+    def forward(self, x, residual=None):
+        """Returns (norm(x + residual), x + residual); with no residual yet, (norm(x), x)."""
+        if self.kind == "layernorm":
+            out = ops.layer_norm(x, self.weight, self.bias, eps=self.eps, residual=residual)
+        else:
+            out = ops.rms_norm(x, self.weight, eps=self.eps, residual=residual)
+        return out if residual is not None else (out, x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)  # rows: [q heads | k heads | v heads]
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x, rope_cs, doc_ids, cache: KVCache | None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, (Hq + 2 Hkv) D)
+        qkv = qkv.view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([cfg.n_head, cfg.n_kv_head, cfg.n_kv_head], dim=1)  # (B, H, T, D)
+        if rope_cs is not None:
+            q, k = ops.rope(q, k, *rope_cs)
+        if cache is not None:
+            start = cache.length
+            cache.k[self.layer, :, :, start:start + T] = k
+            cache.v[self.layer, :, :, start:start + T] = v
+            k, v = cache.k[self.layer, :, :, :start + T], cache.v[self.layer, :, :, :start + T]
+        y = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, doc_ids=doc_ids)
+        y = y.transpose(1, 2).reshape(B, T, cfg.d_model)  # (B, T, Hq D)
+        return ops.linear(y, self.proj.weight, self.proj.bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.mlp == "gelu":
+            self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # rows: [gate | up]
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.cfg.mlp == "gelu":
+            h = ops.bias_gelu(ops.linear(x, self.fc.weight), self.fc.bias, approximate=self.cfg.gelu_approximate)
+        else:
+            gate, up = ops.linear(x, self.fc.weight).chunk(2, dim=-1)
+            h = ops.swiglu(gate, up)
+        return ops.linear(h, self.proj.weight, self.proj.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1, self.attn = Norm(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, delta, residual, rope_cs, doc_ids, cache):
+        h, residual = self.norm1(delta, residual)
+        delta = self.dropout(self.attn(h, rope_cs, doc_ids, cache))
+        h, residual = self.norm2(delta, residual)
+        delta = self.dropout(self.mlp(h))
+        return delta, residual
+
+
+class Transformer(nn.Module):
+    """GPT-2 / Llama style decoder. ``forward(idx)`` gives logits (B, T, V); ``loss(idx, targets)`` the
+    mean next-token loss; ``hidden(idx)`` the final normed hidden states (B, T, d) for heads (value,
+    reward) built on top."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = Norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.pos == "rope":
+            inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith("proj.weight"):  # residual-stream outputs, GPT-2's 1/sqrt(2L) scaling
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def _backend(self):
+        """The op backend named by the config, for the ops this model runs."""
+        return ops.use_backend(self.cfg.backend) if self.cfg.backend else contextlib.nullcontext()
+
+    def _rope(self, positions):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        return freqs.cos(), freqs.sin()
+
+    def hidden(self, idx, positions=None, doc_ids=None, cache: KVCache | None = None):
+        """Final normed hidden states (B, T, d_model). ``positions`` (B, T) default to consecutive
+        positions after the cache; ``doc_ids`` (B, S) per key position (see ops.attention)."""
+        cfg = self.cfg
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > (cache.max_len if cache is not None else cfg.max_seq_len):
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context "
+                             f"({cache.max_len if cache is not None else cfg.max_seq_len})")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope_cs = self._rope(positions) if cfg.pos == "rope" else None
+        delta, residual = self.dropout(x), None
+        with self._backend():
+            for block in self.blocks:
+                if cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    delta, residual = checkpoint(block, delta, residual, rope_cs, doc_ids, cache, use_reentrant=False)
+                else:
+                    delta, residual = block(delta, residual, rope_cs, doc_ids, cache)
+            h, _ = self.norm_f(delta, residual)
+        if cache is not None:
+            cache.length += T
+        return h
+
+    def forward(self, idx, positions=None, doc_ids=None, cache: KVCache | None = None):
+        """Logits (B, T, vocab)."""
+        h = self.hidden(idx, positions, doc_ids, cache)
+        with self._backend():
+            return ops.linear(h, self.head_weight)
+
+    def loss(self, idx, targets, *, positions=None, doc_ids=None, ignore_index=-100, reduction="mean"):
+        """Next-token cross-entropy of ``targets`` (B, T) (already shifted; ignore_index rows skipped)."""
+        h = self.hidden(idx, positions, doc_ids)
+        with self._backend():
+            if self.cfg.fused_loss:
+                return ops.linear_cross_entropy(h, self.head_weight, targets, ignore_index=ignore_index,
+                                                reduction=reduction)
+            return ops.cross_entropy(ops.linear(h, self.head_weight), targets, ignore_index=ignore_index,
+                                     reduction=reduction)

@@ -1,0 +1,143 @@
+"""Backend registry: which implementation of an op runs, chosen at run time.
+
+Backends: "torch" (the pure-PyTorch reference in ``reference.py``, always present), "triton"
+(``pyllm.kernels``), "cuda" and "cpu" (the ``pyllm._C`` extension). Each non-reference backend lives in
+its own module (``triton_backend.py``, ``cuda_backend.py``, ``cpu_backend.py``) that registers its
+implementations with ``@register(op, backend)``; the module is imported lazily, the first time that
+backend is asked for, so importing pyllm never fails because Triton, CUDA or ``_C`` is missing.
+
+Selection, first match wins: the ``backend=`` argument of the call, then ``use_backend(...)`` (a context
+manager; the model sets it from its config), then the ``PYLLM_BACKEND`` environment variable, then
+"auto". "auto" means triton -> cuda -> torch for CUDA tensors and cpu -> torch for CPU tensors.
+
+An implementation that cannot handle particular inputs (a dtype, a head dim, a device) raises
+``Unsupported`` before doing any work; the dispatcher then falls back to the next candidate, ending at
+the reference, and warns once per (op, backend, reason). ``PYLLM_STRICT_BACKEND=1`` turns an explicit
+request that cannot be honoured into an error instead (the kernel tests use it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda", "cpu")
+_BACKEND_MODULES = {
+    "triton": "pyllm.ops.triton_backend",
+    "cuda": "pyllm.ops.cuda_backend",
+    "cpu": "pyllm.ops.cpu_backend",
+}
+
+_IMPLS: dict[str, dict[str, Callable]] = {}  # op -> backend -> implementation
+_LOAD_ERRORS: dict[str, str | None] = {"torch": None}  # backend -> None (loaded) or why it is not
+_WARNED: set[tuple[str, str, str]] = set()
+_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyllm_backend", default=None)
+
+
+class Unsupported(Exception):
+    """Raised by a backend implementation, before any work, for inputs it does not handle."""
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend could not run the op and strict mode is on."""
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` the ``backend`` implementation of ``op``."""
+    check_backend_name(backend)
+
+    def wrap(fn: Callable) -> Callable:
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return wrap
+
+
+def check_backend_name(name: str, allow_auto: bool = False) -> str:
+    valid = BACKENDS + (("auto",) if allow_auto else ())
+    if name not in valid:
+        raise ValueError(f"unknown backend {name!r}; valid backends are: {', '.join(valid)}")
+    return name
+
+
+def _load(backend: str) -> str | None:
+    """Import a backend's module once; return None if it loaded, else the reason it did not."""
+    if backend not in _LOAD_ERRORS:
+        try:
+            importlib.import_module(_BACKEND_MODULES[backend])
+            _LOAD_ERRORS[backend] = None
+        except Exception as e:  # ImportError, OSError from a missing .so, a CUDA driver mismatch...
+            _LOAD_ERRORS[backend] = f"{type(e).__name__}: {e}"
+    return _LOAD_ERRORS[backend]
+
+
+def backends() -> dict[str, str]:
+    """Each backend with "available" or the reason it is not (loads every backend module)."""
+    return {b: ("available" if _load(b) is None else f"unavailable ({_load(b)})") for b in BACKENDS}
+
+
+def ops_table() -> dict[str, list[str]]:
+    """Each op and the backends that implement it (after loading every backend that loads)."""
+    for b in BACKENDS:
+        _load(b)
+    return {op: sorted(impls) for op, impls in sorted(_IMPLS.items())}
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the enclosed ops on backend ``name`` ("auto" or None: automatic choice)."""
+    if name is not None:
+        check_backend_name(name, allow_auto=True)
+    token = _CONTEXT.set(name)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend a call would ask for, before availability: argument, context, env, "auto"."""
+    name = backend or _CONTEXT.get() or os.environ.get("PYLLM_BACKEND") or "auto"
+    return check_backend_name(name, allow_auto=True)
+
+
+def _candidates(requested: str, device: torch.device) -> list[str]:
+    if requested == "auto":
+        return ["triton", "cuda", "torch"] if device.type == "cuda" else ["cpu", "torch"]
+    return [requested] if requested == "torch" else [requested, "torch"]
+
+
+def _warn_once(op: str, backend: str, reason: str) -> None:
+    key = (op, backend, reason)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"pyllm.ops.{op}: backend {backend!r} not used ({reason}); falling back",
+                      RuntimeWarning, stacklevel=4)
+
+
+def dispatch(op: str, device: torch.device, backend: str | None, *args, **kwargs):
+    """Run ``op`` on the first candidate backend that accepts these inputs."""
+    requested = requested_backend(backend)
+    strict = os.environ.get("PYLLM_STRICT_BACKEND", "0") == "1"
+    for b in _candidates(requested, device):
+        explicit = b == requested
+        reason = _load(b)
+        impl = _IMPLS.get(op, {}).get(b) if reason is None else None
+        if impl is None:
+            reason = reason or "op not implemented by this backend"
+        else:
+            try:
+                return impl(*args, **kwargs)
+            except Unsupported as e:
+                reason = str(e)
+        if explicit and strict:
+            raise BackendError(f"pyllm.ops.{op}: backend {b!r} cannot run these inputs: {reason}")
+        if explicit:
+            _warn_once(op, b, reason)
+    raise AssertionError(f"no implementation of {op}")  # unreachable: torch always implements it

@@ -1,0 +1,43 @@
+"""Argument checks for the public ops: each failure names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(op: str, name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES, like=None):
+    """Check that argument ``name`` of ``op`` is a tensor of the right rank and dtype, on ``like``'s device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"pyllm.ops.{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}' must have {ndim} dims, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}' must have at least {min_ndim} dims, "
+                         f"got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"pyllm.ops.{op}: argument '{name}' has dtype {str(t.dtype).replace('torch.', '')}, "
+                        f"expected one of {names}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}' is on {t.device}, expected {like.device} "
+                         f"(the device of the first input)")
+    return t
+
+
+def same_dtype(op: str, name: str, t, like, like_name: str):
+    if t.dtype != like.dtype:
+        raise TypeError(f"pyllm.ops.{op}: argument '{name}' has dtype {t.dtype}, expected {like.dtype} "
+                        f"(the dtype of '{like_name}')")
+
+
+def shape(op: str, name: str, t, expected: tuple, what: str = ""):
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}' has shape {tuple(t.shape)}, expected "
+                         f"{tuple(expected)}{' ' + what if what else ''}")
+
+
+def choice(op: str, name: str, value, valid):
+    if value not in valid:
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}'={value!r} is not one of {list(valid)}")
