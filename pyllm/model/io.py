@@ -1,0 +1,49 @@
+"""The inter-stage model format: a directory with ``config.json`` (pyllm's ModelConfig),
+``model.safetensors`` (pyllm's parameter names) and, optionally, the tokenizer files.
+
+Every stage hands its result to the next this way (pretraining -> SFT -> DPO -> eval). The Hugging
+Face format, for other tools, is in ``hf.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+
+def save_model(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"pyllm_model": model.cfg.to_dict()}, indent=1))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_model(directory: str | Path, device="cpu", dtype=torch.float32, **overrides) -> Transformer:
+    """Load a model written by ``save_model``. ``overrides`` replace config fields (e.g. backend)."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (not a pyllm model directory)")
+    raw = json.loads(cfg_path.read_text())
+    if "pyllm_model" not in raw:
+        raise ValueError(f"{cfg_path}: field 'pyllm_model' missing (a Hugging Face config? use pyllm.model.hf)")
+    cfg = ModelConfig.from_dict({**raw["pyllm_model"], **overrides})
+    model = Transformer(cfg)
+    state = load_file(str(directory / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"{directory / 'model.safetensors'}: does not match config.json "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device=device, dtype=dtype)
