@@ -19,7 +19,6 @@ request that cannot be honoured into an error instead (the kernel tests use it).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
 import warnings
@@ -37,7 +36,9 @@ _BACKEND_MODULES = {
 _IMPLS: dict[str, dict[str, Callable]] = {}  # op -> backend -> implementation
 _LOAD_ERRORS: dict[str, str | None] = {"torch": None}  # backend -> None (loaded) or why it is not
 _WARNED: set[tuple[str, str, str]] = set()
-_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyllm_backend", default=None)
+# use_backend() nesting. A plain list rather than a ContextVar: torch.compile (dynamo) can read it and
+# guard on it, while it cannot trace ContextVar.get(). The stack is process-wide, not per thread.
+_CONTEXT: list[str | None] = []
 
 
 class Unsupported(Exception):
@@ -66,6 +67,7 @@ def check_backend_name(name: str, allow_auto: bool = False) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: run once while tracing, a constant after
 def _load(backend: str) -> str | None:
     """Import a backend's module once; return None if it loaded, else the reason it did not."""
     if backend not in _LOAD_ERRORS:
@@ -94,16 +96,16 @@ def use_backend(name: str | None) -> Iterator[None]:
     """Run the enclosed ops on backend ``name`` ("auto" or None: automatic choice)."""
     if name is not None:
         check_backend_name(name, allow_auto=True)
-    token = _CONTEXT.set(name)
+    _CONTEXT.append(name)
     try:
         yield
     finally:
-        _CONTEXT.reset(token)
+        _CONTEXT.pop()
 
 
 def requested_backend(backend: str | None = None) -> str:
     """The backend a call would ask for, before availability: argument, context, env, "auto"."""
-    name = backend or _CONTEXT.get() or os.environ.get("PYLLM_BACKEND") or "auto"
+    name = backend or (_CONTEXT[-1] if _CONTEXT else None) or os.environ.get("PYLLM_BACKEND") or "auto"
     return check_backend_name(name, allow_auto=True)
 
 
