@@ -125,6 +125,8 @@ class HFTokenizer(Tokenizer):
         if missing:
             tokenizer.add_special_tokens([AddedToken(t, special=True) for t in missing])
         self.specials = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        # encode() treats special-token strings in the text as plain text (not serialised with the file)
+        tokenizer.encode_special_tokens = True
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
@@ -137,7 +139,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True).ids
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
