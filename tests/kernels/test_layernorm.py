@@ -1,0 +1,49 @@
+"""LayerNorm / RMSNorm Triton kernels vs the reference: forward, input/weight/bias/residual gradients."""
+
+import pytest
+import torch
+
+from pyllm import ops
+from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
+
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
+
+
+def _inputs(shape, residual, bias):
+    N = shape[-1]
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2 + 0.5
+    w = torch.randn(N, dtype=torch.float64, device=DEVICE)
+    b = torch.randn(N, dtype=torch.float64, device=DEVICE) if bias else None
+    r = torch.randn(shape, dtype=torch.float64, device=DEVICE) if residual else None
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("shape,residual", [((1, 1), False), ((3, 5, 37), True), ((7, 256), False)])
+def test_layer_norm(dtype, shape, residual):
+    x, w, b, r = _inputs(shape, residual, bias=True)
+    check_op(lambda x, w, b, r, backend: ops.layer_norm(x, w, b, residual=r, backend=backend), [x, w, b, r], dtype)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("shape,residual", [((1, 1), True), ((2, 3, 37), False), ((5, 130), True)])
+def test_rms_norm(dtype, shape, residual):
+    x, w, _, r = _inputs(shape, residual, bias=False)
+    check_op(lambda x, w, r, backend: ops.rms_norm(x, w, residual=r, backend=backend), [x, w, r], dtype)
+
+
+def test_layer_norm_no_bias():
+    x, w, _, _ = _inputs((4, 33), False, bias=False)
+    check_op(lambda x, w, backend: ops.layer_norm(x, w, None, backend=backend), [x, w], torch.float32)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1023, 8192), (2, 1031)])
+def test_norms_gpu(dtype, rms, shape):
+    x, w, b, r = _inputs(shape, True, bias=not rms)
+    if rms:
+        check_op(lambda x, w, r, backend: ops.rms_norm(x, w, residual=r, backend=backend), [x, w, r], dtype)
+    else:
+        check_op(lambda x, w, b, r, backend: ops.layer_norm(x, w, b, residual=r, backend=backend), [x, w, b, r], dtype)
