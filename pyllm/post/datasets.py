@@ -1,0 +1,259 @@
+"""Post-training data: JSONL readers (errors name file and line) and built-in sets generated at run time.
+
+Built-in sets, no download:
+- verifiable tasks (``add``, ``sort``, ``reverse``): a prompt, its one right answer, and an exact-match
+  checker that is the reward of PPO / GRPO. Sized for a byte tokenizer and a tiny model.
+- ``tasks`` preferences: the right answer preferred over a plausible wrong one (off by one, unsorted...).
+- ``docstrings`` preferences and instructions: "What does json.dumps do?" answered by the first
+  sentence of its docstring (preferred) or another function's (rejected), from
+  ``pyllm.data.stdlib.stdlib_docstrings()``.
+
+Held-out split: a prompt is held out when a hash of its text falls below ``heldout_fraction``, so the
+same prompt lands on the same side in every stage and every run, and held-out prompts are never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+TASKS = ("add", "sort", "reverse")
+
+
+class DataError(ValueError):
+    """Bad input data, reported as ``file:line: problem``."""
+
+    def __init__(self, origin: str, line: int | None, problem: str):
+        super().__init__(f"{origin}:{line}: {problem}" if line is not None else f"{origin}: {problem}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A single-turn instruction example (SFT) or a prompt with a known answer (RL tasks)."""
+
+    prompt: str
+    completion: str
+    task: str = "jsonl"
+    origin: str = ""
+    """Where it came from, ``file:line`` or ``builtin:<set>``: named in error messages."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference: ``chosen`` is better than ``rejected`` as an answer to ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    origin: str = ""
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Deterministic split: True for about ``fraction`` of keys, the same in every process and run."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return h / 2.0**64 < fraction
+
+
+def split(items: list, fraction: float) -> tuple[list, list]:
+    """(train, heldout) by the prompt of each item (Example or Pair)."""
+    train, heldout = [], []
+    for it in items:
+        (heldout if is_heldout(it.prompt, fraction) else train).append(it)
+    return train, heldout
+
+
+# ------------------------------------------------------------------------------------------- JSONL
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is a DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), None, "file not found")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(str(path), n, f"expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+    if not rows:
+        raise DataError(str(path), None, "no rows")
+    return rows
+
+
+def _field(path, n, obj, name) -> str:
+    if name not in obj:
+        raise DataError(str(path), n, f"missing field {name!r} (fields present: {sorted(obj)})")
+    if not isinstance(obj[name], str) or not obj[name]:
+        raise DataError(str(path), n, f"field {name!r} must be a non-empty string, got {obj[name]!r}")
+    return obj[name]
+
+
+def load_examples(path: str | Path) -> list:
+    """SFT rows: {"prompt", "completion"} -> Example, or {"messages": [{"role", "content"}, ...]} -> Conversation."""
+    out = []
+    for n, obj in read_jsonl(path):
+        origin = f"{path}:{n}"
+        if "messages" in obj:
+            if not isinstance(obj["messages"], list) or not obj["messages"]:
+                raise DataError(str(path), n, "field 'messages' must be a non-empty list of {role, content}")
+            out.append(Conversation(tuple(obj["messages"]), origin))
+        else:
+            out.append(Example(_field(path, n, obj, "prompt"), _field(path, n, obj, "completion"), origin=origin))
+    return out
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A multi-turn SFT example in chat form."""
+
+    messages: tuple
+    origin: str = ""
+
+    @property
+    def prompt(self) -> str:  # the split key
+        return json.dumps(self.messages[:1])
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Preference rows {"prompt", "chosen", "rejected"}; identical chosen and rejected is a DataError."""
+    pairs = []
+    for n, obj in read_jsonl(path):
+        p, c, r = (_field(path, n, obj, k) for k in ("prompt", "chosen", "rejected"))
+        if c == r:
+            raise DataError(str(path), n, "'chosen' and 'rejected' are identical (the pair teaches nothing)")
+        pairs.append(Pair(p, c, r, f"{path}:{n}"))
+    return pairs
+
+
+# ------------------------------------------------------------------------------- verifiable tasks
+
+
+def _task_example(task: str, rng: random.Random) -> tuple[str, str]:
+    if task == "add":
+        a, b = rng.randint(0, 19), rng.randint(0, 19)
+        return f"{a}+{b}=", str(a + b)
+    if task == "sort":
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
+        return f"sort {digits}", "".join(sorted(digits))
+    if task == "reverse":
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 5)))
+        return f"reverse {word}", word[::-1]
+    raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
+
+
+def task_examples(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0) -> list[Example]:
+    """Up to ``n`` distinct prompts, cycling through ``tasks``, with their right answers."""
+    rng = random.Random(seed)
+    seen, out = set(), []
+    for i in range(20 * n):
+        if len(out) >= n:
+            break
+        task = tasks[i % len(tasks)]
+        prompt, answer = _task_example(task, rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(Example(prompt, answer, task, f"builtin:{task}"))
+    return out
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    """The verifiable reward: the completion, stripped of surrounding whitespace, equals the answer."""
+    return completion.strip() == answer
+
+
+def _wrong_answer(ex: Example, rng: random.Random) -> str:
+    """A plausible but wrong answer to a task example."""
+    if ex.task == "add":
+        return str(int(ex.completion) + rng.choice((-2, -1, 1, 2, 10)))
+    if ex.task in ("sort", "reverse"):
+        source = ex.prompt.split(" ", 1)[1]
+        chars = list(ex.completion)
+        candidates = [source, ex.completion[1:], ex.completion + ex.completion[-1]]
+        i = rng.randrange(len(chars) - 1)
+        chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        candidates.append("".join(chars))
+        wrong = [c for c in candidates if c != ex.completion]
+        return rng.choice(wrong)
+    raise ValueError(f"no wrong-answer generator for task {ex.task!r}")
+
+
+def task_pairs(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0) -> list[Pair]:
+    """Preferences over task answers: right answer chosen, a plausible wrong one rejected."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for ex in task_examples(tasks, n, seed):
+        wrong = _wrong_answer(ex, rng)
+        if wrong != ex.completion:
+            pairs.append(Pair(ex.prompt, ex.completion, wrong, ex.origin))
+    return pairs
+
+
+# ------------------------------------------------------------------------- stdlib docstring QA
+
+
+def _first_sentence(doc: str, max_chars: int) -> str:
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = para.find(". ")
+    sentence = para if end < 0 else para[:end + 1]
+    return sentence[:max_chars]
+
+
+def docstring_examples(n: int = 2000, max_chars: int = 80) -> list[Example]:
+    """'What does <qualified name> do?' answered with the first sentence of its docstring."""
+    from pyllm.data.stdlib import stdlib_docstrings
+
+    out = []
+    for name, doc in stdlib_docstrings():
+        answer = _first_sentence(doc, max_chars)
+        if len(answer) >= 10 and answer.isascii():
+            out.append(Example(f"What does {name} do?", answer, "docstrings", "builtin:docstrings"))
+        if len(out) >= n:
+            break
+    return out
+
+
+def docstring_pairs(n: int = 2000, max_chars: int = 80, seed: int = 0) -> list[Pair]:
+    """The right docstring sentence preferred over another function's (drawn at random)."""
+    examples = docstring_examples(n, max_chars)
+    rng = random.Random(seed)
+    pairs = []
+    for ex in examples:
+        other = examples[rng.randrange(len(examples))].completion
+        if other != ex.completion:
+            pairs.append(Pair(ex.prompt, ex.completion, other, ex.origin))
+    return pairs
+
+
+BUILTIN_EXAMPLES: dict[str, Callable[..., list[Example]]] = {
+    "tasks": lambda seed=0: task_examples(seed=seed),
+    "add": lambda seed=0: task_examples(("add",), seed=seed),
+    "sort": lambda seed=0: task_examples(("sort",), seed=seed),
+    "reverse": lambda seed=0: task_examples(("reverse",), seed=seed),
+    "docstrings": lambda seed=0: docstring_examples(),
+}
+BUILTIN_PAIRS: dict[str, Callable[..., list[Pair]]] = {
+    "tasks": lambda seed=0: task_pairs(seed=seed),
+    "docstrings": lambda seed=0: docstring_pairs(seed=seed),
+}
+
+
+def resolve(source: str, table: dict, loader: Callable, seed: int = 0) -> list:
+    """``builtin:<name>`` from ``table`` or a JSONL path read by ``loader``."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in table:
+            raise ValueError(f"unknown built-in data set {source!r}; choose from "
+                             f"{', '.join('builtin:' + k for k in table)} or give a .jsonl path")
+        return table[name](seed=seed)
+    return loader(source)

@@ -1,0 +1,129 @@
+"""Encoding chat examples and packing many of them into each training sequence.
+
+A packed row holds several examples back to back. ``doc_ids`` gives each example its own id so attention
+never crosses from one into another, ``positions`` restart at 0 for each example, and the last token of
+an example predicts nothing: the logits of a packed example equal those of the example alone.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .chat import ChatTemplate
+from .datasets import Conversation, DataError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as tokens: ``ids`` (n,) and ``train`` (n,) True where the token is trained."""
+
+    ids: tuple[int, ...]
+    train: tuple[bool, ...]
+    origin: str = ""
+
+
+def _where(origin: str) -> tuple[str, int | None]:
+    path, _, line = origin.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (origin, None)
+
+
+def encode_examples(template: ChatTemplate, items, max_len: int) -> list[Encoded]:
+    """Examples / Conversations -> Encoded; a bad message, no assistant turn or an example longer than
+    ``max_len`` tokens is a DataError naming its file and line."""
+    out = []
+    for it in items:
+        try:
+            if isinstance(it, Conversation):
+                ids, train = template.encode(list(it.messages))
+            else:
+                ids, train = template.encode_prompt_completion(it.prompt, it.completion)
+        except ValueError as e:
+            raise DataError(*_where(it.origin), str(e)) from None
+        if len(ids) > max_len:
+            raise DataError(*_where(it.origin), f"example is {len(ids)} tokens, longer than the context "
+                            f"({max_len}); shorten it or raise seq_len")
+        out.append(Encoded(tuple(ids), tuple(train), it.origin))
+    return out
+
+
+def example_tensors(ex: Encoded) -> dict[str, torch.Tensor]:
+    """One unpacked example as a (1, n) batch: input_ids, targets (-100 where not trained), positions."""
+    ids = torch.tensor(ex.ids)
+    train = torch.tensor(ex.train)
+    targets = torch.where(train[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
+    targets = torch.cat([targets, torch.tensor([IGNORE])])  # the last token predicts nothing
+    return {"input_ids": ids[None], "targets": targets[None], "positions": torch.arange(len(ids))[None]}
+
+
+def pack(examples: list[Encoded], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Greedy first-fit packing in order -> tensors (R, seq_len): input_ids, targets, doc_ids, positions.
+    Padding has target -100 and a doc id of its own."""
+    rows: list[list[Encoded]] = []
+    space: list[int] = []
+    for ex in examples:
+        n = len(ex.ids)
+        for r, free in enumerate(space):
+            if free >= n:
+                rows[r].append(ex)
+                space[r] -= n
+                break
+        else:
+            rows.append([ex])
+            space.append(seq_len - n)
+    R = len(rows)
+    input_ids = torch.full((R, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((R, seq_len), IGNORE, dtype=torch.long)
+    doc_ids = torch.zeros((R, seq_len), dtype=torch.long)
+    positions = torch.zeros((R, seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, ex in enumerate(row):
+            t = example_tensors(ex)
+            n = len(ex.ids)
+            input_ids[r, start:start + n] = t["input_ids"][0]
+            targets[r, start:start + n] = t["targets"][0]
+            doc_ids[r, start:start + n] = d
+            positions[r, start:start + n] = t["positions"][0]
+            start += n
+        doc_ids[r, start:] = len(row)  # padding: a document of its own
+    return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids, "positions": positions}
+
+
+class PackedBatches:
+    """Batch source for the Trainer over packed rows: shuffled each epoch (seeded), resumable.
+
+    ``next_batch()`` -> {"input_ids", "targets", "doc_ids", "positions"} each (batch_size, seq_len)."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int = 0):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.n = rows["input_ids"].shape[0]
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        take = []
+        while len(take) < self.batch_size:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            take.append(self._order[self.index])
+            self.index += 1
+        idx = torch.tensor(take)
+        return {k: v[idx] for k, v in self.rows.items()}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
+        self._order = self._permutation()
