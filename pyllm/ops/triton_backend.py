@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
-from pyllm.kernels import launch, layernorm
+from pyllm.kernels import gelu, launch, layernorm
 
 from .registry import Unsupported, register
 
@@ -30,3 +30,15 @@ def layer_norm(x, weight, bias=None, *, eps=1e-5, residual=None):
 def rms_norm(x, weight, *, eps=1e-6, residual=None):
     _require(launch.runnable_reason(x, weight, residual) or layernorm.unsupported_reason(x, weight, residual))
     return layernorm.rms_norm(x, weight, eps, residual)
+
+
+@register("bias_gelu", "triton")
+def bias_gelu(x, bias=None, *, approximate="tanh"):
+    _require(launch.runnable_reason(x, bias) or gelu.unsupported_reason(x, bias))
+    return gelu.bias_gelu(x, bias, approximate)
+
+
+@register("swiglu", "triton")
+def swiglu(gate, up):
+    _require(launch.runnable_reason(gate, up) or gelu.unsupported_reason(gate, up))
+    return gelu.swiglu(gate, up)

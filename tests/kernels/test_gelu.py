@@ -1,0 +1,54 @@
+"""bias+GELU (tanh, exact) and SwiGLU Triton kernels vs the reference, forward and gradients."""
+
+import pytest
+import torch
+
+from pyllm import ops
+from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
+
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
+
+
+def _randn(*shape):
+    return torch.randn(shape, dtype=torch.float64, device=DEVICE) * 3
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("shape,bias", [((1, 1), True), ((3, 7, 67), True), ((5, 130), False)])
+def test_bias_gelu(dtype, approximate, shape, bias):
+    x, b = _randn(*shape), (_randn(shape[-1]) if bias else None)
+    check_op(lambda x, b, backend: ops.bias_gelu(x, b, approximate=approximate, backend=backend), [x, b], dtype)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("shape", [(1,), (2, 3, 67), (4, 131)])
+def test_swiglu(dtype, shape):
+    check_op(lambda g, u, backend: ops.swiglu(g, u, backend=backend), [_randn(*shape), _randn(*shape)], dtype)
+
+
+def test_swiglu_strided_halves():
+    """The model splits one [gate | up] projection: the kernel must read the column halves in place."""
+    fused = _randn(2, 5, 2 * 37)
+
+    def op(fused, backend):
+        gate, up = fused.chunk(2, dim=-1)
+        return ops.swiglu(gate, up, backend=backend)
+
+    check_op(op, [fused], torch.float32)
+
+
+def test_gelu_extreme_inputs():
+    """tanh form at |x| ~ 1e4 (overflow of exp inside tanh) must give x and 0, not nan."""
+    x = torch.tensor([[-1e4, -30.0, 0.0, 30.0, 1e4]], dtype=torch.float64, device=DEVICE)
+    check_op(lambda x, backend: ops.bias_gelu(x, None, backend=backend), [x], torch.float32)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 3072), (1023, 11008), (3, 65539)])
+def test_pointwise_gpu(dtype, shape):
+    x, b = _randn(*shape), _randn(shape[-1])
+    check_op(lambda x, b, backend: ops.bias_gelu(x, b, backend=backend), [x, b], dtype)
+    check_op(lambda x, b, backend: ops.bias_gelu(x, b, approximate="none", backend=backend), [x, b], dtype)
+    check_op(lambda g, u, backend: ops.swiglu(g, u, backend=backend), [x, _randn(*shape)], dtype)
