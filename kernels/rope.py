@@ -1,0 +1,146 @@
+"""Rotary position embedding (Su et al. 2021, RoFormer) on q and k in one launch, "rotate half" layout.
+
+Algorithm. For x = [x1 | x2] (two halves of the head dim) and per-position cos/sin of D/2 angles:
+    out1 = x1 cos - x2 sin,     out2 = x2 cos + x1 sin.
+One program per (batch, position) loads that position's cos/sin once and rotates every q head and
+every k head at that position (BLOCK_H heads at a time), so cos/sin are read once per token, not
+once per head. Inputs are read through their (B, H, T) strides: q/k may be views of the fused qkv
+projection, no copy. The rotation is orthogonal, so the backward is the same kernel with sin negated
+(``BACKWARD``); cos/sin are treated as constants (no gradient), as they are buffers in the model.
+
+In place: when no gradient is needed (inference, KV-cache decode) the result is written over q and
+k themselves (``rope_`` / the backend under no-grad), saving the two output allocations and half the
+memory traffic; with autograd the op is out of place (the inputs are needed for nothing else, but an
+in-place op on a view of a tensor saved by autograd would invalidate it).
+
+Limits: even head dim up to 512; the head dim must be contiguous (stride 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HEAD_DIM = 512
+
+
+@triton.jit
+def _rotate_heads(X, O, sxh, soh, H, c, s, d, dmask, HALF, BLOCK_H: tl.constexpr):
+    # X, O point at (b, head 0, t, 0); heads are sxh / soh apart. c, s: (BLOCK_D,) fp32.
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        m = (h[:, None] < H) & dmask[None, :]
+        px = X + h[:, None].to(tl.int64) * sxh + d[None, :]
+        x1 = tl.load(px, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(px + HALF, mask=m, other=0.0).to(tl.float32)
+        po = O + h[:, None].to(tl.int64) * soh + d[None, :]
+        tl.store(po, (x1 * c[None, :] - x2 * s[None, :]).to(O.dtype.element_ty), mask=m)
+        tl.store(po + HALF, (x2 * c[None, :] + x1 * s[None, :]).to(O.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_fwd_kernel(Q, K, QO, KO, COS, SIN, T, HQ, HKV,
+                     sqb, sqh, sqt, skb, skh, skt, sqob, sqoh, sqot, skob, skoh, skot, scb, sct, HALF,
+                     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HALF
+    c = tl.load(COS + b * scb + t * sct + d, mask=dmask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + b * scb + t * sct + d, mask=dmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        s = -s  # the inverse rotation: R(theta)^T = R(-theta)
+    _rotate_heads(Q + b * sqb + t * sqt, QO + b * sqob + t * sqot, sqh, sqoh, HQ, c, s, d, dmask, HALF, BLOCK_H)
+    _rotate_heads(K + b * skb + t * skt, KO + b * skob + t * skot, skh, skoh, HKV, c, s, d, dmask, HALF, BLOCK_H)
+
+
+def unsupported_reason(q, k, cos, sin) -> str | None:
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.dtype == torch.float64:
+        return "float64 is not supported by the Triton RoPE"
+    if k.dtype != q.dtype:
+        return f"k dtype {k.dtype} != q dtype {q.dtype}"
+    return None
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rope_apply(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
+    """Write the rotation of q, k (both (B, H, T, D)) into q_out, k_out (which may be q, k themselves)."""
+    B, HQ, T, D = q.shape
+    HKV = k.shape[1]
+    cos, sin = _unit_last(cos), _unit_last(sin)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    scb = cos.stride(0) if cos.dim() == 3 else 0  # (T, D/2) broadcasts over the batch
+    sct = cos.stride(-2)
+    BLOCK_D = triton.next_power_of_2(D // 2)
+    BLOCK_H = max(1, min(triton.next_power_of_2(max(HQ, HKV)), 4096 // BLOCK_D))
+    if B * T == 0:
+        return
+    _rope_fwd_kernel[(B * T,)](
+        q, k, q_out, k_out, cos, sin, T, HQ, HKV,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        scb, sct, D // 2, BACKWARD=backward, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=4)
+
+
+def rope_fwd(q, k, cos, sin, backward: bool = False):
+    q, k = _unit_last(q), _unit_last(k)
+    q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    k_out = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    rope_apply(q, k, cos, sin, q_out, k_out, backward)
+    return q_out, k_out
+
+
+# ------------------------------------------------------------------------------- autograd (custom ops)
+
+
+@torch.library.custom_op("pyllm::rope_triton", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_fwd(q, k, cos, sin, backward)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, backward):
+    return torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype)
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, cos, sin, backward = inputs
+    ctx.backward, ctx.q_shape, ctx.k_shape, ctx.dtype = backward, q.shape, k.shape, q.dtype
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    # An unused output gets no gradient: rotate zeros for it (rare; keeps one launch for both).
+    dq = dq if dq is not None else cos.new_zeros(ctx.q_shape, dtype=ctx.dtype)
+    dk = dk if dk is not None else cos.new_zeros(ctx.k_shape, dtype=ctx.dtype)
+    dq_in, dk_in = _rope_op(dq, dk, cos, sin, not ctx.backward)
+    return dq_in, dk_in, None, None, None
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+
+
+@torch.library.custom_op("pyllm::rope_triton_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    rope_apply(q, k, cos, sin, q, k)
+
+
+def rope(q, k, cos, sin):
+    """(q_rot, k_rot) out of place (differentiable)."""
+    return _rope_op(q, k, cos, sin, False)
+
+
+def rope_(q, k, cos, sin):
+    """Rotate q and k in place (no autograd); returns (q, k). Their head dim must be contiguous."""
+    _rope_inplace_op(q, k, cos, sin)
+    return q, k

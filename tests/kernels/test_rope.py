@@ -1,0 +1,70 @@
+"""RoPE Triton kernel vs the reference: q and k (grouped heads), shared and per-batch angles, gradients,
+strided views of a fused qkv projection, and the in-place inference path."""
+
+import pytest
+import torch
+
+from pyllm import ops
+from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
+
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
+
+
+def _angles(B, T, D, per_batch):
+    pos = torch.arange(T, dtype=torch.float64, device=DEVICE)
+    if per_batch:
+        pos = pos[None] + torch.arange(B, dtype=torch.float64, device=DEVICE)[:, None] * 3  # (B, T)
+    inv = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64, device=DEVICE) / D)
+    ang = pos[..., None] * inv
+    return ang.cos(), ang.sin()
+
+
+def _rope_op(q, k, cos, sin, backend):
+    return ops.rope(q, k, cos, sin, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,per_batch", [(1, 1, 1, 1, 2, False), (2, 6, 2, 7, 34, True),
+                                                    (1, 3, 3, 13, 16, False)])
+def test_rope(dtype, B, Hq, Hkv, T, D, per_batch):
+    q = torch.randn(B, Hq, T, D, dtype=torch.float64, device=DEVICE)
+    k = torch.randn(B, Hkv, T, D, dtype=torch.float64, device=DEVICE)
+    cos, sin = _angles(B, T, D, per_batch)
+    # cos/sin are constants (buffers): keep them out of the gradient check by closing over them.
+    check_op(lambda q, k, backend: _rope_op(q, k, cos.to(q.dtype), sin.to(q.dtype), backend), [q, k], dtype)
+
+
+def test_rope_on_qkv_views():
+    """The model rotates strided (B, H, T, D) views of one (B, T, 3H, D) projection."""
+    B, T, H, D = 2, 5, 3, 8
+    qkv = torch.randn(B, T, 3 * H, D, dtype=torch.float64, device=DEVICE)
+    cos, sin = _angles(B, T, D, False)
+
+    def op(qkv, backend):
+        q, k, _ = qkv.transpose(1, 2).split([H, H, H], dim=1)
+        return _rope_op(q, k, cos.to(qkv.dtype), sin.to(qkv.dtype), backend)
+
+    check_op(op, [qkv], torch.float32)
+
+
+def test_rope_in_place_under_no_grad():
+    q = torch.randn(2, 4, 5, 8, device=DEVICE)
+    k = torch.randn(2, 2, 5, 8, device=DEVICE)
+    cos, sin = (t.float() for t in _angles(2, 5, 8, False))
+    want_q, want_k = ops.rope(q, k, cos, sin, backend="torch")
+    with torch.no_grad():
+        q_rot, k_rot = ops.rope(q, k, cos, sin, backend="triton")
+    assert q_rot.data_ptr() == q.data_ptr() and k_rot.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(q_rot, want_q)
+    torch.testing.assert_close(k_rot, want_k)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (12, 12, 64), (5, 1, 256)])
+def test_rope_gpu(dtype, Hq, Hkv, D):
+    B, T = 2, 1031
+    q = torch.randn(B, Hq, T, D, dtype=torch.float64, device=DEVICE)
+    k = torch.randn(B, Hkv, T, D, dtype=torch.float64, device=DEVICE)
+    cos, sin = _angles(B, T, D, False)
+    check_op(lambda q, k, backend: _rope_op(q, k, cos.to(q.dtype), sin.to(q.dtype), backend), [q, k], dtype)
