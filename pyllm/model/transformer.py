@@ -129,9 +129,6 @@ class Transformer(nn.Module):
         self.norm_f = Norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
-        if cfg.pos == "rope":
-            inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-            self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -161,7 +158,11 @@ class Transformer(nn.Module):
         return ops.use_backend(self.cfg.backend) if self.cfg.backend else contextlib.nullcontext()
 
     def _rope(self, positions):
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        # Frequencies are recomputed in fp32 on every call rather than kept as a buffer, which
+        # model.to(bfloat16) would round (and so rotate every position by the wrong angle).
+        D = self.cfg.head_dim
+        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, D, 2, device=positions.device).float() / D)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
         return freqs.cos(), freqs.sin()
 
     def hidden(self, idx, positions=None, doc_ids=None, cache: KVCache | None = None):

@@ -1,0 +1,254 @@
+"""The Hugging Face checkpoint format, from and to local directories (no hub access).
+
+``load_hf(dir)`` reads a GPT-2 (``GPT2LMHeadModel``) or Llama (``LlamaForCausalLM``) checkpoint -
+``config.json`` plus ``model.safetensors`` or sharded ``model-*.safetensors`` with
+``model.safetensors.index.json`` - into a pyllm ``Transformer``. ``save_hf(model, dir, tokenizer)``
+writes a pyllm model back in that format, which transformers, lm-evaluation-harness and vLLM read.
+
+Layout differences handled here:
+- GPT-2 stores its linear layers as ``Conv1D`` with weights (in, out): pyllm's are (out, in).
+- pyllm fuses the attention input projection: ``attn.qkv`` rows are [q heads | k heads | v heads],
+  which is GPT-2's ``c_attn`` order and Llama's q_proj, k_proj, v_proj stacked.
+- pyllm fuses Llama's gate and up projections: ``mlp.fc`` rows are [gate | up].
+- Llama checkpoints on the hub use the "rotate half" RoPE layout, the one ``ops.rope`` implements.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+_GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """A pyllm ModelConfig from a Hugging Face config.json dict (model_type "gpt2" or "llama").
+
+    Dropout is not carried over (GPT-2's 0.1 is for training from scratch); pass ``dropout=`` to
+    fine-tune with it. ``overrides`` replace any field (e.g. backend).
+    """
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _GPT2_GELU:
+            raise ValueError(f"config.json: activation_function={act!r} is not supported; "
+                             f"use one of {sorted(_GPT2_GELU)}")
+        for field, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                               ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+            if hf.get(field, default) != default:
+                raise ValueError(f"config.json: {field}={hf[field]} is not supported (pyllm needs {default})")
+        fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                      d_model=hf["n_embd"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+                      max_seq_len=hf.get("n_positions", hf.get("n_ctx", 1024)), norm="layernorm",
+                      mlp="gelu", gelu_approximate=_GPT2_GELU[act], pos="learned", bias=True,
+                      tie_embeddings=hf.get("tie_word_embeddings", True),
+                      norm_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=0.0)
+    elif kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (Llama uses 'silu')")
+        if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
+            raise ValueError("config.json: attention_bias/mlp_bias are not supported (pyllm's Llama has no biases)")
+        # transformers >= 5 nests RoPE settings in rope_parameters; older versions keep them top level
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"config.json: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        if head_dim * heads != hf["hidden_size"]:
+            raise ValueError(f"config.json: head_dim={head_dim} x num_attention_heads={heads} != "
+                             f"hidden_size={hf['hidden_size']}; pyllm needs them equal")
+        fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads,
+                      n_kv_head=hf.get("num_key_value_heads") or heads, d_model=hf["hidden_size"],
+                      d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                      norm="rmsnorm", mlp="swiglu", pos="rope",
+                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), bias=False,
+                      tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      dropout=0.0)
+    else:
+        raise ValueError(f"config.json: model_type={kind!r} is not supported; pyllm reads 'gpt2' and 'llama'")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _family(cfg: ModelConfig) -> str:
+    if (cfg.norm, cfg.mlp, cfg.pos, cfg.bias, cfg.n_kv_head) == ("layernorm", "gelu", "learned", True, cfg.n_head):
+        return "gpt2"
+    if (cfg.norm, cfg.mlp, cfg.pos, cfg.bias) == ("rmsnorm", "swiglu", "rope", False):
+        return "llama"
+    raise ValueError(f"no Hugging Face architecture matches this config (norm={cfg.norm}, mlp={cfg.mlp}, "
+                     f"pos={cfg.pos}, bias={cfg.bias}, n_kv_head={cfg.n_kv_head}): GPT-2 needs layernorm, "
+                     f"gelu, learned, bias=True, n_kv_head=n_head; Llama needs rmsnorm, swiglu, rope, bias=False")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The Hugging Face config.json dict of a pyllm config (GPT-2 or Llama family)."""
+    dtype_name = str(dtype).replace("torch.", "")
+    if _family(cfg) == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
+                "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+                "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
+                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
+                "torch_dtype": dtype_name}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.d_model, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_bias": False, "mlp_bias": False,
+            # both spellings of the RoPE base: transformers >= 5 reads rope_parameters, vLLM and older
+            # transformers read rope_theta
+            "rope_theta": cfg.rope_theta, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "torch_dtype": dtype_name}
+
+
+# ------------------------------------------------------------------------------------- state dicts
+
+
+def _from_gpt2(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    # Checkpoints of GPT2LMHeadModel prefix "transformer."; those of the bare GPT2Model (the hub's
+    # "gpt2") do not. Conv1D weights are (in, out): transpose to nn.Linear's (out, in).
+    sd = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
+           "norm_f.weight": sd["ln_f.weight"], "norm_f.bias": sd["ln_f.bias"]}
+    for i in range(cfg.n_layer):
+        h, p = f"h.{i}.", f"blocks.{i}."
+        for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[p + dst + ".weight"], out[p + dst + ".bias"] = sd[h + src + ".weight"], sd[h + src + ".bias"]
+        for src, dst in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
+                         ("mlp.c_proj", "mlp.proj")):
+            out[p + dst + ".weight"] = sd[h + src + ".weight"].t()
+            out[p + dst + ".bias"] = sd[h + src + ".bias"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    t = "transformer."
+    out = {t + "wte.weight": sd["wte.weight"], t + "wpe.weight": sd["wpe.weight"],
+           t + "ln_f.weight": sd["norm_f.weight"], t + "ln_f.bias": sd["norm_f.bias"]}
+    for i in range(cfg.n_layer):
+        h, p = f"{t}h.{i}.", f"blocks.{i}."
+        for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[h + dst + ".weight"], out[h + dst + ".bias"] = sd[p + src + ".weight"], sd[p + src + ".bias"]
+        for dst, src in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
+                         ("mlp.c_proj", "mlp.proj")):
+            out[h + dst + ".weight"] = sd[p + src + ".weight"].t()
+            out[h + dst + ".bias"] = sd[p + src + ".bias"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _from_llama(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    sd = {k.removeprefix("model."): v for k, v in hf.items()}
+    out = {"wte.weight": sd["embed_tokens.weight"], "norm_f.weight": sd["norm.weight"]}
+    for i in range(cfg.n_layer):
+        h, p = f"layers.{i}.", f"blocks.{i}."
+        out[p + "norm1.weight"] = sd[h + "input_layernorm.weight"]
+        out[p + "norm2.weight"] = sd[h + "post_attention_layernorm.weight"]
+        out[p + "attn.qkv.weight"] = torch.cat([sd[h + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        out[p + "attn.proj.weight"] = sd[h + "self_attn.o_proj.weight"]
+        out[p + "mlp.fc.weight"] = torch.cat([sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]])
+        out[p + "mlp.proj.weight"] = sd[h + "mlp.down_proj.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"model.embed_tokens.weight": sd["wte.weight"], "model.norm.weight": sd["norm_f.weight"]}
+    q_rows, kv_rows = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        h, p = f"model.layers.{i}.", f"blocks.{i}."
+        out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
+        q, k, v = sd[p + "attn.qkv.weight"].split([q_rows, kv_rows, kv_rows])
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        out[h + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
+        gate, up = sd[p + "mlp.fc.weight"].chunk(2)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+        out[h + "mlp.down_proj.weight"] = sd[p + "mlp.proj.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ load/save
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                                f"(only safetensors checkpoints are read; convert .bin files first)")
+    weights = {}
+    for f in files:
+        weights.update(load_file(str(directory / f)))
+    return weights
+
+
+def load_hf(directory: str | Path, device="cpu", dtype=torch.float32, **overrides) -> Transformer:
+    """Load a local Hugging Face GPT-2 or Llama checkpoint into a pyllm Transformer."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    cfg = config_from_hf(json.loads(cfg_path.read_text()), **overrides)
+    weights = _read_weights(directory)
+    convert = _from_gpt2 if _family(cfg) == "gpt2" else _from_llama
+    try:
+        state = convert(weights, cfg)
+    except KeyError as e:
+        raise ValueError(f"{directory}: weight {e.args[0]!r} missing from the safetensors files "
+                         f"(does config.json match the weights?)") from None
+    model = Transformer(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint (config.json + model.safetensors) in its own dtype.
+
+    With an ``HFTokenizer``, also writes tokenizer.json, tokenizer_config.json and
+    generation_config.json (eos), so that ``AutoTokenizer`` and generation in other tools work; byte
+    and char tokenizers have no Hugging Face equivalent and are saved only in pyllm's format.
+    """
+    from pyllm.tokenizer import EOS, HFTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    dtype = model.head_weight.dtype
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_state = (_to_gpt2 if _family(cfg) == "gpt2" else _to_llama)(state, cfg)
+    save_file({k: v.contiguous().cpu() for k, v in hf_state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_cfg = config_to_hf(cfg, dtype)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+        hf_cfg.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
+        if isinstance(tokenizer, HFTokenizer):
+            (directory / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
+                "pad_token": EOS, "unk_token": None, "model_max_length": cfg.max_seq_len}, indent=1))
+            (directory / "generation_config.json").write_text(json.dumps({
+                "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}, indent=1))
+    (directory / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+    return directory
