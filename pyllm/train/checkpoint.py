@@ -1,0 +1,169 @@
+"""Checkpoints: safetensors files plus a JSON manifest with checksums, written atomically.
+
+Layout under ``<out_dir>/checkpoints``::
+
+    step_00000100/  model.safetensors   the model's state dict (full, unsharded)
+                    state.safetensors   optimiser moments, master weights, loss scaler, RNG states...
+                    manifest.json       format, step, sha256 + size of each file, JSON state (data
+                                        position, Python/NumPy RNG, config, metrics)
+    best/           a copy (hard links) of the checkpoint with the best evaluation metric
+
+A checkpoint is written into a temporary directory and renamed into place only when complete, so a
+crash never leaves a half-written ``step_*``. On load every file is checked against the manifest; a
+truncated or corrupted checkpoint is named in a warning and the previous valid one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "pyllm-checkpoint-v1"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (corrupted, or written for another model)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # clone: safetensors refuses tensors that share storage (tied weights, views)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep_last: int):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------------------------- write
+    def save(self, step: int, model_tensors: dict[str, torch.Tensor], state_tensors: dict[str, torch.Tensor],
+             meta: dict, is_best: bool = False) -> Path:
+        """Write checkpoint ``step`` atomically; update ``best``; drop checkpoints beyond keep_last."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / step_dir_name(step)
+        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _save_tensors(model_tensors, tmp / "model.safetensors")
+        _save_tensors(state_tensors, tmp / "state.safetensors")
+        files = {}
+        for name in ("model.safetensors", "state.safetensors"):
+            _fsync(tmp / name)
+            files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest = {"format": FORMAT, "step": step, "files": files, "meta": meta}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        self._replace(tmp, final)
+        if is_best:
+            self._copy_as_best(final)
+        self._prune()
+        return final
+
+    def _replace(self, tmp: Path, final: Path) -> None:
+        if final.exists():  # re-saving a step: move the old one aside first (rename needs a free name)
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+
+    def _copy_as_best(self, src: Path) -> None:
+        tmp = self.dir / f".tmp-best-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in src.iterdir():
+            os.link(f, tmp / f.name)  # files are never modified in place, so sharing them is safe
+        self._replace(tmp, self.dir / "best")
+
+    def _prune(self) -> None:
+        for old in self.step_dirs()[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -------------------------------------------------------------------------------------- read
+    def step_dirs(self) -> list[Path]:
+        """Completed checkpoint directories, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint whose files match its manifest; each bad one is named in a warning."""
+        dirs = self.step_dirs()
+        for i in range(len(dirs) - 1, -1, -1):
+            problem = verify(dirs[i])
+            if problem is None:
+                return dirs[i]
+            fallback = dirs[i - 1].name if i > 0 else "none left: starting from scratch"
+            warnings.warn(f"checkpoint {dirs[i]} is corrupted ({problem}); falling back to {fallback}",
+                          RuntimeWarning, stacklevel=2)
+        return None
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at ``path`` is intact, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"{MANIFEST} missing"
+    except json.JSONDecodeError as e:
+        return f"{MANIFEST} is not valid JSON ({e.msg})"
+    if manifest.get("format") != FORMAT:
+        return f"{MANIFEST} format {manifest.get('format')!r} is not {FORMAT!r}"
+    for name, info in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"{name} truncated: {f.stat().st_size} bytes, manifest says {info['bytes']}"
+        if _sha256(f) != info["sha256"]:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(model tensors, state tensors, manifest) of a verified checkpoint."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    return load_file(str(path / "model.safetensors")), load_file(str(path / "state.safetensors")), manifest
+
+
+def check_shapes(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:
+    """One-line CheckpointError if ``saved`` was written for a model of another shape."""
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {path} is for a different model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}; use the same model config or another out_dir")
+    for name, shape in expected.items():
+        if tuple(saved[name].shape) != tuple(shape):
+            raise CheckpointError(f"checkpoint {path} is for a different model shape: {name} is "
+                                  f"{tuple(saved[name].shape)} there, {tuple(shape)} here; use the same model "
+                                  f"config or another out_dir")

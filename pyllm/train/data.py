@@ -1,0 +1,152 @@
+"""Batch sources for the trainer: text (file, folder or the built-in text) with a byte- or character-
+level tokenizer, or the data stage's token shards.
+
+A batch source has ``next_batch() -> {"input_ids": (B, T) int64, "targets": (B, T) int64}`` and
+``state_dict()/load_state_dict()`` (the data position, for exact resume).
+
+Sampling is nanoGPT's (a random window of T + 1 tokens per sequence) made resumable and layout-free:
+the n-th micro-batch of the run draws the windows of the whole global micro-batch (world_size x B
+sequences) from a generator seeded by (seed, n), and each rank keeps its slice. So a run with
+4 accumulation steps of 1 sequence sees the same sequences as one step of 4, and 2 ranks of 2 the same
+as 1 rank of 4; resuming needs only n.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyllm.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+BUILTIN = "builtin"
+
+
+class DataError(ValueError):
+    """Bad training data (missing, empty, unreadable); the message names the file."""
+
+
+def builtin_text() -> str:
+    """English prose that ships with every Python: the interpreter's pydoc topics (~460K characters),
+    in sorted topic order so every machine builds the same text."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+def read_documents(path: str) -> list[str]:
+    """The documents of ``path``: one per text file (a folder is read recursively, sorted by path)."""
+    if path == BUILTIN:
+        return [builtin_text()]
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {path!r} does not exist")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"data folder {path!r} has no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"data file {str(f)!r} is not UTF-8 text (byte {e.start})") from None
+        if text.strip():
+            docs.append(text)
+    if not docs:
+        raise DataError(f"data {'file' if p.is_file() else 'folder'} {path!r} is empty")
+    return docs
+
+
+def build_tokenizer(kind: str, docs: list[str]) -> Tokenizer:
+    return ByteTokenizer() if kind == "byte" else CharTokenizer.from_text("".join(docs))
+
+
+def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """All documents as one token stream, each document followed by the end-of-text id."""
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tokenizer.encode(d))
+        ids.append(tokenizer.eos_id)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.int32
+    return np.asarray(ids, dtype=dtype)
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Train = the head, validation = the tail ``val_fraction`` of the stream (nanoGPT's 90/10 split)."""
+    n_val = int(len(tokens) * val_fraction)
+    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    for name, part in (("training", train), ("validation", val)):
+        if len(part) <= seq_len + 1:
+            raise DataError(f"{source}: the {name} split has {len(part)} tokens, fewer than seq_len + 2 "
+                            f"({seq_len + 2}); use more text, a smaller seq_len or another val_fraction")
+    return train, val
+
+
+class RandomWindows:
+    """Random (T + 1)-token windows of a token array; see the module docstring for the sampling rule."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if len(tokens) <= seq_len + 1:
+            raise DataError(f"{len(tokens)} tokens cannot fill one sequence of seq_len={seq_len}")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.position = 0  # micro-batches drawn so far
+        self._arange = np.arange(seq_len + 1)
+
+    def windows(self, n: int) -> torch.Tensor:
+        """This rank's windows of global micro-batch ``n``: (B, T + 1) int64."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
+        starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.world_size * self.batch_size,), generator=gen)
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
+        return torch.from_numpy(self.tokens[mine[:, None] + self._arange].astype(np.int64))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        w = self.windows(self.position)
+        self.position += 1
+        return {"input_ids": w[:, :-1], "targets": w[:, 1:]}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def fixed_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The same ``n_batches`` batches at every call (for evaluation: comparable numbers across steps)."""
+    src = RandomWindows(tokens, seq_len, batch_size, seed + 7919, rank, world_size)
+    return [src.next_batch() for _ in range(n_batches)]
+
+
+# ----------------------------------------------------------------------------------------- shards
+
+
+def is_shard_dir(path: str) -> bool:
+    return Path(path, "manifest.json").is_file()
+
+
+def read_shards(path: str) -> tuple[np.ndarray, dict]:
+    """All tokens of a pyllm-shards-v1 directory (memory-mapped, concatenated in manifest order)."""
+    manifest_path = Path(path, "manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{manifest_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if manifest.get("format") != "pyllm-shards-v1":
+        raise DataError(f"{manifest_path}: field 'format' is {manifest.get('format')!r}, expected 'pyllm-shards-v1'")
+    dtype = np.dtype(manifest.get("dtype", "uint16")).newbyteorder("<")
+    parts = []
+    for shard in manifest.get("shards", []):
+        f = Path(path, shard["file"])
+        if not f.is_file():
+            raise DataError(f"{manifest_path}: shard file {str(f)!r} is missing")
+        if f.stat().st_size:
+            parts.append(np.memmap(f, dtype=dtype, mode="r"))
+    if not parts:
+        raise DataError(f"{manifest_path}: the shard directory holds no tokens")
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), manifest

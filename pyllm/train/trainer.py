@@ -1,0 +1,309 @@
+"""The training loop every stage uses: pretraining here, SFT/reward/DPO/PPO/GRPO through their own
+``loss_fn`` and batch source.
+
+One optimiser step = ``grad_accum`` micro-steps (forward + backward under autocast, gradient sync only
+on the last), then: unscale + overflow check (fp16), global-norm clipping, the fused AdamW step
+(skipped on the device when the gradients overflowed), the loss-scale update. The host reads values
+back only when it logs, evaluates or checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import checkpoint, distributed
+from .checkpoint import CheckpointError, CheckpointManager
+from .config import TrainConfig
+from .metrics import EnergyMeter, MetricsLog, device_peak_flops, flops_per_token, peak_memory_gb
+from .optimizer import AdamW
+from .scaler import LossScaler
+from .schedule import lr_at
+
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The default loss: mean next-token cross-entropy of a pyllm Transformer."""
+    return model.loss(batch["input_ids"], batch["targets"], doc_ids=batch.get("doc_ids")), {}
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _jsonable(obj):
+    """Data-source state as JSON (tensors and arrays become lists)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class Trainer:
+    """Train ``model`` on ``batches`` (next_batch() -> dict of tensors; state_dict/load_state_dict).
+
+    ``loss_fn(model, batch) -> (loss, metrics)`` defaults to the language-model loss; ``eval_fn(model)
+    -> dict`` runs every ``cfg.eval_every`` steps and at the end (in eval mode, without gradients).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, batches, loss_fn: LossFn | None = None,
+                 eval_fn: Callable[[nn.Module], dict] | None = None):
+        self.cfg, self.batches, self.eval_fn = cfg, batches, eval_fn
+        self.dist = distributed.setup("cuda" if cfg.device.startswith("cuda") or
+                                      (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.mode = distributed.resolve_mode(cfg.distributed, self.dist.world_size)
+        self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
+        self.low_dtype = LOW_DTYPES.get(cfg.precision)
+
+        self.model = model.to(self.device)
+        if cfg.master_weights:
+            self.model.to(self.low_dtype)
+        self.model.train()
+        self.loss_module = distributed.LossModule(self.model, loss_fn or lm_loss)
+        self.wrapped = distributed.wrap(self.loss_module, self.mode, self.device)
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.optimizer = AdamW(self.model, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
+                               eps=cfg.eps, master_weights=cfg.master_weights)
+        self.scaler = (LossScaler(cfg.init_scale, cfg.growth_factor, cfg.backoff_factor, cfg.growth_interval,
+                                  self.device) if cfg.precision == "fp16" else None)
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
+        self.step = 0
+        self.best = math.inf
+        self.history: list[dict] = []  # the logged records, in order
+        self.last_eval: dict = {}
+
+    # ----------------------------------------------------------------------------------- one step
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.low_dtype or torch.float32,
+                              enabled=self.low_dtype is not None)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
+        """One optimiser step. Returns (mean loss, grad norm, summed metrics, local tokens), on device."""
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: dict = {}
+        tokens = 0
+        for micro in range(self.grad_accum):
+            batch = self._to_device(self.batches.next_batch())
+            last = micro == self.grad_accum - 1
+            with distributed.no_sync(self.wrapped, self.mode, skip_sync=not last):
+                with self.autocast():
+                    loss, metrics = self.forward(batch)
+                scaled = loss.float() / self.grad_accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale_loss(scaled)
+                scaled.backward()
+            loss_sum += loss.detach().float()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+        grads = self.optimizer.grads()
+        found_inf = None
+        if self.scaler is not None:
+            reduce = (lambda t: distributed.all_reduce_(t, "max", self.dist)) if self.mode == "fsdp" else None
+            found_inf = self.scaler.unscale_(grads, reduce)
+        grad_norm = self._clip_(grads)
+        self.optimizer.step(lr, found_inf)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad()
+        return loss_sum / self.grad_accum, grad_norm, metric_sums, tokens
+
+    @torch.no_grad()
+    def _clip_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Global gradient norm (over all ranks' shards under FSDP); scales grads down to grad_clip."""
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+        if self.mode == "fsdp":
+            distributed.all_reduce_(sq, "sum", self.dist)
+        norm = sq.sqrt()
+        if self.cfg.grad_clip > 0:
+            coef = (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef)
+        return norm
+
+    # ----------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        """Train to cfg.max_steps (resuming from out_dir when cfg.resume); returns the run summary."""
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume()
+        start_step = self.step
+        log = MetricsLog(self.out_dir, self.dist.is_main, cfg.progress, cfg.tensorboard, cfg.max_steps, start_step)
+        energy = EnergyMeter(self.device)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        model_cfg = getattr(self.model, "cfg", None)
+        flops_tok = flops_per_token(model_cfg, cfg.seq_len, n_params) if model_cfg is not None else None
+        peak = device_peak_flops(self.device, cfg.precision, cfg.peak_tflops)
+
+        train_time, window_time, window_tokens, total_tokens = 0.0, 0.0, 0, 0
+        metrics: dict = {}
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, metric_sums, tokens = self.train_step(lr_at(cfg, self.step))
+                self.step += 1
+                tokens *= self.dist.world_size
+                window_tokens += tokens
+                total_tokens += tokens
+                final = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or final:
+                    stats = torch.stack([loss, grad_norm])
+                    distributed.all_reduce_(stats, "avg", self.dist)  # grad_norm is equal on every rank
+                    record = {"loss": stats[0].item(), "lr": lr_at(cfg, self.step - 1), "grad_norm": stats[1].item()}
+                    for k, v in metric_sums.items():
+                        record[k] = (v.item() if torch.is_tensor(v) else v) / self.grad_accum
+                    if self.scaler is not None:
+                        record["loss_scale"] = self.scaler.scale.item()
+                        record["skipped_steps"] = int(self.scaler.skipped.item())
+                    window_time += time.perf_counter() - t0
+                    record["tokens_per_s"] = window_tokens / window_time
+                    if flops_tok and peak:
+                        record["mfu"] = window_tokens * flops_tok / window_time / peak
+                    record["peak_memory_gb"] = round(peak_memory_gb(self.device), 3)
+                    log.record(self.step, record)
+                    self.history.append({"step": self.step, **record})
+                    train_time += window_time
+                    window_time, window_tokens = 0.0, 0
+                else:
+                    window_time += time.perf_counter() - t0
+                log.advance()
+                if self.eval_fn is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
+                    metrics = self.evaluate()
+                    log.record(self.step, metrics)
+                    log.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                  if isinstance(v, float)))
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final:
+                    self.save_checkpoint(metrics)
+                    metrics = {}
+        finally:
+            log.close()
+        kwh = energy.kwh()
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "steps": self.step, "resumed_from": start_step, "tokens": total_tokens, "train_time_s": train_time,
+            "tokens_per_s": total_tokens / train_time if train_time else None, "final_loss": last.get("loss"),
+            "eval": self.last_eval, "best": None if math.isinf(self.best) else self.best,
+            "mfu": total_tokens * flops_tok / train_time / peak if (flops_tok and peak and train_time) else None,
+            "peak_memory_gb": peak_memory_gb(self.device), "energy_kwh": kwh,
+            "co2_kg": kwh * cfg.carbon_intensity if kwh is not None else None,
+            "skipped_steps": int(self.scaler.skipped.item()) if self.scaler is not None else 0,
+            "out_dir": str(self.out_dir), "history": self.history,
+        }
+        if self.dist.is_main:
+            log_line = {k: v for k, v in summary.items() if k != "history"}
+            (self.out_dir / "summary.json").write_text(json.dumps(log_line, indent=1))
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        if self.mode == "fsdp":
+            self.wrapped.unshard()  # the root unit's weights (embeddings, heads); blocks gather on call
+        try:
+            with self.autocast():
+                metrics = {k: float(v) for k, v in self.eval_fn(self.model).items()}
+        finally:
+            if self.mode == "fsdp":
+                self.wrapped.reshard()
+            self.model.train()
+        self.last_eval = metrics
+        return metrics
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, metrics: dict | None = None) -> None:
+        """Every rank gathers (FSDP) and rank 0 writes; the best metric also updates ``best/``."""
+        model_tensors = distributed.full_tensors(self.model.state_dict())
+        state = {f"optim.{k}": v for k, v in distributed.full_tensors(self.optimizer.state_tensors()).items()}
+        if self.scaler is not None:
+            state.update({f"scaler.{k}": v for k, v in self.scaler.state_dict().items()})
+        state["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        data_state = _jsonable(self.batches.state_dict())
+        data_states = [data_state]
+        if self.dist.world_size > 1:
+            data_states = [None] * self.dist.world_size
+            dist.all_gather_object(data_states, data_state)
+        value = (metrics or {}).get(self.cfg.best_metric)
+        is_best = value is not None and value < self.best
+        if is_best:
+            self.best = value
+        if self.dist.is_main:
+            np_state = np.random.get_state()
+            meta = {"data": data_states, "best": None if math.isinf(self.best) else self.best,
+                    "metrics": metrics or {}, "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
+                    "rng_python": _jsonable(random.getstate()),
+                    "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+            self.ckpt.save(self.step, model_tensors, state, meta, is_best=is_best)
+        distributed.barrier(self.dist)
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint in out_dir (if any). True when one was loaded."""
+        path = self.ckpt.latest_valid() if self.dist.is_main else None
+        if self.dist.world_size > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        if path is None:
+            return False
+        model_t, state_t, manifest = checkpoint.load(path)
+        own = self.model.state_dict()
+        checkpoint.check_shapes(path, model_t, {k: tuple(v.shape) for k, v in own.items()})
+        for k, v in own.items():
+            distributed.copy_full_(v, model_t[k])
+        try:
+            for k, v in self.optimizer.state_tensors().items():
+                distributed.copy_full_(v, state_t[f"optim.{k}"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict({k: state_t[f"scaler.{k}"] for k in self.scaler.state_dict()})
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint {path} has no {e.args[0]!r} (written with another precision or "
+                                  f"master_weights setting?); use the same settings or another out_dir") from None
+        meta = manifest["meta"]
+        data_states = meta["data"]
+        if len(data_states) != self.dist.world_size and len(data_states) > 1:
+            raise CheckpointError(f"checkpoint {path} was written by {len(data_states)} ranks, this run has "
+                                  f"{self.dist.world_size}; resume with the same number of processes")
+        self.batches.load_state_dict(data_states[min(self.dist.rank, len(data_states) - 1)])
+        torch.set_rng_state(state_t["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in state_t:
+            torch.cuda.set_rng_state(state_t["rng.cuda"], self.device)
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in meta["rng_python"]))
+        kind, keys, *rest = meta["rng_numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+        self.step = manifest["step"]
+        self.best = meta["best"] if meta["best"] is not None else math.inf
+        return True
+
+    # ------------------------------------------------------------------------------------- export
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's unsharded weights (every rank must call this under FSDP)."""
+        return distributed.full_tensors(self.model.state_dict())
