@@ -14,6 +14,7 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from pyllm.kernels import gelu, launch, layernorm
 from pyllm.kernels import rope as rope_kernel
+from pyllm.kernels import softmax as softmax_kernel
 
 from .registry import Unsupported, register
 
@@ -54,3 +55,9 @@ def rope(q, k, cos, sin):
     if not needs_grad and q.stride(-1) == 1 and k.stride(-1) == 1:
         return rope_kernel.rope_(q, k, cos, sin)  # inference: rotate q, k in place (kernels/rope.py)
     return rope_kernel.rope(q, k, cos, sin)
+
+
+@register("softmax", "triton")
+def softmax(x):
+    _require(launch.runnable_reason(x) or softmax_kernel.unsupported_reason(x))
+    return softmax_kernel.softmax(x)
