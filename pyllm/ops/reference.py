@@ -14,6 +14,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+
+def _upcast(x):
+    """x in at least fp32: low precision goes up to fp32, fp64 stays fp64 (so fp64 gradchecks are exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # ----------------------------------------------------------------------------------------- attention
 
 
@@ -58,7 +64,7 @@ def attention_explicit(q, k, v, causal=True, softmax_scale=None, doc_ids=None, w
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, T, S)
+    scores = _upcast(q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
     mask = attention_mask(q.shape[2], k.shape[2], q.device, causal, doc_ids, window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -80,7 +86,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     """x / rms(x) * weight (Zhang & Sennrich 2019), statistics in fp32 as in Llama; same residual rule."""
     if residual is not None:
         x = x + residual
-    xf = x.float()
+    xf = _upcast(x)
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     out = normed * weight
     return (out, x) if residual is not None else out
@@ -120,8 +126,8 @@ def rope(q, k, cos, sin):
 
 
 def softmax(x):
-    """Softmax over the last dim, computed in fp32."""
-    return torch.softmax(x.float(), dim=-1).to(x.dtype)
+    """Softmax over the last dim, computed in (at least) fp32."""
+    return torch.softmax(_upcast(x), dim=-1).to(x.dtype)
 
 
 # -------------------------------------------------------------------------------------------- matmul
@@ -148,9 +154,11 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss
 
     Per row: (1 - eps) * (lse - x_t) + eps * (lse - mean(x)) + z_loss * lse^2, where eps is the label
     smoothing and the z-loss term is PaLM's (Chowdhery et al. 2022). Rows whose target is
-    ``ignore_index`` contribute 0 and are not counted by "mean" (which averages over counted rows).
+    ``ignore_index`` contribute 0 and are not counted by "mean" (which averages over counted rows);
+    "none" returns the per-row losses in the shape of ``target``. The loss is in (at least) fp32.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    rows_shape = target.shape
+    logits = _upcast(logits.reshape(-1, logits.shape[-1]))
     target = target.reshape(-1)
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
@@ -162,7 +170,7 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss
         loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
-        return loss
+        return loss.reshape(rows_shape)  # (...) like target, as torch's cross_entropy
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum().clamp(min=1)
