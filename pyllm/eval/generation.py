@@ -15,7 +15,6 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
-import torch
 from tqdm import tqdm
 
 from .parallel import all_reduce_sums
@@ -34,24 +33,28 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
-                  temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None) -> list[str]:
-    """Responses to ``prompts`` (each prompt prefixed with eos, as in scoring), cut at ``stop``."""
+                  temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+                  seed: int | None = None) -> list[str]:
+    """Responses to ``prompts`` (each prefixed with eos, as in scoring; left-truncated so that prompt
+    plus ``max_new_tokens`` fit the model's context), cut at the first eos or stop string."""
     from pyllm.model.generate import generate
 
+    room = model.cfg.max_seq_len - max_new_tokens
+    if room < 1:
+        raise ValueError(f"generate_text: max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                         f"model's context of {model.cfg.max_seq_len}")
     stop_tokens = {tokenizer.eos_id}
     for s in stop:
         ids = tokenizer.encode(s)
-        if len(ids) == 1:
+        if len(ids) == 1:  # a one-token stop string can end generation early
             stop_tokens.add(ids[0])
-    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)] for p in prompts]
-    with torch.no_grad():
-        outs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        stop_tokens=sorted(stop_tokens))
+    prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)][-room:] for p in prompts]
+    outs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p if top_p < 1.0 else None, stop_tokens=sorted(stop_tokens), seed=seed)
     texts = []
     for ids in outs:
-        ids = [int(t) for t in ids]
-        if ids and ids[-1] in stop_tokens and ids[-1] == tokenizer.eos_id:
-            ids = ids[:-1]
+        if tokenizer.eos_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_id)]
         texts.append(cut_at_stop(tokenizer.decode(ids), stop))
     return texts
 
@@ -111,7 +114,8 @@ def evaluate_generation(model, tokenizer, task: Task, *, batch_size: int = 16, r
         batch = indices[start:start + batch_size]
         prompts = [task.context(i) for i in batch for _ in range(cfg.num_samples)]
         responses = generate_text(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
-                                  temperature=cfg.temperature, top_p=cfg.top_p)
+                                  temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=cfg.sample_seed * 1_000_003 + batch[0] if cfg.temperature > 0 else None)
         for j, i in enumerate(batch):
             item = task.items[i]
             samples = responses[j * cfg.num_samples:(j + 1) * cfg.num_samples]

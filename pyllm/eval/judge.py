@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .generation import generate_text
+from .runner import unwrap
 
 RewardFn = Callable[[str, str], float]
 
@@ -39,5 +40,5 @@ def judge_models(model_a, model_b, tokenizer, prompts: Sequence[str], reward_fn:
                  max_new_tokens: int = 64, stop: Sequence[str] = (), temperature: float = 0.0) -> dict:
     """Generate a response to each prompt with both models (same decoding settings), then ``win_rate``."""
     kw = dict(max_new_tokens=max_new_tokens, stop=stop, temperature=temperature)
-    return win_rate(prompts, generate_text(model_a, tokenizer, prompts, **kw),
-                    generate_text(model_b, tokenizer, prompts, **kw), reward_fn)
+    return win_rate(prompts, generate_text(unwrap(model_a), tokenizer, prompts, **kw),
+                    generate_text(unwrap(model_b), tokenizer, prompts, **kw), reward_fn)

@@ -82,6 +82,8 @@ class TaskConfig:
     """generation: 0 is greedy decoding; > 0 samples."""
     top_p: float = 1.0
     """generation: nucleus sampling threshold (sampled generation only)."""
+    sample_seed: int = 0
+    """generation: seed of sampled generation (each batch's draw depends only on it and the batch's first item)."""
     pass_k: list[int] = field(default_factory=lambda: [1])
     """generation: the k of each pass@k reported (each at most num_samples)."""
     limit: int | None = None
