@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
+from pyllm.kernels import cross_entropy as ce_kernel
 from pyllm.kernels import gelu, launch, layernorm
 from pyllm.kernels import rope as rope_kernel
 from pyllm.kernels import softmax as softmax_kernel
@@ -61,3 +62,9 @@ def rope(q, k, cos, sin):
 def softmax(x):
     _require(launch.runnable_reason(x) or softmax_kernel.unsupported_reason(x))
     return softmax_kernel.softmax(x)
+
+
+@register("cross_entropy", "triton")
+def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    _require(launch.runnable_reason(logits, target) or ce_kernel.unsupported_reason(logits))
+    return ce_kernel.cross_entropy(logits, target, ignore_index, label_smoothing, z_loss, reduction)

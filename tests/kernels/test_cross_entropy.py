@@ -1,0 +1,55 @@
+"""Cross-entropy Triton kernel vs the reference: reductions, ignore_index, label smoothing, z-loss,
+vocabularies that are not a multiple of the chunk and (on GPU) above 65,536."""
+
+import pytest
+import torch
+
+from pyllm import ops
+from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
+
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
+
+
+def _case(M, V, n_ignored=0):
+    logits = torch.randn(M, V, dtype=torch.float64, device=DEVICE) * 3
+    target = torch.randint(0, V, (M,), device=DEVICE)
+    target[:n_ignored] = -100
+    return logits, target
+
+
+def _ce(**kw):
+    return lambda x, t, backend: ops.cross_entropy(x, t, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("M,V,n_ignored", [(1, 1, 0), (7, 2053, 2), (3, 37, 3)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy(dtype, M, V, n_ignored, reduction):
+    logits, target = _case(M, V, n_ignored)
+    check_op(_ce(reduction=reduction), [logits, target], dtype)
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss,reduction", [(0.1, 0.0, "sum"), (0.0, 1e-3, "mean"),
+                                                              (0.2, 1e-2, "none")])
+def test_cross_entropy_smoothing_zloss(label_smoothing, z_loss, reduction):
+    logits, target = _case(5, 1031, 1)
+    check_op(_ce(label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction), [logits, target],
+             torch.float32)
+
+
+def test_cross_entropy_vocab_above_65536():
+    logits, target = _case(2, 70001)
+    check_op(_ce(z_loss=1e-4), [logits, target], torch.float32)
+
+
+def test_cross_entropy_3d_int32_targets():
+    logits, target = _case(6, 50)
+    check_op(_ce(), [logits.view(2, 3, 50), target.view(2, 3).int()], torch.float32)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,V", [(4096, 50257), (1023, 128256), (3, 262147)])
+def test_cross_entropy_gpu(dtype, M, V):
+    logits, target = _case(M, V, 17)
+    check_op(_ce(label_smoothing=0.1, z_loss=1e-4), [logits, target], dtype)
