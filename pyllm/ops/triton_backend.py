@@ -13,7 +13,7 @@ import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from pyllm.kernels import cross_entropy as ce_kernel
-from pyllm.kernels import gelu, launch, layernorm
+from pyllm.kernels import gelu, launch, layernorm, loss_scale
 from pyllm.kernels import rope as rope_kernel
 from pyllm.kernels import softmax as softmax_kernel
 
@@ -68,3 +68,18 @@ def softmax(x):
 def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
     _require(launch.runnable_reason(logits, target) or ce_kernel.unsupported_reason(logits))
     return ce_kernel.cross_entropy(logits, target, ignore_index, label_smoothing, z_loss, reduction)
+
+
+@register("unscale_and_check_", "triton")
+def unscale_and_check_(grads, inv_scale, found_inf):
+    _require(launch.runnable_reason(found_inf, *grads, inv_scale if torch.is_tensor(inv_scale) else None)
+             or loss_scale.unsupported_reason(grads, inv_scale, found_inf))
+    return loss_scale.unscale_and_check_(grads, inv_scale, found_inf)
+
+
+@register("update_loss_scale_", "triton")
+def update_loss_scale_(scale, growth_tracker, found_inf, *, growth_factor=2.0, backoff_factor=0.5,
+                       growth_interval=2000):
+    _require(launch.runnable_reason(scale, growth_tracker, found_inf))
+    return loss_scale.update_loss_scale_(scale, growth_tracker, found_inf, growth_factor, backoff_factor,
+                                         growth_interval)
