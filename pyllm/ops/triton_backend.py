@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
+from pyllm.kernels import adamw as adamw_kernel
 from pyllm.kernels import cross_entropy as ce_kernel
 from pyllm.kernels import gelu, launch, layernorm, loss_scale
 from pyllm.kernels import rope as rope_kernel
@@ -83,3 +84,14 @@ def update_loss_scale_(scale, growth_tracker, found_inf, *, growth_factor=2.0, b
     _require(launch.runnable_reason(scale, growth_tracker, found_inf))
     return loss_scale.update_loss_scale_(scale, growth_tracker, found_inf, growth_factor, backoff_factor,
                                          growth_interval)
+
+
+@register("adamw_step", "triton")
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+               step, master_params=None, found_inf=None):
+    _require(launch.runnable_reason(*params, *grads, *exp_avgs, *exp_avg_sqs, *(master_params or ()), found_inf)
+             or adamw_kernel.unsupported_reason(params, grads, exp_avgs, exp_avg_sqs, master_params, found_inf,
+                                                lr, step))
+    return adamw_kernel.adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                   weight_decay=weight_decay, step=step, master_params=master_params,
+                                   found_inf=found_inf)
