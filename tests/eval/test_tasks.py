@@ -1,0 +1,110 @@
+import json
+
+import pytest
+
+from pyllm.eval import Task, TaskConfig, TaskError, load_task
+
+
+def write_task(tmp_path, items, name="t.yaml", extra="", fewshot=None):
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    if fewshot is not None:
+        (tmp_path / "shots.jsonl").write_text("".join(json.dumps(i) + "\n" for i in fewshot))
+        extra += "\nfewshot_data: shots.jsonl"
+    path = tmp_path / name
+    path.write_text(f'name: quiz\nkind: multiple_choice\ndata: items.jsonl\ntemplate: "Q: {{{{q}}}}\\nA:"\n'
+                    f'choices: opts\nanswer: label{extra}\n')
+    return path
+
+
+GOOD = [{"q": f"question {i}", "opts": ["yes", "no"], "label": i % 2} for i in range(6)]
+
+
+def test_load_task_renders_items(tmp_path):
+    task = load_task(write_task(tmp_path, GOOD))
+    assert task.name == "quiz" and len(task.items) == 6
+    assert task.items[3].prompt == "Q: question 3\nA:" and task.items[3].gold == 1
+    assert task.context(0) == "Q: question 0\nA:"  # 0-shot: just the prompt
+    assert len(load_task(tmp_path / "t.yaml", limit=2).items) == 2
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"q": "x", "opts": ["a", "b"]}, r"items.jsonl:3: missing field 'label'"),
+    ({"q": "x", "opts": ["a", "b"], "label": 2}, r"items.jsonl:3: answer index label=2 is out of range for 2 choices"),
+    ({"q": "x", "opts": ["a", "b"], "label": -1}, r"items.jsonl:3: answer index"),
+    ({"q": "x", "opts": [], "label": 0}, r"items.jsonl:3: field 'opts' is an empty list of choices"),
+    ({"opts": ["a"], "label": 0}, r"items.jsonl:3: template refers to a missing field \('q' is undefined\)"),
+    ({"q": "x", "opts": "ab", "label": 0}, r"items.jsonl:3: field 'opts' must be list"),
+])
+def test_bad_item_names_file_and_line(tmp_path, bad, match):
+    path = write_task(tmp_path, [GOOD[0], GOOD[1], bad])
+    with pytest.raises(TaskError, match=match):
+        load_task(path)
+
+
+def test_bad_task_file(tmp_path):
+    path = write_task(tmp_path, GOOD)
+    text = path.read_text()
+    path.write_text(text.replace("data: items.jsonl\n", ""))
+    with pytest.raises(TaskError, match=r"t.yaml: missing field 'data'"):
+        load_task(path)
+    path.write_text(text + "colour: red\n")
+    with pytest.raises(TaskError, match=r"t.yaml: unknown field\(s\) \['colour'\]"):
+        load_task(path)
+    path.write_text(text.replace("kind: multiple_choice", "kind: essay"))
+    with pytest.raises(TaskError, match=r"t.yaml: task 'quiz': field 'kind'='essay'"):
+        load_task(path)
+    path.write_text(text.replace("data: items.jsonl", "data: nowhere.jsonl"))
+    with pytest.raises(TaskError, match=r"nowhere.jsonl: data file not found"):
+        load_task(path)
+    (tmp_path / "items.jsonl").write_text('{"q": "x", "opts": ["a"], "label": 0}\n{not json\n')
+    path.write_text(text)
+    with pytest.raises(TaskError, match=r"items.jsonl:2: invalid JSON"):
+        load_task(path)
+    with pytest.raises(TaskError, match="task file not found"):
+        load_task(tmp_path / "missing.yaml")
+
+
+def test_kshot_from_pool_of_eval_items_never_includes_the_item(tmp_path):
+    # no few-shot file: examples come from the other evaluated items; k = n - 1 forces every other one
+    task = load_task(write_task(tmp_path, GOOD, extra="\nnum_fewshot: 5"))
+    for i, item in enumerate(task.items):
+        ctx = task.context(i)
+        assert ctx.endswith(item.prompt) and ctx.count(item.prompt) == 1
+        shots = task.fewshot_examples(i)
+        assert len(shots) == 5 and item not in shots
+        assert all(f"{s.prompt} {s.target}\n\n" in ctx for s in shots)
+
+
+def test_kshot_separate_split_skips_a_duplicate_of_the_item(tmp_path):
+    # the few-shot file contains a copy of item 0: it must never be shown when item 0 is evaluated
+    shots = [GOOD[0], {"q": "shot a", "opts": ["yes", "no"], "label": 0}, {"q": "shot b", "opts": ["yes", "no"], "label": 1}]
+    task = load_task(write_task(tmp_path, GOOD, extra="\nnum_fewshot: 2", fewshot=shots))
+    assert {s.prompt for s in task.fewshot_examples(0)} == {"Q: shot a\nA:", "Q: shot b\nA:"}
+    assert task.context(0).count("question 0") == 1
+    assert any("question 0" in task.context(i) for i in range(1, 6))  # the copy is a valid shot elsewhere
+
+
+def test_kshot_is_deterministic_and_seeded(tmp_path):
+    shots = [{"q": f"shot {i}", "opts": ["yes", "no"], "label": i % 2} for i in range(20)]
+    path = write_task(tmp_path, GOOD, extra="\nnum_fewshot: 3", fewshot=shots)
+    a, b = load_task(path), load_task(path)
+    assert [a.context(i) for i in range(6)] == [b.context(i) for i in range(6)]
+    other = load_task(path, fewshot_seed=7)
+    assert [a.context(i) for i in range(6)] != [other.context(i) for i in range(6)]
+    assert a.context(2).startswith("Q: shot")
+
+
+def test_not_enough_fewshot_examples(tmp_path):
+    with pytest.raises(TaskError, match="num_fewshot=6 but the few-shot pool has only 5"):
+        load_task(write_task(tmp_path, GOOD, extra="\nnum_fewshot: 6"))
+
+
+def test_config_validation_messages():
+    with pytest.raises(TaskError, match="num_samples > 1 needs temperature > 0"):
+        TaskConfig(name="g", kind="generation", template="x", num_samples=4)
+    with pytest.raises(TaskError, match=r"pass_k.*num_samples=2"):
+        TaskConfig(name="g", kind="generation", template="x", num_samples=2, temperature=1.0, pass_k=[3])
+    with pytest.raises(TaskError, match="normalize"):
+        TaskConfig(name="g", kind="generation", template="x", normalize=["shout"])
+    with pytest.raises(TaskError, match="no items"):
+        Task(TaskConfig(name="g", kind="generation", template="x"), [])
