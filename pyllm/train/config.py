@@ -186,9 +186,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(valid))}"
+def _suggest(key: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    return f"; valid: {', '.join(prefix + v for v in sorted(valid))}"
 
 
 # ------------------------------------------------------------------------------------------ presets
@@ -275,7 +277,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if key.startswith("model."):
             sub = key[len("model."):]
             if sub not in model_types:
-                raise ConfigError(f"unknown config key 'model.{sub}'{_suggest(sub, model_types)}")
+                raise ConfigError(f"unknown config key 'model.{sub}'{_suggest(sub, model_types, 'model.')}")
             out.setdefault("model", {})[sub] = _coerce(key, value, model_types[sub])
         else:
             if key not in train_types or key == "model":

@@ -5,10 +5,10 @@ A batch source has ``next_batch() -> {"input_ids": (B, T) int64, "targets": (B, 
 ``state_dict()/load_state_dict()`` (the data position, for exact resume).
 
 Sampling is nanoGPT's (a random window of T + 1 tokens per sequence) made resumable and layout-free:
-the n-th micro-batch of the run draws the windows of the whole global micro-batch (world_size x B
-sequences) from a generator seeded by (seed, n), and each rank keeps its slice. So a run with
-4 accumulation steps of 1 sequence sees the same sequences as one step of 4, and 2 ranks of 2 the same
-as 1 rank of 4; resuming needs only n.
+the run's sequences are numbered globally, in the order micro-batch, rank, row, and the start of
+sequence i comes from a generator seeded by (seed, i // CHUNK). So a run with 4 accumulation steps of
+1 sequence sees the same sequences as one step of 4, and 2 ranks of 2 the same as 1 rank of 4;
+resuming needs only the micro-batch count.
 """
 
 from __future__ import annotations
@@ -96,13 +96,29 @@ class RandomWindows:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = 0  # micro-batches drawn so far
         self._arange = np.arange(seq_len + 1)
+        self._chunk_id, self._chunk = -1, None
+
+    CHUNK = 4096  # sequences whose starts are drawn together from one seeded generator
+
+    def _starts(self, first: int, count: int) -> np.ndarray:
+        """Start offsets of global sequences first .. first + count - 1."""
+        out = []
+        while count > 0:
+            chunk, offset = divmod(first, self.CHUNK)
+            if self._chunk_id != chunk:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
+                self._chunk = torch.randint(len(self.tokens) - self.seq_len - 1, (self.CHUNK,), generator=gen).numpy()
+                self._chunk_id = chunk
+            take = min(count, self.CHUNK - offset)
+            out.append(self._chunk[offset:offset + take])
+            first, count = first + take, count - take
+        return np.concatenate(out)
 
     def windows(self, n: int) -> torch.Tensor:
         """This rank's windows of global micro-batch ``n``: (B, T + 1) int64."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + n)
-        starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.world_size * self.batch_size,), generator=gen)
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
-        return torch.from_numpy(self.tokens[mine[:, None] + self._arange].astype(np.int64))
+        first = (n * self.world_size + self.rank) * self.batch_size
+        starts = self._starts(first, self.batch_size)
+        return torch.from_numpy(self.tokens[starts[:, None] + self._arange].astype(np.int64))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         w = self.windows(self.position)

@@ -1,8 +1,7 @@
 """Observability: the progress bar, JSONL metrics, optional TensorBoard, MFU, peak memory and energy.
 
-MFU = achieved model FLOP/s / the device's peak, with the model's FLOPs per token from
-``pyllm.model.flops`` when present, else the PaLM count (6 x matmul parameters + 12 x layers x width x
-sequence for attention). Energy comes from NVML's total-energy counter on NVIDIA GPUs (pynvml, optional);
+MFU = achieved model FLOP/s / the device's peak, with the model's FLOPs per token and the GPU peaks
+from ``pyllm.model.flops`` (PaLM's 6 N + 12 L T d count). Energy comes from NVML's total-energy counter on NVIDIA GPUs (pynvml, optional);
 CO2 = kWh x the configured grid intensity.
 """
 
@@ -16,36 +15,16 @@ from pathlib import Path
 
 import torch
 
-# Dense peak TFLOP/s in bf16/fp16 (tensor cores, no sparsity), from the vendors' data sheets.
-PEAK_TFLOPS_16BIT = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-                     "4090": 165.0, "3090": 71.0, "V100": 125.0, "T4": 65.0}
-
-
-def flops_per_token(model_cfg, seq_len: int, n_params: int) -> float:
-    """Training FLOPs per token (forward + backward) of a transformer with ``model_cfg``."""
-    try:
-        from pyllm.model.flops import train_flops_per_token  # the foundation's count, when it exists
-    except ImportError:
-        train_flops_per_token = None
-    if train_flops_per_token is not None:
-        return float(train_flops_per_token(model_cfg, seq_len))
-    n_matmul = n_params - (model_cfg.max_seq_len * model_cfg.d_model if model_cfg.pos == "learned" else 0)
-    if not model_cfg.tie_embeddings:
-        n_matmul -= model_cfg.vocab_size * model_cfg.d_model  # the input embedding is a lookup, not a matmul
-    return 6.0 * n_matmul + 12.0 * model_cfg.n_layer * model_cfg.n_head * model_cfg.head_dim * seq_len
-
+from pyllm.model.flops import peak_flops
 
 def device_peak_flops(device: torch.device, precision: str, override_tflops: float | None) -> float | None:
-    """Peak FLOP/s for MFU, or None when unknown (CPUs, fp32 on GPUs unless given)."""
+    """Peak FLOP/s for MFU: the configured figure, else pyllm.model.flops' table for known GPUs; None on
+    CPUs (give peak_tflops, e.g. from pyllm.model.flops.cpu_peak_flops)."""
     if override_tflops:
         return override_tflops * 1e12
-    if device.type != "cuda" or precision == "fp32":
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS_16BIT.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    return peak_flops(torch.cuda.get_device_name(device), precision)
 
 
 def peak_memory_gb(device: torch.device) -> float:

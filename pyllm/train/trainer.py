@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pyllm.model.flops import flops_per_token
+
 from . import checkpoint, distributed
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import TrainConfig
-from .metrics import EnergyMeter, MetricsLog, device_peak_flops, flops_per_token, peak_memory_gb
+from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb
 from .optimizer import AdamW
 from .scaler import LossScaler
 from .schedule import lr_at
@@ -158,9 +160,8 @@ class Trainer:
         start_step = self.step
         log = MetricsLog(self.out_dir, self.dist.is_main, cfg.progress, cfg.tensorboard, cfg.max_steps, start_step)
         energy = EnergyMeter(self.device)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        model_cfg = getattr(self.model, "cfg", None)
-        flops_tok = flops_per_token(model_cfg, cfg.seq_len, n_params) if model_cfg is not None else None
+        model_cfg = getattr(self.model, "cfg", None)  # a pyllm Transformer (wrappers: no MFU)
+        flops_tok = flops_per_token(model_cfg, cfg.seq_len) if model_cfg is not None else None
         peak = device_peak_flops(self.device, cfg.precision, cfg.peak_tflops)
 
         train_time, window_time, window_tokens, total_tokens = 0.0, 0.0, 0, 0

@@ -1,0 +1,56 @@
+"""``pyllm train``: pretrain a model on a text file/folder, the built-in text or token shards.
+
+    pyllm train --preset shakespeare_char_cpu --data input.txt --max_steps 500 --model.n_layer 6
+    torchrun --nproc_per_node 8 -m pyllm.cli train --preset gpt2_small_bf16 --data shards/ --distributed fsdp
+
+Every TrainConfig field is an option (``--name value`` or ``--name=value``); model fields are
+``--model.<field>``. ``--list`` shows the fields and presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .checkpoint import CheckpointError
+from .config import PRESETS, ConfigError, TrainConfig, build_config, parse_overrides
+from .data import DataError
+
+
+def describe() -> str:
+    lines = ["presets: " + ", ".join(PRESETS), "", "fields (defaults):"]
+    lines += [f"  --{f.name} {f.default if f.default is not dataclasses.MISSING else '{}'}"
+              for f in dataclasses.fields(TrainConfig)]
+    lines.append("  --model.<field> VALUE  (any pyllm.model.ModelConfig field)")
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    keys = ("steps", "tokens", "train_time_s", "tokens_per_s", "final_loss", "eval", "best", "mfu",
+            "peak_memory_gb", "energy_kwh", "co2_kg", "skipped_steps", "model_dir")
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "\n".join(f"  {k:<15} {fmt(summary[k])}" for k in keys if summary.get(k) is not None)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pyllm train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help=f"start from a named config: {', '.join(PRESETS)}")
+    parser.add_argument("--list", action="store_true", help="show the presets and every config field")
+    args, rest = parser.parse_known_args(argv)
+    if args.list:
+        print(describe())
+        return 0
+    try:
+        cfg = build_config(args.preset, parse_overrides(rest))
+        from .run import train
+
+        summary = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"pyllm train: error: {e}", file=sys.stderr)
+        return 2
+    if summary.get("out_dir"):
+        print(f"pyllm train: done\n{format_summary(summary)}")
+    return 0
