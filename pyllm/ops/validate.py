@@ -7,6 +7,10 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def tensor(op: str, name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES, like=None):
     """Check that argument ``name`` of ``op`` is a tensor of the right rank and dtype, on ``like``'s device."""
     if not isinstance(t, torch.Tensor):
@@ -17,9 +21,8 @@ def tensor(op: str, name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYP
         raise ValueError(f"pyllm.ops.{op}: argument '{name}' must have at least {min_ndim} dims, "
                          f"got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"pyllm.ops.{op}: argument '{name}' has dtype {str(t.dtype).replace('torch.', '')}, "
-                        f"expected one of {names}")
+        raise TypeError(f"pyllm.ops.{op}: argument '{name}' has dtype {_name(t.dtype)}, "
+                        f"expected one of {', '.join(map(_name, dtypes))}")
     if like is not None and t.device != like.device:
         raise ValueError(f"pyllm.ops.{op}: argument '{name}' is on {t.device}, expected {like.device} "
                          f"(the device of the first input)")
@@ -28,8 +31,8 @@ def tensor(op: str, name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYP
 
 def same_dtype(op: str, name: str, t, like, like_name: str):
     if t.dtype != like.dtype:
-        raise TypeError(f"pyllm.ops.{op}: argument '{name}' has dtype {t.dtype}, expected {like.dtype} "
-                        f"(the dtype of '{like_name}')")
+        raise TypeError(f"pyllm.ops.{op}: argument '{name}' has dtype {_name(t.dtype)}, expected "
+                        f"{_name(like.dtype)} (the dtype of '{like_name}')")
 
 
 def shape(op: str, name: str, t, expected: tuple, what: str = ""):

@@ -1,0 +1,74 @@
+"""Bad input to a public op: a one-line error that names the argument and what was expected."""
+
+import pytest
+import torch
+
+from pyllm import ops
+
+
+def t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+q4, kv4 = t(2, 4, 5, 8), t(2, 2, 5, 8)
+ids = torch.zeros(2, 5, dtype=torch.long)
+
+CASES = {
+    "attention q rank": (lambda: ops.attention(t(4, 5, 8), kv4, kv4), ValueError, "'q' must have 4 dims"),
+    "attention k dtype": (lambda: ops.attention(q4, kv4.double(), kv4), TypeError,
+                          "'k' has dtype float64, expected float32 \\(the dtype of 'q'\\)"),
+    "attention v device": (lambda: ops.attention(q4, kv4, t(2, 2, 5, 8, device="meta")), ValueError,
+                           "'v' is on meta, expected cpu"),
+    "attention kv shape": (lambda: ops.attention(q4, t(2, 2, 5, 4), t(2, 2, 5, 4)), ValueError, r"must be \(B=2, Hkv, S, D=8\)"),
+    "attention heads": (lambda: ops.attention(t(2, 3, 5, 8), kv4, kv4), ValueError,
+                        "query heads 3 must be a multiple of key/value heads 2"),
+    "attention T > S": (lambda: ops.attention(t(2, 4, 6, 8), kv4, kv4), ValueError, "q has 6 positions but k/v only 5"),
+    "attention doc_ids dtype": (lambda: ops.attention(q4, kv4, kv4, doc_ids=ids.float()), TypeError,
+                                "'doc_ids' has dtype float32, expected one of int32, int64"),
+    "attention doc_ids shape": (lambda: ops.attention(q4, kv4, kv4, doc_ids=ids[:, :4]), ValueError,
+                                r"'doc_ids' has shape \(2, 4\), expected \(2, 5\)"),
+    "attention window": (lambda: ops.attention(q4, kv4, kv4, window=0), ValueError, "'window'=0 must be >= 1"),
+    "layer_norm weight": (lambda: ops.layer_norm(t(3, 8), t(7)), ValueError, r"'weight' has shape \(7,\), expected \(8,\)"),
+    "layer_norm int x": (lambda: ops.layer_norm(t(3, 8, dtype=torch.int64), t(8)), TypeError, "'x' has dtype int64"),
+    "layer_norm residual": (lambda: ops.layer_norm(t(3, 8), t(8), residual=t(2, 8)), ValueError, "'residual' has shape"),
+    "rms_norm not a tensor": (lambda: ops.rms_norm([1.0, 2.0], t(2)), TypeError, "'x' must be a torch.Tensor, got list"),
+    "bias_gelu approximate": (lambda: ops.bias_gelu(t(3), approximate="fast"), ValueError,
+                              r"'approximate'='fast' is not one of \['tanh', 'none'\]"),
+    "bias_gelu bias": (lambda: ops.bias_gelu(t(2, 3), t(4)), ValueError, "'bias' has shape"),
+    "swiglu up": (lambda: ops.swiglu(t(2, 3), t(2, 4)), ValueError, "'up' has shape"),
+    "rope odd dim": (lambda: ops.rope(t(1, 2, 3, 5), t(1, 2, 3, 5), t(3, 2), t(3, 2)), ValueError, "head dim 5 must be even"),
+    "rope cos": (lambda: ops.rope(t(1, 2, 3, 4), t(1, 2, 3, 4), t(4, 2), t(4, 2)), ValueError,
+                 r"'cos' has shape \(4, 2\), expected \(3, 2\)"),
+    "matmul inner": (lambda: ops.matmul(t(2, 3), t(4, 5)), ValueError, "inner dims differ"),
+    "matmul dtype": (lambda: ops.matmul(t(2, 3), t(3, 5, dtype=torch.float16)), TypeError, "'b' has dtype"),
+    "linear weight": (lambda: ops.linear(t(2, 3), t(4, 5)), ValueError, r"weight \(4, 5\) must be \(N, K=3\)"),
+    "linear activation": (lambda: ops.linear(t(2, 3), t(4, 3), activation="relu"), ValueError, "'activation'='relu'"),
+    "cross_entropy target dtype": (lambda: ops.cross_entropy(t(4, 10), t(4)), TypeError, "'target' has dtype float32"),
+    "cross_entropy target shape": (lambda: ops.cross_entropy(t(4, 10), ids), ValueError,
+                                   r"'target' has shape \(2, 5\), expected \(4,\)"),
+    "cross_entropy smoothing": (lambda: ops.cross_entropy(t(2, 5), ids[0, :2], label_smoothing=1.0), ValueError,
+                                r"'label_smoothing'=1.0 must be in \[0, 1\)"),
+    "cross_entropy reduction": (lambda: ops.cross_entropy(t(2, 5), ids[0, :2], reduction="avg"), ValueError,
+                                "'reduction'='avg'"),
+    "cross_entropy z_loss": (lambda: ops.cross_entropy(t(2, 5), ids[0, :2], z_loss=-1.0), ValueError, "'z_loss'=-1.0"),
+    "linear_cross_entropy weight": (lambda: ops.linear_cross_entropy(t(2, 4), t(9, 3), ids[0, :2]), ValueError,
+                                    r"must be \(V, H=4\)"),
+    "adamw lengths": (lambda: ops.adamw_step([t(2)], [t(2)], [t(2), t(2)], [t(2)], lr=1e-3, step=1), ValueError,
+                      "'exp_avgs' has 2 tensors, 'params' has 1"),
+    "adamw grad shape": (lambda: ops.adamw_step([t(2)], [t(3)], [t(2)], [t(2)], lr=1e-3, step=1), ValueError,
+                         r"grads\[0\] shape \(3,\) != params\[0\] shape \(2,\)"),
+    "unscale found_inf dtype": (lambda: ops.unscale_and_check_([t(2)], 1.0, t(1, dtype=torch.float16)), TypeError,
+                                "'found_inf' has dtype float16"),
+    "unscale found_inf size": (lambda: ops.unscale_and_check_([t(2)], 1.0, t(2)), ValueError, "exactly one element"),
+    "loss scale tracker": (lambda: ops.update_loss_scale_(t(1), t(1), t(1)), TypeError,
+                           "'growth_tracker' has dtype float32"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_names_the_argument(case):
+    fn, exc, message = CASES[case]
+    with pytest.raises(exc, match=message) as info:
+        fn()
+    text = str(info.value)
+    assert text.startswith("pyllm.ops.") and "\n" not in text
