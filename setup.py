@@ -1,8 +1,49 @@
-"""Thin build driver: CMakeLists.txt is the source of truth for csrc/ (filled in by the csrc work)."""
-from setuptools import find_packages, setup
+"""Thin build driver: CMakeLists.txt is the source of truth for csrc/; this file only runs CMake (through
+pybind11's CMake package) and puts the resulting pyllm._C where setuptools expects it.
+
+Environment: PYLLM_CUDA (AUTO/1/0), PYLLM_CUDA_ARCHS (e.g. "80;90a") are read by CMakeLists.txt;
+CMAKE_BUILD_PARALLEL_LEVEL sets the build jobs (default: the number of CPUs); CMAKE_ARGS adds arguments.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])  # CMake knows the sources
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11  # a build requirement (pyproject.toml [build-system])
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            *os.environ.get("CMAKE_ARGS", "").split(),
+        ]
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
+
 
 setup(
     # kernels/ lives at the top level of the repository and is installed as pyllm.kernels.
     packages=find_packages(include=["pyllm", "pyllm.*"]) + ["pyllm.kernels"],
     package_dir={"pyllm.kernels": "kernels"},
+    ext_modules=[CMakeExtension("pyllm._C")],
+    cmdclass={"build_ext": CMakeBuild},
 )

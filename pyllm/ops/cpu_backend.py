@@ -1,3 +1,474 @@
-"""The "cpu" backend: the C++ kernels of ``pyllm._C`` (csrc/cpu), for float32 CPU tensors."""
+"""The "cpu" backend: the C++ kernels of ``pyllm._C`` (csrc/cpu) for float32 CPU tensors.
 
-from pyllm import _C  # noqa: F401  (an ImportError here marks the backend unavailable)
+Each op is a ``torch.library`` custom op (``pyllm::<op>_cpu`` and its backward ``pyllm::<op>_bwd_cpu``)
+with a fake implementation, so ``torch.compile`` traces over it, and with its autograd formula
+registered. The public wrappers (``@register(op, "cpu")``) raise ``Unsupported`` before any work for
+tensors the kernels do not take (not float32, not on the CPU), so the dispatcher falls back to the
+reference. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned
+memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors)
+except where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
+
+Not here: attention (PyTorch's CPU SDPA is already a fused, vectorised flash kernel; ours did not beat
+it, so the reference runs), matmul/linear (BLAS is the right tool) and the loss-scale update (a few
+scalars).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from pyllm import _C  # an ImportError here marks the backend unavailable
+
+from .registry import Unsupported, register
+
+_F32 = torch.float32
+
+
+def _addr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _require_f32_cpu(op: str, **tensors: Optional[Tensor]) -> None:
+    """Raise Unsupported (-> fallback to the reference) unless every given tensor is float32 on the CPU."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            raise Unsupported(f"cpu backend: argument '{name}' of {op} is on {t.device}, needs the CPU")
+        if t.dtype != _F32:
+            raise Unsupported(f"cpu backend: argument '{name}' of {op} is {t.dtype}, the C++ CPU kernels take float32")
+
+
+def _rows(x: Tensor) -> tuple[int, int]:
+    n = x.shape[-1] if x.dim() else 1
+    return (x.numel() // n if n else 0), n
+
+
+def _row_stride(t: Tensor) -> Optional[int]:
+    """The row stride of ``t`` seen as (rows, last dim) if its last dim is contiguous and the leading dims
+    collapse into one (true for the chunks of a fused projection), else None."""
+    if t.dim() < 2:
+        return t.shape[-1] if t.dim() == 1 else 1
+    if t.stride(-1) != 1:
+        return None
+    for i in range(t.dim() - 2):
+        if t.shape[i] != 1 and t.stride(i) != t.stride(i + 1) * t.shape[i + 1]:
+            return None
+    return t.stride(-2)
+
+
+# ------------------------------------------------------------------------------ LayerNorm / RMSNorm
+
+
+@torch.library.custom_op("pyllm::norm_cpu", mutates_args=())
+def _norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+          rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, h, mean, rstd): h = x + residual (empty without residual), statistics per row."""
+    x, weight = x.contiguous(), weight.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    rows, n = _rows(x)
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    mean = x.new_empty(0 if rms else rows)
+    rstd = x.new_empty(rows)
+    _C.cpu_norm_fwd(x.data_ptr(), _addr(residual), weight.data_ptr(), _addr(bias), y.data_ptr(), _addr(h),
+                    mean.data_ptr(), rstd.data_ptr(), rows, n, eps, rms, _threads())
+    return y, h, mean, rstd
+
+
+@_norm.register_fake
+def _(x, residual, weight, bias, eps, rms):
+    rows = _rows(x)[0]
+    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
+            x.new_empty(0 if rms else rows), x.new_empty(rows))
+
+
+@torch.library.custom_op("pyllm::norm_bwd_cpu", mutates_args=())
+def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
+              has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias); dbias is empty without bias. dh_extra: gradient reaching h directly."""
+    dy, h, weight = dy.contiguous(), h.contiguous(), weight.contiguous()
+    dh_extra = dh_extra.contiguous() if dh_extra is not None else None
+    rows, n = _rows(h)
+    dx = torch.empty_like(h)
+    dw = torch.empty_like(weight)
+    db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    _C.cpu_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), _addr(mean if not rms else None),
+                    rstd.data_ptr(), _addr(dh_extra), dx.data_ptr(), dw.data_ptr(), _addr(db if has_bias else None),
+                    rows, n, rms, _threads())
+    return dx, dw, db
+
+
+@_norm_bwd.register_fake
+def _(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
+    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
+
+
+def _norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _, rms = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
+
+
+def _norm_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
+    if dy is None:
+        dy = torch.zeros_like(h)
+    dx, dw, db = _norm_bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
+    return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
+
+
+torch.library.register_autograd("pyllm::norm_cpu", _norm_backward, setup_context=_norm_setup)
+
+
+@register("layer_norm", "cpu")
+def layer_norm(x, weight, bias=None, *, eps=1e-5, residual=None):
+    _require_f32_cpu("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
+    y, h, _, _ = _norm(x, residual, weight, bias, float(eps), False)
+    return (y, h) if residual is not None else y
+
+
+@register("rms_norm", "cpu")
+def rms_norm(x, weight, *, eps=1e-6, residual=None):
+    _require_f32_cpu("rms_norm", x=x, weight=weight, residual=residual)
+    y, h, _, _ = _norm(x, residual, weight, None, float(eps), True)
+    return (y, h) if residual is not None else y
+
+
+# --------------------------------------------------------------------------------- bias + GELU
+
+
+@torch.library.custom_op("pyllm::bias_gelu_cpu", mutates_args=())
+def _bias_gelu(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
+    x = x.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    rows, n = _rows(x)
+    y = torch.empty_like(x)
+    _C.cpu_bias_gelu_fwd(x.data_ptr(), _addr(bias), y.data_ptr(), rows, n, tanh, _threads())
+    return y
+
+
+@_bias_gelu.register_fake
+def _(x, bias, tanh):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pyllm::bias_gelu_bwd_cpu", mutates_args=())
+def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dbias); dbias is empty without bias."""
+    dy, x = dy.contiguous(), x.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    rows, n = _rows(x)
+    dx = torch.empty_like(x)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    _C.cpu_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), _addr(bias), dx.data_ptr(), _addr(db if bias is not None else None),
+                         rows, n, tanh, _threads())
+    return dx, db
+
+
+@_bias_gelu_bwd.register_fake
+def _(dy, x, bias, tanh):
+    return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty(0))
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, tanh = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.tanh = tanh
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_bwd(dy, x, bias, ctx.tanh)
+    return dx, (db if bias is not None else None), None
+
+
+torch.library.register_autograd("pyllm::bias_gelu_cpu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+@register("bias_gelu", "cpu")
+def bias_gelu(x, bias=None, *, approximate="tanh"):
+    _require_f32_cpu("bias_gelu", x=x, bias=bias)
+    return _bias_gelu(x, bias, approximate == "tanh")
+
+
+# -------------------------------------------------------------------------------------- SwiGLU
+
+
+def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
+    stride = _row_stride(t)
+    return (t, stride) if stride is not None else (t.contiguous(), t.shape[-1])
+
+
+@torch.library.custom_op("pyllm::swiglu_cpu", mutates_args=())
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
+    rows, n = _rows(gate)
+    y = gate.new_empty(gate.shape)
+    _C.cpu_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _threads())
+    return y
+
+
+@_swiglu.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("pyllm::swiglu_bwd_cpu", mutates_args=())
+def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
+    dy = dy.contiguous()
+    rows, n = _rows(gate)
+    dgate, dup = gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+    _C.cpu_swiglu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), rows, n, gs,
+                      us, _threads())
+    return dgate, dup
+
+
+@_swiglu_bwd.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dy):
+    return _swiglu_bwd(dy, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("pyllm::swiglu_cpu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+@register("swiglu", "cpu")
+def swiglu(gate, up):
+    _require_f32_cpu("swiglu", gate=gate, up=up)
+    return _swiglu(gate, up)
+
+
+# ------------------------------------------------------------------------------------- softmax
+
+
+@torch.library.custom_op("pyllm::softmax_cpu", mutates_args=())
+def _softmax(x: Tensor) -> Tensor:
+    x = x.contiguous()
+    rows, n = _rows(x)
+    y = torch.empty_like(x)
+    _C.cpu_softmax_fwd(x.data_ptr(), y.data_ptr(), rows, n, _threads())
+    return y
+
+
+@_softmax.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pyllm::softmax_bwd_cpu", mutates_args=())
+def _softmax_bwd(dy: Tensor, y: Tensor) -> Tensor:
+    dy, y = dy.contiguous(), y.contiguous()
+    rows, n = _rows(y)
+    dx = torch.empty_like(y)
+    _C.cpu_softmax_bwd(dy.data_ptr(), y.data_ptr(), dx.data_ptr(), rows, n, _threads())
+    return dx
+
+
+@_softmax_bwd.register_fake
+def _(dy, y):
+    return torch.empty_like(y)
+
+
+def _softmax_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, dy):
+    return _softmax_bwd(dy, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("pyllm::softmax_cpu", _softmax_backward, setup_context=_softmax_setup)
+
+
+@register("softmax", "cpu")
+def softmax(x):
+    _require_f32_cpu("softmax", x=x)
+    return _softmax(x)
+
+
+# ------------------------------------------------------------------------------- cross-entropy
+
+
+@torch.library.custom_op("pyllm::cross_entropy_cpu", mutates_args=())
+def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+                   z_loss: float) -> tuple[Tensor, Tensor]:
+    """logits (rows, V), target (rows,) int64 -> (loss per row, lse per row)."""
+    logits, target = logits.contiguous(), target.contiguous()
+    rows, vocab = logits.shape
+    loss, lse = logits.new_empty(rows), logits.new_empty(rows)
+    _C.cpu_cross_entropy_fwd(logits.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(), rows, vocab,
+                             ignore_index, label_smoothing, z_loss, _threads())
+    return loss, lse
+
+
+@_cross_entropy.register_fake
+def _(logits, target, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+
+
+@torch.library.custom_op("pyllm::cross_entropy_bwd_cpu", mutates_args=())
+def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
+                       label_smoothing: float, z_loss: float) -> Tensor:
+    # A gradient broadcast from a sum/mean arrives expanded (stride 0): read its one value per row.
+    grad_stride = 0 if grad.dim() == 1 and grad.stride(0) == 0 else 1
+    grad = grad if grad_stride == 0 else grad.contiguous()
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    dlogits = torch.empty_like(logits)
+    _C.cpu_cross_entropy_bwd(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), grad_stride,
+                             dlogits.data_ptr(), rows, vocab, ignore_index, label_smoothing, z_loss, _threads())
+    return dlogits
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
+    return torch.empty_like(logits)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, *ctx.options = inputs
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _cross_entropy_backward(ctx, dloss, _dlse):
+    logits, target, lse = ctx.saved_tensors
+    return _cross_entropy_bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
+
+
+torch.library.register_autograd("pyllm::cross_entropy_cpu", _cross_entropy_backward,
+                                setup_context=_cross_entropy_setup)
+
+
+@register("cross_entropy", "cpu")
+def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    _require_f32_cpu("cross_entropy", logits=logits)
+    if target.device.type != "cpu":
+        raise Unsupported(f"cpu backend: argument 'target' of cross_entropy is on {target.device}")
+    vocab = logits.shape[-1]
+    logits2d, target1d = logits.reshape(-1, vocab), target.reshape(-1).long()
+    valid = target1d != ignore_index
+    if bool(((target1d < 0) | (target1d >= vocab)).logical_and_(valid).any()):
+        raise ValueError(f"pyllm.ops.cross_entropy: argument 'target' holds class indices outside [0, {vocab}) "
+                         f"that are not ignore_index={ignore_index}")
+    loss, _ = _cross_entropy(logits2d, target1d, int(ignore_index), float(label_smoothing), float(z_loss))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+
+
+def _rope_one(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    B, H, T, D = x.shape
+    y = x.new_empty((B, H, T, D))
+    cs_batch_stride = cos.stride(0) if cos.dim() == 3 else 0
+    _C.cpu_rope(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(), cs_batch_stride,
+                y.data_ptr(), B, H, T, D, inverse, _threads())
+    return y
+
+
+@torch.library.custom_op("pyllm::rope_cpu", mutates_args=())
+def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return _rope_one(q, cos, sin, inverse), _rope_one(k, cos, sin, inverse)
+
+
+@_rope.register_fake
+def _(q, k, cos, sin, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse, ctx.shapes = inverse, (q.shape, k.shape)
+
+
+def _rope_backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq = dq if dq is not None else cos.new_zeros(ctx.shapes[0])
+    dk = dk if dk is not None else cos.new_zeros(ctx.shapes[1])
+    dq_in, dk_in = _rope(dq, dk, cos, sin, not ctx.inverse)
+    return dq_in, dk_in, None, None, None
+
+
+torch.library.register_autograd("pyllm::rope_cpu", _rope_backward, setup_context=_rope_setup)
+
+
+@register("rope", "cpu")
+def rope(q, k, cos, sin):
+    _require_f32_cpu("rope", q=q, k=k, cos=cos, sin=sin)
+    if cos.requires_grad or sin.requires_grad:
+        raise Unsupported("cpu backend: rope has no gradient for cos/sin")
+    return _rope(q, k, cos, sin, False)
+
+
+# ------------------------------------------------------------------------ optimiser and scaling
+
+
+def _pointer_table(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _require_f32_cpu_list(op: str, **lists: Optional[Sequence[Tensor]]) -> None:
+    for name, lst in lists.items():
+        for i, t in enumerate(lst or ()):
+            _require_f32_cpu(op, **{f"{name}[{i}]": t})
+            if not t.is_contiguous():
+                raise Unsupported(f"cpu backend: argument '{name}[{i}]' of {op} is not contiguous")
+
+
+@register("adamw_step", "cpu")
+@torch.no_grad()
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,
+               master_params=None, found_inf=None):
+    _require_f32_cpu_list("adamw_step", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                          master_params=master_params)
+    if found_inf is not None and found_inf.device.type != "cpu":
+        raise Unsupported(f"cpu backend: 'found_inf' is on {found_inf.device}")
+    if found_inf is not None and float(found_inf.reshape(-1)[0]) > 0:
+        return None  # overflowed gradients: skip the step, as the reference does
+    step = float(step)
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    tables = [_pointer_table(lst) for lst in (params, grads, exp_avgs, exp_avg_sqs)]
+    master = _pointer_table(master_params) if master_params is not None else None
+    _C.cpu_adamw(tables[0].data_ptr(), _addr(master), tables[1].data_ptr(), tables[2].data_ptr(),
+                 tables[3].data_ptr(), sizes.data_ptr(), len(params), float(lr), beta1, beta2, eps, weight_decay,
+                 1.0 - beta1 ** step, 1.0 - beta2 ** step, _threads())
+    return None
+
+
+@register("unscale_and_check_", "cpu")
+@torch.no_grad()
+def unscale_and_check_(grads, inv_scale, found_inf):
+    _require_f32_cpu_list("unscale_and_check_", grads=grads)
+    _require_f32_cpu("unscale_and_check_", found_inf=found_inf)
+    sizes = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
+    table = _pointer_table(grads)
+    if _C.cpu_unscale_check(table.data_ptr(), sizes.data_ptr(), len(grads), float(inv_scale), _threads()):
+        found_inf.fill_(1.0)
+    return None

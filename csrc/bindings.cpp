@@ -1,0 +1,140 @@
+// pybind11 module pyllm._C. Every binding takes raw addresses (tensor.data_ptr(), 0 for "none"), sizes,
+// dtype codes and, for CUDA, a stream: the extension never links libtorch, so one build works with any
+// torch version. The Python wrappers (pyllm/ops/cpu_backend.py, cuda_backend.py) validate dtypes,
+// devices, contiguity, alignment and 32-bit index limits before calling in here.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+#ifdef PYLLM_WITH_CUDA
+#include "cuda/launch.h"
+#endif
+
+namespace py = pybind11;
+using pyllm::cpu::kernels;
+
+namespace {
+
+template <class T>
+T* P(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+using Addr = uintptr_t;
+const auto kNoGil = py::call_guard<py::gil_scoped_release>();
+
+void bind_cpu(py::module_& m) {
+  m.def("cpu_isa", [] { return kernels().isa; }, "Instruction set of the CPU kernels chosen for this machine.");
+  m.def(
+      "cpu_norm_fwd",
+      [](Addr x, Addr res, Addr w, Addr b, Addr y, Addr h, Addr mean, Addr rstd, int64_t rows, int64_t n, float eps,
+         bool rms, int threads) {
+        kernels().norm_fwd(P<const float>(x), P<const float>(res), P<const float>(w), P<const float>(b), P<float>(y),
+                           P<float>(h), P<float>(mean), P<float>(rstd), rows, n, eps, rms, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_norm_bwd",
+      [](Addr dy, Addr h, Addr w, Addr mean, Addr rstd, Addr dh_extra, Addr dx, Addr dw, Addr db, int64_t rows,
+         int64_t n, bool rms, int threads) {
+        kernels().norm_bwd(P<const float>(dy), P<const float>(h), P<const float>(w), P<const float>(mean),
+                           P<const float>(rstd), P<const float>(dh_extra), P<float>(dx), P<float>(dw), P<float>(db),
+                           rows, n, rms, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_bias_gelu_fwd",
+      [](Addr x, Addr b, Addr y, int64_t rows, int64_t n, bool tanh_approx, int threads) {
+        kernels().bias_gelu_fwd(P<const float>(x), P<const float>(b), P<float>(y), rows, n, tanh_approx, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_bias_gelu_bwd",
+      [](Addr dy, Addr x, Addr b, Addr dx, Addr db, int64_t rows, int64_t n, bool tanh_approx, int threads) {
+        kernels().bias_gelu_bwd(P<const float>(dy), P<const float>(x), P<const float>(b), P<float>(dx), P<float>(db),
+                                rows, n, tanh_approx, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_swiglu_fwd",
+      [](Addr gate, Addr up, Addr y, int64_t rows, int64_t n, int64_t gs, int64_t us, int threads) {
+        kernels().swiglu_fwd(P<const float>(gate), P<const float>(up), P<float>(y), rows, n, gs, us, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_swiglu_bwd",
+      [](Addr dy, Addr gate, Addr up, Addr dgate, Addr dup, int64_t rows, int64_t n, int64_t gs, int64_t us,
+         int threads) {
+        kernels().swiglu_bwd(P<const float>(dy), P<const float>(gate), P<const float>(up), P<float>(dgate),
+                             P<float>(dup), rows, n, gs, us, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_softmax_fwd",
+      [](Addr x, Addr y, int64_t rows, int64_t n, int threads) {
+        kernels().softmax_fwd(P<const float>(x), P<float>(y), rows, n, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_softmax_bwd",
+      [](Addr dy, Addr y, Addr dx, int64_t rows, int64_t n, int threads) {
+        kernels().softmax_bwd(P<const float>(dy), P<const float>(y), P<float>(dx), rows, n, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_cross_entropy_fwd",
+      [](Addr logits, Addr target, Addr loss, Addr lse, int64_t rows, int64_t vocab, int64_t ignore_index,
+         float smoothing, float z_loss, int threads) {
+        kernels().cross_entropy_fwd(P<const float>(logits), P<const int64_t>(target), P<float>(loss), P<float>(lse),
+                                    rows, vocab, ignore_index, smoothing, z_loss, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_cross_entropy_bwd",
+      [](Addr logits, Addr target, Addr lse, Addr grad, int64_t grad_stride, Addr dlogits, int64_t rows,
+         int64_t vocab, int64_t ignore_index, float smoothing, float z_loss, int threads) {
+        kernels().cross_entropy_bwd(P<const float>(logits), P<const int64_t>(target), P<const float>(lse),
+                                    P<const float>(grad), grad_stride, P<float>(dlogits), rows, vocab, ignore_index,
+                                    smoothing, z_loss, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_rope",
+      [](Addr x, int64_t s0, int64_t s1, int64_t s2, Addr cos, Addr sin, int64_t cs_batch_stride, Addr y, int64_t B,
+         int64_t H, int64_t T, int64_t D, bool inverse, int threads) {
+        const int64_t strides[4] = {s0, s1, s2, 1};
+        kernels().rope(P<const float>(x), strides, P<const float>(cos), P<const float>(sin), cs_batch_stride,
+                       P<float>(y), B, H, T, D, inverse, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_adamw",
+      [](Addr params, Addr master, Addr grads, Addr exp_avgs, Addr exp_avg_sqs, Addr sizes, int64_t n_tensors,
+         float lr, float beta1, float beta2, float eps, float wd, float bc1, float bc2, int threads) {
+        kernels().adamw(P<float* const>(params), P<float* const>(master), P<const float* const>(grads),
+                        P<float* const>(exp_avgs), P<float* const>(exp_avg_sqs), P<const int64_t>(sizes), n_tensors,
+                        lr, beta1, beta2, eps, wd, bc1, bc2, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_unscale_check",
+      [](Addr grads, Addr sizes, int64_t n_tensors, float inv_scale, int threads) {
+        return kernels().unscale_check(P<float* const>(grads), P<const int64_t>(sizes), n_tensors, inv_scale,
+                                       threads);
+      },
+      kNoGil);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyllm C++/CUDA kernels (raw-pointer interface; use pyllm.ops, not this module directly)";
+  bind_cpu(m);
+#ifdef PYLLM_WITH_CUDA
+  m.attr("has_cuda") = true;
+  pyllm::cuda::bind(m);
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,121 @@
+// Row softmax and softmax cross-entropy over large vocabularies.
+//
+// Cross-entropy per row (see pyllm.ops.reference.cross_entropy), eps the label smoothing, z the z-loss:
+//   loss = (1 - eps)(lse - x_t) + eps (lse - mean(x)) + z lse^2
+//   dloss/dx_j = p_j (1 + 2 z lse) - (1 - eps) [j == t] - eps / V,   p = softmax(x)
+// The forward makes one pass for the max and one for sum(exp) and sum(x); only lse is saved, and the
+// backward recomputes p from it, so no (rows, V) probability tensor is ever stored.
+#include "kernels.h"
+#include "vec_math.h"
+
+PYLLM_CPU_NS_BEGIN
+
+namespace {
+
+// Sums over long rows in blocks of kBlock (vectorised, float) added up in double: the error grows with
+// the block length, not with the vocabulary size.
+constexpr int64_t kBlock = 1024;
+
+inline float row_max(const float* x, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+}  // namespace
+
+void softmax_fwd(const float* x, float* y, int64_t rows, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    const float m = row_max(xr, n);
+    double sum = 0.0;
+    for (int64_t start = 0; start < n; start += kBlock) {
+      const int64_t end = min_i64(start + kBlock, n);
+      float block = 0.0f;
+#pragma omp simd reduction(+ : block)
+      for (int64_t i = start; i < end; ++i) {
+        yr[i] = fast_exp(xr[i] - m);
+        block += yr[i];
+      }
+      sum += block;
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) yr[i] *= inv;
+  }
+}
+
+void softmax_bwd(const float* dy, const float* y, float* dx, int64_t rows, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* dyr = dy + r * n;
+    const float* yr = y + r * n;
+    float* dxr = dx + r * n;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < n; ++i) dot += dyr[i] * yr[i];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
+  }
+}
+
+void cross_entropy_fwd(const float* logits, const int64_t* target, float* loss, float* lse_out, int64_t rows,
+                       int64_t vocab, int64_t ignore_index, float label_smoothing, float z_loss, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * vocab >= PYLLM_MIN_PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = logits + r * vocab;
+    const float m = row_max(x, vocab);
+    double sum_exp = 0.0, sum_x = 0.0;
+    for (int64_t start = 0; start < vocab; start += kBlock) {
+      const int64_t end = min_i64(start + kBlock, vocab);
+      float block_exp = 0.0f, block_x = 0.0f;
+#pragma omp simd reduction(+ : block_exp, block_x)
+      for (int64_t i = start; i < end; ++i) {
+        block_exp += fast_exp(x[i] - m);
+        block_x += x[i];
+      }
+      sum_exp += block_exp;
+      sum_x += block_x;
+    }
+    const float lse = m + static_cast<float>(log(sum_exp));
+    lse_out[r] = lse;
+    const int64_t t = target[r];
+    if (t == ignore_index) {
+      loss[r] = 0.0f;
+      continue;
+    }
+    float l = (1.0f - label_smoothing) * (lse - x[t]);
+    if (label_smoothing != 0.0f) l += label_smoothing * (lse - static_cast<float>(sum_x / static_cast<double>(vocab)));
+    if (z_loss != 0.0f) l += z_loss * lse * lse;
+    loss[r] = l;
+  }
+}
+
+void cross_entropy_bwd(const float* logits, const int64_t* target, const float* lse_in, const float* grad,
+                       int64_t grad_stride, float* dlogits, int64_t rows, int64_t vocab, int64_t ignore_index,
+                       float label_smoothing, float z_loss, int threads) {
+  const float smooth = label_smoothing / static_cast<float>(vocab);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * vocab >= PYLLM_MIN_PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = logits + r * vocab;
+    float* dx = dlogits + r * vocab;
+    const int64_t t = target[r];
+    if (t == ignore_index) {
+#pragma omp simd
+      for (int64_t i = 0; i < vocab; ++i) dx[i] = 0.0f;
+      continue;
+    }
+    const float g = grad[r * grad_stride];
+    const float lse = lse_in[r];
+    const float pscale = g * (1.0f + 2.0f * z_loss * lse);
+    const float shift = g * smooth;
+#pragma omp simd
+    for (int64_t i = 0; i < vocab; ++i) dx[i] = pscale * fast_exp(x[i] - lse) - shift;
+    dx[t] -= g * (1.0f - label_smoothing);
+  }
+}
+
+PYLLM_CPU_NS_END

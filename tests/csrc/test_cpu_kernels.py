@@ -1,0 +1,279 @@
+"""The C++ CPU kernels (csrc/cpu, backend "cpu") against the reference, forward and backward.
+
+Rule of pyllm/ops/tolerance.py: truth = the reference in float64, "reference in dtype" = the reference
+in float32, kernel = the cpu backend in float32 with PYLLM_STRICT_BACKEND=1, so a silent fallback to
+the reference fails instead of passing. Gradients use one shared upstream gradient.
+"""
+
+import pytest
+import torch
+
+import pyllm._C  # noqa: F401  (the extension is part of the install: its absence is a failure here)
+from pyllm import ops
+from pyllm.ops import reference
+from pyllm.ops.tolerance import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _strict(monkeypatch):
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
+
+
+def _run(fn, inputs, dtype, upstream=None, n_grad=None):
+    """fn over copies of ``inputs`` in ``dtype`` (the first ``n_grad`` floating ones, default all, become
+    leaves); returns (outputs, grads, upstream). ``upstream`` (one per output) is drawn on the first call
+    and reused for the others."""
+    n_grad = len(inputs) if n_grad is None else n_grad
+    leaves = [t.detach().to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
+    leaves = [t.requires_grad_() if i < n_grad and torch.is_tensor(t) and t.is_floating_point() else t
+              for i, t in enumerate(leaves)]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if upstream is None:
+        upstream = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
+    torch.autograd.backward(outs, [u.to(o.dtype) for u, o in zip(upstream, outs)])
+    grads = [t.grad for t in leaves if torch.is_tensor(t) and t.requires_grad]
+    return outs, grads, upstream
+
+
+def _check(op, inputs, n_grad=None, **kwargs):
+    """Compare ops.<op>(backend="cpu") with the reference, outputs and input gradients."""
+    fn = getattr(ops, op)
+    truth, truth_grads, upstream = _run(lambda *a: fn(*a, backend="torch", **kwargs), inputs, torch.float64,
+                                        n_grad=n_grad)
+    ref, ref_grads, _ = _run(lambda *a: fn(*a, backend="torch", **kwargs), inputs, torch.float32, upstream, n_grad)
+    out, grads, _ = _run(lambda *a: fn(*a, backend="cpu", **kwargs), inputs, torch.float32, upstream, n_grad)
+    for i, (o, t, r) in enumerate(zip(out, truth, ref)):
+        assert o.dtype == torch.float32
+        assert_close(o, t, r, f"{op} output {i}")
+    assert len(grads) == len(truth_grads)
+    for i, (g, t, r) in enumerate(zip(grads, truth_grads, ref_grads)):
+        assert_close(g, t, r, f"{op} grad of floating input {i}")
+
+
+ROWS_N = [(1, 1), (3, 7), (17, 127), (5, 1023), (64, 768)]
+
+
+@pytest.mark.parametrize("rows,n", ROWS_N)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm(rows, n, with_residual):
+    x, w, b = torch.randn(rows, n) * 3 + 1, torch.randn(n), torch.randn(n)
+    if with_residual:
+        _check_residual_norm("layer_norm", x, w, b, torch.randn(rows, n))
+    else:
+        _check("layer_norm", [x, w, b])
+
+
+def _check_residual_norm(op, x, w, b, res):
+    fn = getattr(ops, op)
+    inputs = [x, w, res] if b is None else [x, w, b, res]
+
+    def call(backend):
+        def f(*a):
+            *args, r = a
+            return fn(*args, residual=r, backend=backend)
+        return f
+
+    truth, tg, up = _run(call("torch"), inputs, torch.float64)
+    ref, rg, _ = _run(call("torch"), inputs, torch.float32, up)
+    out, g, _ = _run(call("cpu"), inputs, torch.float32, up)
+    for name, o, t, r in zip(("out", "new_residual"), out, truth, ref):
+        assert_close(o, t, r, f"{op} {name}")
+    for i, (a, t, r) in enumerate(zip(g, tg, rg)):
+        assert_close(a, t, r, f"{op} grad {i}")
+
+
+@pytest.mark.parametrize("rows,n", ROWS_N)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(rows, n, with_residual):
+    x, w = torch.randn(rows, n) * 3, torch.randn(n)
+    if with_residual:
+        _check_residual_norm("rms_norm", x, w, None, torch.randn(rows, n))
+    else:
+        _check("rms_norm", [x, w])
+
+
+def test_layer_norm_no_bias_3d():
+    _check("layer_norm", [torch.randn(2, 5, 33), torch.randn(33)])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (13, 3072), (2, 5, 257)])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_bias_gelu(shape, approximate):
+    x = torch.randn(shape) * 3
+    _check("bias_gelu", [x, torch.randn(shape[-1])], approximate=approximate)
+    _check("bias_gelu", [x], approximate=approximate)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 11, 1024)])
+def test_swiglu(shape):
+    _check("swiglu", [torch.randn(shape) * 3, torch.randn(shape)])
+
+
+def test_swiglu_on_chunks_of_a_fused_projection():
+    # gate/up as the model makes them: strided halves of one (B, T, 2F) tensor
+    fused = torch.randn(2, 9, 2 * 37, requires_grad=True)
+    gate, up = fused.chunk(2, dim=-1)
+    assert not gate.is_contiguous()
+    y = ops.swiglu(gate, up, backend="cpu")
+    u = torch.randn_like(y)
+    (dk,) = torch.autograd.grad(y, fused, u)
+    fused64 = fused.detach().double().requires_grad_()
+    g64, u64 = fused64.chunk(2, dim=-1)
+    y64 = reference.swiglu(g64, u64)
+    (d64,) = torch.autograd.grad(y64, fused64, u.double())
+    assert_close(y, y64, reference.swiglu(gate, up).detach(), "swiglu on chunks")
+    assert_close(dk, d64, d64.float(), "swiglu grad on chunks")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 13), (3, 4, 1000)])
+def test_softmax(shape):
+    _check("softmax", [torch.randn(shape) * 4])
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (7, 50257), (3, 65537)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy(rows, vocab, reduction):
+    logits = torch.randn(rows, vocab) * 4
+    target = torch.randint(0, vocab, (rows,))
+    target[::3] = -100  # some ignored rows (the first one among them)
+    _check("cross_entropy", [logits, target], reduction=reduction)
+
+
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-4), (0.2, 1e-3)])
+def test_cross_entropy_smoothing_and_z_loss(label_smoothing, z_loss):
+    logits = torch.randn(2, 9, 1031) * 3
+    target = torch.randint(0, 1031, (2, 9))
+    target[0, :4] = 7
+    _check("cross_entropy", [logits, target], ignore_index=7, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def test_cross_entropy_all_rows_ignored():
+    _check("cross_entropy", [torch.randn(4, 10), torch.full((4,), -100)])
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,batched_cs", [(1, 1, 1, 1, 2, False), (2, 4, 2, 13, 64, False),
+                                                    (3, 2, 1, 7, 34, True)])
+def test_rope(B, H, Hkv, T, D, batched_cs):
+    theta = torch.rand((B, T, D // 2) if batched_cs else (T, D // 2)) * 6
+    _check("rope", [torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), theta.cos(), theta.sin()], n_grad=2)
+
+
+def test_rope_on_views_of_a_fused_qkv():
+    # q, k as the model makes them: head-split views of the (B, T, (Hq + 2 Hkv) D) projection
+    B, T, Hq, Hkv, D = 2, 5, 4, 2, 16
+    qkv = torch.randn(B, T, Hq + 2 * Hkv, D).transpose(1, 2)
+    q, k, _ = qkv.split([Hq, Hkv, Hkv], dim=1)
+    theta = torch.rand(T, D // 2)
+    out = ops.rope(q, k, theta.cos(), theta.sin(), backend="cpu")
+    truth = reference.rope(q.double(), k.double(), theta.cos().double(), theta.sin().double())
+    ref = reference.rope(q, k, theta.cos(), theta.sin())
+    for o, t, r in zip(out, truth, ref):
+        assert o.is_contiguous()
+        assert_close(o, t, r, "rope on views")
+
+
+def _adam_state(shapes, dtype):
+    gen = torch.Generator().manual_seed(1)
+    make = lambda: [torch.randn(s, generator=gen).to(dtype) for s in shapes]  # noqa: E731
+    params, grads, m = make(), make(), make()
+    v = [t.abs() for t in make()]
+    return params, grads, m, v
+
+
+@pytest.mark.parametrize("with_master", [False, True])
+def test_adamw_step(with_master):
+    shapes = [(1,), (7, 13), (40000,), (3, 5, 2)]  # 40000 spans several 16384-element chunks
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    states = {dt: _adam_state(shapes, dt) for dt in (torch.float64, torch.float32)}
+    kern = _adam_state(shapes, torch.float32)
+    master = [p.clone() for p in kern[0]] if with_master else None
+    for step in (1, 2, 3):
+        for dt, st in states.items():
+            ops.adamw_step(*st, step=step, backend="torch", **hp)
+        ops.adamw_step(*kern, step=torch.tensor(step), master_params=master, backend="cpu", **hp)
+    for name, i in (("params", 0), ("exp_avgs", 2), ("exp_avg_sqs", 3)):
+        for j, (k, t, r) in enumerate(zip(kern[i], states[torch.float64][i], states[torch.float32][i])):
+            assert_close(k, t, r, f"adamw {name}[{j}]")
+    if with_master:
+        for p, mp in zip(kern[0], master):
+            assert torch.equal(p, mp)
+
+
+def test_adamw_step_skips_on_found_inf():
+    params, grads, m, v = _adam_state([(5, 3)], torch.float32)
+    before = [t.clone() for t in (params[0], m[0], v[0])]
+    ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=torch.ones(1), backend="cpu")
+    for a, b in zip((params[0], m[0], v[0]), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [None, float("inf"), float("nan"), float("-inf")])
+def test_unscale_and_check(bad):
+    grads = [torch.randn(3), torch.randn(40000), torch.randn(2, 7)]
+    if bad is not None:
+        grads[1][23456] = bad
+    expected = [g * 0.25 for g in grads]
+    found = torch.zeros(1)
+    ops.unscale_and_check_(grads, torch.tensor(0.25), found, backend="cpu")
+    assert found.item() == (0.0 if bad is None else 1.0)
+    for g, e in zip(grads, expected):
+        assert torch.equal(g, e) if bad is None else torch.equal(g.isfinite(), e.isfinite())
+
+
+def test_custom_ops_pass_opcheck():
+    # schema, fake (meta) implementation and autograd registration of each op, as torch.compile needs
+    from pyllm.ops import cpu_backend as cb
+    x, w, b = torch.randn(4, 9, requires_grad=True), torch.randn(9, requires_grad=True), torch.randn(9)
+    torch.library.opcheck(cb._norm, (x, torch.randn(4, 9), w, b, 1e-5, False))
+    torch.library.opcheck(cb._norm, (x, None, w, None, 1e-6, True))
+    torch.library.opcheck(cb._bias_gelu, (x, b, True))
+    torch.library.opcheck(cb._swiglu, (x, torch.randn(4, 9)))
+    torch.library.opcheck(cb._softmax, (x,))
+    torch.library.opcheck(cb._cross_entropy, (x, torch.tensor([0, 3, -100, 8]), -100, 0.1, 1e-4))
+    q, k, cs = torch.randn(1, 2, 3, 4, requires_grad=True), torch.randn(1, 1, 3, 4), torch.rand(3, 2)
+    torch.library.opcheck(cb._rope, (q, k, cs.cos(), cs.sin(), False))
+
+
+def test_compiled_model_block_uses_cpu_ops():
+    def block(x, res, w, b, fc_b):
+        h, res = ops.layer_norm(x, w, b, residual=res, backend="cpu")
+        return ops.bias_gelu(h, fc_b, backend="cpu").sum() + res.sum()
+
+    args = [torch.randn(3, 16, requires_grad=True), torch.randn(3, 16), torch.randn(16), torch.randn(16),
+            torch.randn(16)]
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(*args)
+    out.backward()
+    assert_close(out.detach(), block(*args).detach(), block(*args).detach(), "compiled block")
+
+
+# ---------------------------------------------------------------------------------- input checks
+
+
+def test_non_float32_is_refused_in_strict_mode():
+    with pytest.raises(ops.BackendError, match="argument 'x'.*float32"):
+        ops.layer_norm(torch.randn(2, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), backend="cpu")
+
+
+def test_non_cpu_tensor_is_refused_in_strict_mode():
+    x = torch.empty(2, 4, device="meta")
+    with pytest.raises(ops.BackendError, match="argument 'x'.*meta"):
+        ops.bias_gelu(x, backend="cpu")
+
+
+def test_fallback_warns_without_strict_mode(monkeypatch):
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' not used"):
+        out = ops.softmax(x, backend="cpu")
+    assert torch.equal(out, reference.softmax(x))
+
+
+def test_cross_entropy_target_out_of_range():
+    with pytest.raises(ValueError, match="argument 'target'.*outside \\[0, 10\\)"):
+        ops.cross_entropy(torch.randn(3, 10), torch.tensor([1, 10, 2]), backend="cpu")
+
+
+def test_cpu_isa_is_reported():
+    assert pyllm._C.cpu_isa() in ("avx2", "base")
