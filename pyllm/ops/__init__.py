@@ -157,11 +157,13 @@ def _check_ce(op, rows_shape, target, ignore_index, label_smoothing, z_loss, red
 
 def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                   backend=None):
-    """Softmax cross-entropy of logits (..., V) against integer target (...); see reference.cross_entropy."""
+    """Softmax cross-entropy of logits (..., V) against integer target (...); see reference.cross_entropy.
+    reduction "none" gives the per-row losses in the shape of ``target``."""
     validate.tensor("cross_entropy", "logits", logits, min_ndim=1)
     _check_ce("cross_entropy", logits.shape[:-1], target, ignore_index, label_smoothing, z_loss, reduction, logits)
-    return dispatch("cross_entropy", logits.device, backend, logits, target, ignore_index=ignore_index,
+    loss = dispatch("cross_entropy", logits.device, backend, logits, target, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss  # backends may return rows flat
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
@@ -178,9 +180,10 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
         validate.shape("linear_cross_entropy", "bias", bias, weight.shape[:1], "(V)")
     _check_ce("linear_cross_entropy", hidden.shape[:-1], target, ignore_index, label_smoothing, z_loss,
               reduction, hidden)
-    return dispatch("linear_cross_entropy", hidden.device, backend, hidden, weight, target, bias,
+    loss = dispatch("linear_cross_entropy", hidden.device, backend, hidden, weight, target, bias,
                     ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                     reduction=reduction)
+    return loss.reshape(target.shape) if reduction == "none" else loss
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.95, eps=1e-8,
