@@ -13,6 +13,7 @@ import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from pyllm.kernels import adamw as adamw_kernel
+from pyllm.kernels import attention as attention_kernel
 from pyllm.kernels import cross_entropy as ce_kernel
 from pyllm.kernels import gelu, launch, layernorm, loss_scale
 from pyllm.kernels import rope as rope_kernel
@@ -95,3 +96,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
     return adamw_kernel.adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                    weight_decay=weight_decay, step=step, master_params=master_params,
                                    found_inf=found_inf)
+
+
+@register("attention", "triton")
+def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None):
+    _require(launch.runnable_reason(q, k, v, doc_ids) or attention_kernel.unsupported_reason(q, k, v, doc_ids))
+    return attention_kernel.attention(q, k, v, causal, softmax_scale, doc_ids, window)

@@ -1,0 +1,428 @@
+"""Fused attention, FlashAttention-2 (Dao 2023): tiled, online softmax, logsumexp saved, recomputation in
+the backward. Causal or not, grouped-/multi-query heads, packed documents, sliding window.
+
+Layout and masking. q (B, Hq, T, D), k/v (B, Hkv, S, D), Hq a multiple of Hkv. Queries are the LAST
+T of the S key positions (query i sits at position S - T + i: prefill when T == S, KV-cached decode
+when T < S), exactly as ``reference.attention_mask``. Key j is visible to query i when
+    j <= pos(i) (causal),  pos(i) - j < window (sliding window),  doc[pos(i)] == doc[j] (packing).
+Whole key blocks outside the causal/window band are never visited; a key block whose document-id
+range does not meet the query block's range is skipped too (exact for any ids: blocks sharing an id
+always have intersecting ranges), so packed short documents cost little more than their own size.
+
+Forward. Program (query block, batch*head) keeps q in registers, streams K/V blocks, keeps a running
+row max m and sum l in the exp2 domain (scores pre-multiplied by scale * log2 e), rescales the fp32
+accumulator, divides once at the end, and stores lse2 = m + log2(l) per query row (fp32). Fully
+masked rows (possible only with unusual doc ids) output 0 and lse2 = +inf, so their backward is 0.
+
+Backward (deterministic by construction: no atomics, every gradient element written by one program).
+  1. delta_i = rowsum(dO_i * O_i).
+  2. dK/dV: program (key block, batch*kv-head) holds K, V and the dK, dV accumulators, and walks every
+     query head of its group and every query block that can see the key block:
+     P = exp2(S - lse2), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q.
+  3. dQ: program (query block, batch*head) recomputes P and dS over its key blocks: dQ += dS K.
+  This recomputes Q K^T twice (FA2's single pass adds dQ with atomics instead), the price of a
+  bit-reproducible backward, and GQA needs no reduction of per-query-head dK/dV afterwards.
+
+Head dims 16..256: the head dim is padded to a power of two (BLOCK_D) with masked loads. Block sizes
+and warps/stages come from autotune on a GPU (Hopper: 128x64 tiles, 8 warps, 3-4 stages for D <= 128;
+smaller tiles for D = 256 to stay in the 228 KB of shared memory); fp32 inputs use exact ("ieee")
+dots, fp16/bf16 use tensor cores with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+_FWD_CONFIGS = launch.configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+     for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 8, 4))],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1))
+_BWD_CONFIGS = launch.configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+     for bm, bn, w, s in ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2))],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1))
+
+
+def _prune_for_head_dim(configs, named_args, **kwargs):
+    """Keep tiles that fit Hopper's shared memory at this head dim (D = 256 halves the tiles)."""
+    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) <= 128 or launch.INTERPRET:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[-1:]
+
+
+@triton.jit
+def _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) boolean: key k_pos visible to query q_pos (positions in the key frame).
+    vis = q_valid[:, None] & (k_pos[None, :] < S)
+    if CAUSAL:
+        vis &= k_pos[None, :] <= q_pos[:, None]
+    if HAS_WINDOW:
+        vis &= (q_pos[:, None] - k_pos[None, :]) < window
+    if HAS_DOC:
+        vis &= q_doc[:, None] == k_doc[None, :]
+    return vis
+
+
+@triton.jit
+def _key_range(m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    # Key blocks [lo, hi) that queries m0 .. m0 + BLOCK_M - 1 can see.
+    q_first = S - T + m0
+    q_last = S - T + tl.minimum(m0 + BLOCK_M, T) - 1
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, q_last + 1)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(0, q_first - window + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, D, window,
+                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb,
+                          HQ: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                          HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = bh % HQ
+    kvh = (h // GROUP).to(tl.int64)
+    T_OFF = S - T
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_valid = offs_m < T
+    d_valid = offs_d < D
+    q_pos = T_OFF + offs_m
+    q = tl.load(Q + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :],
+                mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    q_doc = offs_m
+    q_doc_lo = 0
+    q_doc_hi = 0
+    if HAS_DOC:
+        q_doc = tl.load(DOC + b * sdb + q_pos, mask=q_valid, other=-1)
+        q_doc_lo = tl.min(tl.where(q_valid, q_doc, 2147483647), axis=0)
+        q_doc_hi = tl.max(tl.where(q_valid, q_doc, -2147483647), axis=0)
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for n0 in range(lo, hi, BLOCK_N):
+        k_pos = n0 + offs_n
+        k_valid = k_pos < S
+        k_doc = k_pos
+        go = True
+        if HAS_DOC:
+            k_doc = tl.load(DOC + b * sdb + k_pos, mask=k_valid, other=-2)
+            go = (tl.max(tl.where(k_valid, k_doc, -2147483647), axis=0) >= q_doc_lo) & \
+                 (tl.min(tl.where(k_valid, k_doc, 2147483647), axis=0) <= q_doc_hi)
+        if go:
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            vis = _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+            s = tl.where(vis, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    has_any = l_i > 0.0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=q_valid[:, None] & d_valid[None, :])
+    lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse2, mask=q_valid)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(O, DO, DELTA, T, D, sob, soh, sot, sdob, sdoh, sdot,
+                                     HQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, sm_scale, T, S, D, window,
+                               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+                               sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sdb,
+                               HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                               HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b = (bkv // HKV).to(tl.int64)
+    kvh = (bkv % HKV).to(tl.int64)
+    T_OFF = S - T
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_valid = offs_n < S
+    d_valid = offs_d < D
+    kv_mask = k_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_doc = offs_n
+    k_doc_lo = 0
+    k_doc_hi = 0
+    if HAS_DOC:
+        k_doc = tl.load(DOC + b * sdb + offs_n, mask=k_valid, other=-2)
+        k_doc_lo = tl.min(tl.where(k_valid, k_doc, 2147483647), axis=0)
+        k_doc_hi = tl.max(tl.where(k_valid, k_doc, -2147483647), axis=0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query blocks that can see this key block: causal -> pos(i) >= n0; window -> pos(i) < last key + window.
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(0, n0 - T_OFF) // BLOCK_M * BLOCK_M
+    hi = T
+    if HAS_WINDOW:
+        hi = tl.minimum(T, tl.minimum(n0 + BLOCK_N, S) - 1 + window - T_OFF)
+    for g in range(GROUP):
+        bh = b * HQ + kvh * GROUP + g
+        q_base = Q + b * sqb + (kvh * GROUP + g) * sqh
+        do_base = DO + b * sdob + (kvh * GROUP + g) * sdoh
+        for m0 in range(lo, hi, BLOCK_M):
+            q_idx = m0 + offs_m
+            q_valid = q_idx < T
+            q_pos = T_OFF + q_idx
+            q_doc = q_idx
+            go = True
+            if HAS_DOC:
+                q_doc = tl.load(DOC + b * sdb + q_pos, mask=q_valid, other=-1)
+                go = (tl.max(tl.where(q_valid, q_doc, -2147483647), axis=0) >= k_doc_lo) & \
+                     (tl.min(tl.where(q_valid, q_doc, 2147483647), axis=0) <= k_doc_hi)
+            if go:
+                q_mask = q_valid[:, None] & d_valid[None, :]
+                q = tl.load(q_base + q_idx[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_base + q_idx[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask, other=0.0)
+                lse2 = tl.load(LSE + bh * T + q_idx, mask=q_valid, other=float("inf"))
+                delta = tl.load(DELTA + bh * T + q_idx, mask=q_valid, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+                vis = _visible(q_pos, offs_n, S, T_OFF, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk *= sm_scale
+    tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sdvb + kvh * sdvh + offs_n[:, None].to(tl.int64) * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune_for_head_dim})
+@triton.jit
+def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scale, T, S, D, window,
+                             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sdb,
+                             HQ: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+                             HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    kvh = h // GROUP
+    T_OFF = S - T
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_valid = offs_m < T
+    d_valid = offs_d < D
+    q_pos = T_OFF + offs_m
+    q_mask = q_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask,
+                 other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=0.0)
+    q_doc = offs_m
+    q_doc_lo = 0
+    q_doc_hi = 0
+    if HAS_DOC:
+        q_doc = tl.load(DOC + b * sdb + q_pos, mask=q_valid, other=-1)
+        q_doc_lo = tl.min(tl.where(q_valid, q_doc, 2147483647), axis=0)
+        q_doc_hi = tl.max(tl.where(q_valid, q_doc, -2147483647), axis=0)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    for n0 in range(lo, hi, BLOCK_N):
+        k_pos = n0 + offs_n
+        k_valid = k_pos < S
+        k_doc = k_pos
+        go = True
+        if HAS_DOC:
+            k_doc = tl.load(DOC + b * sdb + k_pos, mask=k_valid, other=-2)
+            go = (tl.max(tl.where(k_valid, k_doc, -2147483647), axis=0) >= q_doc_lo) & \
+                 (tl.min(tl.where(k_valid, k_doc, 2147483647), axis=0) <= q_doc_hi)
+        if go:
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            vis = _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq *= sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+
+
+def unsupported_reason(q, k, v, doc_ids) -> str | None:
+    D = q.shape[-1]
+    if D > MAX_HEAD_DIM:
+        return f"head dim {D} > {MAX_HEAD_DIM}"
+    if q.dtype == torch.float64:
+        return "float64 is not supported by the Triton attention"
+    return None
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common(q, k, softmax_scale, doc_ids):
+    D = q.shape[-1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    block_d = max(16, triton.next_power_of_2(D))
+    precision = "ieee" if q.dtype == torch.float32 else None  # exact fp32 dots; tensor cores for 16-bit
+    doc = doc_ids.contiguous() if doc_ids is not None else None
+    return scale, block_d, precision, doc
+
+
+def attention_fwd(q, k, v, doc_ids, causal: bool, softmax_scale: float | None, window: int | None):
+    """Returns (o (B, Hq, T, D) in q's dtype, lse2 (B, Hq, T) fp32 in log2 units)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, HQ, T, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    scale, BLOCK_D, precision, doc = _common(q, k, softmax_scale, doc_ids)
+    o = torch.empty((B, HQ, T, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse.fill_(float("inf"))
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)  # noqa: E731
+    _attention_fwd_kernel[grid](
+        q, k, v, o, lse, doc if doc is not None else lse, scale * _LOG2E, T, S, D, window or 0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], doc.stride(0) if doc is not None else 0,
+        HQ=HQ, GROUP=HQ // HKV, CAUSAL=causal, HAS_WINDOW=window is not None, HAS_DOC=doc is not None,
+        PRECISION=precision, BLOCK_D=BLOCK_D)
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, softmax_scale: float | None, window: int | None):
+    """Returns (dq, dk, dv) in the input dtypes (deterministic)."""
+    q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
+    B, HQ, T, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    scale, BLOCK_D, precision, doc = _common(q, k, softmax_scale, doc_ids)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
+    pre_m = 16 if launch.INTERPRET else 64
+    _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), B * HQ)](
+        o, do, delta, T, D, *o.stride()[:3], *do.stride()[:3], HQ=HQ, BLOCK_M=pre_m, BLOCK_D=BLOCK_D)
+    common = dict(HQ=HQ, GROUP=HQ // HKV, CAUSAL=causal, HAS_WINDOW=window is not None, HAS_DOC=doc is not None,
+                  PRECISION=precision, BLOCK_D=BLOCK_D)
+    doc_arg = doc if doc is not None else delta
+    doc_stride = doc.stride(0) if doc is not None else 0
+    _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * HKV)](
+        q, k, v, do, lse, delta, dk, dv, doc_arg, scale * _LOG2E, scale, T, S, D, window or 0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        doc_stride, HKV=HKV, **common)
+    _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
+        q, k, v, do, lse, delta, dq, doc_arg, scale * _LOG2E, scale, T, S, D, window or 0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], doc_stride,
+        **common)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------- autograd (custom ops)
+
+
+@torch.library.custom_op("pyllm::attention_triton", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                  causal: bool, softmax_scale: Optional[float], window: Optional[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, doc_ids, causal, softmax_scale, window)
+
+
+@_attention_op.register_fake
+def _(q, k, v, doc_ids, causal, softmax_scale, window):
+    B, HQ, T, D = q.shape
+    return q.new_empty((B, HQ, T, D)), q.new_empty((B, HQ, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("pyllm::attention_triton_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, doc_ids: Optional[torch.Tensor], causal: bool,
+                      softmax_scale: Optional[float], window: Optional[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, doc_ids, causal, softmax_scale, window)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, doc_ids, causal, softmax_scale, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, doc_ids, ctx.causal, ctx.softmax_scale, ctx.window = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, doc_ids = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, doc_ids, ctx.causal, ctx.softmax_scale, ctx.window)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def attention(q, k, v, causal=True, softmax_scale=None, doc_ids=None, window=None):
+    """softmax(q k^T * scale + mask) v; see the module note for layout and masking."""
+    o, _ = _attention_op(q, k, v, doc_ids, causal, softmax_scale, window)
+    return o
