@@ -1,0 +1,103 @@
+"""TrainConfig: overrides, presets, validation, schedules, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pyllm.train import ConfigError, TrainConfig, parse_overrides, preset
+from pyllm.train.cli import main
+from pyllm.train.config import build_config
+from pyllm.train.schedule import lr_at
+
+from .helpers import make_trainer, tiny_model
+
+
+def test_overrides_are_typed_and_nested():
+    o = parse_overrides(["--lr", "3e-4", "--model.n_layer=6", "--compile", "true", "--micro_batch_size", "none",
+                         "--max-steps", "10"])
+    assert o == {"lr": 3e-4, "model": {"n_layer": 6}, "compile": True, "micro_batch_size": None, "max_steps": 10}
+    cfg = build_config("shakespeare_char_cpu", o)
+    assert cfg.model["n_layer"] == 6 and cfg.model["d_model"] == 128  # merged into the preset's model
+    assert cfg.model_config(vocab_size=70).n_layer == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr_max", "1"], "unknown config key 'lr_max'; did you mean 'lr'?"),
+    (["--model.n_layr", "2"], "unknown config key 'model.n_layr'; did you mean 'model.n_layer'?"),
+    (["--lr", "fast"], "--lr: 'fast' is not a valid float"),
+    (["--compile", "maybe"], "--compile: 'maybe' is not a boolean"),
+    (["--lr"], "--lr: missing value"),
+])
+def test_bad_overrides(args, message):
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(args)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_validation_says_what_to_change():
+    with pytest.raises(ConfigError, match="precision='fp8': use one of fp32, bf16, fp16"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ConfigError, match="master_weights=True needs precision"):
+        TrainConfig(master_weights=True)
+    with pytest.raises(ConfigError, match="unknown model field 'n_layers'; did you mean 'n_layer'"):
+        TrainConfig(model={"n_layers": 2})
+    with pytest.raises(ConfigError, match="unknown train preset 'smok'; did you mean 'smoke'"):
+        preset("smok")
+
+
+def test_batch_size_must_divide():
+    assert TrainConfig(batch_size=12, micro_batch_size=3).grad_accum_steps(2) == 2
+    with pytest.raises(ConfigError, match=r"batch_size=12 is not divisible by micro_batch_size \(5\) x world_size \(2\)"):
+        TrainConfig(batch_size=12, micro_batch_size=5).grad_accum_steps(2)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd"])
+def test_schedules(schedule):
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule=schedule, decay_fraction=0.5)
+    lrs = [lr_at(cfg, s) for s in range(cfg.max_steps + 1)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # linear warmup
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # never increases after warmup
+    end = {"constant": 1.0}.get(schedule, 0.1)
+    assert lrs[-1] == pytest.approx(end)
+    if schedule == "cosine":
+        assert lrs[60] == pytest.approx(0.1 + 0.5 * 0.9 * (1 + math.cos(math.pi * 0.5)))
+    if schedule == "wsd":
+        assert lrs[55] == 1.0 and lrs[56] < 1.0  # stable until the last half, then linear decay
+    if schedule == "linear":
+        assert lrs[60] == pytest.approx(0.55)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings(tmp_path):
+    t = make_trainer(tmp_path, model=tiny_model())
+    decayed = {n for n, d in zip(t.optimizer.names, t.optimizer.decay) if d}
+    assert "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.proj.weight" in decayed
+    assert not decayed & {"wte.weight", "wpe.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm_f.weight"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "{tmp}/missing.txt"], "data path '{tmp}/missing.txt' does not exist"),
+    (["--data", "{tmp}/empty.txt"], "data file '{tmp}/empty.txt' is empty"),
+    (["--data", "{tmp}/nothing"], "data folder '{tmp}/nothing' has no text files"),
+    (["--lr_max", "1"], "unknown config key 'lr_max'; did you mean 'lr'?"),
+    (["--preset", "smoke", "--batch_size", "7", "--micro_batch_size", "2"], "TrainConfig: batch_size=7 is not divisible"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "nothing").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args] + ["--out_dir", str(tmp_path / "run"), "--progress", "false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm train: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
+
+
+def test_cli_checkpoint_of_another_shape_is_one_line(tmp_path, capsys):
+    base = ["--preset", "smoke", "--out_dir", str(tmp_path), "--max_steps", "2", "--progress", "false",
+            "--eval_every", "0"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base + ["--max_steps", "4", "--model.d_model", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "is for a different model shape" in err and err.count("\n") == 1
