@@ -19,6 +19,7 @@ import ast
 import functools
 import inspect
 import io
+import os
 import sys
 import sysconfig
 import tokenize
@@ -36,21 +37,15 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _is_test_path(rel: Path) -> bool:
-    return any(part in _TEST_DIRS for part in rel.parts[:-1])
-
-
 def stdlib_source_files(include_tests: bool = False) -> list[Path]:
     """Relative paths of the stdlib's ``.py`` files, sorted (deterministic)."""
     root = stdlib_root()
+    skip = _SKIP_DIRS if include_tests else _SKIP_DIRS | _TEST_DIRS
     found = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if _SKIP_DIRS.intersection(rel.parts[:-1]) or not path.is_file():
-            continue
-        if not include_tests and _is_test_path(rel):
-            continue
-        found.append(rel)
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]  # prune site-packages (and tests) before descending
+        rel = Path(dirpath).relative_to(root)
+        found.extend(rel / f for f in files if f.endswith(".py"))
     return sorted(found, key=lambda p: p.as_posix())
 
 

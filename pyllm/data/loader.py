@@ -1,0 +1,108 @@
+"""ShardLoader: a streaming, deterministic, resumable batch source over a pyllm shard directory.
+
+Each shard of the chosen split is cut into windows of ``seq_len + 1`` tokens at stride ``seq_len``
+(inputs are the first ``seq_len``, targets the last ``seq_len``); windows never cross shards. An epoch
+is a permutation of all windows drawn from ``(seed, epoch)``; rank ``r`` of ``world_size`` takes every
+``world_size``-th window of it (truncated so every rank gets the same count and the ranks stay in
+step), ``batch_size`` at a time. The state is just (epoch, step), so ``load_state_dict`` resumes at the
+exact next batch. Shards are memory-mapped: nothing is read before it is needed.
+
+``doc_ids`` (B, T) numbers the documents inside each row (from the ``.idx`` offsets) so attention can
+stay within a document (``Transformer(doc_ids=...)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .shards import read_manifest
+
+
+class ShardLoader:
+    def __init__(self, shard_dir: str | Path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, split: str = "train"):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"ShardLoader: seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardLoader: rank={rank} must be in [0, world_size={world_size})")
+        if split not in ("train", "val"):
+            raise ValueError(f"ShardLoader: split={split!r}; use 'train' or 'val'")
+        self.dir = Path(shard_dir)
+        self.manifest = read_manifest(self.dir)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size, self.split = rank, world_size, split
+        self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
+        self.shards = [e for e in self.manifest["shards"] if e.get("split", "train") == split]
+        windows = [max(0, (e["tokens"] - 1) // seq_len) for e in self.shards]
+        self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
+        self.num_windows = int(self._first_window[-1])
+        self.steps_per_epoch = self.num_windows // world_size // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.dir}: split {split!r} has {self.num_windows} window(s) of {seq_len + 1} "
+                             f"tokens, fewer than batch_size * world_size = {batch_size * world_size}; "
+                             "lower seq_len/batch_size or add data")
+        self._tokens: dict[int, np.ndarray] = {}
+        self._starts: dict[int, np.ndarray] = {}
+        self.epoch, self.step = 0, 0
+        self._order_epoch, self._order = -1, None
+
+    # -- data access ----------------------------------------------------------------------------------
+    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._tokens:
+            entry = self.shards[i]
+            index_file = entry.get("index_file", entry["file"].replace(".bin", ".idx"))
+            self._tokens[i] = np.memmap(self.dir / entry["file"], dtype=self.dtype, mode="r")
+            self._starts[i] = np.fromfile(self.dir / index_file, dtype="<u8").astype(np.int64)
+        return self._tokens[i], self._starts[i]
+
+    def _rank_order(self) -> np.ndarray:
+        """This rank's window ids for the current epoch (cached per epoch)."""
+        if self._order_epoch != self.epoch:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+            per_rank = self.num_windows // self.world_size
+            self._order = perm[self.rank::self.world_size][:per_rank]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(seq_len + 1,) tokens of window ``w`` and the (seq_len,) document number of each input token."""
+        shard = int(np.searchsorted(self._first_window, w, side="right") - 1)
+        tokens, starts = self._shard(shard)
+        offset = (w - int(self._first_window[shard])) * self.seq_len
+        chunk = np.asarray(tokens[offset:offset + self.seq_len + 1], dtype=np.int64)
+        doc = np.searchsorted(starts, np.arange(offset, offset + self.seq_len), side="right") - 1
+        return chunk, doc - doc[0]
+
+    # -- batch source protocol (pyllm.train.Trainer) ----------------------------------------------------
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        ids = self._rank_order()[self.step * self.batch_size:(self.step + 1) * self.batch_size]
+        chunks, docs = zip(*(self._window(int(w)) for w in ids))
+        block = torch.from_numpy(np.stack(chunks))  # (B, T + 1)
+        self.step += 1
+        return {"input_ids": block[:, :-1].contiguous(), "targets": block[:, 1:].contiguous(),
+                "doc_ids": torch.from_numpy(np.stack(docs))}
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "split": self.split, "seq_len": self.seq_len,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "split", "seq_len", "batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"ShardLoader state has {key}={state[key]!r} but this loader has "
+                                 f"{getattr(self, key)!r}; resume with the same settings")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.batch_size * self.world_size * self.seq_len

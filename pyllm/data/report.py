@@ -1,0 +1,108 @@
+"""The data report: one Markdown page with tables and PNG plots (matplotlib, Agg backend, no display).
+
+Sections: throughput, documents per stage with every drop reason, cleaning repairs, input issues (file
+and line), PII counts per type, duplicate cluster sizes, classifier accuracy and score histogram,
+length histograms before and after, tokens per shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plots(stats: dict, out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cur, pack = stats["curate"], stats["pack"]
+    made = {}
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        made[name] = name
+
+    edges = np.array(cur["length_histogram"]["edges"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    centers = np.sqrt(edges[:-1] * edges[1:])
+    ax.step(centers, cur["length_histogram"]["in"], where="mid", label="read")
+    ax.step(centers, cur["length_histogram"]["out"], where="mid", label="kept")
+    ax.set(xscale="log", xlabel="document length (characters)", ylabel="documents", title="Document lengths")
+    ax.legend()
+    save(fig, "lengths.png")
+
+    reasons = [(f"{stage}: {r}", n) for stage, c in cur["dropped"].items() for r, n in c.items()]
+    if reasons:
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(reasons) + 1.2))
+        ax.barh([r for r, _ in reasons], [n for _, n in reasons])
+        ax.invert_yaxis()
+        ax.set(xlabel="documents dropped", title="Drops per rule")
+        save(fig, "drops.png")
+
+    if cur["duplicate_cluster_sizes"]:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        sizes = np.array(cur["duplicate_cluster_sizes"])
+        ax.hist(sizes, bins=np.arange(2, sizes.max() + 2) - 0.5)
+        ax.set(xlabel="documents in cluster", ylabel="clusters", title="Duplicate cluster sizes")
+        save(fig, "clusters.png")
+
+    if cur["pii"]:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar(list(cur["pii"]), list(cur["pii"].values()))
+        ax.set(ylabel="redactions", title="PII redactions per type")
+        ax.tick_params(axis="x", rotation=45)
+        save(fig, "pii.png")
+
+    if pack["tokens_per_shard"]:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        colors = ["C0" if s == "train" else "C1" for s in pack["shard_splits"]]
+        ax.bar(range(len(pack["tokens_per_shard"])), pack["tokens_per_shard"], color=colors)
+        ax.set(xlabel="shard (blue train, orange val)", ylabel="tokens", title="Tokens per shard")
+        save(fig, "shards.png")
+    return made
+
+
+def write_report(stats: dict, out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.md`` and its plots; returns the path of the Markdown file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(stats, out)
+    cur, pack = stats["curate"], stats["pack"]
+    lines = ["# Data report", ""]
+    lines += [f"Engine `{stats['engine']}` with {stats['workers']} worker(s)"
+              + (f"; reused cached stages: {', '.join(stats['cached'])}" if stats["cached"] else "") + ".", ""]
+    lines += ["## Throughput", "", "| stage | seconds | rate |", "|---|---|---|",
+              f"| curate | {cur['seconds']:.1f} | {cur['docs_per_s']:.1f} docs/s, {cur['mb_per_s']:.2f} MB/s |",
+              f"| pack | {pack['seconds']:.1f} | {pack['tokens_per_s']:.0f} tokens/s, {pack['mb_per_s']:.2f} MB/s |", ""]
+    lines += ["## Documents", "", "| | documents | MB |", "|---|---|---|",
+              f"| read | {cur['documents_in']} | {cur['bytes_in'] / 1e6:.2f} |",
+              f"| kept | {cur['documents_out']} | {cur['bytes_out'] / 1e6:.2f} |", ""]
+    lines += ["### Dropped, by stage and rule", "", "| stage | rule | documents |", "|---|---|---|"]
+    lines += [f"| {stage} | {rule} | {n} |" for stage, c in cur["dropped"].items() for rule, n in c.items()]
+    lines += ["", f"Near-duplicate threshold (estimated Jaccard, (1/bands)^(1/rows)): {cur['dedup_threshold']:.3f}.",
+              f"Clusters with duplicates: {len(cur['duplicate_cluster_sizes'])}, largest "
+              f"{max(cur['duplicate_cluster_sizes'], default=0)}.", ""]
+    if cur["classifier"]:
+        lines += [f"Classifier: {cur['classifier']}; score histogram (20 bins over [0, 1]): "
+                  f"{cur['classifier_score_histogram']}.", ""]
+    lines += ["### Cleaning repairs", ""] + [f"- {k}: {v}" for k, v in cur["cleaning"].items()] + [""]
+    lines += ["## PII redactions", "", "| type | count |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in cur["pii"].items()] + [""]
+    issues = cur["issues"]
+    lines += ["## Input issues", "", "| kind | count |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in issues["counts"].items()] + [""]
+    for ex in issues["examples"][:50]:
+        where = ex["file"] if ex["line"] is None else f"{ex['file']}:{ex['line']}"
+        lines.append(f"- `{where}` {ex['kind']}: {ex['message']}")
+    lines += ["", "## Shards", "", "| split | shards | documents | tokens |", "|---|---|---|---|"]
+    lines += [f"| {s} | {t['shards']} | {t['documents']} | {t['tokens']} |" for s, t in pack["totals"].items()]
+    lines += ["", f"Bytes per token: {pack['bytes_per_token']:.2f}.", ""]
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

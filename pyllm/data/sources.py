@@ -1,0 +1,283 @@
+"""Sources: turn files and folders into a stream of ``Document``s, logging every problem, never crashing.
+
+Formats, chosen by file name (a trailing ``.gz`` is decompressed transparently):
+
+==========================  ===============================================================
+``.jsonl`` ``.ndjson``      one JSON object per line; the text is the field ``text_field``
+``.parquet``                one document per row of column ``text_field`` (needs pyarrow)
+``.html`` ``.htm``          main text extracted with trafilatura (needs trafilatura)
+``.warc`` ``.warc.gz``      HTML responses extracted with trafilatura (needs warcio + trafilatura)
+anything else               one plain-text document per file
+==========================  ===============================================================
+
+Folders are walked recursively in sorted order (hidden entries skipped), so a run is deterministic.
+Corrupt input is logged in an ``IssueLog`` with file and line and the rest of the input is kept:
+invalid UTF-8 is replaced (the count of replaced bytes travels in ``doc.meta["invalid_bytes"]``; the
+cleaning stage repairs or drops), a truncated gzip keeps what was read before the cut, a malformed JSONL
+line loses only that line, an empty file is noted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .document import Document
+
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+HTML_SUFFIXES = {".html", ".htm"}
+WARC_SUFFIXES = {".warc"}
+PARQUET_SUFFIXES = {".parquet"}
+
+
+@dataclass
+class Issue:
+    """One problem found in the input: where (file, 1-based line or record, or None) and what."""
+
+    file: str
+    line: int | None
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.kind}: {self.message}"
+
+
+class IssueLog:
+    """Counts every issue by kind and keeps the first ``keep`` in full, so memory stays bounded."""
+
+    def __init__(self, keep: int = 1000):
+        self.keep = keep
+        self.counts: Counter = Counter()
+        self.examples: list[Issue] = []
+
+    def add(self, file, line: int | None, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(Issue(str(file), line, kind, message))
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(sorted(self.counts.items())),
+                "examples": [vars(i) for i in self.examples]}
+
+
+def missing_dependency(package: str, purpose: str) -> ImportError:
+    return ImportError(f"{purpose} needs the optional package {package!r}: "
+                       f"pip install {package} (or pip install 'pyllm[data]')")
+
+
+def decode_utf8(raw: bytes, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
+    """Decode ``raw`` as UTF-8; invalid bytes become U+FFFD and are counted and logged (first position)."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace")
+        # U+FFFD that were already in the input (valid EF BF BD) are not repairs
+        bad = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        where = line if line is not None else raw[:e.start].count(b"\n") + 1
+        issues.add(file, where, "invalid_utf8", f"{bad} invalid byte sequence(s) replaced (first at byte {e.start})")
+        return text, bad
+
+
+def _suffixes(path: Path) -> tuple[str, bool]:
+    """(format suffix, gzipped?) of a file name, e.g. data.jsonl.gz -> (".jsonl", True)."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    return os.path.splitext(name)[1], gz
+
+
+def list_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, sorted, hidden entries skipped) into a list of files."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {str(path)!r} does not exist (give a file or a folder)")
+    return files
+
+
+def _read_lines(path: Path, gz: bool, issues: IssueLog) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line) of a possibly gzipped file; a truncated gzip ends the stream
+    with an issue at the line where it broke off (the partial last line is not yielded)."""
+    opener = gzip.open if gz else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        issues.add(path, lineno + 1, "truncated_or_corrupt_gzip" if gz else "read_error",
+                   f"stopped reading after {lineno} complete line(s): {e}")
+
+
+def _read_bytes(path: Path, gz: bool, issues: IssueLog) -> bytes:
+    if not gz:
+        return path.read_bytes()
+    out = io.BytesIO()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out.write(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        data = out.getvalue()
+        issues.add(path, data.count(b"\n") + 1, "truncated_or_corrupt_gzip",
+                   f"kept the {len(data)} byte(s) read before the error: {e}")
+    return out.getvalue()
+
+
+def read_text_file(path: Path, gz: bool, issues: IssueLog) -> Iterator[Document]:
+    raw = _read_bytes(path, gz, issues)
+    if not raw.strip():
+        issues.add(path, None, "empty_file", "no text")
+        return
+    if b"\x00" in raw[:8192]:
+        issues.add(path, None, "binary_file", "contains NUL bytes; skipped")
+        return
+    text, bad = decode_utf8(raw, path, None, issues)
+    yield Document(id=str(path), text=text, source=str(path), meta={"invalid_bytes": bad})
+
+
+def read_jsonl(path: Path, gz: bool, text_field: str, issues: IssueLog) -> Iterator[Document]:
+    seen_any = False
+    cuts_before = issues.counts["truncated_or_corrupt_gzip"]
+    for lineno, raw in _read_lines(path, gz, issues):
+        if not raw.strip():
+            continue
+        seen_any = True
+        line, bad = decode_utf8(raw, path, lineno, issues)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            issues.add(path, lineno, "malformed_json", f"{e.msg} at column {e.colno}")
+            continue
+        if not isinstance(record, dict):
+            issues.add(path, lineno, "malformed_json", f"expected an object, got {type(record).__name__}")
+            continue
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            got = "missing" if text_field not in record else type(text).__name__
+            issues.add(path, lineno, "missing_text_field", f"field {text_field!r} is {got}")
+            continue
+        meta = {k: v for k, v in record.items() if k != text_field and isinstance(v, (str, int, float))}
+        meta["invalid_bytes"] = bad
+        yield Document(id=f"{path}:{lineno}", text=text, source=str(path), meta=meta)
+    if not seen_any and issues.counts["truncated_or_corrupt_gzip"] == cuts_before:
+        issues.add(path, None, "empty_file", "no JSON lines")
+
+
+def read_parquet(path: Path, text_field: str, issues: IssueLog) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise missing_dependency("pyarrow", f"reading Parquet ({path})") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        issues.add(path, None, "corrupt_parquet", str(e).splitlines()[0])
+        return
+    if text_field not in pf.schema_arrow.names:
+        issues.add(path, None, "missing_text_field",
+                   f"no column {text_field!r} (columns: {pf.schema_arrow.names})")
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                issues.add(path, row, "missing_text_field", f"row {row}: {text_field!r} is {type(text).__name__}")
+                continue
+            yield Document(id=f"{path}#{row}", text=text, source=str(path), meta={"invalid_bytes": 0})
+    if row == 0:
+        issues.add(path, None, "empty_file", "no rows")
+
+
+def _extract_html(html: str, where: str) -> str | None:
+    try:
+        import trafilatura
+    except ImportError:
+        raise missing_dependency("trafilatura", f"extracting text from HTML ({where})") from None
+    return trafilatura.extract(html, include_comments=False, include_tables=True, deduplicate=False)
+
+
+def read_html(path: Path, gz: bool, issues: IssueLog) -> Iterator[Document]:
+    raw = _read_bytes(path, gz, issues)
+    if not raw.strip():
+        issues.add(path, None, "empty_file", "no HTML")
+        return
+    html, bad = decode_utf8(raw, path, None, issues)
+    text = _extract_html(html, str(path))
+    if not text:
+        issues.add(path, None, "no_main_text", "the extractor found no main text")
+        return
+    yield Document(id=str(path), text=text, source=str(path), meta={"invalid_bytes": bad})
+
+
+def read_warc(path: Path, issues: IssueLog) -> Iterator[Document]:
+    try:
+        from warcio.archiveiterator import ArchiveIterator
+        from warcio.exceptions import ArchiveLoadFailed
+    except ImportError:
+        raise missing_dependency("warcio", f"reading WARC ({path})") from None
+    record_no = 0
+    cuts_before = issues.counts["corrupt_warc"]
+    try:
+        with open(path, "rb") as f:
+            for record in ArchiveIterator(f):
+                record_no += 1
+                if record.rec_type != "response":
+                    continue
+                ctype = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+                if "html" not in ctype.lower():
+                    continue
+                url = record.rec_headers.get_header("WARC-Target-URI") or ""
+                html, bad = decode_utf8(record.content_stream().read(), path, record_no, issues)
+                text = _extract_html(html, f"{path} record {record_no}")
+                if not text:
+                    issues.add(path, record_no, "no_main_text", f"{url}: the extractor found no main text")
+                    continue
+                yield Document(id=f"{path}:{record_no}", text=text, source=str(path),
+                               meta={"url": url, "invalid_bytes": bad})
+    except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as e:
+        issues.add(path, record_no + 1, "corrupt_warc", f"stopped after {record_no} record(s): {e}")
+    if record_no == 0 and issues.counts["corrupt_warc"] == cuts_before:
+        issues.add(path, None, "empty_file", "no WARC records")
+
+
+def read_file(path: Path, text_field: str, issues: IssueLog) -> Iterator[Document]:
+    """Documents of one file, the reader chosen by its name."""
+    if path.stat().st_size == 0:
+        issues.add(path, None, "empty_file", "0 bytes")
+        return
+    suffix, gz = _suffixes(path)
+    if suffix in JSONL_SUFFIXES:
+        yield from read_jsonl(path, gz, text_field, issues)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from read_parquet(path, text_field, issues)
+    elif suffix in WARC_SUFFIXES:
+        yield from read_warc(path, issues)
+    elif suffix in HTML_SUFFIXES:
+        yield from read_html(path, gz, issues)
+    else:
+        yield from read_text_file(path, gz, issues)
+
+
+def iter_documents(inputs: Iterable[str | os.PathLike], text_field: str, issues: IssueLog) -> Iterator[Document]:
+    """Stream the documents of every input file and folder, in a deterministic order."""
+    for path in list_files(inputs):
+        yield from read_file(path, text_field, issues)
