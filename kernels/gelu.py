@@ -42,6 +42,16 @@ def _tanh(u):
     return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
+@triton.jit
+def gelu_value(x, EXACT: tl.constexpr):
+    """GELU of fp32 x (also the epilogue of kernels/matmul.py)."""
+    if EXACT:
+        y = 0.5 * x * (1.0 + tl.erf(x * _INV_SQRT_2))
+    else:
+        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    return y
+
+
 @triton.autotune(configs=_CONFIGS, key=["N", "HAS_BIAS", "EXACT"])
 @triton.jit
 def _gelu_fwd_kernel(X, B, Y, stride_x, stride_y, N,
@@ -52,10 +62,7 @@ def _gelu_fwd_kernel(X, B, Y, stride_x, stride_y, N,
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    if EXACT:
-        y = 0.5 * x * (1.0 + tl.erf(x * _INV_SQRT_2))
-    else:
-        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
+    y = gelu_value(x, EXACT)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 

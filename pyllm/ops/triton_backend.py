@@ -16,6 +16,7 @@ from pyllm.kernels import adamw as adamw_kernel
 from pyllm.kernels import attention as attention_kernel
 from pyllm.kernels import cross_entropy as ce_kernel
 from pyllm.kernels import gelu, launch, layernorm, loss_scale
+from pyllm.kernels import matmul as matmul_kernel
 from pyllm.kernels import rope as rope_kernel
 from pyllm.kernels import softmax as softmax_kernel
 
@@ -102,3 +103,15 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
 def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None):
     _require(launch.runnable_reason(q, k, v, doc_ids) or attention_kernel.unsupported_reason(q, k, v, doc_ids))
     return attention_kernel.attention(q, k, v, causal, softmax_scale, doc_ids, window)
+
+
+@register("matmul", "triton")
+def matmul(a, b):
+    _require(launch.runnable_reason(a, b) or matmul_kernel.unsupported_reason(a, b))
+    return matmul_kernel.matmul(a, b)
+
+
+@register("linear", "triton")
+def linear(x, weight, bias=None, *, activation=None):
+    _require(launch.runnable_reason(x, weight, bias) or matmul_kernel.unsupported_reason(x, weight, bias))
+    return matmul_kernel.linear(x, weight, bias, activation)
