@@ -29,7 +29,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     softmax(logits / temperature), before top-k/top-p truncation: what a policy-gradient method
     (PPO, GRPO) recomputes for the same token in its training forward.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for fp64 models
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
@@ -41,8 +41,8 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         masked = masked.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         probs, order = torch.softmax(masked, dim=-1).sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop_sorted = probs.cumsum(dim=-1) - probs > top_p
+        # drop a token when the tokens ranked above it already hold at least top_p of the mass
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         masked = masked.masked_fill(drop, float("-inf"))
     tokens = torch.multinomial(torch.softmax(masked, dim=-1), 1, generator=generator).squeeze(1)
