@@ -1,0 +1,31 @@
+"""pyllm plan: Chinchilla sizing (20 tokens/param, C = 6 N D) and the time/energy arithmetic."""
+
+import math
+
+import pytest
+
+from pyllm.train.plan import PlanError, main, make_plan, parse_count
+
+
+def test_params_budget_sizes_gpt2_small():
+    p = make_plan(params=124e6, device="h100", gpus=8, mfu=0.5, price=2.0, power_w=700)
+    assert p.tokens == 20 * 124e6 and p.flops == pytest.approx(6 * 124e6 * 20 * 124e6)
+    assert (p.model["n_layer"], p.model["d_model"], p.model["n_head"]) == (12, 768, 12)  # GPT-2 small
+    assert p.hours == pytest.approx(p.flops / (8 * 989e12 * 0.5) / 3600)
+    assert p.energy_kwh == pytest.approx(8 * 0.7 * p.hours) and p.cost_usd == pytest.approx(8 * 2.0 * p.hours)
+
+
+def test_compute_and_time_budgets_are_compute_optimal():
+    p = make_plan(flops=1e21, device="a100")
+    assert p.tokens / p.params == pytest.approx(20) and 6 * p.params * p.tokens == pytest.approx(1e21)
+    q = make_plan(hours=10, device="a100", gpus=4, mfu=0.4)
+    assert q.hours == pytest.approx(10) and q.flops == pytest.approx(10 * 3600 * 4 * 312e12 * 0.4)
+    assert abs(math.log(q.model["params"] / q.params)) < 0.2
+
+
+def test_bad_plans(capsys):
+    assert parse_count("1.5B") == 1.5e9
+    with pytest.raises(PlanError, match="exactly one of"):
+        make_plan(params=1e6, tokens=1e9)
+    assert main(["--params", "10M", "--device", "tpu9"]) == 2
+    assert capsys.readouterr().err.startswith("pyllm plan: error: unknown device 'tpu9'")
