@@ -70,11 +70,13 @@ def run_tasks(model, tokenizer, tasks: Sequence[str | Task], *, limit: int | Non
 
 
 def make_eval_fn(tokenizer, *, texts: Sequence[str] | None = None, tasks: Sequence[str | Task] = (),
-                 limit: int | None = None, batch_size: int = 16, distributed: bool = False,
+                 limit: int | None = None, batch_size: int = 16, distributed: bool = True,
                  ) -> Callable[[torch.nn.Module], dict[str, float]]:
     """An ``eval_fn(model) -> {name: float}`` for the Trainer: perplexity metrics of held-out ``texts``
     (keys "val/bits_per_byte", ...) and each task's metrics (keys "<task>/<metric>"). Tasks are loaded
-    once, here. ``distributed=True`` needs every rank to call eval_fn (it all-reduces)."""
+    once, here. With ``distributed`` (the default) and an initialised process group, the items are
+    sharded over the ranks and the sums all-reduced: the Trainer calls eval_fn on every rank, as this
+    requires. Without a process group it evaluates everything in-process."""
     if texts is None and not tasks:
         raise ValueError("make_eval_fn: give held-out texts, tasks, or both")
     resolved = [resolve_task(t, limit) for t in tasks]

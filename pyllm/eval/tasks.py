@@ -157,8 +157,9 @@ def make_item(cfg: TaskConfig, doc: dict, where: str) -> Item:
         choices = _field(doc, cfg.choices, where, list)
         if not choices:
             raise TaskError(f"{where}: field '{cfg.choices}' is an empty list of choices")
-        if not all(isinstance(c, str) for c in choices):
-            raise TaskError(f"{where}: field '{cfg.choices}' must hold strings")
+        if not all(isinstance(c, str) and c for c in choices):
+            raise TaskError(f"{where}: field '{cfg.choices}' must hold non-empty strings (acc_norm divides by "
+                            f"their length), got {choices}")
         gold = _field(doc, cfg.answer, where, int)
         if isinstance(gold, bool) or not 0 <= gold < len(choices):
             raise TaskError(f"{where}: answer index {cfg.answer}={gold} is out of range for {len(choices)} choices")

@@ -34,6 +34,7 @@ def test_load_task_renders_items(tmp_path):
     ({"q": "x", "opts": [], "label": 0}, r"items.jsonl:3: field 'opts' is an empty list of choices"),
     ({"opts": ["a"], "label": 0}, r"items.jsonl:3: template refers to a missing field \('q' is undefined\)"),
     ({"q": "x", "opts": "ab", "label": 0}, r"items.jsonl:3: field 'opts' must be list"),
+    ({"q": "x", "opts": ["a", ""], "label": 0}, r"items.jsonl:3: field 'opts' must hold non-empty strings"),
 ])
 def test_bad_item_names_file_and_line(tmp_path, bad, match):
     path = write_task(tmp_path, [GOOD[0], GOOD[1], bad])

@@ -1,0 +1,92 @@
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pyllm.eval import make_eval_fn, perplexity, run_tasks
+from pyllm.eval.cli import main as eval_main
+from pyllm.model import save_model
+from pyllm.tokenizer import ByteTokenizer
+
+from .conftest import tiny_model
+
+ITEMS = [{"q": f"item {i}", "opts": ["yes", "no", "maybe " * (1 + i % 3)], "label": i % 3} for i in range(7)]
+TEXTS = ["first held-out text " * 5, "second one", "third, the last\n" * 3]
+
+
+def write_task(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(i) + "\n" for i in ITEMS))
+    (tmp_path / "t.yaml").write_text('name: quiz\nkind: multiple_choice\ndata: d.jsonl\ntemplate: "{{q}}?"\n'
+                                     'choices: opts\nanswer: label\n')
+    return str(tmp_path / "t.yaml")
+
+
+class Wrapper(torch.nn.Module):
+    """Like post-training's model-with-heads or DDP: holds the Transformer as an attribute."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+
+def test_make_eval_fn_for_the_trainer(tmp_path, tok):
+    model = tiny_model(tok.vocab_size).train()
+    eval_fn = make_eval_fn(tok, texts=TEXTS, tasks=[write_task(tmp_path)])
+    out = eval_fn(Wrapper(model))
+    assert model.training  # mode restored
+    ppl = perplexity(model, tok, TEXTS)
+    assert out["val/bits_per_byte"] == pytest.approx(ppl["bits_per_byte"])
+    assert set(out) == {"val/bits_per_byte", "val/token_perplexity", "val/nll_per_token",
+                        "quiz/acc", "quiz/acc_norm", "quiz/acc_bytes"}
+    assert all(isinstance(v, float) for v in out.values())
+    with pytest.raises(ValueError, match="give held-out texts, tasks, or both"):
+        make_eval_fn(tok)
+
+
+def test_cli_writes_json_and_markdown(tmp_path, tok, capsys):
+    model = tiny_model(tok.vocab_size)
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    (tmp_path / "held.txt").write_text(TEXTS[0])
+    task = write_task(tmp_path)
+    rc = eval_main(["--model", str(tmp_path / "m"), "--tasks", task, "--text", str(tmp_path / "held.txt"),
+                    "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["results"]["quiz"] == run_tasks(model, tok, [task])["quiz"]
+    assert res["results"]["text:held.txt"]["bits_per_byte"] == pytest.approx(perplexity(model, tok, [TEXTS[0]])["bits_per_byte"])
+    md = (tmp_path / "r.md").read_text()
+    assert "| quiz | acc_norm |" in md and "| text:held.txt | bits_per_byte |" in md
+    assert "| quiz | acc |" in capsys.readouterr().out
+    # bad input: one line naming the problem, exit code 2
+    rc = eval_main(["--model", str(tmp_path / "m"), "--tasks", "nonsense", "--out", str(tmp_path / "x.json")])
+    assert rc == 2 and "task 'nonsense' is neither a built-in task" in capsys.readouterr().err
+
+
+def _worker(rank, world_size, store, task, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        tok = ByteTokenizer()
+        model = tiny_model(tok.vocab_size)
+        res = run_tasks(model, tok, [task], distributed=True)
+        res["ppl"] = make_eval_fn(tok, texts=TEXTS)(model)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_evaluation_equals_single_process(tmp_path, tok):
+    task = write_task(tmp_path)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), task, tmp_path), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = tiny_model(tok.vocab_size)
+    single = run_tasks(model, tok, [task])
+    single["ppl"] = make_eval_fn(tok, texts=TEXTS)(model)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["quiz"]["n"] == 7  # 4 items on rank 0, 3 on rank 1, summed
+        assert got["quiz"] == pytest.approx(single["quiz"])
+        assert got["ppl"] == pytest.approx(single["ppl"], rel=1e-6)
