@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch
+from . import launch, matmul
 
 
 @triton.jit
@@ -107,11 +107,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def cross_entropy_fwd(x2, target, ignore_index: int, label_smoothing: float, z_loss: float):
-    """x2 (M, V), target (M,) -> (loss per row (M,) fp32, lse (M,) fp32)."""
+def cross_entropy_fwd(x2, target, ignore_index: int, label_smoothing: float, z_loss: float, loss=None, lse=None):
+    """x2 (M, V), target (M,) -> (loss per row (M,) fp32, lse (M,) fp32), optionally into given buffers."""
     M, V = x2.shape
-    loss = torch.empty(M, device=x2.device, dtype=torch.float32)
-    lse = torch.empty(M, device=x2.device, dtype=torch.float32)
+    loss = loss if loss is not None else torch.empty(M, device=x2.device, dtype=torch.float32)
+    lse = lse if lse is not None else torch.empty(M, device=x2.device, dtype=torch.float32)
     BLOCK_V, warps = _block_v(V)
     if M:
         _cross_entropy_fwd_kernel[(M,)](x2, target, loss, lse, x2.stride(0), V, ignore_index, label_smoothing,
@@ -186,3 +186,105 @@ def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss
     t = target.reshape(-1)
     loss_rows, _ = _ce_op(x2, t, ignore_index, float(label_smoothing), float(z_loss))
     return _reduce(loss_rows, t, ignore_index, reduction)
+
+
+# ------------------------------------------------------------------------------ linear + cross-entropy
+
+
+def _chunk_rows(M: int, V: int, H: int) -> int:
+    """Rows per chunk: a chunk's logits (C, V) about the size of the hidden states (M, H)."""
+    return max(1, min(M, triton.next_power_of_2(triton.cdiv(M, triton.cdiv(V, H)))))
+
+
+def _linear_ce_pass(h2, weight, target, bias, ignore_index, label_smoothing, z_loss, g_rows):
+    """One sweep over row chunks. Returns (loss per row (M,) fp32, dh, dW fp32, db fp32); the gradients
+    (for per-row upstream gradients ``g_rows``) only when g_rows is given, else empty tensors."""
+    M, H = h2.shape
+    V = weight.shape[0]
+    loss = torch.empty(M, device=h2.device, dtype=torch.float32)
+    lse = torch.empty(M, device=h2.device, dtype=torch.float32)
+    grads = g_rows is not None
+    dh = torch.empty_like(h2) if grads else h2.new_empty(0)  # (distinct empties: custom-op outputs never alias)
+    dw = torch.zeros((V, H), device=h2.device, dtype=torch.float32) if grads else h2.new_empty(0, dtype=torch.float32)
+    db = torch.zeros(V, device=h2.device, dtype=torch.float32) if grads and bias is not None else \
+        h2.new_empty(0, dtype=torch.float32)
+    C = _chunk_rows(M, V, H)
+    logits_buf = torch.empty((C, V), device=h2.device, dtype=h2.dtype)
+    for s in range(0, M, C):
+        e = min(M, s + C)
+        logits = logits_buf[: e - s]
+        matmul.matmul_into(logits, h2[s:e], weight.t(), bias)  # (C, H) @ (H, V) + b
+        cross_entropy_fwd(logits, target[s:e], ignore_index, label_smoothing, z_loss, loss[s:e], lse[s:e])
+        if grads:
+            # dlogits overwrite the logits in place; then dh = dlogits W, dW += dlogits^T h (fp32)
+            cross_entropy_bwd(logits, target[s:e], lse[s:e], g_rows[s:e], ignore_index, label_smoothing, z_loss,
+                              out=logits)
+            matmul.matmul_into(dh[s:e], logits, weight)
+            matmul.matmul_into(dw, logits.t(), h2[s:e], accumulate=True)
+            if bias is not None:
+                db += logits.sum(0, dtype=torch.float32)
+    return loss, dh, dw, db
+
+
+def _unit_grad_rows(target, ignore_index, reduction):
+    """d(reduced loss)/d(row loss) for a unit upstream gradient, on the device (no sync)."""
+    if reduction == "sum":
+        return torch.ones(target.shape[0], device=target.device, dtype=torch.float32)
+    valid = (target != ignore_index).float()
+    return valid / valid.sum().clamp(min=1)
+
+
+@torch.library.custom_op("pyllm::linear_cross_entropy_triton", mutates_args=())
+def _linear_ce_op(h2: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: Optional[torch.Tensor],
+                  ignore_index: int, label_smoothing: float, z_loss: float, reduction: str, need_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # "mean"/"sum" with gradients: computed now at unit scale, scaled by the upstream gradient later.
+    precompute = need_grad and reduction != "none"
+    g_rows = _unit_grad_rows(target, ignore_index, reduction) if precompute else None
+    loss, dh, dw, db = _linear_ce_pass(h2, weight, target, bias, ignore_index, label_smoothing, z_loss, g_rows)
+    return _reduce(loss, target, ignore_index, reduction), dh, dw, db
+
+
+@_linear_ce_op.register_fake
+def _(h2, weight, target, bias, ignore_index, label_smoothing, z_loss, reduction, need_grad):
+    M, H = h2.shape
+    V = weight.shape[0]
+    pre = need_grad and reduction != "none"
+    loss = h2.new_empty(M if reduction == "none" else (), dtype=torch.float32)
+    return (loss, h2.new_empty((M, H) if pre else 0), h2.new_empty((V, H) if pre else 0, dtype=torch.float32),
+            h2.new_empty(V if pre and bias is not None else 0, dtype=torch.float32))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    h2, weight, target, bias, ctx.ignore_index, ctx.label_smoothing, ctx.z_loss, ctx.reduction, _ = inputs
+    ctx.has_bias = bias is not None
+    _, dh, dw, db = output
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.save_for_backward(h2, weight, target, bias, dh, dw, db)
+
+
+def _linear_ce_backward(ctx, dloss, _ddh, _ddw, _ddb):
+    h2, weight, target, bias, dh, dw, db = ctx.saved_tensors
+    if ctx.reduction == "none":  # per-row upstream gradients: recompute the chunks with them
+        _, dh, dw, db = _linear_ce_pass(h2, weight, target, bias, ctx.ignore_index, ctx.label_smoothing,
+                                        ctx.z_loss, dloss.float().contiguous())
+        g = None
+    else:
+        g = dloss.float()
+    scale = (lambda t: t) if g is None else (lambda t: t * g)
+    dbias = scale(db).to(bias.dtype) if ctx.has_bias else None
+    return (scale(dh).to(h2.dtype), scale(dw).to(weight.dtype), None, dbias, None, None, None, None, None)
+
+
+_linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         reduction="mean"):
+    """cross_entropy(hidden @ weight^T + bias, target) without materialising the logits."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    loss, _, _, _ = _linear_ce_op(h2, weight, t, bias, ignore_index, float(label_smoothing), float(z_loss), reduction,
+                                  need_grad)
+    return loss

@@ -115,3 +115,12 @@ def matmul(a, b):
 def linear(x, weight, bias=None, *, activation=None):
     _require(launch.runnable_reason(x, weight, bias) or matmul_kernel.unsupported_reason(x, weight, bias))
     return matmul_kernel.linear(x, weight, bias, activation)
+
+
+@register("linear_cross_entropy", "triton")
+def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         reduction="mean"):
+    _require(launch.runnable_reason(hidden, weight, target, bias)
+             or ce_kernel.unsupported_reason(hidden) or matmul_kernel.unsupported_reason(weight, bias))
+    return ce_kernel.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
+                                          reduction)

@@ -53,3 +53,37 @@ def test_cross_entropy_3d_int32_targets():
 def test_cross_entropy_gpu(dtype, M, V):
     logits, target = _case(M, V, 17)
     check_op(_ce(label_smoothing=0.1, z_loss=1e-4), [logits, target], dtype)
+
+
+def _lce(**kw):
+    return lambda h, w, t, b, backend: ops.linear_cross_entropy(h, w, t, b, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("reduction,bias", [("mean", False), ("sum", True), ("none", True)])
+def test_linear_cross_entropy(dtype, reduction, bias):
+    """20 rows, V=71, H=16: 4-row chunks, so the weight gradient is summed over 5 chunks."""
+    h = torch.randn(4, 5, 16, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(71, 16, dtype=torch.float64, device=DEVICE) * 0.5
+    b = torch.randn(71, dtype=torch.float64, device=DEVICE) if bias else None
+    t = torch.randint(0, 71, (4, 5), device=DEVICE)
+    t[0, :3] = -100
+    check_op(_lce(reduction=reduction, label_smoothing=0.1, z_loss=1e-3), [h, w, t, b], dtype)
+
+
+def test_linear_cross_entropy_no_grad():
+    h, w = torch.randn(9, 16, device=DEVICE), torch.randn(33, 16, device=DEVICE)
+    t = torch.randint(0, 33, (9,), device=DEVICE)
+    with torch.no_grad():
+        got = ops.linear_cross_entropy(h, w, t, backend="triton")
+    torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, t, backend="torch"))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_gpu(dtype):
+    h = torch.randn(4096, 1024, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(128256, 1024, dtype=torch.float64, device=DEVICE) * 0.03
+    t = torch.randint(0, 128256, (4096,), device=DEVICE)
+    t[:100] = -100
+    check_op(_lce(), [h, w, t, None], dtype)
