@@ -141,6 +141,16 @@ def _read_bytes(path: Path, gz: bool, issues: IssueLog) -> bytes:
     return out.getvalue()
 
 
+def _gzip_complete(path: Path) -> bool:
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+        return True
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError):
+        return False
+
+
 def read_text_file(path: Path, gz: bool, issues: IssueLog) -> Iterator[Document]:
     raw = _read_bytes(path, gz, issues)
     if not raw.strip():
@@ -255,6 +265,11 @@ def read_warc(path: Path, issues: IssueLog) -> Iterator[Document]:
                                meta={"url": url, "invalid_bytes": bad})
     except (ArchiveLoadFailed, EOFError, zlib.error, OSError) as e:
         issues.add(path, record_no + 1, "corrupt_warc", f"stopped after {record_no} record(s): {e}")
+    else:
+        # warcio ends quietly at a truncated gzip member: check the stream ourselves
+        if path.name.lower().endswith(".gz") and not _gzip_complete(path):
+            issues.add(path, record_no + 1, "corrupt_warc",
+                       f"truncated gzip: stopped after {record_no} complete record(s)")
     if record_no == 0 and issues.counts["corrupt_warc"] == cuts_before:
         issues.add(path, None, "empty_file", "no WARC records")
 

@@ -1,0 +1,120 @@
+"""Sources: every format read; corrupt input logged with file and line, nothing else lost."""
+
+import gzip
+import json
+
+import pytest
+
+from pyllm.data.sources import IssueLog, iter_documents, list_files
+
+
+def _read(paths, text_field="text"):
+    issues = IssueLog()
+    docs = list(iter_documents(paths, text_field, issues))
+    return docs, issues
+
+
+def test_folder_walk_is_sorted_and_skips_hidden(tmp_path):
+    for name in ["b.txt", "a.txt", ".hidden.txt", "sub/c.txt"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(f"text of {name}")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_files([tmp_path])] == ["a.txt", "b.txt", "sub/c.txt"]
+    docs, issues = _read([tmp_path])
+    assert [d.text for d in docs] == ["text of a.txt", "text of b.txt", "text of sub/c.txt"]
+    assert not issues.counts
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        _read([tmp_path / "does-not-exist"])
+
+
+def test_jsonl_text_field_and_metadata(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "first", "url": "u1"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
+    docs, issues = _read([path], text_field="body")
+    assert [(d.id, d.text) for d in docs] == [(f"{path}:1", "first"), (f"{path}:3", "second")]
+    assert docs[0].meta["url"] == "u1" and not issues.counts
+
+
+def test_corrupt_inputs_are_counted_with_file_and_line(tmp_path):
+    good = [json.dumps({"text": f"document {i}"}) for i in range(5)]
+    # malformed lines (2 and 4), a record without the field (5), a non-object (6)
+    lines = [good[0], '{"text": "unterminated', good[1], "not json", '{"title": "x"}', "[1, 2]", good[2]]
+    (tmp_path / "a_bad.jsonl").write_text("\n".join(lines) + "\n")
+    # bad UTF-8 on line 2 of a text file: repaired and counted, the document kept
+    (tmp_path / "b_utf8.txt").write_bytes(b"fine line\ncaf\xe9 \xff broken\nlast line\n")
+    # a truncated gzip: the complete lines before the cut survive
+    blob = gzip.compress(("\n".join(good) + "\n").encode())
+    (tmp_path / "c_cut.jsonl.gz").write_bytes(blob[: len(blob) - 12])
+    (tmp_path / "d_empty.txt").write_bytes(b"")
+    (tmp_path / "e_empty.jsonl").write_text("\n\n")
+    docs, issues = _read([tmp_path])
+    by_kind = {}
+    for issue in issues.examples:
+        by_kind.setdefault(issue.kind, []).append((issue.file.rsplit("/", 1)[-1], issue.line))
+    assert by_kind["malformed_json"] == [("a_bad.jsonl", 2), ("a_bad.jsonl", 4), ("a_bad.jsonl", 6)]
+    assert by_kind["missing_text_field"] == [("a_bad.jsonl", 5)]
+    assert by_kind["invalid_utf8"] == [("b_utf8.txt", 2)]
+    assert by_kind["truncated_or_corrupt_gzip"][0][0] == "c_cut.jsonl.gz"
+    assert sorted(by_kind["empty_file"]) == [("d_empty.txt", None), ("e_empty.jsonl", None)]
+    texts = [d.text for d in docs]
+    # nothing else lost: the 3 good JSONL lines, the repaired text file, and the gzip lines before the cut
+    assert texts[:3] == ["document 0", "document 1", "document 2"]
+    utf8_doc = docs[3]
+    assert utf8_doc.meta["invalid_bytes"] == 2 and "last line" in utf8_doc.text
+    cut = [d.text for d in docs[4:]]
+    assert 1 <= len(cut) < 5 and cut == [f"document {i}" for i in range(len(cut))]
+    truncated = [i for i in issues.examples if i.kind == "truncated_or_corrupt_gzip"][0]
+    assert truncated.line == len(cut) + 1  # the line where reading broke off
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one", None, "three"], "n": [1, 2, 3]}), tmp_path / "t.parquet")
+    docs, issues = _read([tmp_path / "t.parquet"])
+    assert [d.text for d in docs] == ["one", "three"]
+    assert issues.counts["missing_text_field"] == 1 and issues.examples[0].line == 2
+
+
+HTML = ("<html><head><title>t</title></head><body><nav>Home | About | Contact</nav><article><h1>Heading</h1>"
+        "<p>The quick brown fox jumps over the lazy dog, and this paragraph is the main content of the page "
+        "that an extractor should keep because it is long enough to be an article body.</p>"
+        "<p>A second paragraph continues the article with more sentences about the fox and the dog.</p>"
+        "</article><footer>Copyright 2024</footer></body></html>")
+
+
+def test_html_main_text(tmp_path):
+    pytest.importorskip("trafilatura")
+    (tmp_path / "page.html").write_text(HTML)
+    docs, _ = _read([tmp_path / "page.html"])
+    assert len(docs) == 1 and "quick brown fox" in docs[0].text and "<p>" not in docs[0].text
+
+
+def test_warc(tmp_path):
+    pytest.importorskip("trafilatura")
+    warcio = pytest.importorskip("warcio")
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    path = tmp_path / "crawl.warc.gz"
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for i in range(2):
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.0")
+            rec = writer.create_warc_record(f"http://example.com/{i}", "response",
+                                            payload=BytesIO(HTML.replace("Heading", f"Page {i}").encode()),
+                                            http_headers=headers)
+            writer.write_record(rec)
+    docs, issues = _read([path])
+    assert warcio and len(docs) == 2 and all("quick brown fox" in d.text for d in docs)
+    assert [d.meta["url"] for d in docs] == ["http://example.com/0", "http://example.com/1"]
+    # a WARC cut mid-record: the first record survives, the cut is reported
+    blob = path.read_bytes()
+    (tmp_path / "cut.warc.gz").write_bytes(blob[: len(blob) * 3 // 4])
+    docs, issues = _read([tmp_path / "cut.warc.gz"])
+    assert len(docs) >= 1 and issues.counts["corrupt_warc"] == 1
