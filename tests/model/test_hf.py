@@ -1,0 +1,152 @@
+"""Hugging Face interop, both families: a small random transformers model saved with save_pretrained
+loads into pyllm with the same logits, and a pyllm model exported with save_hf loads back into
+transformers with the same logits. transformers is a test-only dependency."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pyllm.model import Transformer, load_hf, preset, save_hf
+from pyllm.model.hf import config_from_hf
+
+transformers = pytest.importorskip("transformers")
+
+V = 97
+
+
+def hf_gpt2(tie=True):
+    cfg = transformers.GPT2Config(vocab_size=V, n_layer=2, n_head=4, n_embd=32, n_positions=64,
+                                  activation_function="gelu_new", tie_word_embeddings=tie,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def hf_llama():
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                   max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6,
+                                   bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+MAKERS = {"gpt2": hf_gpt2, "gpt2_untied": lambda: hf_gpt2(tie=False), "llama_gqa_untied": hf_llama}
+
+
+def randomize(model):
+    """Large random weights (HF's init is near zero), so any mapping mistake moves the logits a lot."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def logits_of(model, idx):
+    with torch.no_grad():
+        out = model(idx)
+    return out.logits if hasattr(out, "logits") else out
+
+
+IDX = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", MAKERS)
+def test_hf_checkpoint_loads_with_same_logits(family, tmp_path):
+    hf = randomize(MAKERS[family]())
+    hf.save_pretrained(tmp_path)
+    model = load_hf(tmp_path).eval()
+    assert model.cfg.tie_embeddings == hf.config.tie_word_embeddings
+    torch.testing.assert_close(logits_of(model, IDX), logits_of(hf, IDX), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny_llama"])
+def test_export_loads_in_transformers_with_same_logits(family, tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(preset(family, n_layer=2, d_model=32, n_head=4, vocab_size=V, max_seq_len=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.eval()
+    save_hf(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == (["GPT2LMHeadModel"] if family == "tiny" else ["LlamaForCausalLM"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(hf, IDX), logits_of(model, IDX), rtol=1e-5, atol=1e-5)
+    # and back into pyllm: the same model
+    again = load_hf(tmp_path)
+    assert again.cfg == model.cfg
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_sharded_checkpoint_and_unprefixed_gpt2_keys(tmp_path):
+    hf = randomize(hf_llama())
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(logits_of(load_hf(tmp_path / "sharded"), IDX), logits_of(hf, IDX),
+                               rtol=1e-5, atol=1e-5)
+    # the hub's "gpt2" stores the bare GPT2Model: keys without the "transformer." prefix
+    gpt2 = randomize(hf_gpt2())
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    weights = load_file(str(tmp_path / "gpt2" / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()},
+              str(tmp_path / "gpt2" / "model.safetensors"))
+    torch.testing.assert_close(logits_of(load_hf(tmp_path / "gpt2"), IDX), logits_of(gpt2, IDX), rtol=1e-5, atol=1e-5)
+
+
+def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pyllm.tokenizer import HFTokenizer, load_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["the cat sat on the mat", "a dog and a cat"] * 5, trainer)
+    tok = HFTokenizer(bpe)
+    model = Transformer(preset("tiny", n_layer=1, d_model=32, n_head=4, vocab_size=tok.vocab_size))
+    save_hf(model, tmp_path, tokenizer=tok)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "the cat and the dog"
+    assert auto(text)["input_ids"] == tok.encode(text)
+    assert auto.eos_token_id == tok.eos_id
+    assert load_tokenizer(tmp_path).encode(text) == tok.encode(text)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == tok.eos_id
+
+
+BAD_HF = {
+    "model_type": ({"model_type": "mistral"}, "model_type='mistral' is not supported; pyllm reads 'gpt2' and 'llama'"),
+    "rope_scaling": ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                     "RoPE scaling 'llama3' is not supported"),
+    "activation": ({"model_type": "gpt2", "activation_function": "relu"}, "activation_function='relu' is not supported"),
+    "act_llama": ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    "bias": ({"model_type": "llama", "attention_bias": True}, "attention_bias/mlp_bias are not supported"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HF)
+def test_unsupported_hf_configs_are_named(case):
+    cfg, message = BAD_HF[case]
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(cfg)
+
+
+def test_export_of_a_mixed_config_is_refused(tmp_path):
+    model = Transformer(preset("tiny", n_layer=1, d_model=32, n_head=4, vocab_size=V, norm="rmsnorm"))
+    with pytest.raises(ValueError, match="no Hugging Face architecture matches this config"):
+        save_hf(model, tmp_path)
+
+
+def test_missing_weight_is_named(tmp_path):
+    hf_gpt2().save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="weight 'h.1.mlp.c_fc.weight' missing"):
+        load_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf(tmp_path / "nowhere")
