@@ -48,7 +48,7 @@ _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25
                    r"(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
                    r"(?![\w:]|\.\d)")
-_VERSION_BEFORE = re.compile(r"(?i)(?:version|release|ver\.?|python|v|sections?|chapter|§)\s*[\"'(]?$")
+_VERSION_BEFORE = re.compile(r"(?i)\b(?:version|release|ver\.?|python|v|sections?|chapter|§)\s*[\"'(]?$")
 _CARD_GROUPING = re.compile(r"\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5}|\d{13,19}")
 # issuer prefixes: Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay/Maestro
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|6(?:011|5|4[4-9]|2)|3(?:0[0-5]|[689])|35")

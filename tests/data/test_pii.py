@@ -1,0 +1,71 @@
+"""PII redaction: planted PII replaced by typed placeholders; look-alikes left exactly as they were."""
+
+import pytest
+
+from pyllm.data.pii import PIIConfig, luhn_valid, redact
+
+PLANTED = [
+    ("mail jane.doe@acme-corp.com today", "EMAIL"),
+    ("call (415) 555-0132 now", "PHONE"),
+    ("call 415-555-0199 now", "PHONE"),
+    ("call +1 415 555 0199 now", "PHONE"),
+    ("ring +44 20 7946 0958 please", "PHONE"),
+    ("server 81.2.69.160 is down", "IP_ADDRESS"),
+    ("resolver 2001:4860:4860::8888 answers", "IP_ADDRESS"),
+    ("visa 4111 1111 1111 1111 ok", "CREDIT_CARD"),
+    ("mc 5500-0000-0000-0004 ok", "CREDIT_CARD"),
+    ("amex 378282246310005 ok", "CREDIT_CARD"),
+    ("ssn 123-45-6789 on file", "US_SSN"),
+    ("key AKIAIOSFODNN7EXAMPLE set", "AWS_ACCESS_KEY"),
+    ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789 set", "GITHUB_TOKEN"),
+    ("hook xoxb-123456789012-abcdefghijkl set", "SLACK_TOKEN"),
+]
+
+
+@pytest.mark.parametrize("text,kind", PLANTED, ids=[k + str(i) for i, (_, k) in enumerate(PLANTED)])
+def test_planted_pii_is_redacted(text, kind):
+    out, counts = redact(text)
+    assert f"<{kind}>" in out and dict(counts) == {kind: 1}
+    first, last = text.split()[0], text.split()[-1]
+    assert out.startswith(first + " ") and out.endswith(" " + last)  # only the PII itself was replaced
+
+
+def test_secret_key_and_private_key_block():
+    text = ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1x\n4111 1111 1111 1111\n-----END RSA PRIVATE KEY-----\nend")
+    out, counts = redact(text)
+    assert out == "aws_secret_access_key = <AWS_SECRET_KEY>\n<PRIVATE_KEY>\nend"
+    assert dict(counts) == {"AWS_SECRET_KEY": 1, "PRIVATE_KEY": 1}
+
+
+LOOK_ALIKES = [
+    "Python 3.11.7 and version 1.2.3.4, v2.0.0.1, release 10.20.30.40",
+    "see section 8.2.4.44 of the spec; tuple ('7.1.0.0', 1806)",
+    "dates 2024-01-31, 31/01/2024, 12.05.2024, 2024-01-31T23:59:59Z, 2001-2024",
+    "x = 0x4111111111111111; y = 4111111111111112; n = 1234567890123",
+    "pi = 3.14159265358979323846; eps = 1.5e-10; big = 10**18",
+    "loopback 127.0.0.1, lan 192.168.0.1, doc 203.0.113.9, ::1, fe80::1",
+    "std::vector<int>, a::b, dead::beef, MAC 00:1a:2b:3c:4d:5e, time 12:30:45",
+    "ISBN 978-3-16-148410-0, user@example.com, @property, a@b.T, m @ n",
+    "ids 000-12-3456 and 666-12-3456 and 900-12-3456 are never issued",
+    "range(1000000000000000), port 8080, 12-34-5678, 1-800-FLOWERS, values 123 4567 89",
+]
+
+
+@pytest.mark.parametrize("text", LOOK_ALIKES)
+def test_look_alikes_are_kept(text):
+    out, counts = redact(text)
+    assert out == text and not counts
+
+
+def test_types_can_be_switched_off_and_private_ips_opted_in():
+    out, counts = redact("a@b.org 127.0.0.1", PIIConfig(types=("IP_ADDRESS",), redact_non_public_ips=True))
+    assert out == "a@b.org <IP_ADDRESS>" and dict(counts) == {"IP_ADDRESS": 1}
+    assert redact("a@b.org", PIIConfig(enabled=False))[0] == "a@b.org"
+    with pytest.raises(ValueError, match="unknown"):
+        PIIConfig(types=("PASSPORT",))
+
+
+def test_luhn():
+    assert luhn_valid("4111111111111111") and luhn_valid("378282246310005")
+    assert not luhn_valid("4111111111111112")
