@@ -40,6 +40,8 @@ class Example:
     task: str = "jsonl"
     origin: str = ""
     """Where it came from, ``file:line`` or ``builtin:<set>``: named in error messages."""
+    heldout: bool | None = None
+    """Forced split side; None: decided by a hash of the prompt."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Pair:
     chosen: str
     rejected: str
     origin: str = ""
+    heldout: bool | None = None
+    """Forced split side; None: decided by a hash of the prompt."""
 
 
 def is_heldout(key: str, fraction: float) -> bool:
@@ -62,7 +66,8 @@ def split(items: list, fraction: float) -> tuple[list, list]:
     """(train, heldout) by the prompt of each item (Example or Pair)."""
     train, heldout = [], []
     for it in items:
-        (heldout if is_heldout(it.prompt, fraction) else train).append(it)
+        held = getattr(it, "heldout", None)
+        (heldout if (held if held is not None else is_heldout(it.prompt, fraction)) else train).append(it)
     return train, heldout
 
 
@@ -172,6 +177,27 @@ def exact_match(completion: str, answer: str) -> bool:
     return completion.strip() == answer
 
 
+def solve_task(prompt: str) -> str | None:
+    """The right answer to a built-in task prompt, computed from the prompt; None if it is not one."""
+    if prompt.endswith("=") and "+" in prompt:
+        a, _, b = prompt[:-1].partition("+")
+        return str(int(a) + int(b)) if a.isdigit() and b.isdigit() else None
+    verb, _, arg = prompt.partition(" ")
+    if verb == "sort" and arg:
+        return "".join(sorted(arg))
+    if verb == "reverse" and arg:
+        return arg[::-1]
+    return None
+
+
+def task_reward(prompt: str, response: str) -> float:
+    """The verifiable reward of the built-in tasks: 1.0 for the exact right answer, else 0.0."""
+    answer = solve_task(prompt)
+    if answer is None:
+        raise ValueError(f"task_reward: {prompt!r} is not a built-in task prompt ({', '.join(TASKS)})")
+    return float(exact_match(response, answer))
+
+
 def _wrong_answer(ex: Example, rng: random.Random) -> str:
     """A plausible but wrong answer to a task example."""
     if ex.task == "add":
@@ -209,15 +235,18 @@ def _first_sentence(doc: str, max_chars: int) -> str:
     return sentence[:max_chars]
 
 
-def docstring_examples(n: int = 2000, max_chars: int = 80) -> list[Example]:
-    """'What does <qualified name> do?' answered with the first sentence of its docstring."""
+def docstring_examples(n: int = 2000, max_chars: int = 80, heldout_fraction: float = 0.2) -> list[Example]:
+    """'What does <qualified name> do?' answered with the first sentence of its docstring. Functions the
+    evaluation stage reserves (``pyllm.eval.builtin.is_heldout``) are always on the held-out side."""
     from pyllm.data.stdlib import stdlib_docstrings
+    from pyllm.eval.builtin import is_heldout as eval_heldout
 
     out = []
     for name, doc in stdlib_docstrings():
         answer = _first_sentence(doc, max_chars)
         if len(answer) >= 10 and answer.isascii():
-            out.append(Example(f"What does {name} do?", answer, "docstrings", "builtin:docstrings"))
+            held = eval_heldout(name) or is_heldout(name, heldout_fraction)
+            out.append(Example(f"What does {name} do?", answer, "docstrings", "builtin:docstrings", held))
         if len(out) >= n:
             break
     return out
@@ -231,7 +260,7 @@ def docstring_pairs(n: int = 2000, max_chars: int = 80, seed: int = 0) -> list[P
     for ex in examples:
         other = examples[rng.randrange(len(examples))].completion
         if other != ex.completion:
-            pairs.append(Pair(ex.prompt, ex.completion, other, ex.origin))
+            pairs.append(Pair(ex.prompt, ex.completion, other, ex.origin, ex.heldout))
     return pairs
 
 

@@ -1,0 +1,123 @@
+"""Preference labelling: a judge decides which of two responses to a prompt is better.
+
+Three judges behind one method, ``prefer(prompts, a, b) -> list[float]`` (probability that a beats b):
+- ``RuleJudge``: a Python reward function r(prompt, response) (e.g. the exact-match checker of a task);
+- ``RewardModelJudge``: a trained reward model (Bradley-Terry: P(a > b) = sigmoid(r_a - r_b));
+- ``ModelJudge``: another pyllm model asked a principle-based question ("Which answer is more
+  correct, A or B?"), AI feedback in the style of RLAIF / Constitutional AI (Bai et al. 2022). The
+  probabilities of answering "A" and "B" are read from its next-token distribution, and each pair is
+  asked in both orders and averaged, which cancels the judge's position bias.
+
+``relabel(judge, pairs)`` orders each pair by the judge and reports how often the judge agrees with the
+pairs' own labels (its agreement rate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from pyllm.model import Transformer
+
+from .chat import ChatTemplate
+from .datasets import Pair
+from .heads import RewardModel
+from .packing import encode_examples
+from .sequences import collate
+
+DEFAULT_PRINCIPLE = "Choose the answer that is correct, helpful and honest."
+
+
+class RuleJudge:
+    """Prefers the response a Python rule scores higher (ties: 0.5)."""
+
+    def __init__(self, reward_fn: Callable[[str, str], float]):
+        self.reward_fn = reward_fn
+
+    def prefer(self, prompts, a, b) -> list[float]:
+        out = []
+        for p, x, y in zip(prompts, a, b):
+            ra, rb = self.reward_fn(p, x), self.reward_fn(p, y)
+            out.append(0.5 if ra == rb else float(ra > rb))
+        return out
+
+
+class RewardModelJudge:
+    """P(a > b) = sigmoid(r(a) - r(b)) under a reward model."""
+
+    def __init__(self, rm: RewardModel, template: ChatTemplate, max_len: int, batch_size: int = 64):
+        self.rm, self.template, self.max_len, self.batch_size = rm, template, max_len, batch_size
+
+    @torch.no_grad()
+    def scores(self, prompts, responses) -> torch.Tensor:
+        from .datasets import Example
+
+        enc = encode_examples(self.template, [Example(p, r) for p, r in zip(prompts, responses)], self.max_len)
+        device = self.rm.head.proj.weight.device
+        out = []
+        for s in range(0, len(enc), self.batch_size):
+            b = collate(enc[s:s + self.batch_size], self.template.tokenizer.pad_id, device)
+            out.append(self.rm(b["tokens"], b["attention"]).float().cpu())
+        return torch.cat(out)
+
+    def prefer(self, prompts, a, b) -> list[float]:
+        return torch.sigmoid(self.scores(prompts, a) - self.scores(prompts, b)).tolist()
+
+
+class ModelJudge:
+    """A pyllm language model asked which answer better follows ``principle``."""
+
+    def __init__(self, model: Transformer, template: ChatTemplate, principle: str = DEFAULT_PRINCIPLE):
+        self.model, self.template, self.principle = model, template, principle
+        tok = template.tokenizer
+        self.choice_ids = (tok.encode("A")[0], tok.encode("B")[0])
+
+    def _question(self, prompt, first, second) -> list[int]:
+        text = (f"{self.principle}\nQuestion: {prompt}\nAnswer A: {first}\nAnswer B: {second}\n"
+                "Which answer is better? Reply A or B.")
+        return self.template.prompt_ids([{"role": "user", "content": text}])
+
+    @torch.no_grad()
+    def _p_first(self, prompts, first, second) -> list[float]:
+        """P(the judge answers "A") renormalised over {A, B}, per pair, in one padded batch."""
+        qs = [self._question(p, x, y) for p, x, y in zip(prompts, first, second)]
+        L = max(map(len, qs))
+        device = self.model.head_weight.device
+        tokens = torch.full((len(qs), L), self.template.tokenizer.pad_id, dtype=torch.long)
+        for i, q in enumerate(qs):
+            tokens[i, :len(q)] = torch.tensor(q)
+        last = torch.tensor([len(q) - 1 for q in qs])
+        logits = self.model(tokens.to(device)).float().cpu()  # (B, L, V); right padding is never attended
+        pick = logits[torch.arange(len(qs)), last][:, list(self.choice_ids)]  # (B, 2)
+        return torch.softmax(pick, dim=-1)[:, 0].tolist()
+
+    def prefer(self, prompts, a, b) -> list[float]:
+        ab = self._p_first(prompts, a, b)
+        ba = self._p_first(prompts, b, a)
+        return [(x + (1.0 - y)) / 2.0 for x, y in zip(ab, ba)]
+
+
+def relabel(judge, pairs: list[Pair], batch_size: int = 64) -> tuple[list[Pair], dict]:
+    """Order every pair by the judge (its preferred response becomes ``chosen``; ties keep the order).
+    Returns (pairs, {"judge_agreement": share agreeing with the original labels, "judge_ties": share tied,
+    "judge_confidence": mean |P - 0.5| * 2})."""
+    out, agree, ties, conf = [], 0, 0, 0.0
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        probs = judge.prefer([p.prompt for p in chunk], [p.chosen for p in chunk], [p.rejected for p in chunk])
+        for p, prob in zip(chunk, probs):
+            if math.isclose(prob, 0.5):
+                ties += 1
+                out.append(p)
+                continue
+            conf += abs(prob - 0.5) * 2
+            if prob > 0.5:
+                agree += 1
+                out.append(p)
+            else:
+                out.append(replace(p, chosen=p.rejected, rejected=p.chosen))
+    n = max(len(pairs), 1)
+    return out, {"judge_agreement": agree / n, "judge_ties": ties / n, "judge_confidence": conf / n}

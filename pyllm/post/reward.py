@@ -1,0 +1,157 @@
+"""Reward model: a scalar head on the transformer trained with the Bradley-Terry loss on preference pairs.
+
+Each batch holds B pairs as 2B right-padded rows (chosen first, then rejected); the score of a row is the
+head's output at its last token. Held-out metric: pairwise accuracy (share of pairs with
+r(chosen) > r(rejected)) and the mean margin r(chosen) - r(rejected).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .datasets import BUILTIN_PAIRS, Example, Pair, load_pairs, resolve, split
+from .heads import RewardModel
+from .judge import relabel
+from .lora import merge_lora
+from .losses import bradley_terry_loss
+from .packing import encode_examples
+from .sequences import collate
+from .stage import StageConfig, add_lora, device_of, load_start, run_trainer, write_summary
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """Reward-model training. ``data``: builtin:tasks|docstrings or a JSONL of {prompt, chosen, rejected}."""
+
+    margin: float = 0.0
+    """Bradley-Terry margin: the loss asks r(chosen) - r(rejected) to exceed it (0: plain BT)."""
+    judge: str | None = None
+    """Relabel the pairs before training with a judge: "rule" (the built-in task checker), "rm:<dir>" (a
+    reward model) or "model:<dir>" (a pyllm model asked a principle-based question); None: keep labels."""
+    out_dir: str = "runs/rm"
+    """Checkpoints, metrics and the final reward model (``<out_dir>/final``)."""
+
+    def stage_defaults(self) -> dict:
+        return {"lr": 1e-3, "min_lr": 1e-4, "max_steps": 200, "batch_size": 16}
+
+
+class PairBatches:
+    """Shuffled, resumable pair batches: {"input_ids" (2B, L), "train", "attention"}: chosen rows, then rejected."""
+
+    def __init__(self, chosen, rejected, batch_size: int, pad_id: int, seed: int = 0):
+        self.chosen, self.rejected, self.batch_size, self.pad_id, self.seed = chosen, rejected, batch_size, pad_id, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self):
+        order = list(range(len(self.chosen)))
+        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        take = []
+        while len(take) < self.batch_size:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            take.append(self._order[self.index])
+            self.index += 1
+        b = collate([self.chosen[i] for i in take] + [self.rejected[i] for i in take], self.pad_id)
+        return {"input_ids": b["tokens"], "train": b["train"], "attention": b["attention"],
+                "index": torch.tensor(take)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
+        self._order = self._permutation()
+
+
+def encode_pairs(template, pairs: list[Pair], seq_len: int):
+    """(chosen Encoded list, rejected Encoded list); errors name the pair's file and line."""
+    chosen = encode_examples(template, [Example(p.prompt, p.chosen, origin=p.origin) for p in pairs], seq_len)
+    rejected = encode_examples(template, [Example(p.prompt, p.rejected, origin=p.origin) for p in pairs], seq_len)
+    return chosen, rejected
+
+
+def make_judge(spec: str, template, seq_len: int, device):
+    """A judge from its spec: "rule", "rm:<dir>" or "model:<dir>"."""
+    from pyllm.model import load_model
+
+    from .datasets import task_reward
+    from .judge import ModelJudge, RewardModelJudge, RuleJudge
+
+    if spec == "rule":
+        return RuleJudge(task_reward)
+    kind, _, path = spec.partition(":")
+    if kind == "rm" and path:
+        return RewardModelJudge(RewardModel.load(path, device).eval(), template, seq_len)
+    if kind == "model" and path:
+        return ModelJudge(load_model(path, device).eval(), template)
+    raise ValueError(f"judge={spec!r}: use 'rule', 'rm:<reward model dir>' or 'model:<model dir>'")
+
+
+def load_preferences(cfg: StageConfig, template, device, judge_spec: str | None):
+    """(train pairs, held-out pairs, judge report) from cfg.data, relabelled by the judge when given."""
+    pairs = resolve(cfg.data, BUILTIN_PAIRS, load_pairs, cfg.seed)
+    train_pairs, heldout_pairs = split(pairs, cfg.heldout_fraction)
+    if not train_pairs or not heldout_pairs:
+        raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_pairs)} training and "
+                         f"{len(heldout_pairs)} held-out pairs; both must be non-empty")
+    report = {}
+    if judge_spec:
+        # only the training pairs are relabelled; held-out pairs keep their reference labels
+        with torch.no_grad():
+            train_pairs, report = relabel(make_judge(judge_spec, template, cfg.seq_len, device), train_pairs)
+        report["judge"] = judge_spec
+    return train_pairs, heldout_pairs[:cfg.max_heldout], report
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: RewardModel, chosen, rejected, pad_id: int, batch_size: int = 64) -> dict:
+    device = rm.head.proj.weight.device
+    correct, margins = [], []
+    for s in range(0, len(chosen), batch_size):
+        c = collate(chosen[s:s + batch_size], pad_id, device)
+        r = collate(rejected[s:s + batch_size], pad_id, device)
+        diff = rm(c["tokens"], c["attention"]) - rm(r["tokens"], r["attention"])
+        correct.append(diff > 0)
+        margins.append(diff)
+    return {"pairwise_accuracy": torch.cat(correct).float().mean().item(), "margin": torch.cat(margins).mean().item()}
+
+
+def train_reward_model(cfg: RewardConfig) -> dict:
+    """Train a reward model; returns held-out pairwise accuracy before/after and the model path."""
+    body, tokenizer, template = load_start(cfg)
+    rm = RewardModel(body)
+    train_pairs, heldout_pairs, judge_report = load_preferences(cfg, template, device_of(cfg), cfg.judge)
+    chosen, rejected = encode_pairs(template, train_pairs, cfg.seq_len)
+    h_chosen, h_rejected = encode_pairs(template, heldout_pairs, cfg.seq_len)
+    batches = PairBatches(chosen, rejected, cfg.train_config().micro_batch(), tokenizer.pad_id, cfg.seed)
+    margin = cfg.margin or None
+
+    def loss_fn(model: RewardModel, batch):
+        scores = model(batch["input_ids"], batch["attention"])  # (2B,)
+        B = scores.shape[0] // 2
+        loss, correct = bradley_terry_loss(scores[:B], scores[B:], margin)
+        return loss.mean(), {"accuracy": correct.float().mean()}
+
+    def measure(m):
+        return pairwise_accuracy(m, h_chosen, h_rejected, tokenizer.pad_id)
+
+    rm.eval()
+    before = measure(rm)
+    params = add_lora(cfg, rm.body, rm)
+    train = run_trainer(cfg, rm, batches, loss_fn, eval_fn=measure)
+    rm.eval()
+    after = measure(rm)
+    merge_lora(rm.body)
+    model_dir = str(rm.save(Path(cfg.out_dir) / "final", tokenizer))
+    summary = {"stage": "rm", "data": cfg.data, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),
+               "before": before, "after": after, **judge_report, **params, "train": train, "model_dir": model_dir}
+    return write_summary(cfg, summary)

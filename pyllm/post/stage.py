@@ -1,0 +1,135 @@
+"""What every post-training stage shares: the config fields, the start model, the Trainer run, the export.
+
+A stage is ``config dataclass -> function -> summary dict``. The summary holds the held-out metrics
+before and after training, the Trainer's own summary (steps, tokens/s, time) and where the model went.
+Training goes through ``pyllm.train.Trainer`` with the stage's ``loss_fn``, batch source and
+``eval_fn``: precision, clipping, the LR schedule, checkpoints and logging are the Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyllm.model import Transformer, load_model, save_model
+from pyllm.tokenizer import ByteTokenizer, load_tokenizer
+from pyllm.train.config import TrainConfig
+from pyllm.train.trainer import Trainer, resolve_device
+
+from .chat import ChatTemplate
+from .lora import LoRAConfig, apply_lora, merge_lora, trainable_parameters
+
+# A CPU-sized default: a 2-layer, width-64 byte-level model learns the built-in tasks in seconds.
+TINY_MODEL = {"n_layer": 2, "n_head": 4, "d_model": 64, "max_seq_len": 128}
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has. ``train`` holds TrainConfig overrides (lr, max_steps, batch_size...)."""
+
+    model: str | None = None
+    """Directory of the model to start from (``save_model`` format, tokenizer inside); None: a fresh
+    model of ``train['model_preset']`` + ``train['model']`` with the byte tokenizer."""
+    data: str = "builtin:tasks"
+    """``builtin:<name>`` or a JSONL file."""
+    chat_template: str | None = None
+    """A Jinja chat-template file replacing the default (see pyllm.post.chat)."""
+    seq_len: int = 128
+    """Longest example (prompt + response) in tokens; longer ones are errors naming file and line."""
+    heldout_fraction: float = 0.2
+    """Share of prompts held out for evaluation (hash split; never trained on)."""
+    max_heldout: int = 300
+    """At most this many held-out items are evaluated (the first, in a fixed order)."""
+    lora_rank: int = 0
+    """0: full fine-tuning; r > 0: LoRA adapters of rank r on attention qkv/proj and MLP fc/proj,
+    merged into the weights on export."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (update scaled by alpha / rank)."""
+    seed: int = 0
+    """Seeds data generation, shuffling and sampling."""
+    out_dir: str = "runs/post"
+    """Checkpoints, metrics.jsonl, summary.json and the final model (``<out_dir>/final``)."""
+    train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig overrides, e.g. {"lr": 1e-3, "max_steps": 200}; merged over the stage's defaults."""
+
+    def __post_init__(self):
+        checks = [
+            (self.seq_len > 1, f"seq_len={self.seq_len} must be > 1"),
+            (0.0 < self.heldout_fraction < 1.0, f"heldout_fraction={self.heldout_fraction} must be in (0, 1)"),
+            (self.max_heldout > 0, f"max_heldout={self.max_heldout} must be positive"),
+            (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)"),
+            (self.model is None or Path(self.model, "config.json").exists(),
+             f"model={self.model!r} is not a pyllm model directory (no config.json); give the out_dir/final "
+             "of an earlier stage, or None for a fresh model"),
+            (self.chat_template is None or Path(self.chat_template).exists(),
+             f"chat_template={self.chat_template!r}: file not found"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {msg}")
+        self.train_config()  # validates the overrides now, not after data preparation
+
+    def stage_defaults(self) -> dict:
+        """TrainConfig values this stage uses unless ``train`` overrides them."""
+        return {}
+
+    def train_config(self) -> TrainConfig:
+        base = {"seq_len": self.seq_len, "seed": self.seed, "out_dir": self.out_dir, "model": dict(TINY_MODEL),
+                "tokenizer": "byte", "weight_decay": 0.0, "warmup_steps": 10, "log_every": 10, "eval_every": 0,
+                "progress": False, **self.stage_defaults()}
+        merged = {**base, **self.train}
+        merged["model"] = {**base["model"], **self.train.get("model", {})}
+        return TrainConfig(**merged)
+
+
+def load_start(cfg: StageConfig) -> tuple[Transformer, Any, ChatTemplate]:
+    """(model, tokenizer, chat template) the stage starts from."""
+    tcfg = cfg.train_config()
+    if cfg.model is None:
+        tokenizer = ByteTokenizer()
+        torch.manual_seed(tcfg.seed)
+        model = Transformer(tcfg.model_config(tokenizer.vocab_size))
+    else:
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model)
+    if model.cfg.max_seq_len < cfg.seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context ({model.cfg.max_seq_len}); lower seq_len")
+    template = ChatTemplate.from_file(tokenizer, cfg.chat_template) if cfg.chat_template else ChatTemplate(tokenizer)
+    return model, tokenizer, template
+
+
+def add_lora(cfg: StageConfig, model: Transformer, whole: torch.nn.Module | None = None) -> dict:
+    """Apply LoRA to ``model`` when asked; returns the trainable-parameter report of ``whole`` (the model
+    with any heads) for the summary."""
+    if cfg.lora_rank:
+        apply_lora(model, LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha))
+    trainable, total = trainable_parameters(whole if whole is not None else model)
+    return {"trainable_params": trainable, "total_params": total, "lora_rank": cfg.lora_rank}
+
+
+def device_of(cfg: StageConfig) -> torch.device:
+    return resolve_device(cfg.train_config().device, 0)
+
+
+def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eval_fn=None) -> dict:
+    """Train with pyllm's Trainer; returns its summary (steps, tokens/s, history...)."""
+    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn).fit()
+
+
+def export(cfg: StageConfig, model: Transformer, tokenizer) -> str:
+    """Merge LoRA adapters (if any) and write ``<out_dir>/final`` in the inter-stage format."""
+    merge_lora(model)
+    return str(save_model(model, Path(cfg.out_dir) / "final", tokenizer))
+
+
+def write_summary(cfg: StageConfig, summary: dict) -> dict:
+    """Write ``<out_dir>/post_summary.json`` (history excluded) and return the summary."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "post_summary.json").write_text(json.dumps(
+        {k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    return summary
