@@ -17,6 +17,7 @@ Scoring goes through the same code as pyllm's own evaluator (``Scorer``, ``encod
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import defaultdict
 
 import torch
@@ -46,6 +47,10 @@ class PyllmLM(LM):
             raise ValueError("PyllmLM: give either path=<model dir> or model= and tokenizer=")
         if dtype not in _DTYPES:
             raise ValueError(f"PyllmLM: dtype={dtype!r}; use one of {', '.join(_DTYPES)}")
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI passes device="cuda" unless told otherwise
+            warnings.warn(f"PyllmLM: device={device!r} but CUDA is not available; running on the CPU")
+            device = "cpu"
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if path is not None:
             from pyllm.model import load_model

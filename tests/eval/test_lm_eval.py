@@ -127,3 +127,44 @@ def test_adapter_loglikelihood_equals_plain_forward(tok):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).double(), -1)[0]
     assert rolling == pytest.approx(sum(float(logp[i - 1, ids[i]]) for i in range(1, 4)), rel=1e-5)
+
+
+def test_hf_export_scores_equal_under_lm_eval_hf_model(tmp_path):
+    """An independent path: pyllm's Hugging Face export, run by transformers inside lm-eval's own "hf"
+    model (its tokenisation split, batching and rolling windows), gives pyllm's log-likelihoods."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from pyllm.eval.lm_eval_model import PyllmLM
+    from pyllm.model.hf import save_hf
+    from pyllm.tokenizer import HFTokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator(["The quick brown fox jumps over the lazy dog. Paris is the capital of France."] * 3,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = HFTokenizer(raw)
+    # lm-eval's hf model adds a BOS only through the tokenizer: make it eos, pyllm's document start
+    # (pyllm's own encode passes add_special_tokens=False, so this changes nothing on pyllm's side)
+    raw.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                       special_tokens=[("<|endoftext|>", tok.eos_id)])
+    model = tiny_model(tok.vocab_size, max_seq_len=64)
+    save_hf(model, tmp_path / "hf", tok)
+
+    pairs = [("Q: capital of France\nA:", " Paris"), ("Q: capital of France\nA:", " the lazy dog"),
+             ("", "quick fox"), ("The quick ", "brown")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4, add_bos_token=True)
+    ours = PyllmLM(model=model, tokenizer=tok)
+    for (a, greedy_a), (b, greedy_b) in zip(theirs.loglikelihood(reqs, disable_tqdm=True),
+                                            ours.loglikelihood(reqs, disable_tqdm=True)):
+        assert a == pytest.approx(b, rel=1e-5) and greedy_a == greedy_b
+    # rolling windows: lm-eval prefixes the prefix token itself, so no BOS from the tokenizer here
+    doc = "The quick brown fox jumps over the lazy dog. Paris is nice, the capital of France."
+    assert len(tok.encode(doc)) > 3 * 8
+    text = [Instance("loglikelihood_rolling", {}, (doc,), 0)]
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4, add_bos_token=False, max_length=8)
+    ours = PyllmLM(model=model, tokenizer=tok, max_length=8)  # several windows
+    assert theirs.loglikelihood_rolling(text, disable_tqdm=True)[0] == \
+        pytest.approx(ours.loglikelihood_rolling(text, disable_tqdm=True)[0], rel=1e-5)
