@@ -40,10 +40,16 @@ def load_model(directory: str | Path, device="cpu", dtype=torch.float32, **overr
     if "pyllm_model" not in raw:
         raise ValueError(f"{cfg_path}: field 'pyllm_model' missing (a Hugging Face config? use pyllm.model.hf)")
     cfg = ModelConfig.from_dict({**raw["pyllm_model"], **overrides})
+    weights = directory / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{directory}: config.json but no model.safetensors")
     model = Transformer(cfg)
-    state = load_file(str(directory / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise ValueError(f"{directory / 'model.safetensors'}: does not match config.json "
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise ValueError(f"{weights}: does not match config.json ({detail})") from None
+    if unexpected or missing:
+        raise ValueError(f"{weights}: does not match config.json "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.to(device=device, dtype=dtype)

@@ -1,0 +1,21 @@
+"""torch.compile traces the whole model forward in one graph (fullgraph: no graph breaks, so the op
+registry's backend selection is dynamo-friendly) and matches eager, on CPU."""
+
+import pytest
+import torch
+
+from pyllm.model import Transformer, preset
+
+# raised inside torch's own compile stack, not by pyllm
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.mark.parametrize("name, backend", [("tiny_llama", None), ("tiny", "torch")])
+def test_compiled_forward_matches_eager(name, backend):
+    # backend None: automatic choice (kernel custom ops where registered); "torch": the model's
+    # use_backend context around the reference ops
+    model = Transformer(preset(name, n_layer=2, d_model=64, vocab_size=64, backend=backend)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-5)
