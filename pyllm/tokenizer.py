@@ -16,6 +16,7 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 EOS = "<|endoftext|>"
+UNKNOWN = "\ufffd"  # how decode() shows an id outside the vocabulary (e.g. a model's padded vocab rows)
 
 
 class Tokenizer:
@@ -75,7 +76,7 @@ class ByteTokenizer(Tokenizer):
                 continue
             out.append(buf.decode("utf-8", errors="replace"))
             buf = bytearray()
-            out.append(self._inverse.get(i, ""))
+            out.append(self._inverse.get(i, UNKNOWN))
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
@@ -108,7 +109,7 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         n = len(self.chars)
-        return "".join(self.chars[i] if i < n else self._inverse.get(i, "") for i in map(int, ids))
+        return "".join(self.chars[i] if i < n else self._inverse.get(i, UNKNOWN) for i in map(int, ids))
 
     def save(self, directory) -> None:
         _write_meta(directory, {"kind": self.kind, "chars": self.chars})

@@ -1,0 +1,26 @@
+"""The pyllm command: help, unknown commands, and `pyllm info`."""
+
+from pyllm import cli
+
+
+def test_help_lists_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pyllm <command>")
+    assert all(name in out for name in cli.COMMANDS)
+    assert cli.main([]) == 0
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and "usage:" in err
+
+
+def test_info_reports_backends_and_ops(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pyllm ")
+    assert "torch   available" in out
+    for op in ("attention", "cross_entropy", "adamw_step"):
+        assert op in out

@@ -1,0 +1,74 @@
+"""Tokenizers: round trips, special tokens, save/load, errors."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pyllm.tokenizer import SPECIAL_TOKENS, ByteTokenizer, CharTokenizer, HFTokenizer, load_tokenizer
+
+TEXT = "Grüße, 世界! tabs\tand\nnewlines <|endoftext|> stay text"
+
+
+def tiny_bpe() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
+    return tok
+
+
+def test_byte_round_trip_and_specials(tmp_path):
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids == list(TEXT.encode("utf-8"))  # special strings inside text are plain bytes
+    assert tok.decode(ids) == TEXT
+    assert tok.vocab_size == 256 + len(SPECIAL_TOKENS)
+    assert tok.eos_id == tok.pad_id == tok.token_id("<|endoftext|>") == 256
+    assert tok.decode(tok.encode("hi") + [tok.token_id("<|user|>")] + tok.encode("é")) == "hi<|user|>é"
+    assert tok.decode([104, 999]) == "h\ufffd"  # an id outside the vocabulary shows, it is not dropped
+    tok.save(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+
+
+def test_char_round_trip_and_errors(tmp_path):
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.chars == " dehlorw" and tok.vocab_size == 8 + len(SPECIAL_TOKENS)
+    ids = tok.encode("hello")
+    assert tok.decode(ids) == "hello"
+    assert tok.token_id("<|end|>") == 8 + SPECIAL_TOKENS.index("<|end|>")
+    with pytest.raises(ValueError, match="character 'z' is not in this character-level vocabulary"):
+        tok.encode("zoo")
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert isinstance(again, CharTokenizer) and again.chars == tok.chars and again.encode("world") == tok.encode("world")
+
+
+def test_hf_round_trip_specials_and_save(tmp_path):
+    tok = HFTokenizer(tiny_bpe())
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT  # byte-level BPE: any text round-trips
+    assert tok.eos_id not in ids  # "<|endoftext|>" in the text is not the special token
+    assert all(tok.token_id(s) is not None for s in SPECIAL_TOKENS)  # missing specials were added
+    assert len({tok.token_id(s) for s in SPECIAL_TOKENS}) == len(SPECIAL_TOKENS)
+    assert tok.decode([tok.token_id("<|assistant|>")]) == "<|assistant|>"
+    tok.save(tmp_path / "a")
+    again = load_tokenizer(tmp_path / "a")
+    assert isinstance(again, HFTokenizer) and again.encode(TEXT) == ids and again.specials == tok.specials
+    # a directory holding only a Hugging Face tokenizer.json loads too
+    tiny_bpe().save(str(tmp_path / "bare.json"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "bare.json").rename(tmp_path / "b" / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "b").encode("the fox") == tok.encode("the fox")
+
+
+def test_errors(tmp_path):
+    with pytest.raises(KeyError, match="no special token '<|bos|>'"):
+        ByteTokenizer().token_id("<|bos|>")
+    with pytest.raises(FileNotFoundError, match="no pyllm_tokenizer.json or tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "pyllm_tokenizer.json").write_text(json.dumps({"kind": "wordpiece"}))
+    with pytest.raises(ValueError, match="field 'kind'='wordpiece' is not one of"):
+        load_tokenizer(tmp_path)
