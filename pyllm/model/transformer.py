@@ -75,7 +75,9 @@ class Attention(nn.Module):
             start = cache.length
             cache.k[self.layer, :, :, start:start + T] = k
             cache.v[self.layer, :, :, start:start + T] = v
-            k, v = cache.k[self.layer, :, :, :start + T], cache.v[self.layer, :, :, :start + T]
+            # (B, Hkv, start + T, D); cast back in case k/v came out of autocast in another dtype
+            k = cache.k[self.layer, :, :, :start + T].to(q.dtype)
+            v = cache.v[self.layer, :, :, :start + T].to(q.dtype)
         y = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, doc_ids=doc_ids)
         y = y.transpose(1, 2).reshape(B, T, cfg.d_model)  # (B, T, Hq D)
         return ops.linear(y, self.proj.weight, self.proj.bias)

@@ -144,3 +144,12 @@ def test_logprob_of_greedy_token_is_max():
     model = small_model("llama")
     _, logprobs = generate(model, [[1, 2, 3]], 3, temperature=0, return_logprobs=True)
     assert all(lp <= 0 and lp > -math.log(64) * 3 for lp in logprobs[0])
+
+
+def test_generate_under_autocast():
+    # k/v from autocast (bf16) go into an fp32 cache and must come back out as q's dtype
+    model = small_model("llama", torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, logprobs = generate(model, PROMPTS, 3, temperature=0, return_logprobs=True)
+    assert [len(t) for t in tokens] == [3, 3, 3]
+    assert all(math.isfinite(lp) for row in logprobs for lp in row)
