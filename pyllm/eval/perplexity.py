@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
@@ -58,18 +59,30 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, max_len: int | None = 
     if not texts:
         raise ValueError("perplexity: no texts given")
     scorer = Scorer(model, batch_size=batch_size, max_len=max_len)
+    docs = shard(texts, rank, world_size)
     logprob = n_tokens = n_bytes = n_words = 0.0
+    pending: list[tuple[list[int], int]] = []  # windows of several documents share batches
+
+    def flush():
+        nonlocal logprob
+        logprob += sum(s.logprob for s in scorer.score_windows(pending))
+        pending.clear()
+
     was_training = model.training
     model.eval()
+    start = time.perf_counter()
     try:
-        for text in tqdm(shard(texts, rank, world_size), desc="perplexity", unit="doc", disable=not progress):
-            ids = tokenizer.encode(text)
-            windows = list(rolling_windows(ids, tokenizer.eos_id, scorer.max_len, stride))
-            scores = scorer.score_windows(windows)
-            logprob += sum(s.logprob for s in scores)
-            n_tokens += len(ids)
-            n_bytes += len(text.encode("utf-8"))
-            n_words += count_words(text)
+        with tqdm(total=len(docs), desc="perplexity", unit="doc", disable=not progress) as bar:
+            for i, text in enumerate(docs):
+                ids = tokenizer.encode(text)
+                pending.extend(rolling_windows(ids, tokenizer.eos_id, scorer.max_len, stride))
+                n_tokens += len(ids)
+                n_bytes += len(text.encode("utf-8"))
+                n_words += count_words(text)
+                if len(pending) >= 8 * batch_size or i == len(docs) - 1:
+                    flush()
+                bar.update()
+                bar.set_postfix(tok_per_s=f"{n_tokens / (time.perf_counter() - start):.0f}", refresh=False)
     finally:
         model.train(was_training)
     logprob, n_tokens, n_bytes, n_words = all_reduce_sums([logprob, n_tokens, n_bytes, n_words], world_size)

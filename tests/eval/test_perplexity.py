@@ -109,3 +109,15 @@ def test_bad_perplexity_input(tok):
         perplexity(model, tok, [""])
     with pytest.raises(ValueError, match="stride=9"):
         list(rolling_windows([1, 2, 3], 0, 8, 9))
+
+
+def test_scorer_under_autocast(tok):
+    # The Trainer calls eval_fn under autocast: the KV cache must take the autocast dtype, and the
+    # head's log-softmax stays fp32. bf16 on this CPU is slow, so a 3-choice item only.
+    model = tiny_model(tok.vocab_size, max_seq_len=24)
+    ctx = [tok.eos_id, *tok.encode("Q: pick")]
+    conts = [tok.encode(c) for c in [" a", " bb", " ccc"]]
+    exact = [s.logprob for s in Scorer(model).choices(ctx, conts)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = [s.logprob for s in Scorer(model).choices(ctx, conts)]
+    assert low == pytest.approx(exact, rel=1e-3)  # measured <= 3e-5 on this near-uniform model
