@@ -1,0 +1,156 @@
+"""``python -m benchmarks`` (or ``pyllm bench``): run the suite, append results, render the tables.
+
+    python -m benchmarks --suite short                    # CI: a few small CPU shapes, checks on
+    python -m benchmarks --suite cpu                      # the fuller CPU sweep
+    python -m benchmarks --suite gpu --ops attention --time-limit 9 --resume   # one GPU piece
+    python -m benchmarks render                           # re-render results/*.md and plots
+    python -m benchmarks list --suite gpu                 # what a suite covers
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import harness, machine, render, results
+
+OPS = ("attention", "layer_norm", "rms_norm", "bias_gelu", "swiglu", "rope", "softmax", "matmul", "linear",
+       "cross_entropy", "linear_cross_entropy", "adamw", "loss_scale", "train_step")
+
+
+def load(name: str):
+    """The BENCH object of ``bench_<name>.py``."""
+    if name not in OPS:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(OPS)}")
+    return importlib.import_module(f"{__package__}.bench_{name}").BENCH
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _format(rec: dict) -> str:
+    head = f"{rec['op']:<20} {rec['case'][:44]:<44} {rec['dtype']:<4} {rec['mode']:<7} {rec['provider']:<22}"
+    if rec["status"] != "ok":
+        return f"{head} {rec['status']}: {rec['reason']}"
+    rate = (f"{rec['tflops']:8.3f} TFLOP/s" if rec.get("tflops") else
+            f"{rec['gbps']:8.2f} GB/s" if rec.get("gbps") else
+            f"{rec['tokens_per_s']:8.0f} tok/s" if rec.get("tokens_per_s") else "")
+    roof = f" ({rec['roofline_pct']:.0f}% of measured peak)" if rec.get("roofline_pct") else ""
+    return (f"{head} {rec['median_ms']:9.3f} ms [{rec['q25_ms']:.3f}, {rec['q75_ms']:.3f}] {rate}{roof}")
+
+
+def run(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    suite = args.suite or ("gpu" if device == "cuda" else "short")
+    try:
+        opts = harness.RunOptions(suite=suite, device=device, modes=_csv(args.modes) or harness.MODES,
+                                  dtypes=_csv(args.dtypes), providers=_csv(args.providers), cases=_csv(args.cases))
+        names = _csv(args.ops) or OPS
+        benches = [load(n) for n in names]
+    except ValueError as e:
+        print(f"pyllm bench: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        # on a shared machine, OpenMP threads waiting on each other at barriers turn every preemption
+        # into a stall: one thread per process gives repeatable CPU numbers there
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else results.default_path(device)
+    info = machine.describe(device)
+    log = results.ResultLog(out, info)
+    print(f"device: {info['device_name']}; torch {info['torch']}, triton {info['triton']}; commit "
+          f"{(info['commit'] or '?')[:12]}{' (dirty)' if info['dirty'] else ''}; suite {suite}; results -> {out}")
+    done = set()
+    if args.resume:
+        done = results.done_cases(results.read(out), results.session_key({"machine": info, "suite": suite}))
+        print(f"resume: {len(done)} (op, case, dtype) already measured in this session are skipped")
+    all_dtypes = sorted({d for b in benches if isinstance(b, harness.OpBench) for d in opts.dtypes_for(b)} | {"fp32"})
+    calib = machine.calibrate(device, all_dtypes, budget_s=0.2 if suite == "short" else 1.0)
+    log.append({"kind": "calibration", "suite": suite, **calib})
+    print(f"calibration: copy {calib['copy_gbps']:.1f} GB/s; matmul peak "
+          + ", ".join(f"{d} {t:.3f} TFLOP/s" for d, t in calib["matmul_tflops"].items()))
+    deadline = time.monotonic() + args.time_limit * 60 if args.time_limit else None
+    cut = []
+    printed_skips: set[tuple] = set()
+
+    def emit(rec: dict) -> None:
+        log.append({"kind": "op", **rec})
+        key = (rec["op"], rec["provider"], rec["reason"])
+        if rec["status"] == "ok" or key not in printed_skips:
+            printed_skips.add(key)
+            print(_format(rec), flush=True)
+
+    def skip(op: str):
+        def fn(label: str, dtype: str) -> bool:
+            if (op, label, dtype) in done:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                cut.append((op, label, dtype))
+                return True
+            return False
+        return fn
+
+    for name, bench in zip(names, benches):
+        if isinstance(bench, harness.OpBench):
+            harness.run_op(bench, opts, calib, emit, skip(bench.op))
+        else:
+            bench.run(opts, calib, emit, skip(bench.op))
+    if cut:
+        print(f"time limit reached: {len(cut)} (op, case, dtype) not run; re-run the same command with "
+              f"--resume to continue")
+    if not args.no_render:
+        written = render.render_file(out)
+        print("rendered: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def list_cases(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    suite = args.suite or ("gpu" if device == "cuda" else "short")
+    opts = harness.RunOptions(suite=suite, device=device if device == "cpu" or torch.cuda.is_available() else "cpu")
+    for name in _csv(args.ops) or OPS:
+        bench = load(name)
+        dtypes = ", ".join(opts.dtypes_for(bench)) if isinstance(bench, harness.OpBench) else "see bench_train_step.py"
+        print(f"{name}  [{dtypes}]")
+        for case in bench.cases(suite):
+            print(f"    {case.label}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pyllm bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", nargs="?", default="run", choices=("run", "render", "list"))
+    parser.add_argument("--suite", choices=harness.SUITES, help="default: gpu with a CUDA device, else short")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--ops", help=f"comma-separated subset of: {', '.join(OPS)}")
+    parser.add_argument("--modes", help="comma-separated subset of fwd,bwd,fwd+bwd")
+    parser.add_argument("--dtypes", help="comma-separated subset of fp32,tf32,fp16,bf16")
+    parser.add_argument("--providers", help="comma-separated provider names (default: all)")
+    parser.add_argument("--cases", help="comma-separated substrings of case labels to keep")
+    parser.add_argument("--out", help="results file (default: benchmarks/results/{cpu,gpu}.jsonl)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip (op, case, dtype) already in the results file for this commit, device and suite")
+    parser.add_argument("--time-limit", type=float, help="minutes; no new case starts after this")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); recorded")
+    parser.add_argument("--no-render", action="store_true", help="do not re-render the Markdown and plots")
+    parser.add_argument("--results", nargs="*", help="render: results files (default: results/*.jsonl)")
+    args = parser.parse_args(argv)
+    if args.action == "render":
+        paths = [Path(p) for p in args.results] if args.results else sorted(results.RESULTS_DIR.glob("*.jsonl"))
+        for p in paths:
+            print("rendered: " + ", ".join(str(w) for w in render.render_file(p)))
+        return 0
+    if args.action == "list":
+        return list_cases(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

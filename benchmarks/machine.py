@@ -1,0 +1,102 @@
+"""What a result was measured on, and the two ceilings every figure is compared with.
+
+``describe()`` records the device, driver, commit and library versions that go into every result line.
+``calibrate()`` measures, in the same run, the device's copy bandwidth (GB/s, a large ``copy_``: one
+read and one write per byte) and its matmul peak per dtype (TFLOP/s of a large square matmul), so that
+roofline percentages compare an op with what this device actually delivers rather than a data sheet.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .timing import DTYPES, dtype_context, time_fn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+@functools.lru_cache(maxsize=None)
+def describe(device: str) -> dict:
+    """Device, driver, commit and versions: the context of every number measured in this process."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "device_type": device,
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": _git("rev-parse", "HEAD"),
+        # True when the checkout had uncommitted changes: the commit alone does not say what ran
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    if device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, driver=_nvidia_driver(),
+                    gpu_memory_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+        info["device_name"] = info["gpu"]
+    else:
+        info["device_name"] = f"{info['cpu']} ({info['cpu_cores']} cores)"
+    return info
+
+
+def calibrate(device: str, dtypes: list[str], budget_s: float = 0.5) -> dict:
+    """{"copy_gbps": float, "matmul_tflops": {dtype: float}} measured now on ``device``."""
+    cuda = device == "cuda"
+    n = (1 << 28 if cuda else 1 << 24)  # fp32 elements: 1 GiB on GPU, 64 MiB on CPU (>> last-level cache)
+    src = torch.empty(n, device=device).uniform_()
+    dst = torch.empty_like(src)
+    # a ceiling is the best the device was seen to do: the fastest repetition, not the median
+    t = time_fn(lambda: dst.copy_(src), device, budget_s=budget_s, flush_l2=False)
+    out = {"copy_gbps": 2 * n * 4 / t["min_ms"] / 1e6, "matmul_tflops": {}}
+    del src, dst
+    size = 8192 if cuda else 1024
+    for name in dtypes:
+        dtype = DTYPES[name]
+        if not cuda and dtype in (torch.float16, torch.bfloat16):
+            size_d = 256  # CPU half-precision matmul is orders of magnitude slower; keep it short
+        else:
+            size_d = size
+        a = torch.randn(size_d, size_d, device=device, dtype=dtype)
+        b = torch.randn(size_d, size_d, device=device, dtype=dtype)
+        with dtype_context(name):
+            t = time_fn(lambda: a @ b, device, budget_s=budget_s, flush_l2=False)
+        out["matmul_tflops"][name] = 2 * size_d**3 / t["min_ms"] / 1e9
+    return out

@@ -1,0 +1,487 @@
+"""``pyllm pipeline``: every stage end to end on the built-in data, then a report.
+
+    data -> pretrain -> sft -> rm -> dpo -> grpo -> eval -> report
+
+``data`` curates the interpreter's standard library, trains a BPE tokenizer and packs shards
+(``pyllm.data.run``); ``pretrain`` trains a model on the shards (``pyllm.train.train``); ``sft``, ``rm``
+(reward model), ``dpo`` and ``grpo`` (or ``ppo``) are ``pyllm.post``'s stages on its built-in data;
+``eval`` measures every checkpoint the same way (``pyllm.eval`` plus held-out task answers, reward and
+KL to the SFT model); ``report`` writes ``report/report.md`` with plots (``pyllm.report``).
+
+Each stage is cached by a hash of its own settings and of the stages it reads from: re-running skips
+finished stages, a changed setting re-runs that stage and the ones after it, and an interrupted stage
+resumes (training stages from their last checkpoint). No download, no GPU needed; presets scale from a
+one-minute smoke run to GPU-sized runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyllm
+
+STAGES = ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval", "report")
+
+
+class StageUnavailable(RuntimeError):
+    """A stage whose API is not in this build of pyllm; the pipeline reports it and goes on."""
+
+
+@dataclass
+class PipelineConfig:
+    """One end-to-end run. The per-stage dicts override the fields of that stage's own config."""
+
+    out_dir: str = "runs/pipeline"
+    """Every stage's output goes in a sub-directory; report/report.md is the summary."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu" or "cuda"."""
+    precision: str = "fp32"
+    """Training precision of every stage: "fp32", "bf16" or "fp16"."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """pyllm.data.DataConfig fields, e.g. {"max_documents": 400, "tokenizer": {"vocab_size": 2048}}."""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """pyllm.train.TrainConfig fields (model_preset, model, max_steps, seq_len, batch_size, lr...)."""
+    sft: dict[str, Any] = field(default_factory=dict)
+    """pyllm.post SFT config fields (data, seq_len, train={...})."""
+    rm: dict[str, Any] = field(default_factory=dict)
+    """pyllm.post reward-model config fields."""
+    dpo: dict[str, Any] = field(default_factory=dict)
+    """pyllm.post DPO config fields."""
+    rl: str = "grpo"
+    """Online RL after DPO: "grpo" (verifiable task reward), "ppo" (reward model) or "none"."""
+    rl_cfg: dict[str, Any] = field(default_factory=dict)
+    """pyllm.post GRPO/PPO config fields."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """Evaluation sizes: {"limit": items per task, "heldout": task prompts, "samples": prompts shown}."""
+    skip: tuple[str, ...] = ()
+    """Stages not to run (their dependants are skipped too), e.g. ("rm", "rl")."""
+
+    def __post_init__(self):
+        from pyllm.train.config import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PipelineConfig: precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.rl not in ("grpo", "ppo", "none"):
+            raise ValueError(f"PipelineConfig: rl={self.rl!r}: use 'grpo', 'ppo' or 'none'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"PipelineConfig: device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        bad = [s for s in self.skip if s not in STAGES]
+        if bad:
+            raise ValueError(f"PipelineConfig: skip={bad}: stages are {', '.join(STAGES)}")
+        if "data" in self.skip or "pretrain" in self.skip:
+            raise ValueError("PipelineConfig: 'data' and 'pretrain' cannot be skipped (every later stage needs them)")
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def smoke(**overrides) -> PipelineConfig:
+    """About a minute on a 2-core CPU: every stage runs, on very little data; the numbers mean nothing."""
+    return PipelineConfig(**_merge(dict(
+        out_dir="runs/pipeline-smoke",
+        data={"max_documents": 60, "tokenizer": {"vocab_size": 512}, "classifier": {"enabled": False},
+              "shards": {"val_fraction": 0.1}, "report": False},
+        pretrain={"model_preset": "tiny", "model": {"n_layer": 2, "d_model": 64, "n_head": 4},
+                  "seq_len": 64, "batch_size": 8, "max_steps": 30, "warmup_steps": 5, "eval_every": 15,
+                  "eval_batches": 2, "log_every": 5, "lr": 3e-3},
+        sft={"seq_len": 64, "train": {"max_steps": 20, "batch_size": 8, "log_every": 5}},
+        rm={"seq_len": 64, "train": {"max_steps": 10, "batch_size": 8, "log_every": 5}},
+        dpo={"seq_len": 64, "train": {"max_steps": 10, "batch_size": 8, "log_every": 5}},
+        rl_cfg={"seq_len": 64, "train": {"max_steps": 4, "batch_size": 8, "log_every": 2}},
+        eval={"limit": 20, "heldout": 24, "samples": 4, "max_new_tokens": 8},
+    ), overrides))
+
+
+def default(**overrides) -> PipelineConfig:
+    """The README's run: about 10-15 minutes on a 2-core CPU; each stage visibly improves its metric."""
+    return PipelineConfig(**_merge(dict(
+        out_dir="runs/pipeline",
+        data={"max_documents": 1500, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
+        pretrain={"model_preset": "tiny", "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
+                  "seq_len": 128, "batch_size": 16, "max_steps": 600, "warmup_steps": 50, "eval_every": 100,
+                  "eval_batches": 8, "log_every": 10, "lr": 2e-3, "ckpt_every": 200},
+        sft={"seq_len": 96, "train": {"max_steps": 300, "batch_size": 16, "ckpt_every": 100}},
+        rm={"seq_len": 96, "train": {"max_steps": 150, "batch_size": 16}},
+        dpo={"seq_len": 96, "train": {"max_steps": 100, "batch_size": 16}},
+        rl_cfg={"seq_len": 96, "train": {"max_steps": 30, "batch_size": 16}},
+        eval={"limit": 100, "heldout": 120, "samples": 6, "max_new_tokens": 8},
+    ), overrides))
+
+
+def gpu(**overrides) -> PipelineConfig:
+    """A GPT-2-small-sized run for one GPU (bf16): the whole standard library, 5000 steps."""
+    return PipelineConfig(**_merge(dict(
+        out_dir="runs/pipeline-gpu", device="cuda", precision="bf16",
+        data={"include_stdlib_tests": True, "tokenizer": {"vocab_size": 16384}},
+        pretrain={"model_preset": "gpt2_small", "seq_len": 1024, "batch_size": 32, "max_steps": 5000,
+                  "warmup_steps": 200, "eval_every": 500, "lr": 6e-4, "ckpt_every": 1000},
+        sft={"seq_len": 256, "train": {"max_steps": 1000, "batch_size": 64, "lr": 1e-4}},
+        rm={"seq_len": 256, "train": {"max_steps": 500, "batch_size": 64, "lr": 1e-5}},
+        dpo={"seq_len": 256, "train": {"max_steps": 500, "batch_size": 64, "lr": 1e-6}},
+        rl_cfg={"seq_len": 256, "train": {"max_steps": 200, "batch_size": 64, "lr": 1e-6}},
+        eval={"limit": 1000, "heldout": 500, "samples": 8, "max_new_tokens": 16},
+    ), overrides))
+
+
+PRESETS: dict[str, Callable[..., PipelineConfig]] = {"smoke": smoke, "default": default, "gpu": gpu}
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """Recursive dict merge: overrides win, nested dicts are merged key by key."""
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ------------------------------------------------------------------------------------ stage caching
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    """``<out_dir>/<stage>/stage.json``: the inputs' hash, whether it finished, its summary."""
+
+    key: str
+    finished: bool = False
+    status: str = "running"  # "done", "unavailable", "skipped"
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """Runs the stages of one PipelineConfig, skipping those whose inputs have not changed."""
+
+    def __init__(self, cfg: PipelineConfig, force: tuple[str, ...] = (), log: Callable[[str], None] = print):
+        self.cfg, self.force, self.log = cfg, set(force), log
+        self.out = Path(cfg.out_dir)
+        self.records: dict[str, StageRecord] = {}
+        self.keys: dict[str, str] = {}
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def run_stage(self, name: str, settings: dict, needs: tuple[str, ...], fn: Callable[[Path], dict]) -> StageRecord:
+        """Run ``fn(stage_dir) -> summary`` unless a finished record with the same inputs' hash exists."""
+        import resource
+
+        n = STAGES.index(name) + 1
+        missing = [d for d in needs if self.records.get(d) is None or self.records[d].status != "done"]
+        if name in self.cfg.skip or missing:
+            why = "skipped by the configuration" if name in self.cfg.skip else f"needs {', '.join(missing)}"
+            self.log(f"[{n}/{len(STAGES)}] {name}: skipped ({why})")
+            rec = StageRecord(key="", finished=True, status="skipped", summary={"reason": why})
+            self.records[name] = rec
+            return rec
+        key = _key(name, settings, [self.keys[d] for d in needs], pyllm.__version__)
+        self.keys[name] = key
+        directory = self.stage_dir(name)
+        path = directory / "stage.json"
+        old = StageRecord(**json.loads(path.read_text())) if path.exists() else None
+        if old is not None and old.key == key and old.finished and old.status == "done" and name not in self.force:
+            self.log(f"[{n}/{len(STAGES)}] {name}: cached ({old.seconds:.0f} s when run; inputs unchanged)")
+            self.records[name] = old
+            return old
+        if old is not None and (old.key != key or name in self.force):
+            shutil.rmtree(directory)  # different inputs: stale checkpoints must not be resumed
+        elif old is not None:
+            self.log(f"[{n}/{len(STAGES)}] {name}: resuming an interrupted run")
+        directory.mkdir(parents=True, exist_ok=True)
+        rec = StageRecord(key=key)
+        path.write_text(json.dumps(dataclasses.asdict(rec)))
+        self.log(f"[{n}/{len(STAGES)}] {name}: running")
+        t0, c0 = time.perf_counter(), _cpu_seconds(resource)
+        try:
+            rec.summary, rec.status = fn(directory), "done"
+        except StageUnavailable as e:
+            rec.summary, rec.status = {"reason": str(e)}, "unavailable"
+            self.log(f"[{n}/{len(STAGES)}] {name}: unavailable ({e})")
+        rec.seconds, rec.cpu_seconds, rec.finished = time.perf_counter() - t0, _cpu_seconds(resource) - c0, True
+        path.write_text(json.dumps(dataclasses.asdict(rec), default=str))
+        if rec.status == "done":
+            self.log(f"[{n}/{len(STAGES)}] {name}: done in {rec.seconds:.0f} s")
+        self.records[name] = rec
+        return rec
+
+    def run(self) -> dict[str, StageRecord]:
+        from . import report
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        S = self.records
+        self.run_stage("data", cfg.data, (), lambda d: run_data(cfg, d))
+        self.run_stage("pretrain", {**cfg.pretrain, "precision": cfg.precision, "device": cfg.device}, ("data",),
+                       lambda d: run_pretrain(cfg, d, S["data"].summary))
+        self.run_stage("sft", cfg.sft, ("pretrain",), lambda d: run_sft(cfg, d, S["pretrain"].summary))
+        self.run_stage("rm", cfg.rm, ("sft",), lambda d: run_rm(cfg, d, S["sft"].summary))
+        self.run_stage("dpo", cfg.dpo, ("sft",), lambda d: run_dpo(cfg, d, S["sft"].summary))
+        rl_needs = ("dpo",) + (("rm",) if cfg.rl == "ppo" else ())
+        if cfg.rl == "none":
+            S["rl"] = StageRecord(key="", finished=True, status="skipped", summary={"reason": "rl='none'"})
+        else:
+            self.run_stage("rl", {"algorithm": cfg.rl, **cfg.rl_cfg}, rl_needs,
+                           lambda d: run_rl(cfg, d, S["dpo"].summary, S.get("rm")))
+        ckpts = {name: S[name].summary["model_dir"] for name in ("pretrain", "sft", "dpo", "rl")
+                 if S.get(name) and S[name].status == "done" and S[name].summary.get("model_dir")}
+        self.run_stage("eval", {**cfg.eval, "checkpoints": sorted(ckpts)}, tuple(ckpts),
+                       lambda d: run_eval(cfg, d, ckpts, S.get("rm")))
+        # the report is cheap and reads everything: always rewritten
+        t0 = time.perf_counter()
+        path = report.write_pipeline_report(cfg, S, self.stage_dir("report"))
+        self.log(f"[{len(STAGES)}/{len(STAGES)}] report: {path} ({time.perf_counter() - t0:.0f} s)")
+        return S
+
+
+def _cpu_seconds(resource) -> float:
+    self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run(cfg: PipelineConfig, force: tuple[str, ...] = ()) -> dict[str, StageRecord]:
+    """Run the pipeline; returns each stage's record (status, seconds, summary)."""
+    return Pipeline(cfg, force).run()
+
+
+# --------------------------------------------------------------------------------------------- stages
+# One function per stage: the only place that stage's API is called.
+
+
+def _device(cfg: PipelineConfig) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
+def run_data(cfg: PipelineConfig, directory: Path) -> dict:
+    """Curate the standard library, train the tokenizer, pack shards (pyllm.data.run)."""
+    from pyllm.data import DataConfig
+    from pyllm.data import run as run_data_pipeline
+
+    result = run_data_pipeline(DataConfig.from_dict({**cfg.data, "out_dir": str(directory)}))
+    cur, pack = result.stats["curate"], result.stats["pack"]
+    # the funnel: documents left after each filter, in the order the filters run
+    funnel, left = [("read", cur["documents_in"])], cur["documents_in"]
+    for stage in ("clean", "quality", "classifier", "dedup"):
+        left -= sum(cur["dropped"].get(stage, {}).values())
+        funnel.append((stage, left))
+    return {"shard_dir": str(result.shard_dir), "tokenizer_dir": str(result.tokenizer_dir),
+            "data_report": str(result.report) if result.report else None, "funnel": funnel,
+            "dropped": cur["dropped"], "bytes_in": cur["bytes_in"], "bytes_out": cur["bytes_out"],
+            "tokens": pack["tokens"], "bytes_per_token": pack["bytes_per_token"], "splits": pack["totals"],
+            "curate_seconds": cur["seconds"], "pack_seconds": pack["seconds"]}
+
+
+def measured_matmul_tflops(device: str, precision: str) -> float:
+    """The best fp32/bf16/fp16 matmul rate this device shows now (TFLOP/s): the peak MFU is judged against
+    where no data-sheet figure exists (CPUs)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    n = 4096 if device == "cuda" else (1024 if precision == "fp32" else 256)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def _history(directory: Path) -> list[dict]:
+    """Every record of a Trainer's metrics.jsonl (training and evaluation lines), in order."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_pretrain(cfg: PipelineConfig, directory: Path, data: dict) -> dict:
+    """Pretrain on the shards (pyllm.train.train); the final model lands in <dir>/final."""
+    from pyllm.model.flops import peak_flops
+    from pyllm.train import TrainConfig, train
+
+    device = _device(cfg)
+    peak = None
+    if device == "cpu":
+        peak = measured_matmul_tflops(device, cfg.precision)
+    elif peak_flops(__import__("torch").cuda.get_device_name(), cfg.precision) is None:
+        peak = measured_matmul_tflops(device, cfg.precision)
+    tcfg = TrainConfig(**{**cfg.pretrain, "data": data["shard_dir"], "out_dir": str(directory), "device": device,
+                          "precision": cfg.precision, "peak_tflops": peak, "distributed": "none"})
+    summary = train(tcfg)
+    return {**{k: v for k, v in summary.items() if k != "history"}, "peak_tflops_used": peak,
+            "params": _num_params(summary["model_dir"]), "history": _history(directory)}
+
+
+def _num_params(model_dir: str) -> int:
+    from pyllm.model import load_model
+
+    return load_model(model_dir).num_params()
+
+
+def _post_stage(stage: str, module: str, config: str, function: str, settings: dict, cfg: PipelineConfig,
+                directory: Path, start_model: str, **extra) -> dict:
+    """Run one pyllm.post stage from ``start_model``; StageUnavailable if this build lacks it."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+        config_cls, fn = getattr(mod, config), getattr(mod, function)
+    except (ImportError, AttributeError) as e:
+        raise StageUnavailable(f"{module}.{config}/{function} not found ({type(e).__name__}: {e})") from None
+    train_overrides = {**settings.get("train", {}), "device": _device(cfg), "precision": cfg.precision}
+    stage_cfg = config_cls(**{**settings, **extra, "model": start_model, "out_dir": str(directory),
+                              "train": train_overrides})
+    summary = fn(stage_cfg)
+    return {**{k: v for k, v in summary.items() if k != "train"},
+            "train": {k: v for k, v in summary.get("train", {}).items() if k != "history"},
+            "history": _history(directory), "stage": stage}
+
+
+def run_sft(cfg: PipelineConfig, directory: Path, pretrain: dict) -> dict:
+    return _post_stage("sft", "pyllm.post.sft", "SFTConfig", "sft", cfg.sft, cfg, directory, pretrain["model_dir"])
+
+
+def run_rm(cfg: PipelineConfig, directory: Path, sft: dict) -> dict:
+    return _post_stage("rm", "pyllm.post.reward", "RewardConfig", "train_reward_model", cfg.rm, cfg, directory,
+                       sft["model_dir"])
+
+
+def run_dpo(cfg: PipelineConfig, directory: Path, sft: dict) -> dict:
+    return _post_stage("dpo", "pyllm.post.dpo", "DPOConfig", "dpo", cfg.dpo, cfg, directory, sft["model_dir"])
+
+
+def run_rl(cfg: PipelineConfig, directory: Path, start: dict, rm: StageRecord | None) -> dict:
+    if cfg.rl == "grpo":
+        return _post_stage("grpo", "pyllm.post.grpo", "GRPOConfig", "grpo", cfg.rl_cfg, cfg, directory,
+                           start["model_dir"])
+    return _post_stage("ppo", "pyllm.post.ppo", "PPOConfig", "ppo", cfg.rl_cfg, cfg, directory, start["model_dir"],
+                       reward_model=rm.summary["model_dir"])
+
+
+def run_eval(cfg: PipelineConfig, directory: Path, checkpoints: dict[str, str], rm: StageRecord | None) -> dict:
+    """Every checkpoint measured the same way (columns explained in pyllm.report)."""
+    import torch
+
+    from pyllm.eval import builtin_task, run_tasks
+    from pyllm.model import load_model
+    from pyllm.post.chat import ChatTemplate
+    from pyllm.post.datasets import split, task_examples, task_reward
+    from pyllm.post.sequences import generate_responses
+    from pyllm.tokenizer import load_tokenizer
+
+    device, settings = _device(cfg), cfg.eval
+    limit, max_new = settings.get("limit", 100), settings.get("max_new_tokens", 8)
+    # held-out task prompts: the same hash split SFT/RL use, so none of these was trained on
+    heldout = split(task_examples(), cfg.sft.get("heldout_fraction", 0.2))[1][:settings.get("heldout", 100)]
+    prompts = [e.prompt for e in heldout]
+    tasks = [builtin_task("stdlib_ppl", limit=limit), builtin_task("stdlib_name", limit=limit),
+             builtin_task("stdlib_doc", limit=limit)]
+    judge = _reward_judge(rm, device)
+    reference = load_model(checkpoints["sft"], device=device) if "sft" in checkpoints else None
+    results, samples = {}, {}
+    for name, path in checkpoints.items():
+        model, tok = load_model(path, device=device), load_tokenizer(path)
+        template = ChatTemplate(tok)
+        with torch.no_grad():
+            scores = run_tasks(model, tok, tasks)
+            _, _, greedy, _ = generate_responses(model, template, prompts, max_new_tokens=max_new, temperature=0.0)
+            row = {"bits_per_byte": scores["stdlib_ppl"]["bits_per_byte"],
+                   "mc_name_acc": scores["stdlib_name"]["acc"], "mc_doc_acc": scores["stdlib_doc"]["acc_norm"],
+                   "task_acc": sum(task_reward(p, r) for p, r in zip(prompts, greedy)) / len(prompts)}
+            if judge is not None:
+                row["reward"] = judge.scores(prompts, greedy).mean().item()
+            if reference is not None and name not in ("pretrain",):
+                row["kl_to_sft"] = _kl_to_reference(model, reference, template, prompts, max_new)
+        results[name] = row
+        samples[name] = dict(zip(prompts[:settings.get("samples", 4)], greedy))
+        del model
+    (directory / "eval.json").write_text(json.dumps({"checkpoints": results, "samples": samples}, indent=1))
+    return {"checkpoints": results, "samples": samples, "heldout_prompts": len(prompts), "task_limit": limit}
+
+
+def _reward_judge(rm: StageRecord | None, device: str):
+    """The trained reward model as a scorer of (prompt, response), or None when there is none."""
+    if rm is None or rm.status != "done":
+        return None
+    from pyllm.post.chat import ChatTemplate
+    from pyllm.post.heads import RewardModel
+    from pyllm.post.judge import RewardModelJudge
+    from pyllm.tokenizer import load_tokenizer
+
+    directory = rm.summary["model_dir"]
+    model = RewardModel.load(directory, device=device).eval()
+    return RewardModelJudge(model, ChatTemplate(load_tokenizer(directory)), model.body.cfg.max_seq_len)
+
+
+def _kl_to_reference(model, reference, template, prompts: list[str], max_new: int, seed: int = 0) -> float:
+    """KL(policy || reference) per response, estimated on responses sampled from the policy at
+    temperature 1: the mean over samples of sum_t log p(y_t) - log p_ref(y_t) (Schulman's k1)."""
+    from pyllm.post.packing import Encoded
+    from pyllm.post.sequences import collate, generate_responses, response_logprobs, sequence_logprob
+
+    p_ids, r_ids, _, _ = generate_responses(model, template, prompts, max_new_tokens=max_new, temperature=1.0, seed=seed)
+    encoded = [Encoded(tuple(p) + tuple(r), (False,) * len(p) + (True,) * len(r)) for p, r in zip(p_ids, r_ids) if r]
+    if not encoded:
+        return 0.0
+    device = model.head_weight.device
+    batch = collate(encoded, template.tokenizer.pad_id, device)
+    logp, mask = response_logprobs(model, batch["tokens"], batch["train"])
+    ref_logp, _ = response_logprobs(reference, batch["tokens"], batch["train"])
+    return (sequence_logprob(logp, mask) - sequence_logprob(ref_logp, mask)).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pyllm pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="smoke (~1 min CPU), default (~10-15 min CPU), gpu")
+    parser.add_argument("--out-dir", help="where the stages and the report go (default: the preset's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--rl", choices=("grpo", "ppo", "none"))
+    parser.add_argument("--skip", default="", help=f"comma-separated stages not to run ({', '.join(STAGES[2:-1])})")
+    parser.add_argument("--force", default="", help="comma-separated stages to re-run even if cached")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("out_dir", args.out_dir), ("device", args.device),
+                                   ("precision", args.precision), ("rl", args.rl)) if v is not None}
+    if args.skip:
+        overrides["skip"] = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    force = tuple(s.strip() for s in args.force.split(",") if s.strip())
+    try:
+        cfg = PRESETS[args.preset](**overrides)
+        bad = [s for s in force if s not in STAGES]
+        if bad:
+            raise ValueError(f"--force {bad}: stages are {', '.join(STAGES)}")
+    except ValueError as e:
+        print(f"pyllm pipeline: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    records = run(cfg, force)
+    failed = [n for n, r in records.items() if r.status == "unavailable"]
+    print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report: {Path(cfg.out_dir) / 'report' / 'report.md'}"
+          + (f"; unavailable stages: {', '.join(failed)}" if failed else ""))
+    return 0

@@ -1,0 +1,199 @@
+"""The pipeline's report: ``report.md`` plus PNG plots (matplotlib, Agg) from the stage records.
+
+Sections: what ran and how long it took (time and energy), the data funnel, loss curves of every
+training stage, one evaluation table over all checkpoints, each post-training stage's own held-out
+metric before and after, sample answers before and after post-training, and throughput/MFU.
+
+Columns of the evaluation table, each measured the same way on every checkpoint:
+- bits/byte: held-out standard-library docstrings (``pyllm.eval`` task ``stdlib_ppl``), lower is better;
+- MC name / MC doc: 4-way multiple choice on held-out stdlib functions (``stdlib_name`` acc,
+  ``stdlib_doc`` acc_norm), chance is 0.25;
+- task acc: exact answers to held-out built-in task prompts (add / sort / reverse), greedy;
+- reward: the trained reward model's mean score of those greedy answers;
+- KL to SFT: KL(checkpoint || SFT model) per response, on answers sampled at temperature 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TRAIN_STAGES = ("pretrain", "sft", "rm", "dpo", "rl")
+CPU_WATTS_PER_CORE = 10.0
+"""Assumed draw of one busy server core, for the energy ESTIMATE where no energy counter exists."""
+
+
+def _f(x, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and x == x else "-"
+
+
+def _stage_name(name: str, summary: dict) -> str:
+    return summary.get("stage", name) if name == "rl" else name
+
+
+def plot_funnel(funnel: list, path: Path) -> Path:
+    labels, counts = zip(*funnel)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh(range(len(counts)), counts, color="tab:blue")
+    ax.set_yticks(range(len(counts)))
+    ax.set_yticklabels([f"after {s}" if s != "read" else "read" for s in labels])
+    ax.invert_yaxis()
+    for i, c in enumerate(counts):
+        ax.text(c, i, f" {c}", va="center", fontsize=8)
+    ax.set_xlabel("documents")
+    ax.set_title("data funnel")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(records: dict, path: Path) -> Path | None:
+    """One panel per training stage: training loss per logged step (and validation loss if logged)."""
+    panels = [(n, r.summary.get("history") or []) for n, r in records.items()
+              if n in TRAIN_STAGES and r.status == "done"]
+    panels = [(n, h) for n, h in panels if any("loss" in rec for rec in h)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3), squeeze=False)
+    for ax, (name, hist) in zip(axes[0], panels):
+        train = [(r["step"], r["loss"]) for r in hist if "loss" in r and "step" in r]
+        ax.plot(*zip(*train), label="train loss")
+        val = [(r["step"], r["val_loss"]) for r in hist if "val_loss" in r and "step" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss")
+        ax.set_title(_stage_name(name, records[name].summary))
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_eval(rows: dict, path: Path) -> Path:
+    metrics = [("bits_per_byte", "bits/byte (lower is better)"), ("mc_name_acc", "MC name acc"),
+               ("task_acc", "task acc"), ("reward", "reward")]
+    metrics = [(k, t) for k, t in metrics if any(k in r for r in rows.values())]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+    names = list(rows)
+    for ax, (key, title) in zip(axes[0], metrics):
+        ax.bar(names, [rows[n].get(key, float("nan")) for n in names], color="tab:green")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _before_after(summary: dict) -> str:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    parts = [f"{k} {_f(before.get(k))} -> {_f(after.get(k))}" for k in after
+             if isinstance(after.get(k), (int, float)) and k in before]
+    return "; ".join(parts) or "-"
+
+
+def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
+    """Write ``<directory>/report.md`` and its plots; returns the Markdown path."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    R = records
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu"
+              else f"CPU {platform.processor() or platform.machine()} ({__import__('os').cpu_count()} cores)")
+    total_s = sum(r.seconds for r in R.values())
+    lines = ["# pyllm pipeline report", "",
+             f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {device}; "
+             f"torch {torch.__version__}; precision {cfg.precision}. Stage outputs are under `{cfg.out_dir}`.", "",
+             "## Stages, time and energy", "",
+             "| stage | status | wall time (s) | CPU time (s) | energy | note |", "|---|---|---|---|---|---|"]
+    est_kwh = 0.0
+    for name, rec in R.items():
+        kwh = (rec.summary.get("train") or {}).get("energy_kwh") or rec.summary.get("energy_kwh")
+        if kwh is not None:
+            energy = f"{kwh * 1000:.3f} Wh (measured, NVML)"
+        elif rec.status == "done":
+            est = rec.cpu_seconds * CPU_WATTS_PER_CORE / 3.6e6
+            est_kwh += est
+            energy = f"~{est * 1000:.3f} Wh (estimate)"
+        else:
+            energy = "-"
+        note = rec.summary.get("reason", "") if rec.status != "done" else ""
+        lines.append(f"| {_stage_name(name, rec.summary)} | {rec.status} | {rec.seconds:.0f} | {rec.cpu_seconds:.0f} | "
+                     f"{energy} | {note} |")
+    lines += ["", f"Total wall time of these stage runs: {total_s:.0f} s (cached stages show the time of the run "
+              f"that produced them). Energy estimates assume {CPU_WATTS_PER_CORE:.0f} W per busy CPU core times the "
+              "CPU time (no energy counter on this machine); GPU stages read NVML where available.", ""]
+
+    data = R["data"].summary
+    if R["data"].status == "done":
+        funnel = plot_funnel(data["funnel"], directory / "funnel.png")
+        lines += ["## Data", "",
+                  "| step | documents left |", "|---|---|"] + [f"| {s} | {n} |" for s, n in data["funnel"]]
+        lines += ["", f"{data['bytes_in'] / 1e6:.2f} MB read, {data['bytes_out'] / 1e6:.2f} MB kept, "
+                  f"{data['tokens']} tokens ({data['bytes_per_token']:.2f} bytes/token). Drop reasons: "
+                  + "; ".join(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in reasons.items())
+                              for stage, reasons in data["dropped"].items() if reasons)
+                  + (f". Full data report: `{data['data_report']}`." if data.get("data_report") else "."), "",
+                  f"![data funnel]({funnel.name})", ""]
+
+    losses = plot_losses(R, directory / "losses.png")
+    if losses:
+        lines += ["## Loss curves", "", f"![loss curves]({losses.name})", ""]
+
+    ev = R.get("eval")
+    if ev is not None and ev.status == "done":
+        rows = ev.summary["checkpoints"]
+        lines += ["## Evaluation of every checkpoint", "",
+                  f"Held-out data only: {ev.summary['task_limit']} items per stdlib task, "
+                  f"{ev.summary['heldout_prompts']} held-out task prompts. See `pyllm/report.py` for the columns.", "",
+                  "| checkpoint | bits/byte | MC name acc | MC doc acc | task acc | reward | KL to SFT |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            label = _stage_name(name, R[name].summary) if name in R else name
+            lines.append(f"| {label} | {_f(row.get('bits_per_byte'))} | {_f(row.get('mc_name_acc'))} | "
+                         f"{_f(row.get('mc_doc_acc'))} | {_f(row.get('task_acc'))} | {_f(row.get('reward'))} | "
+                         f"{_f(row.get('kl_to_sft'))} |")
+        lines += ["", f"![evaluation]({plot_eval(rows, directory / 'eval.png').name})", ""]
+        samples = ev.summary["samples"]
+        names = list(samples)
+        prompts = list(dict.fromkeys(p for s in samples.values() for p in s))
+        lines += ["## Sample answers (greedy), before and after post-training", "",
+                  "| prompt | " + " | ".join(_stage_name(n, R[n].summary) if n in R else n for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for p in prompts:
+            cells = [json.dumps(samples[n].get(p, ""))[1:-1].replace("|", "\\|") or "(empty)" for n in names]
+            lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    post = [(n, R[n]) for n in ("sft", "rm", "dpo", "rl") if n in R and R[n].status == "done"]
+    if post:
+        lines += ["## Post-training stages: their own held-out metric, before -> after", "",
+                  "| stage | held-out metrics |", "|---|---|"]
+        lines += [f"| {_stage_name(n, r.summary)} | {_before_after(r.summary)} |" for n, r in post] + [""]
+
+    lines += ["## Throughput", "", "| stage | steps | tokens | tokens/s | MFU | peak memory (GB) |", "|---|---|---|---|---|---|"]
+    for name in TRAIN_STAGES:
+        rec = R.get(name)
+        if rec is None or rec.status != "done":
+            continue
+        t = rec.summary if name == "pretrain" else rec.summary.get("train", {})
+        mfu = t.get("mfu")
+        lines.append(f"| {_stage_name(name, rec.summary)} | {t.get('steps', '-')} | {t.get('tokens', '-')} | "
+                     f"{_f(t.get('tokens_per_s'), '.0f')} | {_f(mfu * 100 if mfu else None, '.2f')}% | "
+                     f"{_f(t.get('peak_memory_gb'), '.2f')} |")
+    pre = R["pretrain"].summary
+    if pre.get("peak_tflops_used"):
+        lines += ["", f"MFU of pretraining is against the matmul rate measured on this device at the start of the "
+                  f"stage ({pre['peak_tflops_used']:.3f} TFLOP/s, {cfg.precision}), not a data-sheet peak."]
+    path = directory / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
