@@ -94,3 +94,11 @@ def test_win_rate_and_judge(tok):
     talker = constant_model(tok.vocab_size, [ord("x")])
     mute = constant_model(tok.vocab_size, [tok.eos_id])
     assert judge_models(talker, mute, tok, ["hi", "yo"], longer_is_better, max_new_tokens=3)["win_rate"] == 1.0
+
+
+def test_generation_under_autocast(tok):
+    import torch
+
+    model = constant_model(tok.vocab_size, [ord("q")])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs eval_fn
+        assert generate_text(model, tok, ["x"], max_new_tokens=3) == ["qqq"]
