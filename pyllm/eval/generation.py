@@ -15,7 +15,6 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
-import torch
 from tqdm import tqdm
 
 from .parallel import all_reduce_sums
@@ -50,11 +49,8 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
         if len(ids) == 1:  # a one-token stop string can end generation early
             stop_tokens.add(ids[0])
     prompt_ids = [[tokenizer.eos_id, *tokenizer.encode(p)][-room:] for p in prompts]
-    # generate's KV cache takes the weights' dtype, so run it outside any autocast (the Trainer
-    # evaluates under one): in the model's own dtype
-    with torch.autocast(model.head_weight.device.type, enabled=False):
-        outs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p if top_p < 1.0 else None, stop_tokens=sorted(stop_tokens), seed=seed)
+    outs = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p if top_p < 1.0 else None, stop_tokens=sorted(stop_tokens), seed=seed)
     texts = []
     for ids in outs:
         if tokenizer.eos_id in ids:

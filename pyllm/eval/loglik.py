@@ -53,12 +53,6 @@ class Scorer:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
-    def _cache_dtype(self) -> torch.dtype:
-        """Keys and values come out in the autocast dtype when autocast is on (the Trainer evaluates
-        under its autocast), else in the parameters' dtype."""
-        kind = self.device.type
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
-
     def _head_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """log-softmax of the output head on hidden rows h (..., d) in fp32 -> (..., V), autocast or not."""
         with torch.autocast(self.device.type, enabled=False):
@@ -118,7 +112,7 @@ class Scorer:
         if len(ctx) + longest - 1 > self.max_len or len(conts) > self.batch_size:
             return self.loglikelihood([(ctx, c) for c in conts])
         cfg, n = self.model.cfg, len(conts)
-        cache = KVCache.empty(cfg, 1, len(ctx) + longest - 1, self.device, self._cache_dtype())
+        cache = KVCache.empty(cfg, 1, len(ctx) + longest - 1, self.device, self.dtype)
         h_ctx = self.model.hidden(torch.tensor([ctx], device=self.device), cache=cache)  # (1, Tc, d)
         first = self._head_logprobs(h_ctx[0, -1]).expand(n, -1)[:, None]  # (n, 1, V): predicts cont[0]
         if longest > 1:
