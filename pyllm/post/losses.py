@@ -122,13 +122,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
-    """Clipped surrogate: mean over masked tokens of max(-A r, -A clip(r, 1-c, 1+c)), r = exp(logp - old).
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's masked tokens, then over sequences (GRPO's 1/G sum_i 1/|o_i| sum_t):
+    every response weighs the same whatever its length."""
+    return masked_mean(x, mask, dim=1).mean()
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2, per_sequence: bool = False):
+    """Clipped surrogate: mean over masked tokens of max(-A r, -A clip(r, 1-c, 1+c)), r = exp(logp - old)
+    (``per_sequence``: the mean per sequence, then over sequences).
     Returns (loss, clip_fraction, approx_kl) with approx_kl the k3 estimate of KL(old || new)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = sequence_mean(per_token, mask) if per_sequence else masked_mean(per_token, mask)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(kl_penalty(old_logp, logp.detach(), "k3"), mask)

@@ -1,0 +1,153 @@
+"""GRPO (Shao et al. 2024): PPO's clipped objective without a value model.
+
+Each prompt is sampled ``group_size`` times; a response's advantage is its reward relative to its
+group, (r - mean) / std, given to every one of its tokens. The KL to the frozen reference is a loss term
+(the k3 estimator, per token) rather than a reward penalty. Rewards are verifiable: the exact-match
+checker of the built-in tasks, or a reward model.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
+from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
+from .rollout import Rollout, RolloutBatches, heldout_metrics, make_reward_fn, sample
+from .sequences import response_logprobs
+from .stage import StageConfig, add_lora, device_of, export, load_start, run_trainer, write_summary
+
+
+@dataclass
+class RLConfig(StageConfig):
+    """Fields PPO and GRPO share. ``data``: prompts with reference answers (builtin:tasks|add|sort|reverse
+    or a JSONL of {prompt, completion}); ``train['batch_size']`` is the minibatch of samples per step."""
+
+    reward: str = "task"
+    """"task" (built-in exact-match checker, 1 or 0) or "rm:<dir>" (a reward model's score)."""
+    prompts_per_rollout: int = 32
+    """Prompts sampled per rollout."""
+    epochs: int = 2
+    """Passes of minibatch updates over each rollout."""
+    clip: float = 0.2
+    """Policy-ratio clip range epsilon."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference (PPO: per-token reward penalty; GRPO: loss term)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    max_new_tokens: int = 8
+    """Longest response sampled."""
+
+    def __post_init__(self):
+        checks = [(self.prompts_per_rollout > 0, "prompts_per_rollout must be positive"),
+                  (self.epochs > 0, "epochs must be positive"), (self.clip > 0, "clip must be positive"),
+                  (self.kl_coef >= 0, "kl_coef must be >= 0"), (self.temperature > 0, "temperature must be > 0"),
+                  (self.max_new_tokens > 0, "max_new_tokens must be positive")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {msg}")
+        super().__post_init__()
+
+    def samples_per_rollout(self) -> int:
+        return self.prompts_per_rollout
+
+    def check_minibatch(self) -> None:
+        mb = self.train_config().micro_batch()
+        if self.samples_per_rollout() % mb:
+            raise ValueError(f"{type(self).__name__}: a rollout of {self.samples_per_rollout()} samples is not a "
+                             f"multiple of the minibatch ({mb}); change train['batch_size'] or the rollout size")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO on verifiable tasks."""
+
+    group_size: int = 8
+    """Samples per prompt; advantages are relative to the group."""
+    scale_rewards: bool = True
+    """Divide by the group's std (GRPO); False keeps r - mean (Dr. GRPO)."""
+    prompts_per_rollout: int = 8
+    """Prompts sampled per rollout (each group_size times)."""
+    kl_coef: float = 0.04
+    """Weight of the per-token k3 KL to the reference in the loss."""
+    out_dir: str = "runs/grpo"
+    """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"GRPOConfig: group_size={self.group_size} must be >= 2 (advantages are relative)")
+        super().__post_init__()
+        self.check_minibatch()
+
+    def samples_per_rollout(self) -> int:
+        return self.prompts_per_rollout * self.group_size
+
+    def stage_defaults(self) -> dict:
+        return {"lr": 5e-4, "min_lr": 5e-4, "max_steps": 40, "batch_size": 32, "warmup_steps": 0,
+                "schedule": "constant"}
+
+
+def rl_setup(cfg: RLConfig):
+    """(policy, frozen reference, tokenizer, template, train prompts, held-out examples, reward_fn)."""
+    policy, tokenizer, template = load_start(cfg)
+    device = device_of(cfg)
+    policy.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    items = resolve(cfg.data, BUILTIN_EXAMPLES, load_examples, cfg.seed)
+    train_items, heldout = split([e for e in items if isinstance(e, Example)], cfg.heldout_fraction)
+    if not train_items or not heldout:
+        raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_items)} training and "
+                         f"{len(heldout)} held-out prompts; both must be non-empty")
+    for e in train_items + heldout:  # a prompt that leaves no room to answer is an error, with its origin
+        n = len(template.prompt_ids([{"role": "user", "content": e.prompt}]))
+        if n + cfg.max_new_tokens > cfg.seq_len:
+            raise ValueError(f"{e.origin}: prompt is {n} tokens; with max_new_tokens={cfg.max_new_tokens} it "
+                             f"exceeds seq_len={cfg.seq_len}")
+    reward_fn = make_reward_fn(cfg.reward, template, cfg.seq_len, device)
+    return policy, reference, tokenizer, template, [e.prompt for e in train_items], heldout[:cfg.max_heldout], reward_fn
+
+
+def grpo(cfg: GRPOConfig) -> dict:
+    """Run GRPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
+    policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
+
+    @torch.no_grad()
+    def make_rollout(round_: int) -> Rollout:
+        rng = random.Random(cfg.seed * 7777 + round_)
+        chosen = rng.sample(prompts, min(cfg.prompts_per_rollout, len(prompts)))
+        group = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups
+        batch, texts = sample(policy, template, group, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, seed=cfg.seed * 100 + round_)
+        rewards = torch.tensor(reward_fn(group, texts), dtype=torch.float32)
+        old_logp, mask = response_logprobs(policy, batch["input_ids"], batch["train"])
+        ref_logp, _ = response_logprobs(reference, batch["input_ids"], batch["train"])
+        adv = grpo_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards).to(old_logp.device)
+        kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()
+        return Rollout({**batch, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": adv},
+                       {"reward": rewards.mean().item(), "kl": kl})
+
+    def loss_fn(model, batch):
+        logp, mask = response_logprobs(model, batch["input_ids"], batch["train"])
+        adv = batch["advantages"][:, None].expand_as(logp)
+        pg, clip_frac, _ = ppo_policy_loss(logp, batch["old_logp"], adv, mask, cfg.clip, per_sequence=True)
+        kl = sequence_mean(kl_penalty(logp, batch["ref_logp"], "k3"), mask)
+        return pg + cfg.kl_coef * kl, {"clip_frac": clip_frac, "kl_ref": kl.detach(),
+                                       "reward": batch["rollout_reward"]}
+
+    def measure(m):
+        return heldout_metrics(m, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed)
+
+    policy.eval()
+    before = measure(policy)
+    params = add_lora(cfg, policy)
+    batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed)
+    train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
+    policy.eval()
+    after = measure(policy)
+    summary = {"stage": "grpo", "data": cfg.data, "reward": cfg.reward, "group_size": cfg.group_size,
+               "rollouts": batches.round, "heldout_prompts": len(heldout), "before": before, "after": after,
+               **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}
+    return write_summary(cfg, summary)
