@@ -1,8 +1,9 @@
 """Fused bias + GELU (tanh or exact) and SwiGLU, forward and backward.
 
 Algorithm. Pointwise over a 2-D row view (M, N) with a row stride, so the column halves of a fused
-[gate | up] projection (strided views) are read in place without a copy. Each program handles one
-row and a BLOCK_N slice of columns; everything is computed in fp32 registers and rounded once.
+[gate | up] projection (strided views) are read in place without a copy. Each program handles a
+(BLOCK_M rows, BLOCK_N columns) tile (one row of up to 4k columns for wide rows, several rows for
+narrow ones); everything is computed in fp32 registers and rounded once.
 
     GELU exact  y = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))          (Hendrycks & Gimpel 2016)
     GELU tanh   y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (GPT-2's gelu_new)
@@ -12,8 +13,8 @@ Backward recomputes the activation from the saved inputs (nothing but the inputs
 bias gradient is the column sum of dx, reduced in a second pass (no atomics). tanh is written as
 1 - 2 / (exp(2u) + 1) on u clamped to [-20, 20] (exact to fp32 at both tails, no overflow).
 
-Memory-bound: on an H100 the limit is HBM bandwidth; BLOCK_N of 1-4k elements a program with 4-8
-warps gives 16-byte vector accesses and enough bytes in flight, picked by autotune per N.
+Memory-bound: on an H100 the limit is HBM bandwidth; tiles of 1-4k elements with 4-8 warps give
+16-byte vector accesses and enough bytes in flight, picked by autotune per N.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ _INV_SQRT_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 _CONFIGS = launch.configs(
-    [triton.Config({"BLOCK_N": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8), (4096, 16))],
-    triton.Config({"BLOCK_N": 64}, num_warps=1))
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
+     for m, n, w in ((1, 1024, 4), (1, 2048, 8), (1, 4096, 8), (2, 2048, 8), (4, 1024, 8), (8, 512, 4))],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=1))
 
 
 @triton.jit
@@ -54,64 +56,64 @@ def gelu_value(x, EXACT: tl.constexpr):
 
 @triton.autotune(configs=_CONFIGS, key=["N", "HAS_BIAS", "EXACT"])
 @triton.jit
-def _gelu_fwd_kernel(X, B, Y, stride_x, stride_y, N,
-                     HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+def _gelu_fwd_kernel(X, B, Y, stride_x, stride_y, M, N,
+                     HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rows < M) & (cols < N)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = gelu_value(x, EXACT)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "HAS_BIAS", "EXACT"])
 @triton.jit
-def _gelu_bwd_kernel(DY, X, B, DX, stride_dy, stride_x, stride_dx, N,
-                     HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+def _gelu_bwd_kernel(DY, X, B, DX, stride_dy, stride_x, stride_dx, M, N,
+                     HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rows < M) & (cols < N)
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     if EXACT:
         grad = 0.5 * (1.0 + tl.erf(x * _INV_SQRT_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
     else:
         t = _tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
         grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
-    tl.store(DX + row * stride_dx + cols, (dy * grad).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + rows * stride_dx + cols, (dy * grad).to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N"])
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, stride_y, N, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, stride_y, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rows < M) & (cols < N)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N"])
 @triton.jit
-def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, N,
-                       BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < N
-    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_bwd_kernel(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    mask = (rows < M) & (cols < N)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + row * stride_du + cols, (dy * silu).to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + rows * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows * stride_du + cols, (dy * silu).to(DU.dtype.element_ty), mask=mask)
 
 
 def unsupported_reason(*tensors: torch.Tensor | None) -> str | None:
@@ -128,7 +130,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(M, N):
-    return lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
 
 def gelu_fwd(x, bias, exact: bool):
@@ -137,7 +139,7 @@ def gelu_fwd(x, bias, exact: bool):
     M = x2.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M and N:
-        _gelu_fwd_kernel[_grid(M, N)](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), N,
+        _gelu_fwd_kernel[_grid(M, N)](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), M, N,
                                       HAS_BIAS=bias is not None, EXACT=exact)
     return y.view(x.shape)
 
@@ -150,7 +152,7 @@ def gelu_bwd(dy, x, bias, exact: bool):
     dx = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M and N:
         _gelu_bwd_kernel[_grid(M, N)](dy2, x2, bias if bias is not None else x2, dx, dy2.stride(0), x2.stride(0),
-                                      dx.stride(0), N, HAS_BIAS=bias is not None, EXACT=exact)
+                                      dx.stride(0), M, N, HAS_BIAS=bias is not None, EXACT=exact)
     # Second pass: the bias gradient is the column sum of dx, accumulated in fp32.
     dbias = dx.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else dx.new_empty(0)
     return dx.view(x.shape), dbias
@@ -162,7 +164,7 @@ def swiglu_fwd(gate, up):
     M = g2.shape[0]
     y = torch.empty((M, N), device=gate.device, dtype=gate.dtype)
     if M and N:
-        _swiglu_fwd_kernel[_grid(M, N)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), N)
+        _swiglu_fwd_kernel[_grid(M, N)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), M, N)
     return y.view(gate.shape)
 
 
@@ -174,7 +176,7 @@ def swiglu_bwd(dy, gate, up):
     du = torch.empty((M, N), device=gate.device, dtype=up.dtype)
     if M and N:
         _swiglu_bwd_kernel[_grid(M, N)](dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0),
-                                        dg.stride(0), du.stride(0), N)
+                                        dg.stride(0), du.stride(0), M, N)
     return dg.view(gate.shape), du.view(up.shape)
 
 

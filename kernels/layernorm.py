@@ -1,6 +1,7 @@
 """LayerNorm and RMSNorm, with an optional fused residual add, forward and backward.
 
-Algorithm. Forward: one program per row; the row (BLOCK_N >= N, a power of two) is loaded once,
+Algorithm. Forward: each program owns whole rows (BLOCK_N >= N, a power of two; one row when N is
+large, several short rows as one 2-D tile otherwise); a row is loaded once,
 ``h = x + residual`` is written back as the new residual stream, and the statistics are computed in
 fp32 from registers (two-pass mean/variance on the register copy: no E[x^2]-E[x]^2 cancellation).
 ``mean`` and ``rstd`` (fp32, one per row) are saved for the backward. RMSNorm (Zhang & Sennrich
@@ -38,74 +39,89 @@ MAX_N = 65536
 
 @triton.jit
 def _layernorm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD,
-                          stride_x, stride_r, stride_y, stride_h, N, eps,
+                          stride_x, stride_r, stride_y, stride_h, M, N, eps,
                           IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A (BLOCK_M, BLOCK_N) tile: BLOCK_M whole rows (several short rows per program, one long row).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         # The new residual stream is rounded to the input dtype, as an unfused x + residual would be.
-        h_low = (x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h_low, mask=mask)
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_low = (x + r).to(H.dtype.element_ty)
+        tl.store(H + r64 * stride_h + cols[None, :], h_low, mask=mask)
         x = h_low.to(tl.float32)
     if IS_RMS:
-        var = tl.sum(x * x, axis=0) / N
-        rstd = tl.rsqrt(var + eps)
-        xhat = x * rstd
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        xhat = x * rstd[:, None]
     else:
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / N
-        rstd = tl.rsqrt(var + eps)
-        xhat = xc * rstd
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    y = xhat * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        xhat = xc * rstd[:, None]
+        tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+    y = xhat * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _layernorm_bwd_kernel(DY, DH, H, W, MEAN, RSTD, DX, DW_PART, DB_PART,
                           stride_dy, stride_dh, stride_h, stride_dx, M, N, rows_per_prog,
                           IS_RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program pid walks rows [pid * rows_per_prog, ...) BLOCK_M at a time (rows_per_prog is a
+    # multiple of BLOCK_M) and leaves its partial weight/bias gradient sums in row pid of *_PART.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
-    for row in range(row_start, row_end):
-        row64 = tl.cast(row, tl.int64)
-        h = tl.load(H + row64 * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        h = tl.load(H + r64 * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
         if IS_RMS:
             xhat = h * rstd
         else:
-            xhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+            xhat = tl.where(mask, (h - tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]) * rstd, 0.0)
         g = w * dy
-        c1 = tl.sum(xhat * g, axis=0) / N
+        c1 = tl.sum(xhat * g, axis=1)[:, None] / N
         if IS_RMS:
             dx = (g - xhat * c1) * rstd
         else:
-            c2 = tl.sum(g, axis=0) / N
-            dx = (g - xhat * c1 - c2) * rstd
+            dx = (g - xhat * c1 - tl.sum(g, axis=1)[:, None] / N) * rstd
         if HAS_DRES:
-            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DH + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         if HAS_BIAS:
             db_acc += dy
-    tl.store(DW_PART + pid * N + cols, dw_acc, mask=mask)
+    tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * N + cols, db_acc, mask=mask)
+        tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+def _tile(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N, num_warps): about 4k elements a tile on a GPU (one row when N >= 4k;
+    several short rows per program otherwise), bigger tiles in the interpreter (fewer programs)."""
+    block_n = triton.next_power_of_2(N)
+    per_tile = 16384 if launch.INTERPRET else 4096
+    block_m = max(1, min(64 if launch.INTERPRET else 16, per_tile // block_n))
+    return block_m, block_n, launch.num_warps_for(block_m * block_n)
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> str | None:
@@ -135,14 +151,14 @@ def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     h = torch.empty((M, N), device=x.device, dtype=x.dtype) if residual is not None else x.new_empty(0)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     mean = torch.empty(0 if rms else M, device=x.device, dtype=torch.float32)
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_M, BLOCK_N, warps = _tile(N)
     if M > 0:
-        _layernorm_fwd_kernel[(M,)](
+        _layernorm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
             x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, y,
             h if residual is not None else y, mean if not rms else rstd, rstd,
-            x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), N, N, eps,
-            IS_RMS=rms, HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N,
-            num_warps=launch.num_warps_for(BLOCK_N))
+            x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), N, M, N, eps,
+            IS_RMS=rms, HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=warps)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else h), mean, rstd
 
 
@@ -154,10 +170,11 @@ def layernorm_bwd(dy, dh, h, weight, mean, rstd, has_bias: bool, rms: bool):
     dh2 = _rows(dh, N) if dh is not None else None
     M = h2.shape[0]
     dx = torch.empty((M, N), device=h.device, dtype=h.dtype)
-    BLOCK_N = triton.next_power_of_2(N)
+    BLOCK_M, BLOCK_N, warps = _tile(N)
     # P programs, each a contiguous band of rows; ~2 per SM keeps every SM busy during the band walk.
-    P = max(1, min(M, launch.num_programs_hint(h, per_sm=2)))
-    rows_per_prog = triton.cdiv(M, P) if M else 0
+    P = max(1, min(triton.cdiv(M, BLOCK_M), launch.num_programs_hint(h, per_sm=2)))
+    rows_per_prog = triton.cdiv(triton.cdiv(M, P), BLOCK_M) * BLOCK_M
+    P = max(1, triton.cdiv(M, rows_per_prog)) if M else 1
     dw_part = torch.empty((P, N), device=h.device, dtype=torch.float32)
     db_part = torch.empty((P, N) if has_bias else (0,), device=h.device, dtype=torch.float32)
     if M > 0:
@@ -166,8 +183,8 @@ def layernorm_bwd(dy, dh, h, weight, mean, rstd, has_bias: bool, rms: bool):
             dw_part, db_part if has_bias else dw_part,
             dy2.stride(0), dh2.stride(0) if dh2 is not None else 0, h2.stride(0), dx.stride(0),
             M, N, rows_per_prog,
-            IS_RMS=rms, HAS_DRES=dh is not None, HAS_BIAS=has_bias, BLOCK_N=BLOCK_N,
-            num_warps=launch.num_warps_for(BLOCK_N))
+            IS_RMS=rms, HAS_DRES=dh is not None, HAS_BIAS=has_bias, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=warps)
     else:
         dw_part.zero_()
         db_part.zero_()

@@ -38,7 +38,7 @@ _CONFIGS = launch.configs(
      for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                               (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                               (64, 64, 64, 4, 5), (32, 64, 64, 4, 5), (64, 32, 128, 4, 4))],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1))
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=1))
 
 
 @triton.jit

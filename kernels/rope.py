@@ -2,9 +2,9 @@
 
 Algorithm. For x = [x1 | x2] (two halves of the head dim) and per-position cos/sin of D/2 angles:
     out1 = x1 cos - x2 sin,     out2 = x2 cos + x1 sin.
-One program per (batch, position) loads that position's cos/sin once and rotates every q head and
-every k head at that position (BLOCK_H heads at a time), so cos/sin are read once per token, not
-once per head. Inputs are read through their (B, H, T) strides: q/k may be views of the fused qkv
+One program per (batch, block of BLOCK_T positions) loads those positions' cos/sin once and rotates
+every q head and every k head there ((BLOCK_T, BLOCK_H, D/2) tiles), so cos/sin are read once per
+token, not once per head. Inputs are read through their (B, H, T) strides: q/k may be views of the fused qkv
 projection, no copy. The rotation is orthogonal, so the backward is the same kernel with sin negated
 (``BACKWARD``); cos/sin are treated as constants (no gradient), as they are buffers in the model.
 
@@ -22,38 +22,43 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 MAX_HEAD_DIM = 512
 
 
 @triton.jit
-def _rotate_heads(X, O, sxh, soh, H, c, s, d, dmask, HALF, BLOCK_H: tl.constexpr):
-    # X, O point at (b, head 0, t, 0); heads are sxh / soh apart. c, s: (BLOCK_D,) fp32.
+def _rotate_heads(X, O, sxh, sxt, soh, sot, H, t, t_ok, c, s, d, d_ok, HALF, BLOCK_H: tl.constexpr):
+    # X, O point at (b, head 0, position 0, 0). t: (BLOCK_T,) positions; c, s: (BLOCK_T, 1, BLOCK_D) fp32.
+    # Tiles are (BLOCK_T, BLOCK_H, BLOCK_D): positions x heads x half the head dim.
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        m = (h[:, None] < H) & dmask[None, :]
-        px = X + h[:, None].to(tl.int64) * sxh + d[None, :]
+        m = t_ok[:, None, None] & (h < H)[None, :, None] & d_ok[None, None, :]
+        px = X + t[:, None, None].to(tl.int64) * sxt + h[None, :, None].to(tl.int64) * sxh + d[None, None, :]
         x1 = tl.load(px, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(px + HALF, mask=m, other=0.0).to(tl.float32)
-        po = O + h[:, None].to(tl.int64) * soh + d[None, :]
-        tl.store(po, (x1 * c[None, :] - x2 * s[None, :]).to(O.dtype.element_ty), mask=m)
-        tl.store(po + HALF, (x2 * c[None, :] + x1 * s[None, :]).to(O.dtype.element_ty), mask=m)
+        po = O + t[:, None, None].to(tl.int64) * sot + h[None, :, None].to(tl.int64) * soh + d[None, None, :]
+        tl.store(po, (x1 * c - x2 * s).to(O.dtype.element_ty), mask=m)
+        tl.store(po + HALF, (x2 * c + x1 * s).to(O.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _rope_fwd_kernel(Q, K, QO, KO, COS, SIN, T, HQ, HKV,
                      sqb, sqh, sqt, skb, skh, skt, sqob, sqoh, sqot, skob, skoh, skot, scb, sct, HALF,
-                     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // T
-    t = pid % T
+                     BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
     d = tl.arange(0, BLOCK_D)
-    dmask = d < HALF
-    c = tl.load(COS + b * scb + t * sct + d, mask=dmask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + b * scb + t * sct + d, mask=dmask, other=0.0).to(tl.float32)
+    d_ok = d < HALF
+    cs_off = b * scb + t[:, None].to(tl.int64) * sct + d[None, :]
+    cs_mask = t_ok[:, None] & d_ok[None, :]
+    c = tl.load(COS + cs_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+    s = tl.load(SIN + cs_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
     if BACKWARD:
         s = -s  # the inverse rotation: R(theta)^T = R(-theta)
-    _rotate_heads(Q + b * sqb + t * sqt, QO + b * sqob + t * sqot, sqh, sqoh, HQ, c, s, d, dmask, HALF, BLOCK_H)
-    _rotate_heads(K + b * skb + t * skt, KO + b * skob + t * skot, skh, skoh, HKV, c, s, d, dmask, HALF, BLOCK_H)
+    _rotate_heads(Q + b * sqb, QO + b * sqob, sqh, sqt, sqoh, sqot, HQ, t, t_ok, c, s, d, d_ok, HALF, BLOCK_H)
+    _rotate_heads(K + b * skb, KO + b * skob, skh, skt, skoh, skot, HKV, t, t_ok, c, s, d, d_ok, HALF, BLOCK_H)
 
 
 def unsupported_reason(q, k, cos, sin) -> str | None:
@@ -80,14 +85,18 @@ def rope_apply(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
     scb = cos.stride(0) if cos.dim() == 3 else 0  # (T, D/2) broadcasts over the batch
     sct = cos.stride(-2)
     BLOCK_D = triton.next_power_of_2(D // 2)
+    # ~4k (GPU) / 16k (interpreter) elements a tile: all heads of a few positions, or more positions
     BLOCK_H = max(1, min(triton.next_power_of_2(max(HQ, HKV)), 4096 // BLOCK_D))
+    budget = 16384 if launch.INTERPRET else 4096
+    BLOCK_T = max(1, min(triton.next_power_of_2(T), budget // (BLOCK_H * BLOCK_D), 64))
     if B * T == 0:
         return
-    _rope_fwd_kernel[(B * T,)](
+    _rope_fwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
         q, k, q_out, k_out, cos, sin, T, HQ, HKV,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        scb, sct, D // 2, BACKWARD=backward, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=4)
+        scb, sct, D // 2, BACKWARD=backward, BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        num_warps=launch.num_warps_for(BLOCK_T * BLOCK_H * BLOCK_D))
 
 
 def rope_fwd(q, k, cos, sin, backward: bool = False):
