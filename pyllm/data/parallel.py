@@ -53,9 +53,11 @@ def _ray_map(fn, items, workers, initializer, initargs, address, window) -> Iter
                  log_to_driver=False, configure_logging=False)
 
     run = ray.remote(_ray_task)
+    # the initializer's arguments (configs, classifier weights) go to the object store once, not per task
+    init_ref = ray.put(initargs)
     pending: deque = deque()
     for item in items:
-        pending.append(run.remote(fn, initializer, initargs, item))
+        pending.append(run.remote(fn, initializer, init_ref, init_ref.hex(), item))
         if len(pending) >= window:
             yield ray.get(pending.popleft())
     while pending:
@@ -65,11 +67,11 @@ def _ray_map(fn, items, workers, initializer, initargs, address, window) -> Iter
 _RAY_INITIALISED: set = set()
 
 
-def _ray_task(fn, initializer, initargs, item):
-    # A Ray worker process serves many tasks: run the initializer once per process. Defined at module
-    # level so Ray imports it by reference and this set is the worker's own module global.
-    key = (getattr(initializer, "__qualname__", None), repr(initargs)[:200])
-    if initializer is not None and key not in _RAY_INITIALISED:
+def _ray_task(fn, initializer, initargs, init_key, item):
+    # A Ray worker process serves many tasks: run the initializer once per process and per map call
+    # (init_key is the object id of its arguments). Defined at module level so Ray imports it by
+    # reference and this set is the worker's own module global.
+    if initializer is not None and init_key not in _RAY_INITIALISED:
         initializer(*initargs)
-        _RAY_INITIALISED.add(key)
+        _RAY_INITIALISED.add(init_key)
     return fn(item)

@@ -135,3 +135,18 @@ def test_cli_builtin_corpus_small(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "read 40 documents" in out and (tmp_path / "shards" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ray_engine_gives_byte_identical_shards(result, corpus, tmp_path):
+    """The same pipeline on a local Ray cluster (2 CPUs): identical curated text and shards."""
+    ray = pytest.importorskip("ray")
+    try:
+        on_ray = run(_config(corpus, tmp_path, workers=2, engine="ray", report=False))
+    finally:
+        ray.shutdown()
+    assert on_ray.curated_file.read_bytes() == result.curated_file.read_bytes()
+    names = sorted(p.name for p in result.shard_dir.iterdir())
+    assert names == sorted(p.name for p in on_ray.shard_dir.iterdir())
+    for name in names:
+        assert (on_ray.shard_dir / name).read_bytes() == (result.shard_dir / name).read_bytes(), name
