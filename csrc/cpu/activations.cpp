@@ -16,39 +16,40 @@ constexpr float kGeluCubic = 0.044715f;
 constexpr float kInvSqrt2 = 0.7071067811865476f;
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 
-inline float gelu(float v, bool tanh_approx) {
-  if (tanh_approx) return 0.5f * v * (1.0f + fast_tanh(kSqrt2OverPi * (v + kGeluCubic * v * v * v)));
+template <bool kTanh>
+inline float gelu(float v) {
+  if (kTanh) return 0.5f * v * (1.0f + fast_tanh(kSqrt2OverPi * (v + kGeluCubic * v * v * v)));
   return 0.5f * v * (1.0f + fast_erf(v * kInvSqrt2));
 }
 
-inline float gelu_grad(float v, bool tanh_approx) {
-  if (tanh_approx) {
+template <bool kTanh>
+inline float gelu_grad(float v) {
+  if (kTanh) {
     const float t = fast_tanh(kSqrt2OverPi * (v + kGeluCubic * v * v * v));
     return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * v * v);
   }
   return 0.5f * (1.0f + fast_erf(v * kInvSqrt2)) + v * kInvSqrt2Pi * fast_exp(-0.5f * v * v);
 }
 
-}  // namespace
-
-void bias_gelu_fwd(const float* x, const float* bias, float* y, int64_t rows, int64_t n, bool tanh_approx,
-                   int threads) {
+template <bool kTanh>
+void bias_gelu_fwd_impl(const float* x, const float* bias, float* y, int64_t rows, int64_t n, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     float* yr = y + r * n;
     if (bias) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = gelu(xr[i] + bias[i], tanh_approx);
+      for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i] + bias[i]);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = gelu(xr[i], tanh_approx);
+      for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i]);
     }
   }
 }
 
-void bias_gelu_bwd(const float* dy, const float* x, const float* bias, float* dx, float* dbias, int64_t rows,
-                   int64_t n, bool tanh_approx, int threads) {
+template <bool kTanh>
+void bias_gelu_bwd_impl(const float* dy, const float* x, const float* bias, float* dx, float* dbias, int64_t rows,
+                        int64_t n, int threads) {
   const bool parallel = rows * n >= PYLLM_MIN_PARALLEL_WORK && threads > 1;
   const int nt = parallel ? threads : 1;
   float* partial = dbias ? static_cast<float*>(calloc(static_cast<size_t>(nt) * n, sizeof(float))) : nullptr;
@@ -66,10 +67,10 @@ void bias_gelu_bwd(const float* dy, const float* x, const float* bias, float* dx
       float* dxr = dx + r * n;
       if (bias) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad(xr[i] + bias[i], tanh_approx);
+        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i] + bias[i]);
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad(xr[i], tanh_approx);
+        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i]);
       }
       if (db) {
 #pragma omp simd
@@ -85,6 +86,18 @@ void bias_gelu_bwd(const float* dy, const float* x, const float* bias, float* dx
     }
     free(partial);
   }
+}
+
+}  // namespace
+
+void bias_gelu_fwd(const float* x, const float* bias, float* y, int64_t rows, int64_t n, bool tanh_approx,
+                   int threads) {
+  (tanh_approx ? bias_gelu_fwd_impl<true> : bias_gelu_fwd_impl<false>)(x, bias, y, rows, n, threads);
+}
+
+void bias_gelu_bwd(const float* dy, const float* x, const float* bias, float* dx, float* dbias, int64_t rows,
+                   int64_t n, bool tanh_approx, int threads) {
+  (tanh_approx ? bias_gelu_bwd_impl<true> : bias_gelu_bwd_impl<false>)(dy, x, bias, dx, dbias, rows, n, threads);
 }
 
 void swiglu_fwd(const float* gate, const float* up, float* y, int64_t rows, int64_t n, int64_t gate_stride,

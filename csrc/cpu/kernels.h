@@ -1,8 +1,8 @@
 // The CPU kernel interface: plain functions over raw float32 pointers (no libtorch).
 //
 // Every kernel source in csrc/cpu is compiled once per instruction set (see CMakeLists.txt): into
-// namespace pyllm::cpu::avx2 with -mavx2 -mfma, and into pyllm::cpu::base with the compiler's baseline
-// flags. dispatch.cpp picks one table at run time from the CPU's features, so the extension never
+// namespace pyllm::cpu::avx512 (AVX-512 F/DQ/BW/VL), pyllm::cpu::avx2 (AVX2 + FMA) and pyllm::cpu::base
+// (the compiler's baseline flags). dispatch.cpp picks one table at run time from the CPU's features, so the extension never
 // executes an instruction the machine lacks. Sizes are int64; rows are contiguous unless a stride is
 // given. `threads` is the thread count to use (the Python side passes torch.get_num_threads()).
 #pragma once
@@ -77,6 +77,7 @@ const KernelTable& kernels();
   namespace ns {                    \
   KernelTable make_table();         \
   }
+PYLLM_CPU_DECLARE_TABLE(avx512)
 PYLLM_CPU_DECLARE_TABLE(avx2)
 PYLLM_CPU_DECLARE_TABLE(base)
 #undef PYLLM_CPU_DECLARE_TABLE

@@ -1,7 +1,7 @@
 // Branch-free float math that the compiler can vectorise inside `#pragma omp simd` loops (libm's expf,
 // tanhf and erff are scalar calls unless -ffast-math, which pyllm does not use: it would break the
 // inf/nan checks of the loss scaler). Included only by the per-ISA kernel sources; everything here has
-// internal linkage, so the avx2 and base builds never share a symbol.
+// internal linkage, so the per-ISA builds never share a symbol.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -11,7 +11,7 @@
 #endif
 
 #ifndef PYLLM_ISA
-#error "PYLLM_ISA (the kernel namespace: avx2 or base) must be defined by the build"
+#error "PYLLM_ISA (the kernel namespace: avx512, avx2 or base) must be defined by the build"
 #endif
 
 #define PYLLM_CPU_NS_BEGIN namespace pyllm { namespace cpu { namespace PYLLM_ISA {
