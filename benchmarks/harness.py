@@ -119,7 +119,7 @@ PYLLM_BACKENDS = {"pyllm-triton": "triton", "pyllm-cuda": "cuda", "pyllm-cpu": "
 CORE_PROVIDERS = ("torch eager", "torch.compile", *PYLLM_BACKENDS)
 
 
-def providers(bench: OpBench, device: str, wanted: tuple[str, ...] | None) -> dict[str, Callable | str]:
+def providers(bench: OpBench, device: str) -> dict[str, Callable | str]:
     """Every provider for this op on this device: a callable, or the reason it is not run."""
     out: dict[str, Callable | str] = {"torch eager": bench.pyllm_fn("torch")}
     # what the compiler makes of the unfused program; the caller resets Dynamo per shape so that a
@@ -142,8 +142,6 @@ def providers(bench: OpBench, device: str, wanted: tuple[str, ...] | None) -> di
         else:
             out[name] = bench.pyllm_fn(backend)
     out.update(bench.externals(device))
-    if wanted is not None:
-        out = {k: (v if k in wanted else "not selected (--providers)") for k, v in out.items()}
     return out
 
 
@@ -339,7 +337,7 @@ def _run_case(bench, case, dtype_name, modes, opts, calib, budget, wanted, emit)
     base = bench.make_inputs(case, torch.float32, device)
     truth = reference_truth(bench, base, dtype, dtype_name, device)
     common = dict(op=bench.op, case=case.label, shape=case.shape, dtype=dtype_name, suite=opts.suite)
-    for name, fn in providers(bench, device, None).items():
+    for name, fn in providers(bench, device).items():
         if not _selected(name, wanted):
             continue
         if isinstance(fn, str):

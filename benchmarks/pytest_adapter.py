@@ -33,10 +33,10 @@ def pytest_benchmark_test(bench: OpBench):
     grid = [pytest.param(case, d, m, id=f"{case.label}-{d}-{m}")
             for case in bench.cases(opts.suite) for d in opts.dtypes_for(bench) for m in modes]
 
-    @pytest.mark.parametrize("provider", list(providers(bench, opts.device, None)))
+    @pytest.mark.parametrize("provider", list(providers(bench, opts.device)))
     @pytest.mark.parametrize("case,dtype_name,mode", grid)
     def test(benchmark, case, dtype_name, mode, provider):
-        fn = providers(bench, opts.device, None)[provider]
+        fn = providers(bench, opts.device)[provider]
         if isinstance(fn, str):
             pytest.skip(fn)
         if provider == "torch.compile" and opts.suite == "short":

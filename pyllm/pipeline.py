@@ -86,19 +86,19 @@ class PipelineConfig:
 
 
 def smoke(**overrides) -> PipelineConfig:
-    """About a minute on a 2-core CPU: every stage runs, on very little data; the numbers mean nothing."""
+    """About a minute on a 2-core CPU: every stage runs, on very little data; the numbers mean little."""
     return PipelineConfig(**_merge(dict(
         out_dir="runs/pipeline-smoke",
-        data={"max_documents": 60, "tokenizer": {"vocab_size": 512}, "classifier": {"enabled": False},
+        data={"max_documents": 40, "tokenizer": {"vocab_size": 512}, "classifier": {"enabled": False},
               "shards": {"val_fraction": 0.1}, "report": False},
         pretrain={"model_preset": "tiny", "model": {"n_layer": 2, "d_model": 64, "n_head": 4},
-                  "seq_len": 64, "batch_size": 8, "max_steps": 30, "warmup_steps": 5, "eval_every": 15,
+                  "seq_len": 64, "batch_size": 8, "max_steps": 20, "warmup_steps": 4, "eval_every": 10,
                   "eval_batches": 2, "log_every": 5, "lr": 3e-3},
-        sft={"seq_len": 64, "train": {"max_steps": 20, "batch_size": 8, "log_every": 5}},
-        rm={"seq_len": 64, "train": {"max_steps": 10, "batch_size": 8, "log_every": 5}},
-        dpo={"seq_len": 64, "train": {"max_steps": 10, "batch_size": 8, "log_every": 5}},
-        rl_cfg={"seq_len": 64, "train": {"max_steps": 4, "batch_size": 8, "log_every": 2}},
-        eval={"limit": 20, "heldout": 24, "samples": 4, "max_new_tokens": 8},
+        sft={"seq_len": 64, "max_heldout": 16, "train": {"max_steps": 15, "batch_size": 8, "log_every": 5}},
+        rm={"seq_len": 64, "max_heldout": 16, "train": {"max_steps": 6, "batch_size": 8, "log_every": 3}},
+        dpo={"seq_len": 64, "max_heldout": 16, "train": {"max_steps": 6, "batch_size": 8, "log_every": 3}},
+        rl_cfg={"seq_len": 64, "max_heldout": 16, "train": {"max_steps": 3, "batch_size": 8, "log_every": 1}},
+        eval={"limit": 12, "heldout": 16, "samples": 4, "max_new_tokens": 6},
     ), overrides))
 
 

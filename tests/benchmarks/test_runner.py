@@ -1,0 +1,41 @@
+"""``python -m benchmarks``: runs, appends, resumes, renders; bad arguments are one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import results
+from benchmarks.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_short_run_appends_resumes_and_renders(tmp_path, capsys):
+    out = tmp_path / "cpu.jsonl"
+    args = ["--suite", "short", "--ops", "softmax", "--modes", "fwd", "--providers", "torch eager,pyllm-cpu",
+            "--out", str(out), "--threads", "1"]
+    assert main(args) == 0
+    recs = [r for r in results.read(out) if r["kind"] == "op"]
+    assert {r["provider"] for r in recs} == {"torch eager", "pyllm-cpu"}
+    eager = next(r for r in recs if r["provider"] == "torch eager")
+    assert eager["status"] == "ok" and eager["machine"]["torch_threads"] == 1 and eager["shape"] == {"rows": 64, "cols": 512}
+    assert (tmp_path / "cpu.md").exists()
+    assert main(args + ["--resume"]) == 0  # everything measured already: nothing new but the calibration
+    again = [r for r in results.read(out) if r["kind"] == "op"]
+    assert len(again) == len(recs)
+    assert "resume: 1 (op, case, dtype) already measured" in capsys.readouterr().out
+
+
+def test_unknown_op_is_a_one_line_error(capsys):
+    assert main(["--ops", "softmaxx"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'softmaxx'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pytest_benchmark_form_collects_and_runs():
+    """``pytest benchmarks/bench_<op>.py``: the check runs, then pytest-benchmark times the call."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_softmax.py",
+                           "-k", "torch and eager and fwd and not bwd", "--benchmark-disable"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout

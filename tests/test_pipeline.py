@@ -1,0 +1,101 @@
+"""``pyllm pipeline``: stage caching and resume (on stand-in stages), then the smoke preset end to end."""
+
+import json
+
+import pytest
+
+from pyllm import pipeline
+from pyllm.pipeline import Pipeline, PipelineConfig, StageUnavailable
+
+
+def _pipe(tmp_path, force=()):
+    logs = []
+    return Pipeline(PipelineConfig(out_dir=str(tmp_path)), force=force, log=logs.append), logs
+
+
+def test_stage_runs_once_then_is_cached_until_its_inputs_change(tmp_path):
+    calls = []
+
+    def data(d):
+        calls.append("data")
+        (d / "out.txt").write_text("x")
+        return {"n": 1}
+
+    p, logs = _pipe(tmp_path)
+    assert p.run_stage("data", {"docs": 10}, (), data).summary == {"n": 1}
+    p.run_stage("pretrain", {"steps": 5}, ("data",), lambda d: calls.append("pretrain") or {})
+    p, logs = _pipe(tmp_path)
+    p.run_stage("data", {"docs": 10}, (), data)
+    p.run_stage("pretrain", {"steps": 5}, ("data",), lambda d: calls.append("pretrain") or {})
+    assert calls == ["data", "pretrain"] and any("data: cached" in line for line in logs)
+    # a changed setting re-runs that stage in a clean directory, and the stages that read from it
+    p, _ = _pipe(tmp_path)
+    p.run_stage("data", {"docs": 11}, (), lambda d: calls.append("data2") or {"seen": sorted(x.name for x in d.iterdir())})
+    p.run_stage("pretrain", {"steps": 5}, ("data",), lambda d: calls.append("pretrain2") or {})
+    assert calls[-2:] == ["data2", "pretrain2"]
+    assert p.records["data"].summary["seen"] == ["stage.json"]  # out.txt of the old inputs is gone
+    p, _ = _pipe(tmp_path, force=("pretrain",))
+    p.run_stage("data", {"docs": 11}, (), data)
+    p.run_stage("pretrain", {"steps": 5}, ("data",), lambda d: calls.append("forced") or {})
+    assert calls[-1] == "forced" and "data" not in calls[-1:]
+
+
+def test_interrupted_stage_resumes_in_place(tmp_path):
+    def interrupted(d):
+        (d / "checkpoint").write_text("step 3")
+        raise KeyboardInterrupt
+
+    p, _ = _pipe(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        p.run_stage("data", {}, (), interrupted)
+    assert json.loads((tmp_path / "data" / "stage.json").read_text())["finished"] is False
+    p, logs = _pipe(tmp_path)
+    rec = p.run_stage("data", {}, (), lambda d: {"resumed_from": (d / "checkpoint").read_text()})
+    assert rec.summary == {"resumed_from": "step 3"} and any("resuming" in line for line in logs)
+
+
+def test_unavailable_stage_is_reported_and_its_dependants_skipped(tmp_path):
+    def missing(d):
+        raise StageUnavailable("pyllm.post.dpo not in this build")
+
+    p, logs = _pipe(tmp_path)
+    p.run_stage("data", {}, (), lambda d: {})
+    assert p.run_stage("dpo", {}, ("data",), missing).status == "unavailable"
+    rec = p.run_stage("rl", {}, ("dpo",), lambda d: pytest.fail("must not run"))
+    assert rec.status == "skipped" and rec.summary["reason"] == "needs dpo"
+
+
+def test_config_errors_say_what_to_change(capsys):
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        PipelineConfig(precision="fp8")
+    with pytest.raises(ValueError, match=r"skip=\['evals'\]"):
+        PipelineConfig(skip=("evals",))
+    assert pipeline.main(["--preset", "smoke", "--force", "pretrian"]) == 2
+    assert "--force ['pretrian']" in capsys.readouterr().err
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    """Every stage on the built-in data; each training stage improves its own held-out metric."""
+    cfg = pipeline.smoke(out_dir=str(tmp_path / "run"))
+    records = pipeline.run(cfg)
+    status = {name: rec.status for name, rec in records.items()}
+    assert status == {"data": "done", "pretrain": "done", "sft": "done", "rm": "done", "dpo": "done",
+                      "rl": "done", "eval": "done"}, status
+    data = records["data"].summary
+    assert data["funnel"][0][0] == "read" and data["funnel"][-1][1] > 0 and data["tokens"] > 0
+    hist = [r for r in records["pretrain"].summary["history"] if "loss" in r]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    sft = records["sft"].summary
+    assert sft["after"]["completion_loss"] < sft["before"]["completion_loss"]
+    rows = records["eval"].summary["checkpoints"]
+    assert set(rows) == {"pretrain", "sft", "dpo", "rl"}
+    assert all(0 < rows[n]["bits_per_byte"] < 16 and 0 <= rows[n]["task_acc"] <= 1 for n in rows)
+    assert rows["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "reward" in rows["dpo"]
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    for section in ("## Data", "## Loss curves", "## Evaluation of every checkpoint", "## Sample answers",
+                    "## Throughput", "## Stages, time and energy"):
+        assert section in report
+    assert all((tmp_path / "run" / "report" / f).exists() for f in ("funnel.png", "losses.png", "eval.png"))
+    # a second run finds every stage cached and only rewrites the report
+    again = pipeline.Pipeline(cfg, log=lambda s: None).run()
+    assert all(again[n].seconds == records[n].seconds for n in records)
