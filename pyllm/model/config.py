@@ -36,6 +36,9 @@ class ModelConfig:
     """Positions: "learned" (absolute table, GPT-2) or "rope" (rotary, Llama)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: dict | None = None
+    """Llama 3 RoPE frequency scaling (Llama-3.1/3.2 checkpoints): {"factor", "low_freq_factor",
+    "high_freq_factor", "original_max_seq_len"}; None is plain RoPE."""
     bias: bool = True
     """Biases in linear layers and LayerNorm (GPT-2: True, Llama: False)."""
     tie_embeddings: bool = True
@@ -74,6 +77,12 @@ class ModelConfig:
             (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
             (self.max_seq_len > 0, f"max_seq_len={self.max_seq_len} must be positive"),
         ]
+        if self.rope_scaling is not None:
+            keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
+            checks.append((set(self.rope_scaling) == keys and self.pos == "rope"
+                           and self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
+                           f"rope_scaling={self.rope_scaling} needs pos='rope' and exactly the keys {sorted(keys)} "
+                           f"with high_freq_factor > low_freq_factor"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")

@@ -10,7 +10,9 @@ Layout differences handled here:
 - pyllm fuses the attention input projection: ``attn.qkv`` rows are [q heads | k heads | v heads],
   which is GPT-2's ``c_attn`` order and Llama's q_proj, k_proj, v_proj stacked.
 - pyllm fuses Llama's gate and up projections: ``mlp.fc`` rows are [gate | up].
-- Llama checkpoints on the hub use the "rotate half" RoPE layout, the one ``ops.rope`` implements.
+- Llama checkpoints on the hub use the "rotate half" RoPE layout, the one ``ops.rope`` implements;
+  Llama 3.1/3.2's "llama3" RoPE scaling maps to ``ModelConfig.rope_scaling``. Other RoPE scalings
+  (yarn, dynamic...) and GPT-2/Llama variants pyllm cannot express are refused with the field named.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         # transformers >= 5 nests RoPE settings in rope_parameters; older versions keep them top level
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"config.json: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"config.json: RoPE scaling {rope_type!r} is not supported (plain RoPE or 'llama3')")
+        rope_scaling = None if rope_type == "default" else {
+            "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
+            "high_freq_factor": rope["high_freq_factor"],
+            "original_max_seq_len": rope["original_max_position_embeddings"]}
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         if head_dim * heads != hf["hidden_size"]:
@@ -71,7 +77,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
                       n_kv_head=hf.get("num_key_value_heads") or heads, d_model=hf["hidden_size"],
                       d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
                       norm="rmsnorm", mlp="swiglu", pos="rope",
-                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), bias=False,
+                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                      rope_scaling=rope_scaling, bias=False,
                       tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                       dropout=0.0)
     else:
@@ -92,6 +99,12 @@ def _family(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The Hugging Face config.json dict of a pyllm config (GPT-2 or Llama family)."""
     dtype_name = str(dtype).replace("torch.", "")
+    rope = {"rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        sc = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "factor": sc["factor"], "low_freq_factor": sc["low_freq_factor"],
+                "high_freq_factor": sc["high_freq_factor"],
+                "original_max_position_embeddings": sc["original_max_seq_len"]}
     if _family(cfg) == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.d_model, "n_inner": cfg.d_ff,
@@ -108,8 +121,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             "attention_bias": False, "mlp_bias": False,
             # both spellings of the RoPE base: transformers >= 5 reads rope_parameters, vLLM and older
             # transformers read rope_theta
-            "rope_theta": cfg.rope_theta, "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_theta": cfg.rope_theta, "rope_scaling": None if cfg.rope_scaling is None else rope,
+            "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
             "torch_dtype": dtype_name}
 
 

@@ -39,6 +39,25 @@ class KVCache:
         return self.k.shape[3]
 
 
+def rope_frequencies(cfg: ModelConfig, device) -> torch.Tensor:
+    """RoPE's rotation frequency per pair of head dims (D/2,), fp32: theta^(-2i/D) (Su et al. 2021).
+
+    With ``cfg.rope_scaling`` (Llama 3.1): wavelengths longer than original_max_seq_len /
+    low_freq_factor are stretched by ``factor``, those shorter than original_max_seq_len /
+    high_freq_factor are kept, and the band between is interpolated linearly in
+    original_max_seq_len / wavelength.
+    """
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D)
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    context_over_wavelen = s["original_max_seq_len"] * inv_freq / (2 * math.pi)
+    # 0 where the wavelength is long (fully stretched) ... 1 where it is short (kept)
+    keep = ((context_over_wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    return (1 - keep) * inv_freq / s["factor"] + keep * inv_freq
+
+
 class Norm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -162,9 +181,7 @@ class Transformer(nn.Module):
     def _rope(self, positions):
         # Frequencies are recomputed in fp32 on every call rather than kept as a buffer, which
         # model.to(bfloat16) would round (and so rotate every position by the wrong angle).
-        D = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_theta ** (torch.arange(0, D, 2, device=positions.device).float() / D)
-        freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+        freqs = positions[..., None].float() * rope_frequencies(self.cfg, positions.device)  # (B, T, D/2)
         return freqs.cos(), freqs.sin()
 
     def hidden(self, idx, positions=None, doc_ids=None, cache: KVCache | None = None):

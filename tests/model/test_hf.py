@@ -23,15 +23,22 @@ def hf_gpt2(tie=True):
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def hf_llama():
+# Llama 3.1's RoPE scaling, with a short original context so that the tiny head dim (8) has one
+# frequency in each regime: kept, interpolated and stretched
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def hf_llama(rope=None):
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                   max_position_embeddings=64, rope_theta=500.0, rms_norm_eps=1e-6,
-                                   bos_token_id=0, eos_token_id=0)
+                                   max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0,
+                                   rope_parameters={"rope_type": "default", **(rope or {}), "rope_theta": 500.0})
     return transformers.LlamaForCausalLM(cfg)
 
 
-MAKERS = {"gpt2": hf_gpt2, "gpt2_untied": lambda: hf_gpt2(tie=False), "llama_gqa_untied": hf_llama}
+MAKERS = {"gpt2": hf_gpt2, "gpt2_untied": lambda: hf_gpt2(tie=False), "llama_gqa_untied": hf_llama,
+          "llama3_rope_scaling": lambda: hf_llama(LLAMA3_ROPE)}
 
 
 def randomize(model):
@@ -61,10 +68,14 @@ def test_hf_checkpoint_loads_with_same_logits(family, tmp_path):
     torch.testing.assert_close(logits_of(model, IDX), logits_of(hf, IDX), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["tiny", "tiny_llama"])
-def test_export_loads_in_transformers_with_same_logits(family, tmp_path):
+@pytest.mark.parametrize("family, extra", [
+    ("tiny", {}), ("tiny_llama", {}),
+    ("tiny_llama", {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_seq_len": 16}}),
+])
+def test_export_loads_in_transformers_with_same_logits(family, extra, tmp_path):
     torch.manual_seed(0)
-    model = Transformer(preset(family, n_layer=2, d_model=32, n_head=4, vocab_size=V, max_seq_len=64))
+    model = Transformer(preset(family, n_layer=2, d_model=32, n_head=4, vocab_size=V, max_seq_len=64, **extra))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -120,8 +131,8 @@ def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
 
 BAD_HF = {
     "model_type": ({"model_type": "mistral"}, "model_type='mistral' is not supported; pyllm reads 'gpt2' and 'llama'"),
-    "rope_scaling": ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-                     "RoPE scaling 'llama3' is not supported"),
+    "rope_scaling": ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 8.0}},
+                     "RoPE scaling 'yarn' is not supported"),
     "activation": ({"model_type": "gpt2", "activation_function": "relu"}, "activation_function='relu' is not supported"),
     "act_llama": ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     "bias": ({"model_type": "llama", "attention_bias": True}, "attention_bias/mlp_bias are not supported"),
