@@ -16,8 +16,9 @@ from .document import Document
 
 # C0 and C1 control characters except tab and newline, plus invisible format characters that only
 # break tokenisation (byte-order mark, zero-width space, soft hyphen).
+# Lone surrogates (JSON can carry "\ud800") cannot be encoded as UTF-8 and go too.
 _CONTROL = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0),
-                              0xFEFF, 0x200B, 0x00AD]}
+                              0xFEFF, 0x200B, 0x00AD, *range(0xD800, 0xE000)]}
 # Exotic spaces (no-break, en/em, ideographic...) become a plain space.
 _SPACES = {c: " " for c in [0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000]}
 _TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)

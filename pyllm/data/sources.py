@@ -206,13 +206,16 @@ def read_parquet(path: Path, text_field: str, issues: IssueLog) -> Iterator[Docu
                    f"no column {text_field!r} (columns: {pf.schema_arrow.names})")
         return
     row = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if not isinstance(text, str):
-                issues.add(path, row, "missing_text_field", f"row {row}: {text_field!r} is {type(text).__name__}")
-                continue
-            yield Document(id=f"{path}#{row}", text=text, source=str(path), meta={"invalid_bytes": 0})
+    try:
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if not isinstance(text, str):
+                    issues.add(path, row, "missing_text_field", f"row {row}: {text_field!r} is {type(text).__name__}")
+                    continue
+                yield Document(id=f"{path}#{row}", text=text, source=str(path), meta={"invalid_bytes": 0})
+    except Exception as e:  # a corrupt row group: keep the rows before it
+        issues.add(path, row + 1, "corrupt_parquet", f"stopped after {row} row(s): {str(e).splitlines()[0]}")
     if row == 0:
         issues.add(path, None, "empty_file", "no rows")
 
@@ -222,7 +225,10 @@ def _extract_html(html: str, where: str) -> str | None:
         import trafilatura
     except ImportError:
         raise missing_dependency("trafilatura", f"extracting text from HTML ({where})") from None
-    return trafilatura.extract(html, include_comments=False, include_tables=True, deduplicate=False)
+    try:
+        return trafilatura.extract(html, include_comments=False, include_tables=True, deduplicate=False)
+    except Exception:  # the extractor's parser gave up on this page: treated as "no main text"
+        return None
 
 
 def read_html(path: Path, gz: bool, issues: IssueLog) -> Iterator[Document]:
@@ -295,4 +301,7 @@ def read_file(path: Path, text_field: str, issues: IssueLog) -> Iterator[Documen
 def iter_documents(inputs: Iterable[str | os.PathLike], text_field: str, issues: IssueLog) -> Iterator[Document]:
     """Stream the documents of every input file and folder, in a deterministic order."""
     for path in list_files(inputs):
-        yield from read_file(path, text_field, issues)
+        try:
+            yield from read_file(path, text_field, issues)
+        except OSError as e:  # unreadable (permissions, vanished): noted, the other files go on
+            issues.add(path, None, "read_error", str(e))

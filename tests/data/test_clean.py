@@ -42,3 +42,12 @@ def test_empty_after_cleaning_is_dropped():
 def test_config_validation_names_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         CleanConfig(**bad)
+
+
+def test_lone_surrogates_from_json_are_removed():
+    import json
+
+    text = json.loads('"before \\ud800 after"')
+    doc, _, changes = _clean(text)
+    assert doc.text == "before  after" and changes["control_chars_removed"] == 1
+    doc.text.encode("utf-8")  # encodable now

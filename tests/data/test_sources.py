@@ -118,3 +118,22 @@ def test_warc(tmp_path):
     (tmp_path / "cut.warc.gz").write_bytes(blob[: len(blob) * 3 // 4])
     docs, issues = _read([tmp_path / "cut.warc.gz"])
     assert len(docs) >= 1 and issues.counts["corrupt_warc"] == 1
+
+
+def test_unreadable_file_is_reported_and_others_kept(tmp_path, monkeypatch):
+    from pyllm.data import sources
+
+    (tmp_path / "a.txt").write_text("readable text")
+    (tmp_path / "b.txt").write_text("locked")
+    (tmp_path / "c.txt").write_text("also readable")
+    real = sources._read_bytes
+
+    def read_bytes(path, gz, issues):  # what a file without read permission does (tests may run as root)
+        if path.name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, gz, issues)
+
+    monkeypatch.setattr(sources, "_read_bytes", read_bytes)
+    docs, issues = _read([tmp_path])
+    assert [d.text for d in docs] == ["readable text", "also readable"]
+    assert issues.counts["read_error"] == 1 and issues.examples[0].file.endswith("b.txt")
