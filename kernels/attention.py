@@ -13,17 +13,23 @@ Forward. Program (query block, batch*head) keeps q in registers, streams K/V blo
 row max m and sum l in the exp2 domain (scores pre-multiplied by scale * log2 e), rescales the fp32
 accumulator, divides once at the end, and stores lse2 = m + log2(l) per query row (fp32). Fully
 masked rows (possible only with unusual doc ids) output 0 and lse2 = +inf, so their backward is 0.
+The key range of a query block is split into blocks that every query sees entirely (no mask code
+at all: a ``MASKED=False`` instance of the loop) and the few at the causal diagonal, the window's
+lower edge and the sequence end (masked); with document ids every block is masked. Each loop body
+is straight-line code, so Triton can software-pipeline its K/V loads (``num_stages``).
 
 Backward (deterministic by construction: no atomics, every gradient element written by one program).
   1. delta_i = rowsum(dO_i * O_i).
   2. dK/dV: program (key block, batch*kv-head) holds K, V and the dK, dV accumulators, and walks every
-     query head of its group and every query block that can see the key block:
+     query head of its group and every query block that can see the key block (unmasked and masked
+     ranges as in the forward):
      P = exp2(S - lse2), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q.
   3. dQ: program (query block, batch*head) recomputes P and dS over its key blocks: dQ += dS K.
   This recomputes Q K^T twice (FA2's single pass adds dQ with atomics instead), the price of a
   bit-reproducible backward, and GQA needs no reduction of per-query-head dK/dV afterwards.
 
-Head dims 16..256: the head dim is padded to a power of two (BLOCK_D) with masked loads. Block sizes
+Head dims up to 256: the head dim is a compile-time constant (HEAD_DIM), padded to a power of two
+(BLOCK_D, at least 16 for tensor-core dots) with a mask that folds away when it is one. Block sizes
 and warps/stages come from autotune on a GPU (Hopper: 128x64 tiles, 8 warps, 3-4 stages for D <= 128;
 smaller tiles for D = 256 to stay in the 228 KB of shared memory); fp32 inputs use exact ("ieee")
 dots, fp16/bf16 use tensor cores with fp32 accumulation.
@@ -55,14 +61,14 @@ _BWD_CONFIGS = launch.configs(
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
     """Keep tiles that fit Hopper's shared memory at this head dim (D = 256 halves the tiles)."""
-    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) <= 128 or launch.INTERPRET:
+    if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) <= 128 or launch.INTERPRET:
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return small or configs[-1:]
 
 
 @triton.jit
-def _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window,
+def _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
     # (BLOCK_M, BLOCK_N) boolean: key k_pos visible to query q_pos (positions in the key frame).
     vis = q_valid[:, None] & (k_pos[None, :] < S)
@@ -76,96 +82,130 @@ def _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window,
 
 
 @triton.jit
-def _key_range(m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    # Key blocks [lo, hi) that queries m0 .. m0 + BLOCK_M - 1 can see.
+def _doc_span(DOC_ROW, pos, valid, MISSING: tl.constexpr):
+    # Document ids at ``pos`` (MISSING where not valid) and their min / max over the valid ones.
+    ids = tl.load(DOC_ROW + pos, mask=valid, other=MISSING)
+    return ids, tl.min(tl.where(valid, ids, 2147483647), axis=0), tl.max(tl.where(valid, ids, -2147483647), axis=0)
+
+
+@triton.jit
+def _key_blocks(m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
+    # Key blocks seen by queries m0 .. m0 + BLOCK_M - 1, as [lo, a) masked, [a, b) fully visible
+    # (no mask needed), [b, hi) masked; all bounds but hi are multiples of BLOCK_N.
     q_first = S - T + m0
     q_last = S - T + tl.minimum(m0 + BLOCK_M, T) - 1
     hi = S
+    full_hi = S
     if CAUSAL:
         hi = tl.minimum(S, q_last + 1)
+        full_hi = tl.minimum(S, q_first + 1)
     lo = 0
+    full_lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(0, q_first - window + 1) // BLOCK_N * BLOCK_N
-    return lo, hi
+        full_lo = tl.maximum(lo, q_last - window + 1)
+    a = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    b = tl.maximum(tl.minimum(full_hi // BLOCK_N * BLOCK_N, hi), a)
+    if HAS_DOC:  # every block needs the document mask
+        a = lo
+        b = lo
+    return lo, a, b, hi
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP"],
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW,
+              start, end, S, window, qk_scale, offs_n, offs_d,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+              PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        k_pos = n0 + offs_n
+        k_ok = (k_pos < S)[:, None]
+        k_doc = k_pos
+        go = True
+        if HAS_DOC:  # skip a key block whose document ids cannot meet the query block's
+            k_doc, k_lo, k_hi = _doc_span(DOC_ROW, k_pos, k_pos < S, -2)
+            go = (k_hi >= q_doc_lo) & (k_lo <= q_doc_hi)
+        if go:
+            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            if MASKED:
+                vis = _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                s = tl.where(vis, s, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_use = m_new
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})
 @triton.jit
-def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, D, window,
+def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET,
                           sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sdb,
                           HQ: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                           HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
-    h = bh % HQ
-    kvh = (h // GROUP).to(tl.int64)
-    T_OFF = S - T
+    h = (bh % HQ).to(tl.int64)
+    kvh = h // GROUP
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_valid = offs_m < T
-    d_valid = offs_d < D
-    q_pos = T_OFF + offs_m
-    q = tl.load(Q + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :],
-                mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = S - T + offs_m
+    io_mask = q_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=io_mask, other=0.0)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
+    DOC_ROW = DOC + b * sdb
     q_doc = offs_m
     q_doc_lo = 0
     q_doc_hi = 0
     if HAS_DOC:
-        q_doc = tl.load(DOC + b * sdb + q_pos, mask=q_valid, other=-1)
-        q_doc_lo = tl.min(tl.where(q_valid, q_doc, 2147483647), axis=0)
-        q_doc_hi = tl.max(tl.where(q_valid, q_doc, -2147483647), axis=0)
+        q_doc, q_doc_lo, q_doc_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for n0 in range(lo, hi, BLOCK_N):
-        k_pos = n0 + offs_n
-        k_valid = k_pos < S
-        k_doc = k_pos
-        go = True
-        if HAS_DOC:
-            k_doc = tl.load(DOC + b * sdb + k_pos, mask=k_valid, other=-2)
-            go = (tl.max(tl.where(k_valid, k_doc, -2147483647), axis=0) >= q_doc_lo) & \
-                 (tl.min(tl.where(k_valid, k_doc, 2147483647), axis=0) <= q_doc_hi)
-        if go:
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            vis = _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
-            s = tl.where(vis, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
+    args = (q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW)
+    # fully visible blocks first (no mask code), then the window's lower edge and the causal diagonal
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, *args, a, b_, S, window, qk_scale, offs_n, offs_d,
+                              False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, *args, lo, a, S, window, qk_scale, offs_n, offs_d,
+                              True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, *args, b_, hi, S, window, qk_scale, offs_n, offs_d,
+                              True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=q_valid[:, None] & d_valid[None, :])
+    tl.store(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=io_mask)
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse2, mask=q_valid)
 
 
 @triton.jit
-def _attention_bwd_preprocess_kernel(O, DO, DELTA, T, D, sob, soh, sot, sdob, sdoh, sdot,
-                                     HQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_bwd_preprocess_kernel(O, DO, DELTA, T, sob, soh, sot, sdob, sdoh, sdot, HQ: tl.constexpr,
+                                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
     h = (bh % HQ).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=mask,
                  other=0.0)
@@ -173,134 +213,178 @@ def _attention_bwd_preprocess_kernel(O, DO, DELTA, T, D, sob, soh, sot, sdob, sd
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP"],
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW, DELTA_ROW,
+               DOC_ROW, start, end, T, S, window, qk_scale, offs_m, offs_d,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+               PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    for m0 in range(start, end, BLOCK_M):
+        q_idx = m0 + offs_m
+        q_valid = q_idx < T
+        q_pos = S - T + q_idx
+        q_doc = q_idx
+        go = True
+        if HAS_DOC:
+            q_doc, q_lo, q_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
+            go = (q_hi >= k_doc_lo) & (q_lo <= k_doc_hi)
+        if go:
+            q_mask = q_valid[:, None] & d_ok
+            q = tl.load(q_base + q_idx[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + q_idx[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask, other=0.0)
+            # rows past T load lse = +inf, so their P is 0 even in unmasked blocks
+            lse2 = tl.load(LSE_ROW + q_idx, mask=q_valid, other=float("inf"))
+            delta = tl.load(DELTA_ROW + q_idx, mask=q_valid, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            p = tl.exp2(s - lse2[:, None])
+            if MASKED:
+                vis = _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                p = tl.where(vis, p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})
 @triton.jit
-def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, sm_scale, T, S, D, window,
+def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, sm_scale, T, S, window, T_BUCKET,
                                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
                                sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sdb,
                                HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                                HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
     b = (bkv // HKV).to(tl.int64)
     kvh = (bkv % HKV).to(tl.int64)
     T_OFF = S - T
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_pos = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_valid = offs_n < S
-    d_valid = offs_d < D
-    kv_mask = k_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + b * skb + kvh * skh + offs_n[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + offs_n[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-    k_doc = offs_n
+    k_valid = k_pos < S
+    kv_mask = k_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * skb + kvh * skh + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+    DOC_ROW = DOC + b * sdb
+    k_doc = k_pos
     k_doc_lo = 0
     k_doc_hi = 0
     if HAS_DOC:
-        k_doc = tl.load(DOC + b * sdb + offs_n, mask=k_valid, other=-2)
-        k_doc_lo = tl.min(tl.where(k_valid, k_doc, 2147483647), axis=0)
-        k_doc_hi = tl.max(tl.where(k_valid, k_doc, -2147483647), axis=0)
+        k_doc, k_doc_lo, k_doc_hi = _doc_span(DOC_ROW, k_pos, k_valid, -2)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query blocks that can see this key block: causal -> pos(i) >= n0; window -> pos(i) < last key + window.
+    # Query blocks that see this key block, [lo, a) masked, [a, b) fully visible, [b, hi) masked.
+    # Keys past S need no mask here: their dK/dV rows are never stored and touch no other row.
+    k_last = tl.minimum(n0 + BLOCK_N, S) - 1
     lo = 0
-    if CAUSAL:
+    full_lo = 0
+    if CAUSAL:  # pos(i) >= n0 to see anything, >= k_last to see every key
         lo = tl.maximum(0, n0 - T_OFF) // BLOCK_M * BLOCK_M
+        full_lo = tl.maximum(lo, k_last - T_OFF)
     hi = T
-    if HAS_WINDOW:
-        hi = tl.minimum(T, tl.minimum(n0 + BLOCK_N, S) - 1 + window - T_OFF)
-    for g in range(GROUP):
-        bh = b * HQ + kvh * GROUP + g
-        q_base = Q + b * sqb + (kvh * GROUP + g) * sqh
-        do_base = DO + b * sdob + (kvh * GROUP + g) * sdoh
-        for m0 in range(lo, hi, BLOCK_M):
-            q_idx = m0 + offs_m
-            q_valid = q_idx < T
-            q_pos = T_OFF + q_idx
-            q_doc = q_idx
-            go = True
-            if HAS_DOC:
-                q_doc = tl.load(DOC + b * sdb + q_pos, mask=q_valid, other=-1)
-                go = (tl.max(tl.where(q_valid, q_doc, -2147483647), axis=0) >= k_doc_lo) & \
-                     (tl.min(tl.where(q_valid, q_doc, 2147483647), axis=0) <= k_doc_hi)
-            if go:
-                q_mask = q_valid[:, None] & d_valid[None, :]
-                q = tl.load(q_base + q_idx[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(do_base + q_idx[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask, other=0.0)
-                lse2 = tl.load(LSE + bh * T + q_idx, mask=q_valid, other=float("inf"))
-                delta = tl.load(DELTA + bh * T + q_idx, mask=q_valid, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-                vis = _visible(q_pos, offs_n, S, T_OFF, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
-                p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    full_hi = T
+    if HAS_WINDOW:  # pos(i) - k_last < window to see anything, pos(i) - n0 < window for every key
+        hi = tl.maximum(lo, tl.minimum(T, k_last + window - T_OFF))
+        full_hi = tl.maximum(0, n0 + window - T_OFF - BLOCK_M + 1)
+    a = tl.minimum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
+    b_ = tl.maximum(tl.minimum((full_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi), a)
+    if HAS_DOC:
+        a = lo
+        b_ = lo
+    for g in range(GROUP):  # every query head sharing this kv head: dK/dV summed here, no atomics
+        h = kvh * GROUP + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        LSE_ROW = LSE + (b * HQ + h) * T
+        DELTA_ROW = DELTA + (b * HQ + h) * T
+        args = (k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW, DELTA_ROW, DOC_ROW)
+        dk, dv = _dkdv_loop(dk, dv, *args, a, b_, T, S, window, qk_scale, offs_m, offs_d,
+                            False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
+        dk, dv = _dkdv_loop(dk, dv, *args, lo, a, T, S, window, qk_scale, offs_m, offs_d,
+                            True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
+        dk, dv = _dkdv_loop(dk, dv, *args, b_, hi, T, S, window, qk_scale, offs_m, offs_d,
+                            True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
     dk *= sm_scale
-    tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None].to(tl.int64) * sdkt + offs_d[None, :],
+    tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None].to(tl.int64) * sdkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + kvh * sdvh + offs_n[:, None].to(tl.int64) * sdvt + offs_d[None, :],
+    tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None].to(tl.int64) * sdvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["BLOCK_D", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP"],
+@triton.jit
+def _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW,
+             start, end, S, window, qk_scale, offs_n, offs_d,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
+             PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        k_pos = n0 + offs_n
+        k_ok = (k_pos < S)[:, None]
+        k_doc = k_pos
+        go = True
+        if HAS_DOC:
+            k_doc, k_lo, k_hi = _doc_span(DOC_ROW, k_pos, k_pos < S, -2)
+            go = (k_hi >= q_doc_lo) & (k_lo <= q_doc_hi)
+        if go:
+            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            if MASKED:
+                vis = _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                p = tl.where(vis, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})
 @triton.jit
-def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scale, T, S, D, window,
+def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scale, T, S, window, T_BUCKET,
                              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, sdb,
                              HQ: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
                              HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
     h = (bh % HQ).to(tl.int64)
     kvh = h // GROUP
-    T_OFF = S - T
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_valid = offs_m < T
-    d_valid = offs_d < D
-    q_pos = T_OFF + offs_m
-    q_mask = q_valid[:, None] & d_valid[None, :]
+    q_pos = S - T + offs_m
+    q_mask = q_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask,
                  other=0.0)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=0.0)
+    DOC_ROW = DOC + b * sdb
     q_doc = offs_m
     q_doc_lo = 0
     q_doc_hi = 0
     if HAS_DOC:
-        q_doc = tl.load(DOC + b * sdb + q_pos, mask=q_valid, other=-1)
-        q_doc_lo = tl.min(tl.where(q_valid, q_doc, 2147483647), axis=0)
-        q_doc_hi = tl.max(tl.where(q_valid, q_doc, -2147483647), axis=0)
+        q_doc, q_doc_lo, q_doc_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
-    for n0 in range(lo, hi, BLOCK_N):
-        k_pos = n0 + offs_n
-        k_valid = k_pos < S
-        k_doc = k_pos
-        go = True
-        if HAS_DOC:
-            k_doc = tl.load(DOC + b * sdb + k_pos, mask=k_valid, other=-2)
-            go = (tl.max(tl.where(k_valid, k_doc, -2147483647), axis=0) >= q_doc_lo) & \
-                 (tl.min(tl.where(k_valid, k_doc, 2147483647), axis=0) <= q_doc_hi)
-        if go:
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            vis = _visible(q_pos, k_pos, S, T_OFF, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
-            p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
+    args = (q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW)
+    dq = _dq_loop(dq, *args, a, b_, S, window, qk_scale, offs_n, offs_d,
+                  False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
+    dq = _dq_loop(dq, *args, lo, a, S, window, qk_scale, offs_n, offs_d,
+                  True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
+    dq = _dq_loop(dq, *args, b_, hi, S, window, qk_scale, offs_n, offs_d,
+                  True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     dq *= sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -320,6 +404,11 @@ def unsupported_reason(q, k, v, doc_ids) -> str | None:
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bucket(T: int) -> int:
+    """Autotune key for the sequence length: re-tune per power of two, not per length."""
+    return triton.next_power_of_2(max(T, 1))
 
 
 def _common(q, k, softmax_scale, doc_ids):
@@ -343,10 +432,10 @@ def attention_fwd(q, k, v, doc_ids, causal: bool, softmax_scale: float | None, w
         return o, lse.fill_(float("inf"))
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)  # noqa: E731
     _attention_fwd_kernel[grid](
-        q, k, v, o, lse, doc if doc is not None else lse, scale * _LOG2E, T, S, D, window or 0,
+        q, k, v, o, lse, doc if doc is not None else lse, scale * _LOG2E, T, S, window or 0, _bucket(T),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], doc.stride(0) if doc is not None else 0,
         HQ=HQ, GROUP=HQ // HKV, CAUSAL=causal, HAS_WINDOW=window is not None, HAS_DOC=doc is not None,
-        PRECISION=precision, BLOCK_D=BLOCK_D)
+        PRECISION=precision, HEAD_DIM=D, BLOCK_D=BLOCK_D)
     return o, lse
 
 
@@ -362,17 +451,17 @@ def attention_bwd(do, q, k, v, o, lse, doc_ids, causal: bool, softmax_scale: flo
     delta = torch.empty((B, HQ, T), device=q.device, dtype=torch.float32)
     pre_m = 16 if launch.INTERPRET else 64
     _attention_bwd_preprocess_kernel[(triton.cdiv(T, pre_m), B * HQ)](
-        o, do, delta, T, D, *o.stride()[:3], *do.stride()[:3], HQ=HQ, BLOCK_M=pre_m, BLOCK_D=BLOCK_D)
+        o, do, delta, T, *o.stride()[:3], *do.stride()[:3], HQ=HQ, HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=BLOCK_D)
     common = dict(HQ=HQ, GROUP=HQ // HKV, CAUSAL=causal, HAS_WINDOW=window is not None, HAS_DOC=doc is not None,
-                  PRECISION=precision, BLOCK_D=BLOCK_D)
+                  PRECISION=precision, HEAD_DIM=D, BLOCK_D=BLOCK_D)
     doc_arg = doc if doc is not None else delta
     doc_stride = doc.stride(0) if doc is not None else 0
     _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, doc_arg, scale * _LOG2E, scale, T, S, D, window or 0,
+        q, k, v, do, lse, delta, dk, dv, doc_arg, scale * _LOG2E, scale, T, S, window or 0, _bucket(T),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         doc_stride, HKV=HKV, **common)
     _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * HQ)](
-        q, k, v, do, lse, delta, dq, doc_arg, scale * _LOG2E, scale, T, S, D, window or 0,
+        q, k, v, do, lse, delta, dq, doc_arg, scale * _LOG2E, scale, T, S, window or 0, _bucket(T),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], doc_stride,
         **common)
     return dq, dk, dv

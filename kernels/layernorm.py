@@ -221,7 +221,8 @@ def _norm_bwd_op(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, 
 
 @_norm_bwd_op.register_fake
 def _(dy, dh, h, weight, mean, rstd, has_bias, rms):
-    return torch.empty_like(h), torch.empty_like(weight), (torch.empty_like(weight) if has_bias else weight.new_empty(0))
+    db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    return torch.empty_like(h), torch.empty_like(weight), db
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,10 +1,10 @@
 """The "triton" backend: registers the kernels of ``pyllm.kernels`` (one file per op in kernels/).
 
 Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests them);
-any other case raises ``Unsupported`` so the dispatcher falls back to the reference. Under no-grad,
-``rope`` rotates q and k in place and returns them (the KV-cache decode path; see kernels/rope.py). Each
+any other case raises ``Unsupported`` so the dispatcher falls back to the reference. Each
 implementation here only checks what its kernel cannot take, then calls the kernel module's entry
-point directly (no copies beyond what the kernel launcher itself needs).
+point directly (no copies beyond what the kernel launcher itself needs). Under no-grad, ``rope``
+rotates q and k in place and returns them (the KV-cache decode path; see kernels/rope.py).
 """
 
 from __future__ import annotations

@@ -40,8 +40,14 @@ def test_attention_window_docs_decode():
     check_op(_attn(doc_ids=doc, window=9), _qkv(1, 4, 1, 11, 34, 16), torch.float32)
 
 
-def test_attention_window_noncausal_scale():
-    check_op(_attn(causal=False, window=4, softmax_scale=0.3), _qkv(1, 2, 2, 21, 21, 16), torch.float16)
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_wide_window(causal):
+    """A window of several 16-blocks: masked lower edge, unmasked middle and masked diagonal ranges."""
+    check_op(_attn(causal=causal, window=37, softmax_scale=0.3), _qkv(1, 2, 1, 45, 70, 16), torch.float32)
+
+
+def test_attention_window_noncausal_fp16():
+    check_op(_attn(causal=False, window=4), _qkv(1, 2, 2, 21, 21, 16), torch.float16)
 
 
 @requires_gpu
