@@ -14,6 +14,11 @@ An implementation that cannot handle particular inputs (a dtype, a head dim, a d
 ``Unsupported`` before doing any work; the dispatcher then falls back to the next candidate, ending at
 the reference, and warns once per (op, backend, reason). ``PYLLM_STRICT_BACKEND=1`` turns an explicit
 request that cannot be honoured into an error instead (the kernel tests use it).
+
+Under ``torch.compile`` the selection runs while dynamo traces, and the compiled graph calls the chosen
+implementation directly. Dynamo guards on the ``use_backend`` stack, so entering another block
+recompiles; set the environment variables before the first compiled call (dynamo re-checks a variable
+that was set when it traced, but does not notice one set afterwards).
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ def _candidates(requested: str, device: torch.device) -> list[str]:
     return [requested] if requested == "torch" else [requested, "torch"]
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: warns while tracing (dynamo cannot trace warn)
 def _warn_once(op: str, backend: str, reason: str) -> None:
     key = (op, backend, reason)
     if key not in _WARNED:

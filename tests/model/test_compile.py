@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pyllm.model import Transformer, preset
+from pyllm.ops import registry
 
 # raised inside torch's own compile stack, not by pyllm
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -19,3 +20,15 @@ def test_compiled_forward_matches_eager(name, backend):
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_under_compile_warns_and_matches_eager(monkeypatch):
+    # the "cpu" backend takes only float32: every op it has falls back to the reference, with the
+    # warning emitted while dynamo traces (backend="eager": dynamo only, no code generation)
+    monkeypatch.setattr(registry, "_WARNED", set())
+    model = Transformer(preset("tiny", n_layer=1, d_model=32, vocab_size=64, backend="cpu")).double().eval()
+    idx = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="backend 'cpu' not used"):
+            out = torch.compile(model, fullgraph=True, backend="eager")(idx)
+        torch.testing.assert_close(out, model(idx))
