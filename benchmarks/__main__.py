@@ -103,6 +103,8 @@ def run(args) -> int:
     if cut:
         print(f"time limit reached: {len(cut)} (op, case, dtype) not run; re-run the same command with "
               f"--resume to continue")
+    else:
+        print("complete: every selected case of this suite is measured")
     if not args.no_render:
         written = render.render_file(out)
         print("rendered: " + ", ".join(str(p) for p in written))

@@ -67,6 +67,8 @@ def describe(device: str) -> dict:
         "commit": _git("rev-parse", "HEAD"),
         # True when the checkout had uncommitted changes: the commit alone does not say what ran
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # other work on the machine when the run started: a shared machine's timings are noisier
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if device == "cuda":
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, driver=_nvidia_driver(),

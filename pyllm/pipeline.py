@@ -106,15 +106,15 @@ def default(**overrides) -> PipelineConfig:
     """The README's run: about 10-15 minutes on a 2-core CPU; each stage visibly improves its metric."""
     return PipelineConfig(**_merge(dict(
         out_dir="runs/pipeline",
-        data={"max_documents": 1500, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
+        data={"max_documents": 1000, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
         pretrain={"model_preset": "tiny", "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
-                  "seq_len": 128, "batch_size": 16, "max_steps": 600, "warmup_steps": 50, "eval_every": 100,
-                  "eval_batches": 8, "log_every": 10, "lr": 2e-3, "ckpt_every": 200},
-        sft={"seq_len": 96, "train": {"max_steps": 300, "batch_size": 16, "ckpt_every": 100}},
-        rm={"seq_len": 96, "train": {"max_steps": 150, "batch_size": 16}},
-        dpo={"seq_len": 96, "train": {"max_steps": 100, "batch_size": 16}},
-        rl_cfg={"seq_len": 96, "train": {"max_steps": 30, "batch_size": 16}},
-        eval={"limit": 100, "heldout": 120, "samples": 6, "max_new_tokens": 8},
+                  "seq_len": 128, "batch_size": 16, "max_steps": 400, "warmup_steps": 40, "eval_every": 100,
+                  "eval_batches": 8, "log_every": 10, "lr": 2e-3, "ckpt_every": 100},
+        sft={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 200, "batch_size": 16, "ckpt_every": 100}},
+        rm={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 100, "batch_size": 16}},
+        dpo={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 60, "batch_size": 16}},
+        rl_cfg={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 20, "batch_size": 16}},
+        eval={"limit": 60, "heldout": 100, "samples": 6, "max_new_tokens": 8},
     ), overrides))
 
 
