@@ -188,7 +188,8 @@ def pack_shards(documents: Iterable[tuple[str, str]], tokenizer_dir: Path, out_d
     """Tokenize ``documents`` ((id, text) in a fixed order) into shards under ``out_dir``.
 
     ``config`` (everything that determines the output, never the worker count) is stored in the
-    manifest and keys resumption. Returns (manifest, {"resumed_shards", "skipped_documents"}).
+    manifest and keys resumption. Returns (manifest, {"reused", "resumed_shards", "skipped_documents"}):
+    ``reused`` when a finished directory made with the same config and tokenizer was kept as it was.
     ``progress_bar`` (tqdm) is advanced by tokens written.
     """
     from pyllm.tokenizer import load_tokenizer
@@ -202,7 +203,7 @@ def pack_shards(documents: Iterable[tuple[str, str]], tokenizer_dir: Path, out_d
                                 + _sha256(tokenizer_file).encode()).hexdigest()
     done = _verified_manifest(out_dir, config, tokenizer_file)
     if done is not None:
-        return done, {"resumed_shards": len(done["shards"]), "skipped_documents": None}
+        return done, {"reused": True, "resumed_shards": len(done["shards"]), "skipped_documents": None}
     (out_dir / "manifest.json").unlink(missing_ok=True)
 
     progress = _Progress(out_dir, config_key)
@@ -254,7 +255,7 @@ def pack_shards(documents: Iterable[tuple[str, str]], tokenizer_dir: Path, out_d
     }
     _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
     progress.path.unlink(missing_ok=True)
-    return manifest, {"resumed_shards": resumed, "skipped_documents": counts["skipped"]}
+    return manifest, {"reused": False, "resumed_shards": resumed, "skipped_documents": counts["skipped"]}
 
 
 def _verified_manifest(out_dir: Path, config: dict, tokenizer_file: Path) -> dict | None:

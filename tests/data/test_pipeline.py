@@ -116,7 +116,8 @@ def test_same_output_with_two_workers_and_cached_rerun(result, corpus, tmp_path)
     for name in names:
         assert (two.shard_dir / name).read_bytes() == (result.shard_dir / name).read_bytes(), name
     again = run(_config(corpus, tmp_path, workers=1, report=False))
-    assert again.stats["cached"] == ["curate", "tokenizer"]
+    assert again.stats["cached"] == ["curate", "tokenizer", "pack"]
+    assert again.stats["pack"]["seconds"] == two.stats["pack"]["seconds"]  # the figures of the run that packed
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
