@@ -15,11 +15,12 @@ hashed in NumPy (no Python tuple per n-gram).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's list
+TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”")
 BULLETS = ("*", "-", "•", "‣", "○", "▪", "▸", "–")
 _POLY = np.uint64(1_000_003)  # multiplier of the polynomial n-gram hash (odd, so mixing is invertible)
 _LOREM = re.compile(r"lorem ipsum", re.IGNORECASE)
@@ -59,6 +60,10 @@ class QualityConfig:
         default_factory=lambda: {5: 0.4, 6: 0.38, 7: 0.36, 8: 0.34, 9: 0.32, 10: 0.3})
     """n -> drop if word n-grams that occur more than once cover more than this fraction of word
     characters (Gopher: 0.15 at n=5 down to 0.10 at n=10; code repeats itself more)."""
+    min_punct_line_fraction: float | None = None
+    """Drop if fewer lines than this end in terminal punctuation (FineWeb: 0.12; off for code)."""
+    max_short_line_fraction: float | None = None
+    """Drop if more lines than this are shorter than 30 characters (FineWeb: 0.67; off for code)."""
     drop_lorem_ipsum: bool = True
     """Drop placeholder text containing 'lorem ipsum' (C4)."""
 
@@ -74,6 +79,11 @@ class QualityConfig:
             setattr(self, name, {int(n): float(f) for n, f in getattr(self, name).items()})
         if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:
             raise ValueError(f"quality.min_words={self.min_words} > max_words={self.max_words}")
+
+    @classmethod
+    def fineweb(cls) -> "QualityConfig":
+        """Gopher's thresholds plus FineWeb's line rules, for web prose."""
+        return replace(cls.gopher(), min_punct_line_fraction=0.12, max_short_line_fraction=0.67)
 
     @classmethod
     def gopher(cls) -> "QualityConfig":
@@ -155,6 +165,8 @@ def measure(text: str, cfg: QualityConfig) -> dict[str, float]:
         "alpha_word_fraction": sum(any(c.isalpha() for c in w) for w in words) / max(n_words, 1),
         "stop_words": sum(w.lower() in STOP_WORDS for w in words),
         "lorem_ipsum": float(bool(_LOREM.search(text))),
+        "punct_line_fraction": sum(ln.rstrip().endswith(TERMINAL_PUNCT) for ln in lines) / max(len(lines), 1),
+        "short_line_fraction": sum(len(ln.strip()) < 30 for ln in lines) / max(len(lines), 1),
     }
     stats["dup_line_fraction"], stats["dup_line_char_fraction"] = _dup_fractions(lines)
     stats["dup_paragraph_fraction"], stats["dup_paragraph_char_fraction"] = _dup_fractions(paragraphs)
@@ -178,6 +190,8 @@ def failed_rule(stats: dict[str, float], cfg: QualityConfig) -> str | None:
         ("max_dup_line_char_fraction", stats["dup_line_char_fraction"], lambda v, t: v > t),
         ("max_dup_paragraph_fraction", stats["dup_paragraph_fraction"], lambda v, t: v > t),
         ("max_dup_paragraph_char_fraction", stats["dup_paragraph_char_fraction"], lambda v, t: v > t),
+        ("min_punct_line_fraction", stats["punct_line_fraction"], lambda v, t: v < t),
+        ("max_short_line_fraction", stats["short_line_fraction"], lambda v, t: v > t),
     ]
     for name, value, breaks in checks:
         threshold = getattr(cfg, name)

@@ -37,6 +37,8 @@ CASES = {
     "max_top_ngram_char_fraction_2": PROSE + " " + "hello world " * 120,
     "max_dup_ngram_char_fraction_5": PROSE + " " + PROSE + " " + PROSE,
     "lorem_ipsum": PROSE + " Lorem ipsum dolor sit amet.",
+    "min_punct_line_fraction": "\n".join(f"the menu entry {NOUNS[i]} and the {NOUNS[-i - 1]} link" for i in range(12)),
+    "max_short_line_fraction": PROSE + "\n" + "\n".join(f"tag {n}" for n in NOUNS),
 }
 
 
@@ -44,7 +46,9 @@ CASES = {
 def test_each_rule_drops_its_case(rule):
     cfg = QualityConfig(max_words=250 if rule == "max_words" else 200_000,
                         max_dup_line_fraction=0.45 if rule == "max_dup_line_fraction" else None,
-                        max_dup_line_char_fraction=None)
+                        max_dup_line_char_fraction=None,
+                        min_punct_line_fraction=0.12 if rule == "min_punct_line_fraction" else None,
+                        max_short_line_fraction=0.67 if rule == "max_short_line_fraction" else None)
     assert quality_check(CASES[rule], cfg) == rule
     if rule != "min_words":  # the rule off -> the document survives that rule (another may catch it)
         off = QualityConfig(**{**cfg.__dict__, **_turn_off(rule)})
@@ -65,6 +69,7 @@ def test_good_prose_passes_default_and_gopher():
     text = PROSE + " " + VARIED
     assert quality_check(text, QualityConfig()) is None
     assert quality_check(text, QualityConfig.gopher()) is None
+    assert quality_check(text, QualityConfig.fineweb()) is None
 
 
 def test_ngram_fractions_match_definition():
