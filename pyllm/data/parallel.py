@@ -10,6 +10,11 @@ Engines:
 - ``"local"``: a ``multiprocessing`` pool (spawn context: safe with threads and torch);
 - ``"ray"``: Ray tasks on the cluster found by ``ray.init(address=...)`` (``address=None`` starts a local
   one); the same ``fn`` runs remotely with the same ``initializer``.
+
+Why Ray tasks and not a Ray Data ``Dataset``: the pipeline's input is a Python generator that logs
+corrupt input as it reads, and its output must come back in input order, a bounded window at a time.
+``ray.data.from_items`` would first materialise the whole input, and Ray Data's own readers stop at the
+first malformed record. An ordered window of remote tasks keeps both properties on any Ray cluster.
 """
 
 from __future__ import annotations
