@@ -99,6 +99,9 @@ def _family(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The Hugging Face config.json dict of a pyllm config (GPT-2 or Llama family)."""
     dtype_name = str(dtype).replace("torch.", "")
+    # "dtype" is read by transformers >= 5, "torch_dtype" by older versions and vLLM; token ids are
+    # filled in by save_hf from the tokenizer (else transformers assumes GPT-2's 50256)
+    common = {"dtype": dtype_name, "torch_dtype": dtype_name, "bos_token_id": None, "eos_token_id": None}
     rope = {"rope_type": "default"}
     if cfg.rope_scaling is not None:
         sc = cfg.rope_scaling
@@ -112,7 +115,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
                 "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
-                "torch_dtype": dtype_name}
+                **common}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "hidden_size": cfg.d_model, "head_dim": cfg.head_dim,
@@ -123,7 +126,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
             # transformers read rope_theta
             "rope_theta": cfg.rope_theta, "rope_scaling": None if cfg.rope_scaling is None else rope,
             "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
-            "torch_dtype": dtype_name}
+            **common}
 
 
 # ------------------------------------------------------------------------------------- state dicts
