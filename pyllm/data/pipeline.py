@@ -90,13 +90,12 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
         """Build from a (JSON) dict; nested sections are dicts of their own config's fields."""
-        nested = {f.name: f.default_factory for f in fields(cls) if f.name in _SECTIONS}
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"DataConfig has no field(s) {sorted(unknown)}")
         kwargs = {}
         for k, v in d.items():
-            if k in nested and isinstance(v, dict):
+            if k in _SECTIONS and isinstance(v, dict):
                 section = _SECTIONS[k]
                 bad = set(v) - {f.name for f in fields(section)}
                 if bad:
