@@ -66,6 +66,7 @@ def test_cli_writes_json_and_markdown(tmp_path, tok, capsys):
 
 
 def _worker(rank, world_size, store, task, out_dir):
+    torch.set_num_threads(1)  # two processes on a small CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
