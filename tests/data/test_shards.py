@@ -117,6 +117,8 @@ def test_uint32_holds_the_same_tokens(packed, docs, tok_dir, tmp_path):
     assert (np.fromfile(tmp_path / first, dtype="<u4") == np.fromfile(out / first, dtype="<u2")).all()
     with pytest.raises(ValueError, match="uint16"):
         shards_mod.token_dtype(ShardConfig(dtype="uint16"), 70_000)
+    assert shards_mod.token_dtype(ShardConfig(), 65_536).name == "uint16"
+    assert shards_mod.token_dtype(ShardConfig(), 65_537).name == "uint32"  # "auto" widens past 2**16 ids
 
 
 def test_loader_batches_targets_and_doc_ids(packed):
