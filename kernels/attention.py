@@ -181,13 +181,15 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
-    args = (q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW)
     # fully visible blocks first (no mask code), then the window's lower edge and the causal diagonal
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, *args, a, b_, S, window, qk_scale, offs_n, offs_d,
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+                              DOC_ROW, a, b_, S, window, qk_scale, offs_n, offs_d,
                               False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, *args, lo, a, S, window, qk_scale, offs_n, offs_d,
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+                              DOC_ROW, lo, a, S, window, qk_scale, offs_n, offs_d,
                               True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, *args, b_, hi, S, window, qk_scale, offs_n, offs_d,
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+                              DOC_ROW, b_, hi, S, window, qk_scale, offs_n, offs_d,
                               True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
@@ -301,12 +303,14 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, s
         do_base = DO + b * sdob + h * sdoh
         LSE_ROW = LSE + (b * HQ + h) * T
         DELTA_ROW = DELTA + (b * HQ + h) * T
-        args = (k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW, DELTA_ROW, DOC_ROW)
-        dk, dv = _dkdv_loop(dk, dv, *args, a, b_, T, S, window, qk_scale, offs_m, offs_d,
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW,
+                            DELTA_ROW, DOC_ROW, a, b_, T, S, window, qk_scale, offs_m, offs_d,
                             False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_loop(dk, dv, *args, lo, a, T, S, window, qk_scale, offs_m, offs_d,
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW,
+                            DELTA_ROW, DOC_ROW, lo, a, T, S, window, qk_scale, offs_m, offs_d,
                             True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_loop(dk, dv, *args, b_, hi, T, S, window, qk_scale, offs_m, offs_d,
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW,
+                            DELTA_ROW, DOC_ROW, b_, hi, T, S, window, qk_scale, offs_m, offs_d,
                             True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
     dk *= sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None].to(tl.int64) * sdkt + offs_d[None, :],
@@ -378,12 +382,14 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scal
     v_base = V + b * svb + kvh * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
-    args = (q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW)
-    dq = _dq_loop(dq, *args, a, b_, S, window, qk_scale, offs_n, offs_d,
+    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+                  DOC_ROW, a, b_, S, window, qk_scale, offs_n, offs_d,
                   False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    dq = _dq_loop(dq, *args, lo, a, S, window, qk_scale, offs_n, offs_d,
+    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+                  DOC_ROW, lo, a, S, window, qk_scale, offs_n, offs_d,
                   True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    dq = _dq_loop(dq, *args, b_, hi, S, window, qk_scale, offs_n, offs_d,
+    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+                  DOC_ROW, b_, hi, S, window, qk_scale, offs_n, offs_d,
                   True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     dq *= sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],

@@ -27,9 +27,9 @@ import triton.language as tl
 
 from . import launch
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 _CONFIGS = launch.configs(
     [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
