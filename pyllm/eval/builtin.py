@@ -101,7 +101,10 @@ def _arithmetic_docs(n: int, seed: str) -> list[tuple[dict, str]]:
     docs = []
     for i in range(n):
         op = rng.choice("+-*")
-        a, b = (rng.randrange(10, 100), rng.randrange(10, 100)) if op != "*" else (rng.randrange(2, 20), rng.randrange(2, 10))
+        if op == "*":
+            a, b = rng.randrange(2, 20), rng.randrange(2, 10)
+        else:
+            a, b = rng.randrange(10, 100), rng.randrange(10, 100)
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
         docs.append(({"question": f"What is {a} {op} {b}?", "answer": str(result)}, f"builtin:{seed}#{i}"))
     return docs

@@ -89,16 +89,39 @@ class PyllmLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in tqdm(requests, desc="pyllm generate_until", disable=disable_tqdm):
+        # requests with the same generation settings run together, ``batch_size`` prompts per call
+        groups: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+        for i, req in enumerate(requests):
             context, kwargs = req.args
-            kwargs = dict(kwargs)
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            out.append(generate_text(self.model, self.tok, [context], max_new_tokens=int(kwargs.pop("max_gen_toks", 256)),
-                                     stop=until, temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0)))[0])
+            groups[self._generation_settings(kwargs)].append((i, context))
+        out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="pyllm generate_until", disable=disable_tqdm)
+        for (until, max_new, temperature, top_p), members in groups.items():
+            for start in range(0, len(members), self.scorer.batch_size):
+                chunk = members[start:start + self.scorer.batch_size]
+                texts = generate_text(self.model, self.tok, [c for _, c in chunk], max_new_tokens=max_new,
+                                      stop=list(until), temperature=temperature, top_p=top_p)
+                for (i, _), text in zip(chunk, texts):
+                    out[i] = text
+                bar.update(len(chunk))
+        bar.close()
         return out
+
+    @staticmethod
+    def _generation_settings(kwargs: dict) -> tuple:
+        """(stop strings, max new tokens, temperature, top_p) from lm-eval's generation kwargs; greedy
+        unless do_sample (or, without do_sample, a temperature above 0) asks for sampling."""
+        kwargs = dict(kwargs)
+        until = kwargs.pop("until", None) or []
+        until = (until,) if isinstance(until, str) else tuple(until)
+        max_new = int(kwargs.pop("max_gen_toks", 256))
+        temperature = float(kwargs.pop("temperature", 0.0))
+        do_sample = kwargs.pop("do_sample", None)
+        sample = bool(do_sample) if do_sample is not None else temperature > 0
+        top_p = float(kwargs.pop("top_p", 1.0))
+        if kwargs:
+            warnings.warn(f"PyllmLM.generate_until: ignoring unsupported generation arguments {sorted(kwargs)}")
+        return until, max_new, (temperature or 1.0) if sample else 0.0, top_p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,15 +77,25 @@ class Scorer:
             for row, i in enumerate(chunk):
                 idx[row, :lengths[row]] = torch.tensor(windows[i][0][:-1])
             h = self.model.hidden(idx.to(self.device))  # (B, T, d)
+            # row by row, so the fp32 log-probs are (n, V) at a time, never (B, T, V)
+            logps, targets = [], []
             for row, i in enumerate(chunk):
                 ids, n = windows[i]
-                L = lengths[row]
-                logp = self._head_logprobs(h[row, L - n:L])  # (n, V)
-                target = torch.tensor(ids[-n:], device=self.device)
-                tok_logp = logp.gather(-1, target[:, None]).squeeze(-1)
-                greedy = bool((logp.argmax(-1) == target).all())
-                out[i] = Score(float(tok_logp.double().sum()), greedy, n)
+                logps.append(self._head_logprobs(h[row, lengths[row] - n:lengths[row]]))  # (n, V)
+                targets.append(ids[-n:])
+            for i, score in zip(chunk, self._scores(logps, targets)):
+                out[i] = score
         return out
+
+    def _scores(self, logps: Sequence[torch.Tensor], targets: Sequence[list[int]]) -> list[Score]:
+        """Score of each target sequence (n,) under its log-probs (n, V); one host sync for all."""
+        sums, greedy = [], []
+        for logp, target in zip(logps, targets):
+            t = torch.tensor(target, device=self.device)
+            sums.append(logp.gather(-1, t[:, None]).double().sum())
+            greedy.append((logp.argmax(-1) == t).all())
+        sums, greedy = torch.stack(sums).tolist(), torch.stack(greedy).tolist()
+        return [Score(s, g, len(t)) for s, g, t in zip(sums, greedy, targets)]
 
     def loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
         """Score each (context ids, continuation ids); the context is left-truncated to fit."""
@@ -124,10 +134,4 @@ class Scorer:
             logp = torch.cat([first, self._head_logprobs(h)], dim=1)  # (n, longest, V)
         else:
             logp = first
-        scores = []
-        for row, c in enumerate(conts):
-            target = torch.tensor(c, device=self.device)
-            lp = logp[row, :len(c)]
-            tok_logp = lp.gather(-1, target[:, None]).squeeze(-1)
-            scores.append(Score(float(tok_logp.double().sum()), bool((lp.argmax(-1) == target).all()), len(c)))
-        return scores
+        return self._scores([logp[row, :len(c)] for row, c in enumerate(conts)], conts)

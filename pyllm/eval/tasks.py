@@ -105,7 +105,8 @@ class TaskConfig:
              f"field 'pass_k'={self.pass_k}: each k must be in [1, num_samples={self.num_samples}]"),
             (all(n in NORMALIZERS for n in self.normalize),
              f"field 'normalize'={self.normalize}: use names from {', '.join(NORMALIZERS)}"),
-            (self.checker is None or ":" in self.checker, f"field 'checker'={self.checker!r} must be 'module:function'"),
+            (self.checker is None or ":" in self.checker,
+             f"field 'checker'={self.checker!r} must be 'module:function'"),
             (self.limit is None or self.limit >= 1, f"field 'limit'={self.limit} must be >= 1"),
         ]
         for ok, msg in checks:
@@ -201,7 +202,8 @@ def read_jsonl(path: Path) -> list[tuple[dict, str]]:
 class Task:
     """A validated task: the config, its items and its few-shot pool, ready to build prompts."""
 
-    def __init__(self, cfg: TaskConfig, docs: list[tuple[dict, str]], fewshot_docs: list[tuple[dict, str]] | None = None):
+    def __init__(self, cfg: TaskConfig, docs: list[tuple[dict, str]],
+                 fewshot_docs: list[tuple[dict, str]] | None = None):
         self.cfg = cfg
         if not docs:
             raise TaskError(f"task {cfg.name!r}: no items")
@@ -256,6 +258,8 @@ def load_task(path: str | Path, **overrides) -> Task:
         raise TaskError(f"{path}: cannot parse task file ({e})") from None
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a task file must hold a mapping of TaskConfig fields")
+    if raw.get("kind") == "perplexity":
+        overrides = {k: v for k, v in overrides.items() if k != "num_fewshot"}  # not a prompt task
     raw = {**raw, **overrides}
     known = {f.name for f in fields(TaskConfig)}
     unknown = sorted(set(raw) - known)
