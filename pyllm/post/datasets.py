@@ -43,6 +43,13 @@ class Example:
     heldout: bool | None = None
     """Forced split side; None: decided by a hash of the prompt."""
 
+    @property
+    def reference(self) -> str:
+        """The right answer: computed from the prompt for built-in tasks (whose completion may be a noisy
+        demonstration), else the completion."""
+        answer = solve_task(self.prompt) if self.task in TASKS else None
+        return answer if answer is not None else self.completion
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -157,9 +164,12 @@ def _task_example(task: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(TASKS)}")
 
 
-def task_examples(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0) -> list[Example]:
-    """Up to ``n`` distinct prompts, cycling through ``tasks``, with their right answers."""
+def task_examples(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0, noise: float = 0.0) -> list[Example]:
+    """Up to ``n`` distinct prompts, cycling through ``tasks``, with their right answers; with ``noise``
+    > 0 that share of the demonstrations is replaced by a plausible wrong answer (imperfect
+    demonstrations, which imitation copies and a reward can correct)."""
     rng = random.Random(seed)
+    noise_rng = random.Random(seed + 2)
     seen, out = set(), []
     for i in range(20 * n):
         if len(out) >= n:
@@ -168,7 +178,10 @@ def task_examples(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0) 
         prompt, answer = _task_example(task, rng)
         if prompt not in seen:
             seen.add(prompt)
-            out.append(Example(prompt, answer, task, f"builtin:{task}"))
+            ex = Example(prompt, answer, task, f"builtin:{task}")
+            if noise and noise_rng.random() < noise:
+                ex = Example(prompt, _wrong_answer(ex, noise_rng), task, ex.origin)
+            out.append(ex)
     return out
 
 
@@ -266,6 +279,7 @@ def docstring_pairs(n: int = 2000, max_chars: int = 80, seed: int = 0) -> list[P
 
 BUILTIN_EXAMPLES: dict[str, Callable[..., list[Example]]] = {
     "tasks": lambda seed=0: task_examples(seed=seed),
+    "noisy_tasks": lambda seed=0: task_examples(seed=seed, noise=0.5),
     "add": lambda seed=0: task_examples(("add",), seed=seed),
     "sort": lambda seed=0: task_examples(("sort",), seed=seed),
     "reverse": lambda seed=0: task_examples(("reverse",), seed=seed),

@@ -101,13 +101,14 @@ def rl_setup(cfg: RLConfig):
     if not train_items or not heldout:
         raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_items)} training and "
                          f"{len(heldout)} held-out prompts; both must be non-empty")
+    train_items, heldout = train_items[:cfg.max_train], heldout[:cfg.max_heldout]
     for e in train_items + heldout:  # a prompt that leaves no room to answer is an error, with its origin
         n = len(template.prompt_ids([{"role": "user", "content": e.prompt}]))
         if n + cfg.max_new_tokens > cfg.seq_len:
             raise ValueError(f"{e.origin}: prompt is {n} tokens; with max_new_tokens={cfg.max_new_tokens} it "
                              f"exceeds seq_len={cfg.seq_len}")
     reward_fn = make_reward_fn(cfg.reward, template, cfg.seq_len, device)
-    return policy, reference, tokenizer, template, [e.prompt for e in train_items], heldout[:cfg.max_heldout], reward_fn
+    return policy, reference, tokenizer, template, [e.prompt for e in train_items], heldout, reward_fn
 
 
 def grpo(cfg: GRPOConfig) -> dict:

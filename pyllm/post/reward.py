@@ -103,6 +103,7 @@ def load_preferences(cfg: StageConfig, template, device, judge_spec: str | None)
     if not train_pairs or not heldout_pairs:
         raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_pairs)} training and "
                          f"{len(heldout_pairs)} held-out pairs; both must be non-empty")
+    train_pairs = train_pairs[:cfg.max_train]
     report = {}
     if judge_spec:
         # only the training pairs are relabelled; held-out pairs keep their reference labels

@@ -103,7 +103,7 @@ def heldout_metrics(policy, reference, template: ChatTemplate, examples: list[Ex
     prompts = [e.prompt for e in examples]
     _, greedy = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
     rewards = reward_fn(prompts, greedy)
-    accuracy = sum(t.strip() == e.completion for t, e in zip(greedy, examples)) / len(examples)
+    accuracy = sum(t.strip() == e.reference for t, e in zip(greedy, examples)) / len(examples)
     sampled, texts = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     sampled_rewards = reward_fn(prompts, texts)
     logp, mask = response_logprobs(policy, sampled["input_ids"], sampled["train"])

@@ -66,12 +66,12 @@ def generate_responses(model: Transformer, template: ChatTemplate, prompts: list
 @torch.no_grad()
 def exact_match_rate(model: Transformer, template: ChatTemplate, examples: list[Example], max_new_tokens: int = 8,
                      batch_size: int = 64) -> float:
-    """Share of ``examples`` whose greedy response equals the reference completion."""
+    """Share of ``examples`` whose greedy response equals the right answer (``Example.reference``)."""
     if not examples:
         return float("nan")
     _, _, texts, _ = generate_responses(model, template, [e.prompt for e in examples],
                                         max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    return sum(exact_match(t, e.completion) for t, e in zip(texts, examples)) / len(examples)
+    return sum(exact_match(t, e.reference) for t, e in zip(texts, examples)) / len(examples)
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ def sft(cfg: SFTConfig) -> dict:
     if not train_items or not heldout_items:
         raise ValueError(f"SFTConfig: data {cfg.data!r} gives {len(train_items)} training and "
                          f"{len(heldout_items)} held-out examples; both must be non-empty")
-    heldout_items = heldout_items[:cfg.max_heldout]
+    train_items, heldout_items = train_items[:cfg.max_train], heldout_items[:cfg.max_heldout]
     train_enc = encode_examples(template, train_items, cfg.seq_len)
     heldout_enc = encode_examples(template, heldout_items, cfg.seq_len)
     rows = pack(train_enc, cfg.seq_len, tokenizer.pad_id)

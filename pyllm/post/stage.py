@@ -44,6 +44,8 @@ class StageConfig:
     """Share of prompts held out for evaluation (hash split; never trained on)."""
     max_heldout: int = 300
     """At most this many held-out items are evaluated (the first, in a fixed order)."""
+    max_train: int | None = None
+    """Use at most this many training items (the first, in a fixed order); None: all."""
     lora_rank: int = 0
     """0: full fine-tuning; r > 0: LoRA adapters of rank r on attention qkv/proj and MLP fc/proj,
     merged into the weights on export."""
@@ -61,6 +63,7 @@ class StageConfig:
             (self.seq_len > 1, f"seq_len={self.seq_len} must be > 1"),
             (0.0 < self.heldout_fraction < 1.0, f"heldout_fraction={self.heldout_fraction} must be in (0, 1)"),
             (self.max_heldout > 0, f"max_heldout={self.max_heldout} must be positive"),
+            (self.max_train is None or self.max_train > 0, f"max_train={self.max_train} must be positive or None"),
             (self.lora_rank >= 0, f"lora_rank={self.lora_rank} must be >= 0 (0 disables LoRA)"),
             (self.model is None or Path(self.model, "config.json").exists(),
              f"model={self.model!r} is not a pyllm model directory (no config.json); give the out_dir/final "

@@ -1,0 +1,75 @@
+"""LoRA adapters, scalar heads and judges."""
+
+import pytest
+import torch
+
+from pyllm.model import Transformer, preset
+from pyllm.post.datasets import task_pairs, task_reward
+from pyllm.post.chat import ChatTemplate
+from pyllm.post.heads import PolicyWithValue, RewardModel
+from pyllm.post.judge import ModelJudge, RuleJudge, relabel
+from pyllm.post.lora import LoRAConfig, apply_lora, merge_lora, trainable_parameters
+from pyllm.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def tiny(**kw):
+    return Transformer(preset("tiny", n_layer=2, d_model=32, n_head=2, vocab_size=TOK.vocab_size, **kw))
+
+
+def test_lora_trains_only_adapters_and_merges_exactly():
+    model = tiny()
+    x = torch.randint(0, 256, (2, 12))
+    base_out = model(x).detach()
+    base_weight = model.blocks[0].attn.qkv.weight.detach().clone()
+    names = apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    assert len(names) == 2 * 4  # qkv, proj, fc, proj in each of 2 blocks
+    torch.testing.assert_close(model(x), base_out)  # B = 0: the adapted model starts equal to the base
+    trainable, total = trainable_parameters(model)
+    assert trainable == sum(4 * (w.shape[0] + w.shape[1]) for w in
+                            (m.parametrizations.weight.original for n, m in model.named_modules() if n in names))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    adapted = model(x).detach()
+    assert not torch.allclose(adapted, base_out, atol=1e-4)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.parametrizations.weight.original, base_weight)  # frozen
+    assert merge_lora(model) == 8
+    assert set(dict(model.named_parameters())) == set(dict(tiny().named_parameters()))  # plain model again
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_shapes_and_reward_model_roundtrip(tmp_path):
+    rm = RewardModel(tiny())
+    x = torch.randint(0, 256, (3, 10))
+    attention = torch.ones(3, 10)
+    attention[1, 6:] = 0  # row 1 has 6 real tokens
+    scores = rm(x, attention)
+    assert scores.shape == (3,)
+    # the score of a right-padded row is that of the row alone
+    torch.testing.assert_close(scores[1], rm(x[1:2, :6], torch.ones(1, 6))[0], rtol=1e-5, atol=1e-5)
+    loaded = RewardModel.load(rm.save(tmp_path / "rm", TOK))
+    torch.testing.assert_close(loaded(x, attention), scores)
+    logits, values = PolicyWithValue(tiny())(x)
+    assert logits.shape == (3, 10, TOK.vocab_size) and values.shape == (3, 10)
+    assert values.abs().max() == 0  # zero-initialised value head
+
+
+def test_rule_judge_agrees_with_task_labels_and_relabels_flipped_pairs():
+    pairs = task_pairs(n=60)
+    flipped = [p.__class__(p.prompt, p.rejected, p.chosen) for p in pairs[:20]] + pairs[20:]
+    out, report = relabel(RuleJudge(task_reward), flipped)
+    assert report["judge_agreement"] == pytest.approx(40 / 60)
+    assert all(o.chosen == p.chosen for o, p in zip(out, pairs))  # every pair restored to the right order
+
+
+def test_model_judge_is_order_symmetric():
+    judge = ModelJudge(tiny().eval(), ChatTemplate(TOK))
+    with torch.no_grad():
+        ab = judge.prefer(["1+1="], ["2"], ["3"])
+        ba = judge.prefer(["1+1="], ["3"], ["2"])
+    assert 0.0 < ab[0] < 1.0
+    assert ab[0] + ba[0] == pytest.approx(1.0)  # asked both ways: position bias cancels
