@@ -91,3 +91,26 @@ def test_data_parallel_evaluation_equals_single_process(tmp_path, tok):
         assert got["quiz"]["n"] == 7  # 4 items on rank 0, 3 on rank 1, summed
         assert got["quiz"] == pytest.approx(single["quiz"])
         assert got["ppl"] == pytest.approx(single["ppl"], rel=1e-6)
+
+
+def test_trainer_calls_eval_fn_at_its_interval(tmp_path, tok):
+    import numpy as np
+
+    from pyllm.train import TrainConfig, Trainer
+    from pyllm.train.data import RandomWindows
+
+    tokens = np.array(tok.encode("a small training text. " * 40), dtype=np.int64)
+    model = tiny_model(tok.vocab_size)
+    calls = []
+    eval_fn = make_eval_fn(tok, texts=TEXTS[:1], tasks=[write_task(tmp_path)])
+
+    def counted(m):
+        calls.append(m.training)
+        return eval_fn(m)
+
+    cfg = TrainConfig(max_steps=2, eval_every=1, out_dir=str(tmp_path / "run"), batch_size=2, seq_len=16,
+                      device="cpu")
+    summary = Trainer(model, cfg, RandomWindows(tokens, 16, 2, seed=0), eval_fn=counted).fit()
+    assert len(calls) == 2 and not any(calls)  # every step, in eval mode
+    assert summary["eval"]["val/bits_per_byte"] == pytest.approx(perplexity(model, tok, TEXTS[:1])["bits_per_byte"])
+    assert {"quiz/acc", "quiz/acc_norm"} <= set(summary["eval"])
