@@ -190,9 +190,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if start + T > (cache.max_len if cache is not None else cfg.max_seq_len):
-            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context "
-                             f"({cache.max_len if cache is not None else cfg.max_seq_len})")
+        limit = cache.max_len if cache is not None else cfg.max_seq_len
+        if positions is None and self.wpe is not None:  # default positions must fit the learned table
+            limit = min(limit, cfg.max_seq_len)
+        if start + T > limit:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context ({limit})")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.wte(idx)

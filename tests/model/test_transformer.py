@@ -142,3 +142,12 @@ def test_config_defaults_and_dict_round_trip():
         ModelConfig.from_dict({"n_layers": 3})
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'; valid presets: gpt2_small"):
         preset("gpt5")
+
+
+def test_cache_longer_than_learned_positions_is_refused():
+    model = small_model("gpt2")
+    cache = KVCache.empty(model.cfg, 1, 40, "cpu", torch.float32)
+    with torch.no_grad():
+        model(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="sequence of 33 tokens exceeds the model's context \\(32\\)"):
+            model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
