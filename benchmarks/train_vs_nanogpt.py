@@ -1,0 +1,169 @@
+"""pyllm's trainer vs nanoGPT's train.py, side by side on the same machine, text and configuration.
+
+The configuration is nanoGPT's published CPU run (README, "I only have a macbook"): character-level,
+block 64, batch 12, 4 layers x 4 heads x width 128, no dropout, no biases, lr 1e-3 with 100 warmup
+steps and cosine decay to 1e-4 at max_iters, AdamW beta2 0.99, weight decay 0.1, grad clip 1.0.
+pyllm runs the same architecture (exact GELU, tied embeddings, pre-LayerNorm).
+
+    python benchmarks/train_vs_nanogpt.py --nanogpt /path/to/nanoGPT --text input.txt [--steps 2000]
+
+nanoGPT's own files (train.py, model.py, configurator.py, config/) are copied into a temporary work
+directory beside its data (train.bin/val.bin/meta.pkl, its char-level format and 90/10 split), so the
+checkout is not modified; both programs run as subprocesses with the same thread count, by default at
+the same time (on a shared machine, sequential runs see different loads; concurrent ones share it). Reported:
+tokens/s (median over per-step times, excluding the first ``--warmup`` steps and steps that include an
+evaluation), total wall time, and the validation loss at the last step (nanoGPT: ``--eval-iters``
+random batches; pyllm: the same number of fixed batches), plus the ratios. ``--out`` appends one JSON
+line with the machine, versions, commit and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nanogpt_data(text: str, data_dir: Path) -> None:
+    """nanoGPT's shakespeare_char/prepare.py format: sorted characters, uint16 ids, 90/10 split."""
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    data_dir.mkdir(parents=True)
+    ids[:n].tofile(data_dir / "train.bin")
+    ids[n:].tofile(data_dir / "val.bin")
+    with open(data_dir / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+
+
+def nanogpt_command(checkout: Path, text: str, work: Path, steps: int, eval_interval: int, eval_iters: int) -> list[str]:
+    """Prepare a work directory with nanoGPT's files and data; return its command line (run in ``work``)."""
+    for name in ("train.py", "model.py", "configurator.py"):
+        shutil.copy(checkout / name, work / name)
+    shutil.copytree(checkout / "config", work / "config")
+    nanogpt_data(text, work / "data" / "bench")
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+           f"--eval_iters={eval_iters}", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
+           "--n_head=4", "--n_embd=128", f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0",
+           "--dataset=bench", "--dtype=float32", f"--eval_interval={eval_interval}", "--out_dir=out"]
+
+
+def nanogpt_result(stdout: str, eval_interval: int, wall: float) -> dict:
+    step_ms = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", stdout)}
+    val = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", stdout)}
+    # an iteration's time includes the evaluation run at its start (iter % eval_interval == 0)
+    times = [ms / 1e3 for it, ms in step_ms.items() if it % eval_interval]
+    return {"step_times": times, "val_loss": val[max(val)], "val_step": max(val), "wall_s": wall}
+
+
+def pyllm_command(text_file: Path, out: Path, steps: int, eval_interval: int, eval_iters: int, compile_: bool,
+                  extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pyllm.cli", "train", "--preset", "shakespeare_char_cpu", "--data", str(text_file),
+           "--max_steps", str(steps), "--eval_every", str(eval_interval), "--eval_batches", str(eval_iters),
+           "--log_every", "1", "--out_dir", str(out), "--resume", "false", "--progress", "false",
+           "--compile", str(compile_), "--model.gelu_approximate", "none", *extra]
+
+
+def pyllm_result(out: Path, wall: float) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = 12 * 64
+    # the per-step records carry tokens/s of that step alone (log_every 1); evaluations are timed apart
+    times = [tokens_per_step / r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    return {"step_times": times, "val_loss": val[-1][1], "val_step": val[-1][0], "wall_s": wall}
+
+
+def summarise(name: str, r: dict, warmup: int) -> dict:
+    times = r["step_times"][warmup:]
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=4)
+    return {"name": name, "tokens_per_s": 768 / med, "tokens_per_s_p25_p75": [768 / q[2], 768 / q[0]],
+            "median_step_ms": med * 1e3, "val_loss": r["val_loss"], "val_step": r["val_step"], "wall_s": r["wall_s"],
+            "steps_timed": len(times)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nanogpt", required=True, type=Path, help="a nanoGPT checkout (with train.py, model.py)")
+    ap.add_argument("--text", required=True, type=Path, help="the training text (UTF-8)")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--eval-interval", type=int, default=250)
+    ap.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (both sides)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
+    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    ap.add_argument("--pyllm-compile", action="store_true", help="torch.compile pyllm's loss (nanoGPT stays at "
+                                                                "its CPU setting, --compile=False)")
+    ap.add_argument("--pyllm-arg", action="append", default=[], help="extra `pyllm train` argument (repeatable)")
+    ap.add_argument("--sequential", action="store_true", help="run one after the other (default: both at once, "
+                                                              "so that both see the same load on a shared machine)")
+    ap.add_argument("--out", type=Path, help="append the result as one JSON line to this file")
+    a = ap.parse_args(argv)
+    for path, what in ((a.nanogpt / "train.py", "nanoGPT checkout"), (a.text, "text file")):
+        if not path.is_file():
+            print(f"train_vs_nanogpt: {what} not found: {path}", file=sys.stderr)
+            return 2
+    text = a.text.read_text(encoding="utf-8")
+    env = dict(os.environ)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        jobs = {"nanoGPT": (nanogpt_command(a.nanogpt, text, work, a.steps, a.eval_interval, a.eval_iters), work),
+                "pyllm": (pyllm_command(a.text, work / "pyllm", a.steps, a.eval_interval, a.eval_iters,
+                                        a.pyllm_compile, [s for arg in a.pyllm_arg for s in arg.split()]), ROOT)}
+        groups = [[n] for n in jobs] if a.sequential else [list(jobs)]
+        walls, outputs = {}, {}
+        for names in groups:  # concurrently by default: both see the same machine load at the same time
+            t0 = time.perf_counter()
+            procs = {n: subprocess.Popen(jobs[n][0], cwd=jobs[n][1], env=env, stdout=open(work / f"{n}.out", "w"),
+                                         stderr=open(work / f"{n}.err", "w")) for n in names}
+            while procs:
+                for n, proc in list(procs.items()):
+                    if proc.poll() is not None:
+                        walls[n] = time.perf_counter() - t0
+                        del procs[n]
+                        if proc.returncode:
+                            err = (work / f"{n}.err").read_text()
+                            raise RuntimeError(f"{n} failed ({proc.returncode}): {err[-2000:]}")
+                time.sleep(0.2)
+            outputs.update({n: (work / f"{n}.out").read_text() for n in names})
+        nano = nanogpt_result(outputs["nanoGPT"], a.eval_interval, walls["nanoGPT"])
+        ours = pyllm_result(work / "pyllm", walls["pyllm"])
+    rows = [summarise("nanoGPT", nano, a.warmup), summarise("pyllm", ours, a.warmup)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    import torch
+
+    result = {"benchmark": "train_vs_nanogpt", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+              "torch": torch.__version__, "commit": commit, "threads": a.threads, "steps": a.steps,
+              "text_chars": len(text), "dtype": "float32", "shape": "B12 T64 L4 H4 d128",
+              "pyllm_compile": a.pyllm_compile, "concurrent": not a.sequential, "pyllm_args": a.pyllm_arg, "results": rows,
+              "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+              "val_loss_delta": rows[1]["val_loss"] - rows[0]["val_loss"]}
+    for r in rows:
+        print(f"{r['name']:<8} {r['tokens_per_s']:9.0f} tok/s (p25-p75 {r['tokens_per_s_p25_p75'][0]:.0f}-"
+              f"{r['tokens_per_s_p25_p75'][1]:.0f})  val loss {r['val_loss']:.4f} @ step {r['val_step']}  "
+              f"wall {r['wall_s']:.0f}s")
+    print(f"speedup {result['speedup_tokens_per_s']:.2f}x, val loss pyllm - nanoGPT = {result['val_loss_delta']:+.4f}")
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
