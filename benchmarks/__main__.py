@@ -70,7 +70,7 @@ def run(args) -> int:
         done = results.done_cases(results.read(out), results.session_key({"machine": info, "suite": suite}))
         print(f"resume: {len(done)} (op, case, dtype) already measured in this session are skipped")
     all_dtypes = sorted({d for b in benches if isinstance(b, harness.OpBench) for d in opts.dtypes_for(b)} | {"fp32"})
-    calib = machine.calibrate(device, all_dtypes, budget_s=0.2 if suite == "short" else 1.0)
+    calib = machine.calibrate(device, all_dtypes, budget_s=1.0)
     log.append({"kind": "calibration", "suite": suite, **calib})
     print(f"calibration: copy {calib['copy_gbps']:.1f} GB/s; matmul peak "
           + ", ".join(f"{d} {t:.3f} TFLOP/s" for d, t in calib["matmul_tflops"].items()))

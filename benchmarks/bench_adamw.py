@@ -17,16 +17,32 @@ from .shapes import MODELS
 _HYPER = dict(lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=10)
 
 
-def parameter_shapes(model: str, n_layer: int | None) -> list[tuple[int, ...]]:
+def parameter_shapes(model: str, n_layer: int | None, blocks_only: bool = False) -> list[tuple[int, ...]]:
     """Shapes of every parameter of a model (a name of ``shapes.MODELS`` or a pyllm.model preset),
-    optionally with fewer layers, built on the meta device (no memory)."""
+    optionally with fewer layers or without the embeddings, built on the meta device (no memory)."""
     from pyllm.model import Transformer, preset
 
     cfg = MODELS[model] if model in MODELS else preset(model)
     if n_layer is not None:
         cfg = type(cfg)(**{**cfg.to_dict(), "n_layer": n_layer})
     with torch.device("meta"):
-        return [tuple(p.shape) for p in Transformer(cfg).parameters()]
+        return [tuple(p.shape) for name, p in Transformer(cfg).named_parameters()
+                if not blocks_only or name.startswith("blocks.")]
+
+
+def model_cases(suite: str, what: str) -> list[Case]:
+    """The parameter lists an optimiser-side bench runs on: a whole model on GPU, two GPT-2 blocks on
+    CPU (the 38M-entry embedding alone would dominate a CPU run), the tiny model in CI."""
+    runs = {"short": [("tiny", None, False)], "cpu": [("gpt2-124M", 2, True)],
+            "gpu": [("gpt2-124M", None, False), ("gpt2-350M", None, False)]}[suite]
+    cases = []
+    for m, layers, blocks in runs:
+        shapes = parameter_shapes(m, layers, blocks)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        scope = f"{layers} blocks" if blocks else "all layers" if layers is None else f"{layers} layers"
+        cases.append(Case(f"{m} {what} ({scope}, {n / 1e6:.1f}M params)",
+                          {"model": m, "n_layer": layers, "blocks_only": blocks, "tensors": len(shapes), "params": n}))
+    return cases
 
 
 class AdamWBench(OpBench):
@@ -35,18 +51,10 @@ class AdamWBench(OpBench):
     differentiable = False
 
     def cases(self, suite):
-        runs = {"short": [("tiny", None)], "cpu": [("gpt2-124M", 2)],
-                "gpu": [("gpt2-124M", None), ("gpt2-350M", None)]}[suite]
-        cases = []
-        for m, layers in runs:
-            shapes = parameter_shapes(m, layers)
-            label = f"{m} ({'all' if layers is None else layers} layers, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M params)"
-            cases.append(Case(label, {"model": m, "n_layer": layers, "tensors": len(shapes),
-                                      "params": sum(torch.Size(s).numel() for s in shapes)}))
-        return cases
+        return model_cases(suite, "parameters")
 
     def make_inputs(self, case, dtype, device):
-        shapes = parameter_shapes(case.shape["model"], case.shape["n_layer"])
+        shapes = parameter_shapes(case.shape["model"], case.shape["n_layer"], case.shape.get("blocks_only", False))
         params = [0.02 * torch.randn(s, device=device) for s in shapes]
         grads = [1e-3 * torch.randn(s, device=device) for s in shapes]
         exp_avgs = [1e-4 * torch.randn(s, device=device) for s in shapes]

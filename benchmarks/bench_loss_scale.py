@@ -11,8 +11,8 @@ import torch
 from pyllm import ops
 
 from . import externals
-from .bench_adamw import parameter_shapes
-from .harness import Case, Inputs, OpBench, bytes_of
+from .bench_adamw import model_cases, parameter_shapes
+from .harness import Inputs, OpBench, bytes_of
 from .pytest_adapter import pytest_benchmark_test
 
 
@@ -42,17 +42,11 @@ class LossScaleBench(OpBench):
         return _loss_scale(ops.reference.unscale_and_check_, ops.reference.update_loss_scale_)
 
     def cases(self, suite):
-        runs = {"short": [("tiny", None)], "cpu": [("gpt2-124M", 2)], "gpu": [("gpt2-124M", None), ("gpt2-350M", None)]}[suite]
-        cases = []
-        for m, layers in runs:
-            shapes = parameter_shapes(m, layers)
-            n = sum(torch.Size(s).numel() for s in shapes)
-            cases.append(Case(f"{m} gradients ({'all' if layers is None else layers} layers, {n / 1e6:.1f}M)",
-                              {"model": m, "n_layer": layers, "tensors": len(shapes), "params": n}))
-        return cases
+        return model_cases(suite, "gradients")
 
     def make_inputs(self, case, dtype, device):
-        grads = [torch.randn(s, device=device) for s in parameter_shapes(case.shape["model"], case.shape["n_layer"])]
+        shapes = parameter_shapes(case.shape["model"], case.shape["n_layer"], case.shape.get("blocks_only", False))
+        grads = [torch.randn(s, device=device) for s in shapes]
         # 1 - 2^-10, not a power of two: a wrong scale shows in the check, yet repeated timing calls
         # do not shrink the gradients into denormals (slow on CPU)
         return Inputs([grads], {"inv_scale": 1.0 - 2.0**-10})

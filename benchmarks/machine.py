@@ -82,23 +82,25 @@ def describe(device: str) -> dict:
 def calibrate(device: str, dtypes: list[str], budget_s: float = 0.5) -> dict:
     """{"copy_gbps": float, "matmul_tflops": {dtype: float}} measured now on ``device``."""
     cuda = device == "cuda"
-    n = (1 << 28 if cuda else 1 << 24)  # fp32 elements: 1 GiB on GPU, 64 MiB on CPU (>> last-level cache)
+    # fp32 elements: 1 GiB per buffer on GPU, 128 MiB on CPU: measured on this (virtual) 2-core EPYC,
+    # buffers of up to 64 MiB still copy from cache at several times DRAM speed
+    n = (1 << 28 if cuda else 1 << 25)
     src = torch.empty(n, device=device).uniform_()
     dst = torch.empty_like(src)
-    # a ceiling is the best the device was seen to do: the fastest repetition, not the median
-    t = time_fn(lambda: dst.copy_(src), device, budget_s=budget_s, flush_l2=False)
+    # A ceiling is the best the device was seen to do: the fastest of many short repetitions, not the
+    # median (on a shared CPU most long repetitions are preempted at least once).
+    reps = dict(budget_s=budget_s, flush_l2=False, max_reps=500)
+    t = time_fn(lambda: dst.copy_(src), device, **reps)
     out = {"copy_gbps": 2 * n * 4 / t["min_ms"] / 1e6, "matmul_tflops": {}}
     del src, dst
-    size = 8192 if cuda else 1024
+    size = 8192 if cuda else 512
     for name in dtypes:
         dtype = DTYPES[name]
-        if not cuda and dtype in (torch.float16, torch.bfloat16):
-            size_d = 256  # CPU half-precision matmul is orders of magnitude slower; keep it short
-        else:
-            size_d = size
+        # CPU half-precision matmul is orders of magnitude slower than fp32: keep it small
+        size_d = 128 if not cuda and dtype in (torch.float16, torch.bfloat16) else size
         a = torch.randn(size_d, size_d, device=device, dtype=dtype)
         b = torch.randn(size_d, size_d, device=device, dtype=dtype)
         with dtype_context(name):
-            t = time_fn(lambda: a @ b, device, budget_s=budget_s, flush_l2=False)
+            t = time_fn(lambda: a @ b, device, **reps)
         out["matmul_tflops"][name] = 2 * size_d**3 / t["min_ms"] / 1e9
     return out

@@ -108,13 +108,13 @@ def default(**overrides) -> PipelineConfig:
         out_dir="runs/pipeline",
         data={"max_documents": 1000, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
         pretrain={"model_preset": "tiny", "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
-                  "seq_len": 128, "batch_size": 16, "max_steps": 400, "warmup_steps": 40, "eval_every": 100,
+                  "seq_len": 128, "batch_size": 8, "max_steps": 300, "warmup_steps": 30, "eval_every": 50,
                   "eval_batches": 8, "log_every": 10, "lr": 2e-3, "ckpt_every": 100},
-        sft={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 200, "batch_size": 16, "ckpt_every": 100}},
-        rm={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 100, "batch_size": 16}},
-        dpo={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 60, "batch_size": 16}},
-        rl_cfg={"seq_len": 96, "max_heldout": 100, "train": {"max_steps": 20, "batch_size": 16}},
-        eval={"limit": 60, "heldout": 100, "samples": 6, "max_new_tokens": 8},
+        sft={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 150, "batch_size": 16, "ckpt_every": 50}},
+        rm={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 80, "batch_size": 16}},
+        dpo={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 50, "batch_size": 16}},
+        rl_cfg={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 20, "batch_size": 16}},
+        eval={"limit": 40, "heldout": 60, "samples": 6, "max_new_tokens": 8},
     ), overrides))
 
 
