@@ -1,5 +1,5 @@
 """Batch sources for the trainer: text (file, folder or the built-in text) with a byte- or character-
-level tokenizer, or the data stage's token shards.
+level tokenizer. Token shards (the data stage's output) are read by pyllm.data.loader.ShardLoader.
 
 A batch source has ``next_batch() -> {"input_ids": (B, T) int64, "targets": (B, T) int64}`` and
 ``state_dict()/load_state_dict()`` (the data position, for exact resume).
@@ -13,7 +13,6 @@ resuming needs only the micro-batch count.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -143,26 +142,5 @@ def fixed_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: 
 
 
 def is_shard_dir(path: str) -> bool:
+    """A pyllm-shards-v1 directory (the data stage's output), read by pyllm.data.loader.ShardLoader."""
     return Path(path, "manifest.json").is_file()
-
-
-def read_shards(path: str) -> tuple[np.ndarray, dict]:
-    """All tokens of a pyllm-shards-v1 directory (memory-mapped, concatenated in manifest order)."""
-    manifest_path = Path(path, "manifest.json")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{manifest_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if manifest.get("format") != "pyllm-shards-v1":
-        raise DataError(f"{manifest_path}: field 'format' is {manifest.get('format')!r}, expected 'pyllm-shards-v1'")
-    dtype = np.dtype(manifest.get("dtype", "uint16")).newbyteorder("<")
-    parts = []
-    for shard in manifest.get("shards", []):
-        f = Path(path, shard["file"])
-        if not f.is_file():
-            raise DataError(f"{manifest_path}: shard file {str(f)!r} is missing")
-        if f.stat().st_size:
-            parts.append(np.memmap(f, dtype=dtype, mode="r"))
-    if not parts:
-        raise DataError(f"{manifest_path}: the shard directory holds no tokens")
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), manifest

@@ -19,23 +19,20 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int):
     """(tokenizer, training batch source, validation batches) for cfg.data."""
     micro = cfg.micro_batch(world_size)
     if cfg.data != data.BUILTIN and data.is_shard_dir(cfg.data):
-        tokenizer = load_tokenizer(cfg.data)
+        from pyllm.data.loader import ShardLoader
+
         try:
-            from pyllm.data.loader import ShardLoader
-        except ImportError:
-            ShardLoader = None
-        if ShardLoader is not None:
+            tokenizer = load_tokenizer(cfg.data)
             train_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, rank=rank, world_size=world_size,
                                     split="train")
             val_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, split="val")
-            return tokenizer, train_src, [val_src.next_batch() for _ in range(cfg.eval_batches)]
-        tokens, _ = data.read_shards(cfg.data)
-        source = cfg.data
-    else:
-        docs = data.read_documents(cfg.data)
-        tokenizer = data.build_tokenizer(cfg.tokenizer, docs)
-        tokens = data.tokenize_documents(tokenizer, docs)
-        source = "built-in text" if cfg.data == data.BUILTIN else cfg.data
+        except (ValueError, FileNotFoundError) as e:
+            raise data.DataError(str(e)) from None
+        return tokenizer, train_src, [val_src.next_batch() for _ in range(cfg.eval_batches)]
+    docs = data.read_documents(cfg.data)
+    tokenizer = data.build_tokenizer(cfg.tokenizer, docs)
+    tokens = data.tokenize_documents(tokenizer, docs)
+    source = "built-in text" if cfg.data == data.BUILTIN else cfg.data
     train_tokens, val_tokens = data.split_tokens(tokens, cfg.val_fraction, cfg.seq_len, source)
     train_src = data.RandomWindows(train_tokens, cfg.seq_len, micro, cfg.seed, rank, world_size)
     val_batches = data.fixed_batches(val_tokens, cfg.seq_len, micro, cfg.eval_batches, cfg.seed)
