@@ -192,7 +192,8 @@ def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.
         out[h + "input_layernorm.weight"] = sd[p + "norm1.weight"]
         out[h + "post_attention_layernorm.weight"] = sd[p + "norm2.weight"]
         q, k, v = sd[p + "attn.qkv.weight"].split([q_rows, kv_rows, kv_rows])
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        for name, w in zip("qkv", (q, k, v)):
+            out[h + f"self_attn.{name}_proj.weight"] = w
         out[h + "self_attn.o_proj.weight"] = sd[p + "attn.proj.weight"]
         gate, up = sd[p + "mlp.fc.weight"].chunk(2)
         out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up

@@ -124,7 +124,8 @@ def test_temperature():
 
 BAD = {
     "empty prompt": (dict(prompts=[[1], []]), "non-empty list of non-empty token-id lists"),
-    "too long": (dict(prompts=[[1] * 30], max_new_tokens=5), r"prompts\[0\] has 30 tokens \+ max_new_tokens=5 > the model's context of 32"),
+    "too long": (dict(prompts=[[1] * 30], max_new_tokens=5),
+                 r"prompts\[0\] has 30 tokens \+ max_new_tokens=5 > the model's context of 32"),
     "token id": (dict(prompts=[[1, 64]]), r"prompts\[0\] has a token id outside \[0, 64\)"),
     "top_p": (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
     "top_k": (dict(top_k=0), "top_k=0 must be >= 1"),

@@ -122,7 +122,8 @@ BAD_CONFIGS = {
     "dropout": (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
     "vocab": (dict(vocab_size=0), "vocab_size=0 must be positive"),
     "backend": (dict(backend="gpu"), "unknown backend 'gpu'; valid backends are"),
-    "rope_scaling": (dict(pos="rope", rope_scaling={"factor": 8.0}), "rope_scaling=.* needs pos='rope' and exactly the keys"),
+    "rope_scaling": (dict(pos="rope", rope_scaling={"factor": 8.0}),
+                     "rope_scaling=.* needs pos='rope' and exactly the keys"),
 }
 
 
