@@ -1,8 +1,562 @@
-"""The "cuda" backend: the CUDA C++ kernels of ``pyllm._C`` (csrc/cuda)."""
+"""The "cuda" backend: the CUDA C++ kernels of ``pyllm._C`` (csrc/cuda).
+
+Like the cpu backend, each op is a ``torch.library`` custom op (``pyllm::<op>_cuda``) with a fake
+implementation and a registered autograd formula. Before calling a kernel the wrappers check what the
+raw-pointer interface cannot: device (CUDA), dtype (float32/float16/bfloat16; the tensor-core GEMM and
+attention take float16/bfloat16), contiguity (inputs are made contiguous, or read through a row stride
+where the kernel supports one), 16-byte alignment of every base address (the kernels use 128-bit
+loads; a misaligned view is copied) and the 32-bit limits of the launch grids and int indices. Inputs
+a kernel does not take raise ``Unsupported`` (fallback to the reference, or an error in strict mode).
+Kernels run on the current stream and never synchronise with the host.
+
+Not implemented here (the reference runs): rope, softmax, linear_cross_entropy, update_loss_scale_,
+attention with doc_ids or a sliding window, head dims other than 64 and 128.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 
-from pyllm import _C  # noqa: F401  (an ImportError here marks the backend unavailable)
+from pyllm import _C  # an ImportError here marks the backend unavailable
+
+from .registry import Unsupported, register
 
 if not torch.cuda.is_available():
     raise ImportError("no CUDA device visible to torch")
+if not getattr(_C, "has_cuda", False):
+    raise ImportError("pyllm._C was built without CUDA kernels (no nvcc at build time, or PYLLM_CUDA=0)")
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/common/dtype.h
+_HALF = (torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+_GRID_Y_MAX = 65535
+
+
+def _addr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _require(op: str, dtypes=tuple(_DTYPE_CODES), **tensors: Optional[Tensor]) -> None:
+    """Raise Unsupported unless every given tensor is on a CUDA device with an accepted dtype."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            raise Unsupported(f"cuda backend: argument '{name}' of {op} is on {t.device}, needs a CUDA device")
+        if t.dtype not in dtypes:
+            raise Unsupported(f"cuda backend: argument '{name}' of {op} is {t.dtype}; this kernel takes "
+                              f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
+
+
+def _ready(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Contiguous and 16-byte aligned (a copy only when the tensor is neither)."""
+    if t is None:
+        return None
+    if not t.is_contiguous() or t.data_ptr() % 16:
+        t = t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
+
+
+def _limit(op: str, name: str, value: int, limit: int = _INT32_MAX) -> None:
+    if value > limit:
+        raise Unsupported(f"cuda backend: {name}={value} of {op} exceeds the kernel's 32-bit limit {limit}")
+
+
+def _rows(x: Tensor) -> tuple[int, int]:
+    n = x.shape[-1] if x.dim() else 1
+    return (x.numel() // n if n else 0), n
+
+
+# ------------------------------------------------------------------------------ LayerNorm / RMSNorm
+
+
+@torch.library.custom_op("pyllm::norm_cuda", mutates_args=())
+def _norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+          rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, h, mean, rstd): h = x + residual (empty without residual), fp32 statistics per row."""
+    x, residual, weight, bias = _ready(x), _ready(residual), _ready(weight), _ready(bias)
+    rows, n = _rows(x)
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    stats = dict(device=x.device, dtype=torch.float32)
+    mean, rstd = torch.empty(0 if rms else rows, **stats), torch.empty(rows, **stats)
+    _C.cuda_norm_fwd(x.data_ptr(), _addr(residual), weight.data_ptr(), _addr(bias), y.data_ptr(),
+                     _addr(h) if residual is not None else 0, _addr(mean) if not rms else 0, rstd.data_ptr(), rows, n,
+                     eps, rms, _DTYPE_CODES[x.dtype], _stream())
+    return y, h, mean, rstd
+
+
+@_norm.register_fake
+def _(x, residual, weight, bias, eps, rms):
+    rows = _rows(x)[0]
+    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
+            x.new_empty(0 if rms else rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("pyllm::norm_bwd_cuda", mutates_args=())
+def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
+              has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dy, h, weight, dh_extra = _ready(dy), _ready(h), _ready(weight), _ready(dh_extra)
+    rows, n = _rows(h)
+    dx, dw = torch.empty_like(h), torch.empty_like(weight)
+    db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
+    work = torch.empty(_C.cuda_norm_bwd_workspace(rows, n), device=h.device, dtype=torch.float32)
+    _C.cuda_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), _addr(mean) if not rms else 0, rstd.data_ptr(),
+                     _addr(dh_extra), dx.data_ptr(), dw.data_ptr(), _addr(db) if has_bias else 0, work.data_ptr(), rows,
+                     n, rms, _DTYPE_CODES[h.dtype], _stream())
+    return dx, dw, db
+
+
+@_norm_bwd.register_fake
+def _(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
+    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
+
+
+def _norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _, rms = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
+
+
+def _norm_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
+    dy = dy if dy is not None else torch.zeros_like(h)
+    dx, dw, db = _norm_bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
+    return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
+
+
+torch.library.register_autograd("pyllm::norm_cuda", _norm_backward, setup_context=_norm_setup)
+
+
+def _check_same_dtype(op, x, **others):
+    _require(op, x=x, **others)
+    for name, t in others.items():
+        if t is not None and t.dtype != x.dtype:
+            raise Unsupported(f"cuda backend: argument '{name}' of {op} is {t.dtype}, the kernel needs x's {x.dtype}")
+    _limit(op, "row width", x.shape[-1])
+
+
+@register("layer_norm", "cuda")
+def layer_norm(x, weight, bias=None, *, eps=1e-5, residual=None):
+    _check_same_dtype("layer_norm", x, weight=weight, bias=bias, residual=residual)
+    y, h, _, _ = _norm(x, residual, weight, bias, float(eps), False)
+    return (y, h) if residual is not None else y
+
+
+@register("rms_norm", "cuda")
+def rms_norm(x, weight, *, eps=1e-6, residual=None):
+    _check_same_dtype("rms_norm", x, weight=weight, residual=residual)
+    y, h, _, _ = _norm(x, residual, weight, None, float(eps), True)
+    return (y, h) if residual is not None else y
+
+
+# ------------------------------------------------------------------------------ bias + GELU, SwiGLU
+
+
+@torch.library.custom_op("pyllm::bias_gelu_cuda", mutates_args=())
+def _bias_gelu(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
+    x, bias = _ready(x), _ready(bias)
+    rows, n = _rows(x)
+    y = torch.empty_like(x)
+    _C.cuda_bias_gelu_fwd(x.data_ptr(), _addr(bias), y.data_ptr(), rows, n, tanh, _DTYPE_CODES[x.dtype], _stream())
+    return y
+
+
+@_bias_gelu.register_fake
+def _(x, bias, tanh):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pyllm::bias_gelu_bwd_cuda", mutates_args=())
+def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) -> tuple[Tensor, Tensor]:
+    dy, x, bias = _ready(dy), _ready(x), _ready(bias)
+    rows, n = _rows(x)
+    dx = torch.empty_like(x)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    work = torch.empty(_C.cuda_bias_gelu_bwd_workspace(rows, n) if bias is not None else 0, device=x.device,
+                       dtype=torch.float32)
+    _C.cuda_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), _addr(bias), dx.data_ptr(), _addr(db) if bias is not None else 0,
+                          _addr(work) if bias is not None else 0, rows, n, tanh, _DTYPE_CODES[x.dtype], _stream())
+    return dx, db
+
+
+@_bias_gelu_bwd.register_fake
+def _(dy, x, bias, tanh):
+    return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty(0))
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, tanh = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.tanh = tanh
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_bwd(dy, x, bias, ctx.tanh)
+    return dx, (db if bias is not None else None), None
+
+
+torch.library.register_autograd("pyllm::bias_gelu_cuda", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+@register("bias_gelu", "cuda")
+def bias_gelu(x, bias=None, *, approximate="tanh"):
+    _check_same_dtype("bias_gelu", x, bias=bias)
+    return _bias_gelu(x, bias, approximate == "tanh")
+
+
+def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
+    """(t, row stride) when t's rows are evenly strided with a contiguous last dim and an aligned base,
+    else (a contiguous copy, width)."""
+    ok = t.dim() >= 1 and (t.dim() == 1 or t.stride(-1) == 1) and t.data_ptr() % 16 == 0
+    for i in range(t.dim() - 2):
+        ok = ok and (t.shape[i] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1])
+    if not ok:
+        t = _ready(t.contiguous())
+    return t, (t.stride(-2) if t.dim() >= 2 else t.shape[-1])
+
+
+@torch.library.custom_op("pyllm::swiglu_cuda", mutates_args=())
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
+    rows, n = _rows(gate)
+    y = gate.new_empty(gate.shape)
+    _C.cuda_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _DTYPE_CODES[gate.dtype], _stream())
+    return y
+
+
+@_swiglu.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("pyllm::swiglu_bwd_cuda", mutates_args=())
+def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
+    dy = _ready(dy)
+    rows, n = _rows(gate)
+    dgate, dup = gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+    _C.cuda_swiglu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), rows, n, gs, us,
+                       _DTYPE_CODES[gate.dtype], _stream())
+    return dgate, dup
+
+
+@_swiglu_bwd.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dy):
+    return _swiglu_bwd(dy, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("pyllm::swiglu_cuda", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+@register("swiglu", "cuda")
+def swiglu(gate, up):
+    _check_same_dtype("swiglu", gate, up=up)
+    return _swiglu(gate, up)
+
+
+# ------------------------------------------------------------------------------- cross-entropy
+
+
+@torch.library.custom_op("pyllm::cross_entropy_cuda", mutates_args=())
+def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+                   z_loss: float) -> tuple[Tensor, Tensor]:
+    """logits (rows, V), target (rows,) int64 -> (loss per row, lse per row), fp32. A target outside
+    [0, V) that is not ignore_index gives a nan loss for its row (checked on the device, no sync)."""
+    logits, target = _ready(logits), target.contiguous()
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    _C.cuda_cross_entropy_fwd(logits.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(), rows, vocab,
+                              ignore_index, label_smoothing, z_loss, _DTYPE_CODES[logits.dtype], _stream())
+    return loss, lse
+
+
+@_cross_entropy.register_fake
+def _(logits, target, ignore_index, label_smoothing, z_loss):
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("pyllm::cross_entropy_bwd_cuda", mutates_args=())
+def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
+                       label_smoothing: float, z_loss: float) -> Tensor:
+    grad_stride = 0 if grad.dim() == 1 and grad.stride(0) == 0 else 1  # expanded from a sum/mean
+    grad = grad.float() if grad_stride == 0 else grad.float().contiguous()
+    logits = _ready(logits)
+    rows, vocab = logits.shape
+    dlogits = torch.empty_like(logits)
+    _C.cuda_cross_entropy_bwd(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), grad_stride,
+                              dlogits.data_ptr(), rows, vocab, ignore_index, label_smoothing, z_loss,
+                              _DTYPE_CODES[logits.dtype], _stream())
+    return dlogits
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
+    return torch.empty_like(logits)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, *ctx.options = inputs
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _cross_entropy_backward(ctx, dloss, _dlse):
+    logits, target, lse = ctx.saved_tensors
+    return _cross_entropy_bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
+
+
+torch.library.register_autograd("pyllm::cross_entropy_cuda", _cross_entropy_backward,
+                                setup_context=_cross_entropy_setup)
+
+
+@register("cross_entropy", "cuda")
+def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
+    _require("cross_entropy", logits=logits)
+    vocab = logits.shape[-1]
+    logits2d, target1d = logits.reshape(-1, vocab), target.reshape(-1).long()
+    _limit("cross_entropy", "rows", logits2d.shape[0])
+    loss, _ = _cross_entropy(logits2d, target1d, int(ignore_index), float(label_smoothing), float(z_loss))
+    if reduction == "none":  # fp32, like the reference
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target1d != ignore_index).sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- GEMM and linear
+
+
+@torch.library.custom_op("pyllm::gemm_cuda", mutates_args=())
+def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor], b_is_nk: bool, activation: int) -> Tensor:
+    """act(a (M, K) @ B + bias): B is b (N, K) when b_is_nk else b (K, N). activation 0/1/2: none/gelu/tanh."""
+    a, b, bias = _ready(a), _ready(b), _ready(bias)
+    M, K = a.shape
+    N = b.shape[0] if b_is_nk else b.shape[1]
+    c = a.new_empty((M, N))
+    _C.cuda_gemm(a.data_ptr(), b.data_ptr(), _addr(bias), c.data_ptr(), M, N, K, b_is_nk, activation,
+                 _DTYPE_CODES[a.dtype], _stream())
+    return c
+
+
+@_gemm.register_fake
+def _(a, b, bias, b_is_nk, activation):
+    return a.new_empty((a.shape[0], b.shape[0] if b_is_nk else b.shape[1]))
+
+
+def _gemm_setup(ctx, inputs, output):
+    a, b, bias, b_is_nk, activation = inputs
+    if activation:
+        raise RuntimeError("pyllm::gemm_cuda with a fused activation is forward-only; linear() splits it for autograd")
+    ctx.save_for_backward(a, b)
+    ctx.b_is_nk, ctx.has_bias = b_is_nk, bias is not None
+
+
+def _gemm_backward(ctx, dc):
+    a, b = ctx.saved_tensors
+    dc = _ready(dc)
+    if ctx.b_is_nk:  # c = a b^T: da = dc b (b is (N, K): a (K=N_inner, N_out=K) row-major operand)
+        da = _gemm(dc, b, None, False, 0)
+        db = dc.t() @ a  # (N, K): the weight gradient through cuBLAS (a transposed operand)
+    else:  # c = a b: da = dc b^T (b (K, N) is an (N_out=K, K_inner=N) operand), db = a^T dc
+        da = _gemm(dc, b, None, True, 0)
+        db = a.t() @ dc
+    dbias = dc.sum(0) if ctx.has_bias else None
+    return da, db, dbias, None, None
+
+
+torch.library.register_autograd("pyllm::gemm_cuda", _gemm_backward, setup_context=_gemm_setup)
+
+
+def _check_gemm(op, a, b, bias, b_is_nk):
+    _require(op, _HALF, a=a, b=b, bias=bias)
+    if b.dtype != a.dtype or (bias is not None and bias.dtype != a.dtype):
+        raise Unsupported(f"cuda backend: {op} needs one dtype for all operands")
+    K = a.shape[-1]
+    N = b.shape[0] if b_is_nk else b.shape[1]
+    if K % 8 or N % 8:
+        raise Unsupported(f"cuda backend: {op} needs the inner dim K={K} and output dim N={N} to be multiples of 8 "
+                          f"(16-byte rows for cp.async, in the forward and the backward)")
+    for name, v in (("M", a.numel() // max(K, 1)), ("N", N), ("K", K)):
+        _limit(op, name, v)
+
+
+@register("matmul", "cuda")
+def matmul(a, b):
+    _check_gemm("matmul", a, b, None, False)
+    return _gemm(a, b, None, False, 0)
+
+
+_ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@register("linear", "cuda")
+def linear(x, weight, bias=None, *, activation=None):
+    _check_gemm("linear", x, weight, bias, True)
+    x2d = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if activation is None or not needs_grad:  # inference: bias and activation in the GEMM epilogue
+        y = _gemm(x2d, weight, bias, True, _ACTIVATION_CODES[activation])
+    else:  # training: keep the pre-activation for the backward; the GELU kernel fuses bias + activation
+        y = _bias_gelu(_gemm(x2d, weight, None, True, 0), bias, activation == "gelu_tanh")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+@torch.library.custom_op("pyllm::attention_cuda", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """FlashAttention-2 forward: (o like q, lse (B, Hq, T) fp32)."""
+    q, k, v = _ready(q), _ready(k), _ready(v)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+    _C.cuda_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), B, Hq, Hkv, T, S, D,
+                          scale, causal, _DTYPE_CODES[q.dtype], _stream())
+    return o, lse
+
+
+@_attention.register_fake
+def _(q, k, v, scale, causal):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pyllm::attention_bwd_cuda", mutates_args=())
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    do = _ready(do)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    work = torch.empty(_C.cuda_attention_bwd_workspace(B, Hq, T, D), device=q.device, dtype=torch.float32)
+    _C.cuda_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), do.data_ptr(),
+                          dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), work.data_ptr(), B, Hq, Hkv, T, S, D, scale,
+                          causal, _DTYPE_CODES[q.dtype], _stream())
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, causal = inputs
+    o, lse = output
+    ctx.save_for_backward(_ready(q), _ready(k), _ready(v), o, lse)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("pyllm::attention_cuda", _attention_backward, setup_context=_attention_setup)
+
+
+@register("attention", "cuda")
+def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None):
+    _require("attention", _HALF, q=q, k=k, v=v)
+    if doc_ids is not None or window is not None:
+        raise Unsupported("cuda backend: attention with doc_ids or a sliding window is not implemented")
+    B, Hq, T, D = q.shape
+    if D not in (64, 128):
+        raise Unsupported(f"cuda backend: attention head dim {D} (the kernel has 64 and 128)")
+    _limit("attention", "B * Hq", B * Hq, _GRID_Y_MAX)
+    _limit("attention", "kv positions", k.shape[2])
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    return _attention(q, k, v, float(scale), bool(causal))[0]
+
+
+# ------------------------------------------------------------------------ optimiser and scaling
+
+
+def _host_table(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _device_scalar(value, device) -> tuple[float, int, Optional[Tensor]]:
+    """(host value, device address, keep-alive tensor): a CUDA tensor is read by the kernel, no sync."""
+    if torch.is_tensor(value) and value.device.type == "cuda":
+        t = value.reshape(-1)[:1].float().contiguous()
+        return 0.0, t.data_ptr(), t
+    return float(value), 0, None
+
+
+def _check_list(op, dtypes, **lists):
+    for name, lst in lists.items():
+        for i, t in enumerate(lst or ()):
+            _require(op, dtypes, **{f"{name}[{i}]": t})
+            if not t.is_contiguous():
+                raise Unsupported(f"cuda backend: argument '{name}[{i}]' of {op} is not contiguous")
+
+
+@register("adamw_step", "cuda")
+@torch.no_grad()
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, step,
+               master_params=None, found_inf=None):
+    _check_list("adamw_step", tuple(_DTYPE_CODES), params=params, grads=grads)
+    _check_list("adamw_step", (torch.float32,), exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                master_params=master_params)
+    device = params[0].device
+    lr_value, lr_ptr, lr_keep = _device_scalar(lr, device)
+    step_value, step_ptr, step_keep = _device_scalar(step, device)
+    found = found_inf.reshape(-1)[:1].float().contiguous() if found_inf is not None else None
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):  # one launch sequence per (param, grad) dtype pair
+        groups.setdefault((p.dtype, g.dtype), []).append(i)
+    for (p_dtype, g_dtype), idx in groups.items():
+        pick = lambda lst: [lst[i] for i in idx]  # noqa: E731
+        tables = [_host_table(pick(lst)) for lst in (params, grads, exp_avgs, exp_avg_sqs)]
+        master = _host_table(pick(master_params)) if master_params is not None else None
+        sizes = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64)
+        _C.cuda_adamw(tables[0].data_ptr(), _addr(master), tables[1].data_ptr(), tables[2].data_ptr(),
+                      tables[3].data_ptr(), sizes.data_ptr(), len(idx), lr_value, lr_ptr, beta1, beta2, eps,
+                      weight_decay, step_value, step_ptr, _addr(found), _DTYPE_CODES[p_dtype], _DTYPE_CODES[g_dtype],
+                      _stream())
+    del lr_keep, step_keep  # the kernels are enqueued; the caching allocator keeps the memory stream-ordered
+    return None
+
+
+@register("unscale_and_check_", "cuda")
+@torch.no_grad()
+def unscale_and_check_(grads, inv_scale, found_inf):
+    _check_list("unscale_and_check_", tuple(_DTYPE_CODES), grads=grads)
+    _require("unscale_and_check_", (torch.float32,), found_inf=found_inf)
+    if not found_inf.is_contiguous():
+        raise Unsupported("cuda backend: 'found_inf' of unscale_and_check_ is not contiguous")
+    inv_value, inv_ptr, inv_keep = _device_scalar(inv_scale, found_inf.device)
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.dtype, []).append(g)
+    for dtype, lst in groups.items():
+        table = _host_table(lst)
+        sizes = torch.tensor([g.numel() for g in lst], dtype=torch.int64)
+        _C.cuda_unscale_check(table.data_ptr(), sizes.data_ptr(), len(lst), inv_value, inv_ptr, found_inf.data_ptr(),
+                              _DTYPE_CODES[dtype], _stream())
+    del inv_keep
+    return None

@@ -1,8 +1,8 @@
 """The C++ CPU kernels (csrc/cpu, backend "cpu") against the reference, forward and backward.
 
-Rule of pyllm/ops/tolerance.py: truth = the reference in float64, "reference in dtype" = the reference
-in float32, kernel = the cpu backend in float32 with PYLLM_STRICT_BACKEND=1, so a silent fallback to
-the reference fails instead of passing. Gradients use one shared upstream gradient.
+Rule of pyllm/ops/tolerance.py (csrc_checks.check): truth = the reference in float64, "reference in
+dtype" = the reference in float32, kernel = the cpu backend in float32 with PYLLM_STRICT_BACKEND=1, so a
+silent fallback to the reference fails instead of passing. Gradients use one shared upstream gradient.
 """
 
 import pytest
@@ -13,42 +13,16 @@ from pyllm import ops
 from pyllm.ops import reference
 from pyllm.ops.tolerance import assert_close
 
+from csrc_checks import check
+
 
 @pytest.fixture(autouse=True)
 def _strict(monkeypatch):
     monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
 
 
-def _run(fn, inputs, dtype, upstream=None, n_grad=None):
-    """fn over copies of ``inputs`` in ``dtype`` (the first ``n_grad`` floating ones, default all, become
-    leaves); returns (outputs, grads, upstream). ``upstream`` (one per output) is drawn on the first call
-    and reused for the others."""
-    n_grad = len(inputs) if n_grad is None else n_grad
-    leaves = [t.detach().to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs]
-    leaves = [t.requires_grad_() if i < n_grad and torch.is_tensor(t) and t.is_floating_point() else t
-              for i, t in enumerate(leaves)]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    if upstream is None:
-        upstream = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-    torch.autograd.backward(outs, [u.to(o.dtype) for u, o in zip(upstream, outs)])
-    grads = [t.grad for t in leaves if torch.is_tensor(t) and t.requires_grad]
-    return outs, grads, upstream
-
-
 def _check(op, inputs, n_grad=None, **kwargs):
-    """Compare ops.<op>(backend="cpu") with the reference, outputs and input gradients."""
-    fn = getattr(ops, op)
-    truth, truth_grads, upstream = _run(lambda *a: fn(*a, backend="torch", **kwargs), inputs, torch.float64,
-                                        n_grad=n_grad)
-    ref, ref_grads, _ = _run(lambda *a: fn(*a, backend="torch", **kwargs), inputs, torch.float32, upstream, n_grad)
-    out, grads, _ = _run(lambda *a: fn(*a, backend="cpu", **kwargs), inputs, torch.float32, upstream, n_grad)
-    for i, (o, t, r) in enumerate(zip(out, truth, ref)):
-        assert o.dtype == torch.float32
-        assert_close(o, t, r, f"{op} output {i}")
-    assert len(grads) == len(truth_grads)
-    for i, (g, t, r) in enumerate(zip(grads, truth_grads, ref_grads)):
-        assert_close(g, t, r, f"{op} grad of floating input {i}")
+    check(op, "cpu", inputs, torch.float32, n_grad=n_grad, **kwargs)
 
 
 ROWS_N = [(1, 1), (3, 7), (17, 127), (5, 1023), (64, 768)]
@@ -59,28 +33,9 @@ ROWS_N = [(1, 1), (3, 7), (17, 127), (5, 1023), (64, 768)]
 def test_layer_norm(rows, n, with_residual):
     x, w, b = torch.randn(rows, n) * 3 + 1, torch.randn(n), torch.randn(n)
     if with_residual:
-        _check_residual_norm("layer_norm", x, w, b, torch.randn(rows, n))
+        _check("layer_norm", [x, w, b], residual=torch.randn(rows, n))
     else:
         _check("layer_norm", [x, w, b])
-
-
-def _check_residual_norm(op, x, w, b, res):
-    fn = getattr(ops, op)
-    inputs = [x, w, res] if b is None else [x, w, b, res]
-
-    def call(backend):
-        def f(*a):
-            *args, r = a
-            return fn(*args, residual=r, backend=backend)
-        return f
-
-    truth, tg, up = _run(call("torch"), inputs, torch.float64)
-    ref, rg, _ = _run(call("torch"), inputs, torch.float32, up)
-    out, g, _ = _run(call("cpu"), inputs, torch.float32, up)
-    for name, o, t, r in zip(("out", "new_residual"), out, truth, ref):
-        assert_close(o, t, r, f"{op} {name}")
-    for i, (a, t, r) in enumerate(zip(g, tg, rg)):
-        assert_close(a, t, r, f"{op} grad {i}")
 
 
 @pytest.mark.parametrize("rows,n", ROWS_N)
@@ -88,7 +43,7 @@ def _check_residual_norm(op, x, w, b, res):
 def test_rms_norm(rows, n, with_residual):
     x, w = torch.randn(rows, n) * 3, torch.randn(n)
     if with_residual:
-        _check_residual_norm("rms_norm", x, w, None, torch.randn(rows, n))
+        _check("rms_norm", [x, w], residual=torch.randn(rows, n))
     else:
         _check("rms_norm", [x, w])
 

@@ -1,0 +1,207 @@
+"""The CUDA kernels (csrc/cuda, backend "cuda") against the reference and against the Triton backend,
+forward and backward, in float32/float16/bfloat16 (csrc_checks.check; PYLLM_STRICT_BACKEND=1).
+
+Every test here needs a CUDA device and a pyllm._C built with nvcc; on a machine without a GPU they
+are skipped (CI still compiles the kernels: a CUDA build error fails the install).
+"""
+
+import pytest
+import torch
+
+from pyllm import ops
+from pyllm.ops import reference
+from pyllm.ops.tolerance import assert_close
+
+from csrc_checks import check
+
+HAS_CUDA = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+pytestmark = requires_gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF = [torch.float16, torch.bfloat16]
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _strict(monkeypatch):
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
+
+
+def _triton_has(op):
+    return "triton" in ops.ops_table().get(op, [])
+
+
+def _check(op, args, dtype, n_grad=None, **kwargs):
+    other = "triton" if _triton_has(op) else None
+    check(op, "cuda", args, dtype, n_grad=n_grad, compare_with=other, **kwargs)
+
+
+def _randn(*shape, scale=1.0):
+    return torch.randn(*shape, device=DEV) * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (17, 127), (64, 768), (5, 1023), (4, 1024), (3, 4099),
+                                    (2, 8192)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norms(dtype, rows, n, with_residual):
+    x, w, b = _randn(rows, n, scale=3), _randn(n), _randn(n)
+    extra = {"residual": _randn(rows, n)} if with_residual else {}
+    _check("layer_norm", [x, w, b], dtype, **extra)
+    _check("rms_norm", [x, w], dtype, **extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (13, 3072), (2, 5, 257)])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_bias_gelu(dtype, shape, approximate):
+    x = _randn(*shape, scale=3)
+    _check("bias_gelu", [x, _randn(shape[-1])], dtype, approximate=approximate)
+    _check("bias_gelu", [x], dtype, approximate=approximate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 11, 1024)])
+def test_swiglu(dtype, shape):
+    _check("swiglu", [_randn(*shape, scale=3), _randn(*shape)], dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_swiglu_on_chunks_of_a_fused_projection(dtype):
+    fused = _randn(2, 9, 2 * 64).to(dtype)
+    gate, up = fused.chunk(2, dim=-1)
+    out = ops.swiglu(gate, up, backend="cuda")
+    truth = reference.swiglu(gate.double(), up.double())
+    assert_close(out, truth, reference.swiglu(gate, up), "swiglu on chunks")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (7, 50257), (3, 65537), (5, 131072)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy(dtype, rows, vocab, reduction):
+    logits = _randn(rows, vocab, scale=4)
+    target = torch.randint(0, vocab, (rows,), device=DEV)
+    target[::3] = -100
+    _check("cross_entropy", [logits, target], dtype, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-4), (0.2, 1e-3)])
+def test_cross_entropy_smoothing_and_z_loss(dtype, label_smoothing, z_loss):
+    logits, target = _randn(2, 9, 1031, scale=3), torch.randint(0, 1031, (2, 9), device=DEV)
+    _check("cross_entropy", [logits, target], dtype, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def test_cross_entropy_bad_target_gives_nan_not_a_crash():
+    loss = ops.cross_entropy(_randn(3, 10), torch.tensor([1, 10, 2], device=DEV), reduction="none", backend="cuda")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (127, 264, 72), (256, 512, 1024), (1000, 1032, 136)])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_linear(dtype, M, N, K, activation):
+    args = [_randn(M, K), _randn(N, K, scale=K ** -0.5), _randn(N)]
+    _check("linear", args, dtype, activation=activation)
+    with torch.no_grad():  # the inference path: bias and activation in the GEMM epilogue
+        out = ops.linear(*(a.to(dtype) for a in args), activation=activation, backend="cuda")
+        truth = reference.linear(*(a.double() for a in args), activation=activation)
+        ref = reference.linear(*(a.to(dtype) for a in args), activation=activation)
+    assert_close(out, truth, ref, "linear epilogue")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (130, 136, 264), (512, 512, 512)])
+def test_matmul(dtype, M, N, K):
+    _check("matmul", [_randn(M, K), _randn(K, N, scale=K ** -0.5)], dtype)
+
+
+def test_matmul_refuses_unaligned_inner_dim():
+    a, b = _randn(4, 7).half(), _randn(7, 8).half()
+    with pytest.raises(ops.BackendError, match="multiples of 8"):
+        ops.matmul(a, b, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D", [(1, 1, 1, 1, 1, 64), (2, 4, 4, 65, 65, 64), (1, 8, 2, 200, 200, 128),
+                                            (2, 4, 1, 17, 130, 128), (1, 2, 2, 1024, 1024, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention(dtype, B, Hq, Hkv, T, S, D, causal):
+    q, k, v = _randn(B, Hq, T, D), _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
+    _check("attention", [q, k, v], dtype, causal=causal)
+
+
+def test_attention_with_doc_ids_is_refused():
+    q = _randn(1, 2, 8, 64).half()
+    with pytest.raises(ops.BackendError, match="doc_ids"):
+        ops.attention(q, q, q, doc_ids=torch.zeros(1, 8, dtype=torch.long, device=DEV), backend="cuda")
+
+
+def _adam_state(shapes, dtype, gen):
+    make = lambda: [torch.randn(s, generator=gen).to(DEV) for s in shapes]  # noqa: E731
+    params, grads, m = make(), make(), make()
+    v = [t.abs() for t in make()]
+    return [p.to(dtype) for p in params], [g.to(dtype) for g in grads], m, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_master", [False, True])
+def test_adamw_step(dtype, with_master):
+    shapes = [(1,), (7, 13), (300000,), (3, 5, 2)] + [(17,)] * 40  # > 36 tensors and > 320 chunks per table
+    hp = dict(lr=torch.tensor(1e-2, device=DEV), beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    truth = _adam_state(shapes, torch.float64, torch.Generator().manual_seed(1))
+    kern = _adam_state(shapes, dtype, torch.Generator().manual_seed(1))
+    ref = _adam_state(shapes, dtype, torch.Generator().manual_seed(1))
+    master = [p.float() for p in truth[0]] if with_master else None
+    ref_master = [p.float() for p in truth[0]] if with_master else None
+    for step in (1, 2, 3):
+        ops.adamw_step(*truth, step=step, backend="torch", **hp)
+        ops.adamw_step(*ref, step=step, master_params=ref_master, backend="torch", **hp)
+        ops.adamw_step(*kern, step=torch.tensor(step, device=DEV), master_params=master, backend="cuda", **hp)
+    for i, name in ((0, "params"), (2, "exp_avgs"), (3, "exp_avg_sqs")):
+        for j, (k, t, r) in enumerate(zip(kern[i], truth[i], ref[i])):
+            assert_close(k, t, r, f"adamw {name}[{j}] ({dtype})")
+
+
+def test_adamw_step_skips_on_found_inf():
+    params, grads, m, v = _adam_state([(5, 3)], torch.float32, torch.Generator().manual_seed(2))
+    before = [t.clone() for t in (params[0], m[0], v[0])]
+    ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=torch.ones(1, device=DEV), backend="cuda")
+    for a, b in zip((params[0], m[0], v[0]), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
+def test_unscale_and_check(dtype, bad):
+    grads = [_randn(3).to(dtype), _randn(300000).to(dtype), _randn(2, 7).to(dtype)]
+    if bad is not None:
+        grads[1][234567] = bad
+    expected = [(g.float() * 0.25).to(dtype) for g in grads]
+    found = torch.zeros(1, device=DEV)
+    ops.unscale_and_check_(grads, torch.tensor(0.25, device=DEV), found, backend="cuda")
+    assert found.item() == (0.0 if bad is None else 1.0)
+    for g, e in zip(grads, expected):
+        assert torch.equal(g.isfinite(), e.isfinite())
+        assert torch.equal(g[g.isfinite()], e[e.isfinite()])
+
+
+def test_non_cuda_tensor_is_refused():
+    with pytest.raises(ops.BackendError, match="argument 'x'.*cpu"):
+        ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend="cuda")
+
+
+def test_fp32_attention_is_refused():
+    q = _randn(1, 1, 4, 64)
+    with pytest.raises(ops.BackendError, match="float16, bfloat16"):
+        ops.attention(q, q, q, backend="cuda")
+
+
+def test_misaligned_view_is_copied_not_crashed():
+    base = _randn(1, 8 * 64 + 1).half()
+    x = base[:, 1:].reshape(8, 64)  # a view whose address is 2 bytes past a 16-byte boundary
+    assert x.data_ptr() % 16
+    w = _randn(64).half()
+    out = ops.rms_norm(x, w, backend="cuda")
+    assert_close(out, reference.rms_norm(x.double(), w.double()), reference.rms_norm(x, w), "misaligned rms_norm")
