@@ -69,7 +69,7 @@ def test_hf_checkpoint_loads_with_same_logits(family, tmp_path):
 
 
 @pytest.mark.parametrize("family, extra", [
-    ("tiny", {}), ("tiny_llama", {}),
+    ("tiny", {}), ("tiny", {"tie_embeddings": False}), ("tiny_llama", {}), ("tiny_llama", {"tie_embeddings": True}),
     ("tiny_llama", {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_seq_len": 16}}),
 ])
