@@ -240,14 +240,32 @@ def load_hf(directory: str | Path, device="cpu", dtype=torch.float32, **override
     return model.to(device=device, dtype=dtype)
 
 
+def byte_tokenizer_as_hf(tokenizer):
+    """A ``tokenizers`` equivalent of pyllm's ByteTokenizer (ids = UTF-8 byte values, then the specials):
+    byte-level BPE with no merges. Byte-level BPE shows byte b as a printable character (b itself for
+    the printable Latin-1 range, 256 + n for the n-th other byte), as GPT-2 does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    others = [b for b in range(256) if b not in printable]
+    vocab = {chr(b) if b in printable else chr(256 + others.index(b)): b for b in range(256)}
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = sorted(tokenizer.specials, key=tokenizer.specials.get)  # added in id order: 256, 257, ...
+    hf.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    return hf
+
+
 def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint (config.json + model.safetensors) in its own dtype.
 
-    With an ``HFTokenizer``, also writes tokenizer.json, tokenizer_config.json and
-    generation_config.json (eos), so that ``AutoTokenizer`` and generation in other tools work; byte
-    and char tokenizers have no Hugging Face equivalent and are saved only in pyllm's format.
+    With an ``HFTokenizer`` or a ``ByteTokenizer`` (converted by ``byte_tokenizer_as_hf``), also writes
+    tokenizer.json, tokenizer_config.json and generation_config.json (eos), so that ``AutoTokenizer``
+    and generation in other tools work. A char tokenizer has no Hugging Face equivalent here and is
+    saved only in pyllm's format.
     """
-    from pyllm.tokenizer import EOS, HFTokenizer
+    from pyllm.tokenizer import EOS, ByteTokenizer, HFTokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -261,7 +279,9 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save(directory)
         hf_cfg.update(bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-        if isinstance(tokenizer, HFTokenizer):
+        if isinstance(tokenizer, ByteTokenizer):
+            byte_tokenizer_as_hf(tokenizer).save(str(directory / "tokenizer.json"))
+        if isinstance(tokenizer, (HFTokenizer, ByteTokenizer)):
             (directory / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
                 "pad_token": EOS, "unk_token": None, "model_max_length": cfg.max_seq_len}, indent=1))

@@ -161,3 +161,19 @@ def test_missing_weight_is_named(tmp_path):
         load_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_hf(tmp_path / "nowhere")
+
+
+def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
+    from pyllm.tokenizer import SPECIAL_TOKENS, ByteTokenizer, load_tokenizer
+
+    tok = ByteTokenizer()
+    save_hf(Transformer(preset("tiny", n_layer=1, d_model=32, n_head=4, vocab_size=tok.vocab_size)), tmp_path,
+            tokenizer=tok)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "héllo wörld\n\t 世界  x~\x7f"
+    ids = auto(text)["input_ids"]
+    assert ids == tok.encode(text) == list(text.encode("utf-8"))
+    assert auto.decode(ids) == text
+    assert [auto.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == [tok.token_id(s) for s in SPECIAL_TOKENS]
+    assert auto.eos_token_id == tok.eos_id
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)  # pyllm still reads its own kind
