@@ -182,3 +182,15 @@ def test_metrics_record_fields(tmp_path):
     assert {"loss", "lr", "grad_norm", "loss_scale", "tokens_per_s", "peak_memory_gb"} <= set(rec)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["tokens"] == 2 * 4 * 16
+
+
+@pytest.mark.parametrize("overrides,exact", [({"activation_checkpointing": True}, True), ({"fused_loss": False}, False)])
+def test_memory_options_keep_the_losses(tmp_path, overrides, exact):
+    """Activation checkpointing (recompute per block) reproduces the run exactly; the unfused loss path
+    (full logits) matches the fused linear+cross-entropy to fp32 rounding."""
+    base = losses(make_trainer(tmp_path / "a", max_steps=4).fit())
+    other = losses(make_trainer(tmp_path / "b", model=tiny_model(**overrides), max_steps=4).fit())
+    if exact:
+        assert other == base
+    else:
+        np.testing.assert_allclose(other, base, rtol=1e-5)
