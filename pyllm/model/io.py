@@ -2,7 +2,8 @@
 ``model.safetensors`` (pyllm's parameter names) and, optionally, the tokenizer files.
 
 Every stage hands its result to the next this way (pretraining -> SFT -> DPO -> eval). The Hugging
-Face format, for other tools, is in ``hf.py``.
+Face format, for other tools, is in ``hf.py``; ``load_model`` reads it too, so every stage also accepts
+a local Hugging Face GPT-2 or Llama directory.
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ def save_model(model: Transformer, directory: str | Path, tokenizer=None) -> Pat
 
 
 def load_model(directory: str | Path, device="cpu", dtype=torch.float32, **overrides) -> Transformer:
-    """Load a model written by ``save_model``. ``overrides`` replace config fields (e.g. backend)."""
+    """Load a model written by ``save_model``, or a Hugging Face GPT-2/Llama checkpoint (through
+    ``hf.load_hf``). ``overrides`` replace config fields (e.g. backend)."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a pyllm model directory)")
     raw = json.loads(cfg_path.read_text())
+    if "pyllm_model" not in raw and "model_type" in raw:  # a Hugging Face checkpoint (GPT-2, Llama)
+        from .hf import load_hf
+
+        return load_hf(directory, device, dtype, **overrides)
     if "pyllm_model" not in raw:
-        raise ValueError(f"{cfg_path}: field 'pyllm_model' missing (a Hugging Face config? use pyllm.model.hf)")
+        raise ValueError(f"{cfg_path}: neither field 'pyllm_model' (pyllm) nor 'model_type' (Hugging Face) found")
     cfg = ModelConfig.from_dict({**raw["pyllm_model"], **overrides})
     weights = directory / "model.safetensors"
     if not weights.exists():

@@ -40,8 +40,8 @@ def test_tied_head_saved_once(tmp_path):
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="field 'pyllm_model' missing .* use pyllm.model.hf"):
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2}))
+    with pytest.raises(ValueError, match="neither field 'pyllm_model' \\(pyllm\\) nor 'model_type'"):
         load_model(tmp_path)
     save_model(Transformer(preset("tiny", n_layer=2)), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -61,3 +61,14 @@ def test_shape_mismatch_and_missing_weights_are_named(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_model(tmp_path)
+
+
+def test_load_model_reads_hugging_face_directories(tmp_path):
+    from pyllm.model import save_hf
+
+    model = Transformer(preset("tiny_llama", n_layer=1, d_model=32, n_head=4)).eval()
+    save_hf(model, tmp_path)
+    loaded = load_model(tmp_path, backend="torch").eval()
+    assert loaded.cfg.backend == "torch"
+    idx = torch.randint(0, 256, (1, 7))
+    torch.testing.assert_close(loaded(idx), model(idx))
