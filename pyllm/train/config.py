@@ -106,7 +106,8 @@ class TrainConfig:
     eval_batches: int = 20
     """Validation batches per evaluation (train(cfg)'s built-in eval)."""
     best_metric: str = "val_loss"
-    """Evaluation metric (lower is better) that picks the "best" checkpoint."""
+    """Evaluation metric (lower is better) that picks the "best" checkpoint, among the checkpoints written
+    at evaluation steps (make ckpt_every a multiple of eval_every)."""
     out_dir: str = "runs/train"
     """Where checkpoints, metrics.jsonl and the final model go."""
     ckpt_every: int = 0

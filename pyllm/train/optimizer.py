@@ -52,15 +52,19 @@ class AdamW:
         # the Adam step count advances only for applied updates, decided on the device
         self.step_count += 1.0 if found_inf is None else (found_inf.reshape(()) <= 0).float()
         grads = self.grads()
-        for decay in (True, False):
+        step = self.step_count.clamp(min=1.0)
+        for decay in (True, False):  # one fused launch per weight-decay group
             idx = [i for i, d in enumerate(self.decay) if d == decay]
             if not idx:
                 continue
-            pick = lambda lst: [_local(lst[i]) for i in idx]  # noqa: E731
-            ops.adamw_step(pick(self.params), [grads[i] for i in idx], pick(self.exp_avg), pick(self.exp_avg_sq),
-                           lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                           weight_decay=self.weight_decay if decay else 0.0,
-                           step=self.step_count.clamp(min=1.0), master_params=pick(self.master) if self.master else None,
+
+            def pick(tensors):
+                return [_local(tensors[i]) for i in idx]
+
+            ops.adamw_step(pick(self.params), pick(grads), pick(self.exp_avg), pick(self.exp_avg_sq), lr=lr,
+                           beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                           weight_decay=self.weight_decay if decay else 0.0, step=step,
+                           master_params=pick(self.master) if self.master is not None else None,
                            found_inf=found_inf)
 
     def zero_grad(self) -> None:

@@ -165,25 +165,15 @@ class Trainer:
         peak = device_peak_flops(self.device, cfg.precision, cfg.peak_tflops)
 
         train_time, window_time, window_tokens, total_tokens = 0.0, 0.0, 0, 0
-        metrics: dict = {}
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, metric_sums, tokens = self.train_step(lr_at(cfg, self.step))
                 self.step += 1
-                tokens *= self.dist.world_size
-                window_tokens += tokens
-                total_tokens += tokens
+                window_tokens += tokens * self.dist.world_size
                 final = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or final:
-                    stats = torch.stack([loss, grad_norm])
-                    distributed.all_reduce_(stats, "avg", self.dist)  # grad_norm is equal on every rank
-                    record = {"loss": stats[0].item(), "lr": lr_at(cfg, self.step - 1), "grad_norm": stats[1].item()}
-                    for k, v in metric_sums.items():
-                        record[k] = (v.item() if torch.is_tensor(v) else v) / self.grad_accum
-                    if self.scaler is not None:
-                        record["loss_scale"] = self.scaler.scale.item()
-                        record["skipped_steps"] = int(self.scaler.skipped.item())
+                    record = self._record(loss, grad_norm, metric_sums)  # reads back: the step has finished
                     window_time += time.perf_counter() - t0
                     record["tokens_per_s"] = window_tokens / window_time
                     if flops_tok and peak:
@@ -191,19 +181,18 @@ class Trainer:
                     record["peak_memory_gb"] = round(peak_memory_gb(self.device), 3)
                     log.record(self.step, record)
                     self.history.append({"step": self.step, **record})
-                    train_time += window_time
+                    train_time, total_tokens = train_time + window_time, total_tokens + window_tokens
                     window_time, window_tokens = 0.0, 0
                 else:
                     window_time += time.perf_counter() - t0
                 log.advance()
+                metrics = {}
                 if self.eval_fn is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
                     metrics = self.evaluate()
                     log.record(self.step, metrics)
-                    log.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                                  if isinstance(v, float)))
+                    log.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final:
                     self.save_checkpoint(metrics)
-                    metrics = {}
         finally:
             log.close()
         kwh = energy.kwh()
@@ -222,6 +211,19 @@ class Trainer:
             log_line = {k: v for k, v in summary.items() if k != "history"}
             (self.out_dir / "summary.json").write_text(json.dumps(log_line, indent=1))
         return summary
+
+    def _record(self, loss, grad_norm, metric_sums: dict) -> dict:
+        """Host values of one step's statistics, averaged over ranks (one sync)."""
+        stats = torch.stack([loss, grad_norm])
+        distributed.all_reduce_(stats, "avg", self.dist)  # grad_norm is already equal on every rank
+        loss_v, norm_v = stats.tolist()
+        record = {"loss": loss_v, "lr": lr_at(self.cfg, self.step - 1), "grad_norm": norm_v}
+        for k, v in metric_sums.items():
+            record[k] = (v.item() if torch.is_tensor(v) else v) / self.grad_accum
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.scale.item()
+            record["skipped_steps"] = int(self.scaler.skipped.item())
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> dict:
