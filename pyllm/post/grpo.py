@@ -69,8 +69,10 @@ class GRPOConfig(RLConfig):
     """Samples per prompt; advantages are relative to the group."""
     scale_rewards: bool = True
     """Divide by the group's std (GRPO); False keeps r - mean (Dr. GRPO)."""
-    prompts_per_rollout: int = 8
+    prompts_per_rollout: int = 32
     """Prompts sampled per rollout (each group_size times)."""
+    epochs: int = 1
+    """Passes of minibatch updates over each rollout."""
     kl_coef: float = 0.04
     """Weight of the per-token k3 KL to the reference in the loss."""
     out_dir: str = "runs/grpo"
@@ -86,7 +88,7 @@ class GRPOConfig(RLConfig):
         return self.prompts_per_rollout * self.group_size
 
     def stage_defaults(self) -> dict:
-        return {"lr": 5e-4, "min_lr": 5e-4, "max_steps": 40, "batch_size": 32, "warmup_steps": 0,
+        return {"lr": 2e-4, "min_lr": 2e-4, "max_steps": 300, "batch_size": 64, "warmup_steps": 0,
                 "schedule": "constant"}
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from pyllm import ops
 from pyllm.model import Transformer, load_model, save_model
 
 HEAD_FILE = "reward_head.safetensors"
@@ -78,5 +79,5 @@ class PolicyWithValue(nn.Module):
     def forward(self, idx, positions=None, doc_ids=None):
         """-> (logits (B, T, V), values (B, T))."""
         h = self.policy.hidden(idx, positions, doc_ids)
-        logits = torch.nn.functional.linear(h, self.policy.head_weight)
+        logits = ops.linear(h, self.policy.head_weight, backend=self.policy.cfg.backend)
         return logits, self.value_head(h)

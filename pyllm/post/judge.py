@@ -23,12 +23,12 @@ import torch
 from pyllm.model import Transformer
 
 from .chat import ChatTemplate
-from .datasets import Pair
+from .datasets import Example, Pair
 from .heads import RewardModel
 from .packing import encode_examples
 from .sequences import collate
 
-DEFAULT_PRINCIPLE = "Choose the answer that is correct, helpful and honest."
+DEFAULT_PRINCIPLE = "Pick the correct and honest answer."
 
 
 class RuleJudge:
@@ -53,8 +53,7 @@ class RewardModelJudge:
 
     @torch.no_grad()
     def scores(self, prompts, responses) -> torch.Tensor:
-        from .datasets import Example
-
+        """Reward of each (prompt, response), (N,) on the CPU."""
         enc = encode_examples(self.template, [Example(p, r) for p, r in zip(prompts, responses)], self.max_len)
         device = self.rm.head.proj.weight.device
         out = []
@@ -76,9 +75,12 @@ class ModelJudge:
         self.choice_ids = (tok.encode("A")[0], tok.encode("B")[0])
 
     def _question(self, prompt, first, second) -> list[int]:
-        text = (f"{self.principle}\nQuestion: {prompt}\nAnswer A: {first}\nAnswer B: {second}\n"
-                "Which answer is better? Reply A or B.")
-        return self.template.prompt_ids([{"role": "user", "content": text}])
+        text = f"{self.principle}\nQ: {prompt}\nA: {first}\nB: {second}\nBetter, A or B?"
+        ids = self.template.prompt_ids([{"role": "user", "content": text}])
+        if len(ids) > self.model.cfg.max_seq_len:
+            raise ValueError(f"judge question for prompt {prompt[:40]!r} is {len(ids)} tokens, longer than the "
+                             f"judge model's context ({self.model.cfg.max_seq_len}); shorten the principle")
+        return ids
 
     @torch.no_grad()
     def _p_first(self, prompts, first, second) -> list[float]:

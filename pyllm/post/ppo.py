@@ -40,6 +40,8 @@ class PPOConfig(RLConfig):
     """GAE lambda."""
     whiten_rewards: bool = True
     """Normalise each rollout's scores to unit variance (mean kept) before the KL penalty is added."""
+    prompts_per_rollout: int = 128
+    """Prompts sampled per rollout (one response each)."""
     out_dir: str = "runs/ppo"
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
 
@@ -48,7 +50,7 @@ class PPOConfig(RLConfig):
         self.check_minibatch()
 
     def stage_defaults(self) -> dict:
-        return {"lr": 1e-4, "min_lr": 1e-4, "max_steps": 60, "batch_size": 64, "warmup_steps": 0,
+        return {"lr": 2e-4, "min_lr": 2e-4, "max_steps": 300, "batch_size": 64, "warmup_steps": 0,
                 "schedule": "constant"}
 
 
