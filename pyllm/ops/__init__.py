@@ -194,10 +194,22 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
                       ("master_params", master_params)):
         if lst is not None and len(lst) != n:
             raise ValueError(f"pyllm.ops.adamw_step: '{name}' has {len(lst)} tensors, 'params' has {n}")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.shape != g.shape:
-            raise ValueError(f"pyllm.ops.adamw_step: grads[{i}] shape {tuple(g.shape)} != params[{i}] "
-                             f"shape {tuple(p.shape)}")
+    # moments and master weights are fp32 (fp64 for a float64 truth in tests), whatever the params' dtype
+    wide = (torch.float32, torch.float64)
+    states = [("grads", grads, None), ("exp_avgs", exp_avgs, wide), ("exp_avg_sqs", exp_avg_sqs, wide),
+              ("master_params", master_params, wide)]
+    for name, lst, dtypes in states:
+        for i, (p, t) in enumerate(zip(params, lst or ())):
+            if t.shape != p.shape:
+                raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] shape {tuple(t.shape)} != params[{i}] "
+                                 f"shape {tuple(p.shape)}")
+            if dtypes is not None and t.dtype not in dtypes:
+                raise TypeError(f"pyllm.ops.adamw_step: {name}[{i}] has dtype {str(t.dtype).removeprefix('torch.')}, "
+                                "expected float32")
+            if t.device != p.device:
+                raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
+    if found_inf is not None:
+        validate.tensor("adamw_step", "found_inf", found_inf, dtypes=(torch.float32,))
     if n == 0:
         return None
     return dispatch("adamw_step", params[0].device, backend, params, grads, exp_avgs, exp_avg_sqs, lr=lr,
