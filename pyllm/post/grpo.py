@@ -16,7 +16,7 @@ import torch
 
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
-from .rollout import Rollout, RolloutBatches, heldout_metrics, make_reward_fn, sample
+from .rollout import Rollout, RolloutBatches, heldout_metrics, rollout_seed, make_reward_fn, sample
 from .sequences import response_logprobs
 from .stage import StageConfig, add_lora, device_of, export, load_start, run_trainer, write_summary
 
@@ -119,11 +119,12 @@ def grpo(cfg: GRPOConfig) -> dict:
 
     @torch.no_grad()
     def make_rollout(round_: int) -> Rollout:
-        rng = random.Random(cfg.seed * 7777 + round_)
+        seed = rollout_seed(cfg.seed, round_)
+        rng = random.Random(seed)
         chosen = rng.sample(prompts, min(cfg.prompts_per_rollout, len(prompts)))
         group = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups
         batch, texts = sample(policy, template, group, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, seed=cfg.seed * 100 + round_)
+                              temperature=cfg.temperature, seed=seed)
         rewards = torch.tensor(reward_fn(group, texts), dtype=torch.float32)
         old_logp, mask = response_logprobs(policy, batch["input_ids"], batch["train"])
         ref_logp, _ = response_logprobs(reference, batch["input_ids"], batch["train"])

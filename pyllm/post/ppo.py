@@ -17,7 +17,7 @@ import torch
 from .grpo import RLConfig, rl_setup
 from .heads import PolicyWithValue
 from .losses import AdaptiveKLController, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
-from .rollout import Rollout, RolloutBatches, heldout_metrics, sample
+from .rollout import Rollout, RolloutBatches, heldout_metrics, rollout_seed, sample
 from .sequences import response_logprobs
 from .stage import add_lora, export, run_trainer, write_summary
 
@@ -68,10 +68,11 @@ def ppo(cfg: PPOConfig) -> dict:
 
     @torch.no_grad()
     def make_rollout(round_: int) -> Rollout:
-        rng = random.Random(cfg.seed * 7777 + round_)
+        seed = rollout_seed(cfg.seed, round_)
+        rng = random.Random(seed)
         chosen = rng.sample(prompts, min(cfg.prompts_per_rollout, len(prompts)))
         batch, texts = sample(policy, template, chosen, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, seed=cfg.seed * 100 + round_)
+                              temperature=cfg.temperature, seed=seed)
         scores = torch.tensor(reward_fn(chosen, texts), dtype=torch.float32)
         old_logp, values = _forward(model, batch["input_ids"])
         mask = batch["train"][:, 1:]

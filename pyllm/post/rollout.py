@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from .chat import ChatTemplate
 from .datasets import Example, task_reward
@@ -69,6 +70,12 @@ class RolloutBatches:
     def load_state_dict(self, state: dict) -> None:
         self.round, self.seed = state["round"], state["seed"]
         self._queue = []
+
+
+def rollout_seed(seed: int, round_: int) -> int:
+    """Seed of one rollout: different per round and per data-parallel rank (ranks sample different data)."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return (seed * 7777 + round_) * 1009 + rank
 
 
 def make_reward_fn(spec: str, template: ChatTemplate, seq_len: int, device) -> RewardFn:
