@@ -8,9 +8,9 @@ reference. The kernels index with int64, so there is no 32-bit size limit here; 
 memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors)
 except where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
 
-Not here: attention (PyTorch's CPU SDPA is already a fused, vectorised flash kernel; ours did not beat
-it, so the reference runs), matmul/linear (BLAS is the right tool) and the loss-scale update (a few
-scalars).
+Not here, so the reference runs: attention (PyTorch's CPU SDPA is already a fused, vectorised
+flash-attention kernel; a C++ one that beats it was not attempted), matmul/linear (BLAS is the right
+tool) and the loss-scale update (a few scalars).
 """
 
 from __future__ import annotations
@@ -375,6 +375,92 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------ linear + cross-entropy (fused)
+
+_LCE_CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MB fp32): stays in the last-level cache
+
+
+@torch.library.custom_op("pyllm::linear_cross_entropy_cpu", mutates_args=())
+def _linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                          label_smoothing: float, z_loss: float, mean: bool,
+                          with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), target (N,) -> (loss (scalar, summed or averaged over counted rows),
+    dhidden, dweight, dbias) with the gradients of that loss (empty when not with_grad).
+
+    Row chunks of logits are computed by BLAS, turned into loss and, in place, into dlogits by the C++
+    cross-entropy kernels while still in cache, and folded into the gradients by two more GEMMs: the
+    (N, V) logits never exist whole and the backward is only a scaling (the Liger-Kernel scheme)."""
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    count = (target != ignore_index).sum().clamp(min=1).item() if mean else 1
+    scale = torch.full((1,), 1.0 / count)
+    chunk = max(1, min(rows, _LCE_CHUNK_ELEMENTS // max(vocab, 1)))
+    dh = torch.empty_like(hidden) if with_grad else hidden.new_empty(0)
+    dw = torch.zeros_like(weight) if with_grad else hidden.new_empty(0)
+    db = torch.zeros(vocab) if with_grad and bias is not None else hidden.new_empty(0)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, rows, chunk):
+        h, t = hidden[start:start + chunk], target[start:start + chunk]
+        n = h.shape[0]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (n, V)
+        loss, lse = logits.new_empty(n), logits.new_empty(n)
+        _C.cpu_cross_entropy_fwd(logits.data_ptr(), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab,
+                                 ignore_index, label_smoothing, z_loss, _threads())
+        total += loss.sum(dtype=torch.float64)
+        if with_grad:  # logits -> dlogits in place (each element is read before it is written)
+            _C.cpu_cross_entropy_bwd(logits.data_ptr(), t.data_ptr(), lse.data_ptr(), scale.data_ptr(), 0,
+                                     logits.data_ptr(), n, vocab, ignore_index, label_smoothing, z_loss, _threads())
+            torch.mm(logits, weight, out=dh[start:start + n])
+            dw.addmm_(logits.t(), h)
+            if bias is not None:
+                db += logits.sum(0)
+    return (total / count).to(hidden.dtype), dh, dw, db
+
+
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, mean, with_grad):
+    return (hidden.new_empty(()), torch.empty_like(hidden) if with_grad else hidden.new_empty(0),
+            torch.empty_like(weight) if with_grad else hidden.new_empty(0),
+            hidden.new_empty(weight.shape[0]) if with_grad and bias is not None else hidden.new_empty(0))
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _linear_cross_entropy_backward(ctx, dloss, _ddh, _ddw, _ddb):
+    dh, dw, db = ctx.saved_tensors
+    if not dh.numel() and not dw.numel():
+        raise RuntimeError("pyllm.ops.linear_cross_entropy (cpu): gradients were not computed in the forward")
+    return dh * dloss, dw * dloss, (db * dloss if ctx.has_bias else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd("pyllm::linear_cross_entropy_cpu", _linear_cross_entropy_backward,
+                                setup_context=_linear_cross_entropy_setup)
+
+
+@register("linear_cross_entropy", "cpu")
+def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                         reduction="mean"):
+    _require_f32_cpu("linear_cross_entropy", hidden=hidden, weight=weight, bias=bias)
+    if target.device.type != "cpu":
+        raise Unsupported(f"cpu backend: argument 'target' of linear_cross_entropy is on {target.device}")
+    if reduction == "none":
+        raise Unsupported("cpu backend: linear_cross_entropy computes its gradients in the forward, which needs "
+                          "a scalar loss (reduction 'mean' or 'sum')")
+    vocab = weight.shape[0]
+    h2d, t1d = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1).long()
+    valid = t1d != ignore_index
+    if bool(((t1d < 0) | (t1d >= vocab)).logical_and_(valid).any()):
+        raise ValueError(f"pyllm.ops.linear_cross_entropy: argument 'target' holds class indices outside "
+                         f"[0, {vocab}) that are not ignore_index={ignore_index}")
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss, _, _, _ = _linear_cross_entropy(h2d, weight, bias, t1d, int(ignore_index), float(label_smoothing),
+                                          float(z_loss), reduction == "mean", with_grad)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------- RoPE

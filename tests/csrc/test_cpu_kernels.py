@@ -107,6 +107,27 @@ def test_cross_entropy_all_rows_ignored():
     _check("cross_entropy", [torch.randn(4, 10), torch.full((4,), -100)])
 
 
+@pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(1, 8, 2, False), (37, 64, 65, True), (9, 32, 50257, False),
+                                                        (100, 16, 65537, True)])  # the last spans 4 row chunks
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy(rows, hidden, vocab, with_bias, reduction):
+    target = torch.randint(0, vocab, (rows,))
+    target[::4] = -100
+    args = [torch.randn(rows, hidden), torch.randn(vocab, hidden) * hidden ** -0.5, target]
+    kwargs = {"bias": torch.randn(vocab)} if with_bias else {}
+    _check("linear_cross_entropy", args, reduction=reduction, label_smoothing=0.1, z_loss=1e-4, **kwargs)
+
+
+def test_linear_cross_entropy_without_grad_and_refused_reduction():
+    h, w, t = torch.randn(2, 5, 16), torch.randn(11, 16), torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        out = ops.linear_cross_entropy(h, w, t, backend="cpu")
+    assert_close(out, reference.linear_cross_entropy(h.double(), w.double(), t), reference.linear_cross_entropy(h, w, t),
+                 "linear_cross_entropy no grad")
+    with pytest.raises(ops.BackendError, match="reduction"):
+        ops.linear_cross_entropy(h, w, t, reduction="none", backend="cpu")
+
+
 @pytest.mark.parametrize("B,H,Hkv,T,D,batched_cs", [(1, 1, 1, 1, 2, False), (2, 4, 2, 13, 64, False),
                                                     (3, 2, 1, 7, 34, True)])
 def test_rope(B, H, Hkv, T, D, batched_cs):
@@ -188,6 +209,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(cb._cross_entropy, (x, torch.tensor([0, 3, -100, 8]), -100, 0.1, 1e-4))
     q, k, cs = torch.randn(1, 2, 3, 4, requires_grad=True), torch.randn(1, 1, 3, 4), torch.rand(3, 2)
     torch.library.opcheck(cb._rope, (q, k, cs.cos(), cs.sin(), False))
+    h, w = torch.randn(5, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True)
+    torch.library.opcheck(cb._linear_cross_entropy, (h, w, None, torch.tensor([0, 6, -100, 2, 3]), -100, 0.0, 0.0,
+                                                     True, True))
 
 
 def test_compiled_model_block_uses_cpu_ops():
