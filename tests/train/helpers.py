@@ -7,9 +7,15 @@ import torch
 from pyllm.model import Transformer, preset
 from pyllm.tokenizer import ByteTokenizer
 from pyllm.train import RandomWindows, TrainConfig, Trainer
-from pyllm.train.data import builtin_text, tokenize_documents
+from pyllm.train.data import builtin_text, fixed_batches, tokenize_documents
+from pyllm.train.run import val_loss_fn
 
 TOKENS = tokenize_documents(ByteTokenizer(), [builtin_text()[:20000]])
+
+
+def val_eval():
+    """eval_fn: validation loss on 2 fixed batches from the tail of the text."""
+    return val_loss_fn(fixed_batches(TOKENS[-4000:], 16, 2, 2, seed=0))
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

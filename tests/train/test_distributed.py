@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .helpers import losses, make_trainer, tiny_model
+from .helpers import losses, make_trainer, tiny_model, val_eval
 
 
 def _free_port() -> int:
@@ -27,7 +27,7 @@ def _worker(rank: int, world_size: int, port: int, mode: str, out_dir: str, kwar
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        t = make_trainer(out_dir, rank=rank, world_size=world_size, distributed=mode, **kwargs)
+        t = make_trainer(out_dir, rank=rank, world_size=world_size, distributed=mode, eval_fn=val_eval(), **kwargs)
         if mode == "fsdp":  # really sharded: each rank holds DTensor shards of every parameter
             assert all(hasattr(p, "full_tensor") for p in t.model.parameters())
         else:
@@ -46,7 +46,7 @@ def _worker(rank: int, world_size: int, port: int, mode: str, out_dir: str, kwar
                                b.full_tensor() if hasattr(b, "full_tensor") else b)
         if rank == 0:
             with open(os.path.join(out_dir, "result.json"), "w") as f:
-                json.dump({"losses": losses(summary), "weights": weights}, f)
+                json.dump({"losses": losses(summary), "weights": weights, "eval": summary["eval"]}, f)
     finally:
         dist.destroy_process_group()
 
@@ -60,12 +60,14 @@ def _run_two(mode: str, out_dir, **kwargs) -> dict:
 def test_two_processes_match_one(tmp_path, mode):
     """Global batch 4: 2 ranks x 1 sequence x 2 accumulation steps vs 1 rank x 4 sequences. Same losses
     (averaged over ranks) and same final weights, up to fp32 summation order. The run checkpoints at
-    step 2 and 4, the final weights are gathered from the shards (FSDP), and a fresh run resumes the
+    step 2 and 4, evaluates (FSDP: root unit unsharded around eval_fn), the final weights are gathered from the shards (FSDP), and a fresh run resumes the
     checkpoint into its own shards exactly."""
-    kw = dict(batch_size=4, micro_batch_size=1, max_steps=4, ckpt_every=2, eval_every=0)
+    kw = dict(batch_size=4, micro_batch_size=1, max_steps=4, ckpt_every=2, eval_every=2)
     two = _run_two(mode, tmp_path / mode, **kw)
-    one = make_trainer(tmp_path / "one", batch_size=4, micro_batch_size=4, max_steps=4)
-    np.testing.assert_allclose(two["losses"], losses(one.fit()), rtol=1e-5)
+    one = make_trainer(tmp_path / "one", batch_size=4, micro_batch_size=4, max_steps=4, eval_every=2, eval_fn=val_eval())
+    summary = one.fit()
+    np.testing.assert_allclose(two["losses"], losses(summary), rtol=1e-5)
+    assert two["eval"]["val_loss"] == pytest.approx(summary["eval"]["val_loss"], rel=1e-5)  # evaluated sharded too
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(torch.tensor(two["weights"][k]), v, rtol=1e-4, atol=1e-5, msg=k)
     assert (tmp_path / mode / "checkpoints" / "step_00000004" / "manifest.json").is_file()
