@@ -32,3 +32,19 @@ def test_fallback_under_compile_warns_and_matches_eager(monkeypatch):
         with pytest.warns(RuntimeWarning, match="backend 'cpu' not used"):
             out = torch.compile(model, fullgraph=True, backend="eager")(idx)
         torch.testing.assert_close(out, model(idx))
+
+
+def test_compiled_loss_and_gradients_match_eager():
+    # the training path: loss forward + backward through AOT autograd (backend="aot_eager": no code
+    # generation), on the reference ops
+    model = Transformer(preset("tiny_llama", n_layer=1, d_model=32, vocab_size=64, backend="torch", fused_loss=False))
+    idx, targets = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    loss = torch.compile(model.loss, fullgraph=True, backend="aot_eager")(idx, targets)
+    loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model.loss(idx, targets)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for g, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
