@@ -80,6 +80,8 @@ def run(args) -> int:
 
     def emit(rec: dict) -> None:
         log.append({"kind": "op", **rec})
+        if rec.get("kind") == "case_done":
+            return
         key = (rec["op"], rec["provider"], rec["reason"])
         if rec["status"] == "ok" or key not in printed_skips:
             printed_skips.add(key)

@@ -116,7 +116,6 @@ def bytes_of(*numels_and_dtypes) -> float:
 
 
 PYLLM_BACKENDS = {"pyllm-triton": "triton", "pyllm-cuda": "cuda", "pyllm-cpu": "cpu"}
-CORE_PROVIDERS = ("torch eager", "torch.compile", *PYLLM_BACKENDS)
 
 
 def providers(bench: OpBench, device: str) -> dict[str, Callable | str]:
@@ -286,10 +285,11 @@ class RunOptions:
             return chosen if self.device == "cuda" else [d for d in chosen if d != "tf32"]
         return list(bench.gpu_dtypes) if self.device == "cuda" else ["fp32"]
 
-    def providers_wanted(self) -> tuple[str, ...] | None:
-        if self.providers is None and self.suite == "short":
-            return tuple(p for p in CORE_PROVIDERS if p != "torch.compile") + ("*external",)
-        return self.providers
+    def selects(self, provider: str) -> bool:
+        """Whether ``provider`` runs: all by default, except torch.compile in the short suite (compile time)."""
+        if self.providers is not None:
+            return provider in self.providers
+        return not (self.suite == "short" and provider == "torch.compile")
 
 
 def run_op(bench: OpBench, opts: RunOptions, calib: dict, emit: Callable[[dict], None],
@@ -298,9 +298,10 @@ def run_op(bench: OpBench, opts: RunOptions, calib: dict, emit: Callable[[dict],
 
     ``skip(label, dtype)`` says a (case, dtype) was already measured (resuming an interrupted run)."""
     budget = _BUDGET[opts.suite]
-    wanted = opts.providers_wanted()
     modes = [m for m in opts.modes if bench.differentiable or m == "fwd"]
-    with strict_backends():
+    # the backward mode re-runs one retained graph; torch.compile donates its saved buffers to the first
+    # backward unless told not to
+    with strict_backends(), torch._functorch.config.patch(donated_buffer=False):
         for case in bench.cases(opts.suite):
             if opts.cases and not any(s in case.label for s in opts.cases):
                 continue
@@ -308,7 +309,9 @@ def run_op(bench: OpBench, opts: RunOptions, calib: dict, emit: Callable[[dict],
                 if skip(case.label, dtype_name):
                     continue
                 torch._dynamo.reset()  # fresh compile caches per shape (no silent recompile-limit fallback)
-                _run_case(bench, case, dtype_name, modes, opts, calib, budget, wanted, emit)
+                _run_case(bench, case, dtype_name, modes, opts, calib, budget, emit)
+                # marks the (case, dtype) complete: a resumed run redoes a case cut off half-way
+                emit({"kind": "case_done", "op": bench.op, "case": case.label, "dtype": dtype_name, "suite": opts.suite})
 
 
 @contextlib.contextmanager
@@ -325,20 +328,14 @@ def strict_backends():
             os.environ["PYLLM_STRICT_BACKEND"] = prev
 
 
-def _selected(name: str, wanted: tuple[str, ...] | None) -> bool:
-    if wanted is None or name in wanted:
-        return True
-    return "*external" in wanted and name not in CORE_PROVIDERS
-
-
-def _run_case(bench, case, dtype_name, modes, opts, calib, budget, wanted, emit):
+def _run_case(bench, case, dtype_name, modes, opts, calib, budget, emit):
     device, dtype = opts.device, DTYPES[dtype_name]
     torch.manual_seed(0)
     base = bench.make_inputs(case, torch.float32, device)
     truth = reference_truth(bench, base, dtype, dtype_name, device)
     common = dict(op=bench.op, case=case.label, shape=case.shape, dtype=dtype_name, suite=opts.suite)
     for name, fn in providers(bench, device).items():
-        if not _selected(name, wanted):
+        if not opts.selects(name):
             continue
         if isinstance(fn, str):
             for mode in modes:
@@ -357,10 +354,15 @@ def _run_case(bench, case, dtype_name, modes, opts, calib, budget, wanted, emit)
             continue
         inputs = bench.cast(base, dtype, True)
         for mode in modes:
-            with dtype_context(dtype_name):
-                call = timed_call(bench, fn, inputs, mode, truth.upstream)
-                stats = time_fn(call, device, **budget)
-                mem = peak_memory_mb(call, device)
+            try:
+                with dtype_context(dtype_name):
+                    call = timed_call(bench, fn, inputs, mode, truth.upstream)
+                    stats = time_fn(call, device, **budget)
+                    mem = peak_memory_mb(call, device)
+            except Exception as e:  # e.g. out of memory at a size the check passed at
+                emit({**common, "mode": mode, "provider": name, "status": "error",
+                      "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+                continue
             emit({**common, "mode": mode, "provider": name, "status": "ok", "reason": None,
                   **derived(bench, case, dtype, dtype_name, mode, stats, calib),
                   "peak_mem_mb": mem, "err": err, "err_over_bound": err_ratio, **stats})

@@ -44,7 +44,7 @@ def pytest_benchmark_test(bench: OpBench):
         device, dtype = opts.device, DTYPES[dtype_name]
         torch._dynamo.reset()
         torch.manual_seed(0)
-        with strict_backends():
+        with strict_backends(), torch._functorch.config.patch(donated_buffer=False):
             base = bench.make_inputs(case, torch.float32, device)
             truth = reference_truth(bench, base, dtype, dtype_name, device)
             try:

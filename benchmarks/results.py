@@ -67,6 +67,6 @@ def read(path: str | Path) -> list[dict]:
 
 
 def done_cases(records: list[dict], key: tuple) -> set[tuple[str, str, str]]:
-    """(op, case, dtype) already measured in session ``key``: what a resumed run skips."""
+    """(op, case, dtype) completely measured in session ``key``: what a resumed run skips."""
     return {(r["op"], r["case"], r["dtype"]) for r in records
-            if r.get("kind") in ("op", "train_step") and session_key(r) == key}
+            if r.get("kind") in ("case_done", "train_step") and session_key(r) == key}

@@ -133,7 +133,16 @@ def gpu(**overrides) -> PipelineConfig:
     ), overrides))
 
 
-PRESETS: dict[str, Callable[..., PipelineConfig]] = {"smoke": smoke, "default": default, "gpu": gpu}
+def gpu_large(**overrides) -> PipelineConfig:
+    """GPT-2 medium (350M) on one large GPU (bf16), 10000 pretraining steps."""
+    return gpu(**_merge(dict(
+        out_dir="runs/pipeline-gpu-large",
+        pretrain={"model_preset": "gpt2_medium", "max_steps": 10000, "lr": 3e-4, "batch_size": 64},
+    ), overrides))
+
+
+PRESETS: dict[str, Callable[..., PipelineConfig]] = {"smoke": smoke, "default": default, "gpu": gpu,
+                                                     "gpu_large": gpu_large}
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -316,15 +325,15 @@ def _history(directory: Path) -> list[dict]:
 
 def run_pretrain(cfg: PipelineConfig, directory: Path, data: dict) -> dict:
     """Pretrain on the shards (pyllm.train.train); the final model lands in <dir>/final."""
+    import torch
+
     from pyllm.model.flops import peak_flops
     from pyllm.train import TrainConfig, train
 
     device = _device(cfg)
-    peak = None
-    if device == "cpu":
-        peak = measured_matmul_tflops(device, cfg.precision)
-    elif peak_flops(__import__("torch").cuda.get_device_name(), cfg.precision) is None:
-        peak = measured_matmul_tflops(device, cfg.precision)
+    # MFU needs a peak: the data sheet's for known GPUs (the Trainer looks it up), else measured here
+    known = device == "cuda" and peak_flops(torch.cuda.get_device_name(), cfg.precision) is not None
+    peak = None if known else measured_matmul_tflops(device, cfg.precision)
     tcfg = TrainConfig(**{**cfg.pretrain, "data": data["shard_dir"], "out_dir": str(directory), "device": device,
                           "precision": cfg.precision, "peak_tflops": peak, "distributed": "none"})
     summary = train(tcfg)
@@ -348,7 +357,10 @@ def _post_stage(stage: str, module: str, config: str, function: str, settings: d
         config_cls, fn = getattr(mod, config), getattr(mod, function)
     except (ImportError, AttributeError) as e:
         raise StageUnavailable(f"{module}.{config}/{function} not found ({type(e).__name__}: {e})") from None
-    train_overrides = {**settings.get("train", {}), "device": _device(cfg), "precision": cfg.precision}
+    device = _device(cfg)
+    train_overrides = {**settings.get("train", {}), "device": device, "precision": cfg.precision}
+    if device == "cpu":  # no data-sheet peak for a CPU: MFU against the matmul rate measured now
+        train_overrides["peak_tflops"] = measured_matmul_tflops(device, cfg.precision)
     stage_cfg = config_cls(**{**settings, **extra, "model": start_model, "out_dir": str(directory),
                               "train": train_overrides})
     summary = fn(stage_cfg)
@@ -458,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="smoke (~1 min CPU), default (~10-15 min CPU), gpu")
+                        help="smoke (~1 min CPU), default (~10-15 min CPU), gpu, gpu_large")
     parser.add_argument("--out-dir", help="where the stages and the report go (default: the preset's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
