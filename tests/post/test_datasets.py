@@ -1,0 +1,54 @@
+"""Built-in data: answers, noisy demonstrations, the held-out split, docstring preferences."""
+
+import pytest
+
+from pyllm.post.datasets import (docstring_pairs, is_heldout, solve_task, split, task_examples, task_pairs,
+                                 task_reward)
+from pyllm.post.grpo import GRPOConfig, rl_setup
+
+
+def test_task_answers_and_reward():
+    assert solve_task("12+7=") == "19" and solve_task("sort 3912") == "1239" and solve_task("reverse abc") == "cba"
+    assert task_reward("12+7=", " 19 ") == 1.0 and task_reward("12+7=", "18") == 0.0
+    with pytest.raises(ValueError, match="not a built-in task prompt"):
+        task_reward("hello", "x")
+    for pair in task_pairs(n=300):
+        assert pair.chosen == solve_task(pair.prompt) != pair.rejected
+
+
+def test_noisy_demonstrations_keep_the_right_reference():
+    clean, noisy = task_examples(n=600), task_examples(n=600, noise=0.5)
+    assert [e.prompt for e in clean] == [e.prompt for e in noisy]
+    wrong = sum(e.completion != e.reference for e in noisy) / len(noisy)
+    assert 0.4 < wrong < 0.6
+    assert all(e.reference == c.completion for e, c in zip(noisy, clean))
+
+
+def test_split_is_deterministic_and_disjoint():
+    items = task_examples(n=1000)
+    train, held = split(items, 0.2)
+    assert {e.prompt for e in train}.isdisjoint({e.prompt for e in held})
+    assert 0.15 < len(held) / len(items) < 0.25
+    assert split(items, 0.2) == (train, held)
+    assert is_heldout("reverse abc", 0.2) == is_heldout("reverse abc", 0.2)
+
+
+def test_docstring_pairs_respect_the_eval_holdout():
+    from pyllm.eval.builtin import is_heldout as eval_heldout
+
+    pairs = docstring_pairs(n=400)
+    assert len(pairs) > 300 and all(p.chosen != p.rejected for p in pairs)
+    train, _ = split(pairs, 0.2)
+    names = [p.prompt[len("What does "):-len(" do?")] for p in train]
+    assert not any(eval_heldout(n) for n in names)  # the evaluation's reserved functions never train
+
+
+def test_rl_prompt_longer_than_context_names_its_origin(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    rows = "".join(f'{{"prompt": "{i}+1=", "completion": "{i + 1}"}}\n' for i in range(20))
+    data.write_text(rows + '{"prompt": "' + "x" * 200 + '", "completion": "y"}\n')
+    cfg = GRPOConfig(data=str(data), out_dir=str(tmp_path / "g"), heldout_fraction=0.5, seq_len=64,
+                     group_size=2, prompts_per_rollout=2,
+                     train={"model": {"n_layer": 1, "d_model": 32, "n_head": 2}, "batch_size": 4})
+    with pytest.raises(ValueError, match=r"prompts.jsonl:21: prompt is \d+ tokens; with max_new_tokens=8"):
+        rl_setup(cfg)
