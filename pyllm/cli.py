@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     # post-training stages share one module; it learns which stage from the command name
-    return int(module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest) or 0)
+    result = module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest)
+    return int(result or 0)  # a main that returns None succeeded
 
 
 if __name__ == "__main__":

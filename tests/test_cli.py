@@ -24,3 +24,15 @@ def test_info_reports_backends_and_ops(capsys):
     assert "torch   available" in out
     for op in ("attention", "cross_entropy", "adamw_step"):
         assert op in out
+
+
+def test_subcommand_gets_its_arguments_and_none_means_success(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("pyllm.post.cli")
+    fake.main = lambda argv: calls.append(argv)  # returns None
+    monkeypatch.setitem(sys.modules, "pyllm.post.cli", fake)
+    assert cli.main(["dpo", "--beta", "0.1"]) == 0
+    assert calls == [["dpo", "--beta", "0.1"]]  # post-training stages learn their name from argv[0]
