@@ -21,53 +21,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, mode: str, out_dir: str, kwargs: dict) -> None:
+def _train_and_resume(mode: str, rank: int, world_size: int, out_dir: str, kwargs: dict) -> None:
+    t = make_trainer(out_dir, rank=rank, world_size=world_size, distributed=mode, eval_fn=val_eval(), **kwargs)
+    if mode == "fsdp":  # really sharded: each rank holds DTensor shards of every parameter
+        assert all(hasattr(p, "full_tensor") for p in t.model.parameters())
+    else:
+        assert isinstance(t.wrapped, torch.nn.parallel.DistributedDataParallel)
+    summary = t.fit()
+    full = t.full_state_dict()
+    # a fresh, differently initialised run resumes the step-4 checkpoint into its own shards
+    again = make_trainer(out_dir, model=tiny_model(seed=5), rank=rank, world_size=world_size, distributed=mode,
+                         **kwargs)
+    assert again.resume() and again.step == 4
+    for k, v in again.full_state_dict().items():
+        assert torch.equal(v, full[k]), k
+    for a, b in zip(again.optimizer.state_tensors().values(), t.optimizer.state_tensors().values()):
+        assert torch.equal(a.full_tensor() if hasattr(a, "full_tensor") else a,
+                           b.full_tensor() if hasattr(b, "full_tensor") else b)
+    if rank == 0:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump({"losses": losses(summary), "weights": {k: v.tolist() for k, v in full.items()},
+                       "eval": summary["eval"]}, f)
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, kwargs: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        t = make_trainer(out_dir, rank=rank, world_size=world_size, distributed=mode, eval_fn=val_eval(), **kwargs)
-        if mode == "fsdp":  # really sharded: each rank holds DTensor shards of every parameter
-            assert all(hasattr(p, "full_tensor") for p in t.model.parameters())
-        else:
-            assert isinstance(t.wrapped, torch.nn.parallel.DistributedDataParallel)
-        summary = t.fit()
-        full = t.full_state_dict()
-        weights = {k: v.tolist() for k, v in full.items()}
-        # a fresh, differently initialised run resumes the step-4 checkpoint into its shards
-        again = make_trainer(out_dir, model=tiny_model(seed=5), rank=rank, world_size=world_size, distributed=mode,
-                             **kwargs)
-        assert again.resume() and again.step == 4
-        for k, v in again.full_state_dict().items():
-            assert torch.equal(v, full[k]), k
-        for a, b in zip(again.optimizer.state_tensors().values(), t.optimizer.state_tensors().values()):
-            assert torch.equal(a.full_tensor() if hasattr(a, "full_tensor") else a,
-                               b.full_tensor() if hasattr(b, "full_tensor") else b)
-        if rank == 0:
-            with open(os.path.join(out_dir, "result.json"), "w") as f:
-                json.dump({"losses": losses(summary), "weights": weights, "eval": summary["eval"]}, f)
+    try:  # both modes in one process group: spawning processes is the slow part of this test
+        for mode in MODES:
+            _train_and_resume(mode, rank, world_size, os.path.join(out_dir, mode), kwargs)
     finally:
         dist.destroy_process_group()
 
 
-def _run_two(mode: str, out_dir, **kwargs) -> dict:
-    mp.spawn(_worker, args=(2, _free_port(), mode, str(out_dir), kwargs), nprocs=2, join=True)
-    return json.loads((out_dir / "result.json").read_text())
+MODES = ("ddp", "fsdp")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, mode):
-    """Global batch 4: 2 ranks x 1 sequence x 2 accumulation steps vs 1 rank x 4 sequences. Same losses
-    (averaged over ranks) and same final weights, up to fp32 summation order. The run checkpoints at
-    step 2 and 4, evaluates (FSDP: root unit unsharded around eval_fn), the final weights are gathered from the shards (FSDP), and a fresh run resumes the
-    checkpoint into its own shards exactly."""
+def test_two_processes_match_one(tmp_path):
+    """Global batch 4: 2 ranks x 1 sequence x 2 accumulation steps vs 1 rank x 4 sequences, with DDP and
+    with FSDP2. Same losses (averaged over ranks), validation loss and final weights, up to fp32
+    summation order. Each run checkpoints at steps 2 and 4, evaluates (FSDP: the root unit is unsharded
+    around eval_fn), gathers its final weights from the shards, and a fresh run resumes the checkpoint
+    into its own shards exactly."""
     kw = dict(batch_size=4, micro_batch_size=1, max_steps=4, ckpt_every=2, eval_every=2)
-    two = _run_two(mode, tmp_path / mode, **kw)
-    one = make_trainer(tmp_path / "one", batch_size=4, micro_batch_size=4, max_steps=4, eval_every=2, eval_fn=val_eval())
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), kw), nprocs=2, join=True)
+    one = make_trainer(tmp_path / "one", batch_size=4, micro_batch_size=4, max_steps=4, eval_every=2,
+                       eval_fn=val_eval())
     summary = one.fit()
-    np.testing.assert_allclose(two["losses"], losses(summary), rtol=1e-5)
-    assert two["eval"]["val_loss"] == pytest.approx(summary["eval"]["val_loss"], rel=1e-5)  # evaluated sharded too
-    for k, v in one.model.state_dict().items():
-        torch.testing.assert_close(torch.tensor(two["weights"][k]), v, rtol=1e-4, atol=1e-5, msg=k)
-    assert (tmp_path / mode / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    for mode in MODES:
+        two = json.loads((tmp_path / mode / "result.json").read_text())
+        np.testing.assert_allclose(two["losses"], losses(summary), rtol=1e-5, err_msg=mode)
+        assert two["eval"]["val_loss"] == pytest.approx(summary["eval"]["val_loss"], rel=1e-5), mode
+        for k, v in one.model.state_dict().items():
+            torch.testing.assert_close(torch.tensor(two["weights"][k]), v, rtol=1e-4, atol=1e-5, msg=f"{mode} {k}")
+        assert (tmp_path / mode / "checkpoints" / "step_00000004" / "manifest.json").is_file()
