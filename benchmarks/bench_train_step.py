@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pyllm.model import Transformer, preset
+from pyllm.ops import registry
 from pyllm.model.flops import flops_per_token
 
 from .harness import Case, RunOptions
@@ -77,6 +78,7 @@ class TrainStepBench:
         cfg = preset(s["preset"], backend=backend, **s["overrides"])
         torch.manual_seed(0)
         model = Transformer(cfg)
+        registry._WARNED.clear()  # the registry warns once per process: let every variant report its own fallbacks
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             tcfg = TrainConfig(seq_len=s["seq"], batch_size=s["batch"], precision="fp32" if precision == "tf32" else precision,

@@ -102,14 +102,15 @@ def op_section(op: str, recs: list[dict]) -> list[str]:
 def train_section(recs: list[dict]) -> list[str]:
     lines = ["### training step (end to end)", "",
              "| model | backend | precision | tokens/step | ms/step [quartiles] | tokens/s | MFU | peak MiB | "
-             "x torch fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+             "x torch fp32 | ops that fell back to the reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     ok = [r for r in recs if r["status"] == "ok"]
     base = {r["model"]: r for r in ok if r["backend"] == "torch" and r["precision"] == "fp32"}
     for r in ok:
         b = base.get(r["model"])
         lines.append(f"| {r['model']} | {r['backend']} | {r['precision']} | {r['tokens']} | {_ms(r)} | "
                      f"{r['tokens_per_s']:.0f} | {_fmt(r.get('mfu_pct'), '.1f')}% | {_fmt(r.get('peak_mem_mb'), '.0f')} | "
-                     f"{(b['median_ms'] / r['median_ms']) if b else float('nan'):.2f} |")
+                     f"{(b['median_ms'] / r['median_ms']) if b else float('nan'):.2f} | "
+                     f"{', '.join(o.removeprefix('pyllm.ops.') for o in r.get('fallbacks', [])) or '-'} |")
     not_run = dict.fromkeys((r["backend"], r["precision"], r["reason"]) for r in recs if r["status"] != "ok")
     if not_run:
         lines += ["", "Not timed:", ""] + [f"- {b} {p}: {reason}" for b, p, reason in not_run]

@@ -71,7 +71,12 @@ def plot_losses(records: dict, path: Path) -> Path | None:
             ax.plot(*zip(*val), "o-", label="val loss")
         ax.set_title(_stage_name(name, records[name].summary))
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+        reward = [(r["step"], r["reward"]) for r in hist if "reward" in r and "loss" in r]
+        if reward:  # RL: the policy loss says little; the reward of the sampled answers is the curve to watch
+            twin = ax.twinx()
+            twin.plot(*zip(*reward), color="tab:red", label="sampled reward")
+            twin.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
