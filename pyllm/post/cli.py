@@ -78,9 +78,10 @@ def main(argv: list[str]) -> int:
     if rest and rest[0] in ("-h", "--help"):
         print(f"usage: pyllm {name} [--field value ...]\n\n{cls.__doc__}\n\nfields:")
         for f in dataclasses.fields(cls):
-            if f.init:
-                print(f"  --{f.name} (default {f.default if f.default is not dataclasses.MISSING else '{}'})")
-        print("  and any `pyllm train` option (--lr, --max_steps, --batch_size, --model.n_layer ...)")
+            if f.init and f.name != "train":
+                print(f"  --{f.name} (default {f.default})")
+        print("and any `pyllm train` option (--lr, --max_steps, --batch_size, --model.n_layer ...); "
+              f"this stage's training defaults: {cls().stage_defaults()}")
         return 0
     try:
         summary = run(parse(cls, rest))
