@@ -12,6 +12,7 @@ Conventions follow lm-evaluation-harness so the numbers compare with published o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from pyllm.model import KVCache, Transformer
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """Eval mode (no dropout) for the duration, then the model's previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from .loglik import Scorer, encode_pair
+from .loglik import Scorer, encode_pair, evaluating
 from .parallel import all_reduce_sums
 from .tasks import Task
 
@@ -50,9 +50,10 @@ def evaluate_multiple_choice(model, tokenizer, task: Task, *, batch_size: int = 
     scorer = Scorer(model, batch_size=batch_size)
     correct = dict.fromkeys(METRICS, 0.0)
     indices = range(rank, len(task.items), world_size)
-    for i in tqdm(indices, desc=task.name, unit="item", disable=not progress):
-        item = task.items[i]
-        for metric, pred in predictions(score_item(scorer, tokenizer, task, i), item.choices).items():
-            correct[metric] += pred == item.gold
+    with evaluating(model):
+        for i in tqdm(indices, desc=task.name, unit="item", disable=not progress):
+            item = task.items[i]
+            for metric, pred in predictions(score_item(scorer, tokenizer, task, i), item.choices).items():
+                correct[metric] += pred == item.gold
     *sums, n = all_reduce_sums([*correct.values(), len(indices)], world_size)
     return {**{m: s / n for m, s in zip(METRICS, sums)}, "n": int(n)}

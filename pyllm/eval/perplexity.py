@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from .loglik import Scorer
+from .loglik import Scorer, evaluating
 from .parallel import all_reduce_sums, shard
 
 
@@ -68,23 +68,18 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, max_len: int | None = 
         logprob += sum(s.logprob for s in scorer.score_windows(pending))
         pending.clear()
 
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
-        with tqdm(total=len(docs), desc="perplexity", unit="doc", disable=not progress) as bar:
-            for i, text in enumerate(docs):
-                ids = tokenizer.encode(text)
-                pending.extend(rolling_windows(ids, tokenizer.eos_id, scorer.max_len, stride))
-                n_tokens += len(ids)
-                n_bytes += len(text.encode("utf-8"))
-                n_words += count_words(text)
-                if len(pending) >= 8 * batch_size or i == len(docs) - 1:
-                    flush()
-                bar.update()
-                bar.set_postfix(tok_per_s=f"{n_tokens / (time.perf_counter() - start):.0f}", refresh=False)
-    finally:
-        model.train(was_training)
+    with evaluating(model), tqdm(total=len(docs), desc="perplexity", unit="doc", disable=not progress) as bar:
+        for i, text in enumerate(docs):
+            ids = tokenizer.encode(text)
+            pending.extend(rolling_windows(ids, tokenizer.eos_id, scorer.max_len, stride))
+            n_tokens += len(ids)
+            n_bytes += len(text.encode("utf-8"))
+            n_words += count_words(text)
+            if len(pending) >= 8 * batch_size or i == len(docs) - 1:
+                flush()
+            bar.update()
+            bar.set_postfix(tok_per_s=f"{n_tokens / (time.perf_counter() - start):.0f}", refresh=False)
     logprob, n_tokens, n_bytes, n_words = all_reduce_sums([logprob, n_tokens, n_bytes, n_words], world_size)
     if n_tokens == 0 or n_bytes == 0:
         raise ValueError("perplexity: the texts are empty (no tokens to score)")

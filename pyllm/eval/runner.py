@@ -9,6 +9,7 @@ import torch
 
 from .builtin import BUILTIN_TASKS, builtin_task
 from .generation import evaluate_generation
+from .loglik import evaluating
 from .multiple_choice import evaluate_multiple_choice
 from .parallel import dist_rank_world
 from .perplexity import perplexity
@@ -60,13 +61,9 @@ def run_tasks(model, tokenizer, tasks: Sequence[str | Task], *, limit: int | Non
     every rank must call this and gets the same results."""
     model = unwrap(model)
     resolved = [resolve_task(t, limit, num_fewshot) for t in tasks]  # fail on a bad task before any work
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return {t.name: run_task(model, tokenizer, t, batch_size=batch_size, distributed=distributed,
                                  progress=progress) for t in resolved}
-    finally:
-        model.train(was_training)
 
 
 def make_eval_fn(tokenizer, *, texts: Sequence[str] | None = None, tasks: Sequence[str | Task] = (),
