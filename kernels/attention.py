@@ -23,15 +23,18 @@ Backward (deterministic by construction: no atomics, every gradient element writ
   2. dK/dV: program (key block, batch*kv-head) holds K, V and the dK, dV accumulators, and walks every
      query head of its group and every query block that can see the key block (unmasked and masked
      ranges as in the forward):
-     P = exp2(S - lse2), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q.
+     P = exp2(S - lse2), dV += P^T dO, dP = dO V^T, dS = P (dP - delta), dK += dS^T Q, all computed
+     transposed (keys as rows: P^T = exp2(K Q^T - lse2)) so no register tile needs a transpose.
   3. dQ: program (query block, batch*head) recomputes P and dS over its key blocks: dQ += dS K.
   This recomputes Q K^T twice (FA2's single pass adds dQ with atomics instead), the price of a
   bit-reproducible backward, and GQA needs no reduction of per-query-head dK/dV afterwards.
 
+Offsets: batch/head origins are 64-bit scalars; offsets along the sequence are 32-bit (64-bit pointer
+tiles cost twice the registers), so S x (sequence stride) must stay below 2^31 elements.
 Head dims up to 256: the head dim is a compile-time constant (HEAD_DIM), padded to a power of two
 (BLOCK_D, at least 16 for tensor-core dots) with a mask that folds away when it is one. Block sizes
-and warps/stages come from autotune on a GPU (Hopper: 128x64 tiles, 8 warps, 3-4 stages for D <= 128;
-smaller tiles for D = 256 to stay in the 228 KB of shared memory); fp32 inputs use exact ("ieee")
+and warps/stages come from autotune on a GPU over per-head-dim lists (Hopper: 128x64 tiles, 8 warps,
+3 stages first for D <= 128; smaller tiles for D = 256); fp32 inputs use exact ("ieee")
 dots, fp16/bf16 use tensor cores with fp32 accumulation.
 """
 
@@ -49,35 +52,43 @@ from . import launch
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 
-_FWD_CONFIGS = launch.configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 32, 8, 4))],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1))
-_BWD_CONFIGS = launch.configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2))],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1))
+def _tiles(spec):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in spec]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, chosen from sm_90 compiles of every candidate
+# (tests/kernels/sm90_compile.py): the first of each list compiled without register spills (fwd
+# D <= 128; dQ at 64x64x4) or with the fewest; autotune then times them on the GPU.
+_FWD_SMALL_D = _tiles([(128, 64, 8, 3), (128, 32, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)])
+_FWD_LARGE_D = _tiles([(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)])
+_BWD_SMALL_D = _tiles([(64, 64, 8, 3), (64, 64, 4, 3), (16, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)])
+_BWD_LARGE_D = _tiles([(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)])
+_INTERP = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)
+_FWD_CONFIGS = launch.configs(_FWD_SMALL_D + _FWD_LARGE_D, _INTERP)
+_BWD_CONFIGS = launch.configs(_BWD_SMALL_D + _BWD_LARGE_D, _INTERP)
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Keep tiles that fit Hopper's shared memory at this head dim (D = 256 halves the tiles)."""
-    if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) <= 128 or launch.INTERPRET:
+    """Head dims above 128 get the small-tile lists (registers and the 228 KB of shared memory)."""
+    if launch.INTERPRET:
         return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return small or configs[-1:]
+    large = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) > 128
+    keep = [c for c in configs if any(c is x for x in _FWD_LARGE_D + _BWD_LARGE_D) == large]  # identity:
+    return keep or configs  # equal tiles may sit in both lists
 
 
 @triton.jit
 def _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
-    # (BLOCK_M, BLOCK_N) boolean: key k_pos visible to query q_pos (positions in the key frame).
-    vis = q_valid[:, None] & (k_pos[None, :] < S)
+    # Boolean tile: key k_pos visible to query q_pos (positions in the key frame). Callers shape the
+    # query arguments as rows or columns and the key arguments the other way; the result broadcasts.
+    vis = q_valid & (k_pos < S)
     if CAUSAL:
-        vis &= k_pos[None, :] <= q_pos[:, None]
+        vis &= k_pos <= q_pos
     if HAS_WINDOW:
-        vis &= (q_pos[:, None] - k_pos[None, :]) < window
+        vis &= (q_pos - k_pos) < window
     if HAS_DOC:
-        vis &= q_doc[:, None] == k_doc[None, :]
+        vis &= q_doc == k_doc
     return vis
 
 
@@ -128,10 +139,11 @@ def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_bas
             k_doc, k_lo, k_hi = _doc_span(DOC_ROW, k_pos, k_pos < S, -2)
             go = (k_hi >= q_doc_lo) & (k_lo <= q_doc_hi)
         if go:
-            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            k = tl.load(k_base + k_pos[:, None] * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
             if MASKED:
-                vis = _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                vis = _visible(q_pos[:, None], k_pos[None, :], S, q_valid[:, None], q_doc[:, None], k_doc[None, :],
+                               window, CAUSAL, HAS_WINDOW, HAS_DOC)
                 s = tl.where(vis, s, -float("inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -141,7 +153,7 @@ def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_bas
             p = tl.exp2(s - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            v = tl.load(v_base + k_pos[:, None] * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     return acc, l_i, m_i
@@ -167,7 +179,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET
     q_valid = offs_m < T
     q_pos = S - T + offs_m
     io_mask = q_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=io_mask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=io_mask, other=0.0)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     DOC_ROW = DOC + b * sdb
@@ -193,7 +205,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET
                               True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :],
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=io_mask)
     lse2 = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse2, mask=q_valid)
@@ -208,8 +220,8 @@ def _attention_bwd_preprocess_kernel(O, DO, DELTA, T, sob, soh, sot, sdob, sdoh,
     h = (bh % HQ).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=mask,
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mask,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
@@ -232,20 +244,23 @@ def _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, 
             go = (q_hi >= k_doc_lo) & (q_lo <= k_doc_hi)
         if go:
             q_mask = q_valid[:, None] & d_ok
-            q = tl.load(q_base + q_idx[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + q_idx[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask, other=0.0)
+            q = tl.load(q_base + q_idx[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + q_idx[:, None] * sdot + offs_d[None, :], mask=q_mask, other=0.0)
             # rows past T load lse = +inf, so their P is 0 even in unmasked blocks
             lse2 = tl.load(LSE_ROW + q_idx, mask=q_valid, other=float("inf"))
             delta = tl.load(DELTA_ROW + q_idx, mask=q_valid, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            p = tl.exp2(s - lse2[:, None])
+            # Transposed frame (keys as rows): P^T and dS^T come out of the dots in the layout the
+            # dV and dK products consume, so no register tile is ever transposed.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            p_t = tl.exp2(s_t - lse2[None, :])
             if MASKED:
-                vis = _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
-                p = tl.where(vis, p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                vis = _visible(q_pos[None, :], k_pos[:, None], S, q_valid[None, :], q_doc[None, :], k_doc[:, None],
+                               window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                p_t = tl.where(vis, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -269,8 +284,8 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, s
     offs_d = tl.arange(0, BLOCK_D)
     k_valid = k_pos < S
     kv_mask = k_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + b * skb + kvh * skh + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b * skb + kvh * skh + k_pos[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + k_pos[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
     DOC_ROW = DOC + b * sdb
     k_doc = k_pos
     k_doc_lo = 0
@@ -313,9 +328,9 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, s
                             DELTA_ROW, DOC_ROW, b_, hi, T, S, window, qk_scale, offs_m, offs_d,
                             True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
     dk *= sm_scale
-    tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None].to(tl.int64) * sdkt + offs_d[None, :],
+    tl.store(DK + b * sdkb + kvh * sdkh + k_pos[:, None] * sdkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None].to(tl.int64) * sdvt + offs_d[None, :],
+    tl.store(DV + b * sdvb + kvh * sdvh + k_pos[:, None] * sdvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -334,12 +349,13 @@ def _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, 
             k_doc, k_lo, k_hi = _doc_span(DOC_ROW, k_pos, k_pos < S, -2)
             go = (k_hi >= q_doc_lo) & (k_lo <= q_doc_hi)
         if go:
-            k = tl.load(k_base + k_pos[:, None].to(tl.int64) * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
-            v = tl.load(v_base + k_pos[:, None].to(tl.int64) * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            k = tl.load(k_base + k_pos[:, None] * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+            v = tl.load(v_base + k_pos[:, None] * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.exp2(s - lse2[:, None])
             if MASKED:
-                vis = _visible(q_pos, k_pos, S, q_valid, q_doc, k_doc, window, CAUSAL, HAS_WINDOW, HAS_DOC)
+                vis = _visible(q_pos[:, None], k_pos[None, :], S, q_valid[:, None], q_doc[:, None], k_doc[None, :],
+                               window, CAUSAL, HAS_WINDOW, HAS_DOC)
                 p = tl.where(vis, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -367,8 +383,8 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scal
     q_valid = offs_m < T
     q_pos = S - T + offs_m
     q_mask = q_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * sdot + offs_d[None, :], mask=q_mask,
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=q_mask,
                  other=0.0)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=0.0)
@@ -392,7 +408,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scal
                   DOC_ROW, b_, hi, S, window, qk_scale, offs_n, offs_d,
                   True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     dq *= sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None].to(tl.int64) * sdqt + offs_d[None, :],
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -405,6 +421,8 @@ def unsupported_reason(q, k, v, doc_ids) -> str | None:
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if q.dtype == torch.float64:
         return "float64 is not supported by the Triton attention"
+    if max(t.shape[2] * t.stride(2) for t in (q, k, v)) >= 2 ** 31:
+        return "sequence offsets exceed 32 bits (positions x sequence stride >= 2^31)"
     return None
 
 

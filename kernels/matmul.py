@@ -15,6 +15,8 @@ every program strides over tiles (``for tile in range(pid, n_tiles, n_programs)`
 the tail wave and lets the next tile's loads overlap the previous epilogue. The plain launch is the
 degenerate case n_programs == n_tiles, so there is one kernel, not two copies.
 
+Limits: offsets inside one tile are 32-bit (BLOCK x stride < 2^31); tile origins are 64-bit.
+
 Autotune configs are Hopper-oriented (128x256x64 and 256x128x64 with 8 warps and 3 stages for large
 bf16 problems, smaller tiles for skinny ones); each config list is tuned per (M, N, K). The
 accumulating launch is a separate autotuner over the same kernel with ``restore_value`` so that
@@ -56,30 +58,36 @@ def _matmul_kernel_body(A, B, C, BIAS, PRE, M, N, K, sam, sak, sbk, sbn, scm, sc
         group_m = tl.minimum(n_pid_m - first_m, GROUP_M)
         pid_m = first_m + (tile % (GROUP_M * n_pid_n)) % group_m
         pid_n = (tile % (GROUP_M * n_pid_n)) // group_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # 64-bit tile origins as scalars; 32-bit offsets inside the tile (half the registers of
+        # 64-bit pointer tensors, which made the 128x256 tile spill)
+        m_start = (pid_m * BLOCK_M).to(tl.int64)
+        n_start = (pid_n * BLOCK_N).to(tl.int64)
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptr = A + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
-        b_ptr = B + offs_k[:, None] * sbk + offs_n[None, :].to(tl.int64) * sbn
+        m_ok = (pid_m * BLOCK_M + rm) < M
+        n_ok = (pid_n * BLOCK_N + rn) < N
+        a_ptr = A + m_start * sam + (rm[:, None] * sam + offs_k[None, :] * sak)
+        b_ptr = B + n_start * sbn + (offs_k[:, None] * sbk + rn[None, :] * sbn)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k + k0 < K
-            a = tl.load(a_ptr, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+            a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptr += BLOCK_K * sak
             b_ptr += BLOCK_K * sbk
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        mask = m_ok[:, None] & n_ok[None, :]
         if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(BIAS + n_start + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if STORE_PRE:  # the pre-activation, kept for the activation's backward
-            tl.store(PRE + offs_m[:, None].to(tl.int64) * spm + offs_n[None, :] * spn,
+            tl.store(PRE + m_start * spm + n_start * spn + (rm[:, None] * spm + rn[None, :] * spn),
                      acc.to(PRE.dtype.element_ty), mask=mask)
         if ACTIVATION == 1:
             acc = gelu.gelu_value(acc, True)
         elif ACTIVATION == 2:
             acc = gelu.gelu_value(acc, False)
-        c_ptr = C + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn
+        c_ptr = C + m_start * scm + n_start * scn + (rm[:, None] * scm + rn[None, :] * scn)
         if ACCUMULATE:
             acc += tl.load(c_ptr, mask=mask, other=0.0).to(tl.float32)
         tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=mask)

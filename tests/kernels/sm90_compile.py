@@ -5,9 +5,11 @@ values, never lowers to PTX and knows nothing of registers or shared memory. Thi
 compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas) for a CUDA
 compute-capability 9.0 target, with bf16 inputs and the GPU autotune configs, and prints per kernel
 instance: registers per thread, local-memory bytes (spills), shared memory, and whether the
-tensor-core path is Hopper's wgmma. ``test_sm90_compile.py`` runs it in a subprocess (the interpreter must be off at import).
+tensor-core path is Hopper's wgmma. ``test_sm90_compile.py`` runs it in a subprocess (the interpreter
+must be off when the kernels are imported).
 
-Usage: python tests/kernels/sm90_compile.py [--all-configs]
+Usage: python tests/kernels/sm90_compile.py [--all-configs] [--quick] [kernel-name substrings...]
+(--quick: attention at head dim 128 only.)
 """
 
 from __future__ import annotations
@@ -64,24 +66,27 @@ def _resource_usage(cubin: bytes) -> dict:
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
-    return {"regs": int(fields.get("REG", -1)), "spill_bytes": int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))}
+    spill = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
+    return {"regs": int(fields.get("REG", -1)), "spill_bytes": spill}
 
 
 def _autotuned(kernel, constexprs, all_configs, **kw):
     """Compile with the first GPU config (or all); ``kernel.configs`` holds them (GPU list here)."""
     configs = kernel.configs if all_configs else kernel.configs[:1]
     for cfg in configs:
-        info = _compile(kernel, {**constexprs, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
-        yield f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", info
+        yield f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", (
+            lambda cfg=cfg: _compile(kernel, {**constexprs, **cfg.kwargs}, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages, **kw))
 
 
-def instances(all_configs: bool):
-    """(name, config label, compile info) for a representative instance of every kernel."""
+def instances(all_configs: bool, quick: bool = False):
+    """(name, config label, thunk returning the compile info) for a representative instance of every
+    kernel (thunks, so that a name filter skips the compilation)."""
     f32 = "*fp32"
-    yield "layernorm_fwd", "N=4096", _compile(layernorm._layernorm_fwd_kernel, dict(
+    yield "layernorm_fwd", "N=4096", lambda: _compile(layernorm._layernorm_fwd_kernel, dict(
         IS_RMS=False, HAS_RES=True, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=4096),
         pointers={"MEAN": f32, "RSTD": f32, "W": f32, "B": f32}, num_warps=8)
-    yield "rmsnorm_bwd", "N=4096", _compile(layernorm._layernorm_bwd_kernel, dict(
+    yield "rmsnorm_bwd", "N=4096", lambda: _compile(layernorm._layernorm_bwd_kernel, dict(
         IS_RMS=True, HAS_DRES=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4096),
         pointers={"MEAN": f32, "RSTD": f32, "DW_PART": f32, "DB_PART": f32}, num_warps=8)
     for name, k, ce in (("gelu_fwd", gelu._gelu_fwd_kernel, dict(HAS_BIAS=True, EXACT=False)),
@@ -89,20 +94,23 @@ def instances(all_configs: bool):
                         ("swiglu_fwd", gelu._swiglu_fwd_kernel, {}), ("swiglu_bwd", gelu._swiglu_bwd_kernel, {})):
         for label, info in _autotuned(k, ce, all_configs):
             yield name, label, info
-    yield "rope", "D=128", _compile(rope._rope_fwd_kernel, dict(BACKWARD=False, BLOCK_T=1, BLOCK_H=32, BLOCK_D=64),
+    yield "rope", "D=128", lambda: _compile(rope._rope_fwd_kernel, dict(
+        BACKWARD=False, BLOCK_T=1, BLOCK_H=32, BLOCK_D=64),
                                     pointers={"COS": f32, "SIN": f32})
-    yield "softmax_fwd", "chunked", _compile(softmax._softmax_fwd_kernel, dict(SINGLE=False, BLOCK_N=4096), num_warps=16)
-    yield "softmax_bwd", "single", _compile(softmax._softmax_bwd_kernel, dict(SINGLE=True, BLOCK_N=8192), num_warps=16)
-    yield "cross_entropy_fwd", "V chunk 8192", _compile(cross_entropy._cross_entropy_fwd_kernel, dict(
+    yield "softmax_fwd", "chunked", lambda: _compile(softmax._softmax_fwd_kernel, dict(SINGLE=False, BLOCK_N=4096),
+                                                     num_warps=16)
+    yield "softmax_bwd", "single", lambda: _compile(softmax._softmax_bwd_kernel, dict(SINGLE=True, BLOCK_N=8192),
+                                                    num_warps=16)
+    yield "cross_entropy_fwd", "V chunk 8192", lambda: _compile(cross_entropy._cross_entropy_fwd_kernel, dict(
         HAS_SMOOTHING=True, BLOCK_V=8192), pointers={"TGT": "*i64", "LOSS": f32, "LSE": f32, "V": "i32"}, num_warps=16)
-    yield "cross_entropy_bwd", "V chunk 8192", _compile(cross_entropy._cross_entropy_bwd_kernel, dict(
+    yield "cross_entropy_bwd", "V chunk 8192", lambda: _compile(cross_entropy._cross_entropy_bwd_kernel, dict(
         BLOCK_V=8192), pointers={"TGT": "*i64", "LSE": f32, "G": f32, "V": "i32"}, num_warps=16)
-    yield "unscale", "chunk 65536", _compile(loss_scale._unscale_kernel, dict(
+    yield "unscale", "chunk 65536", lambda: _compile(loss_scale._unscale_kernel, dict(
         INV_FROM_PTR=True, BLOCK=4096, CHUNK=65536), pointers={"TABLE": "*i64", "INV": f32, "FOUND": f32}, num_warps=8)
-    yield "update_scale", "", _compile(loss_scale._update_scale_kernel, {},
+    yield "update_scale", "", lambda: _compile(loss_scale._update_scale_kernel, {},
                                        pointers={"SCALE": f32, "TRACKER": "*i32", "FOUND": f32}, num_warps=1)
     import triton.language as tl
-    yield "adamw", "bf16 params, fp32 master", _compile(adamw._adamw_kernel, dict(
+    yield "adamw", "bf16 params, fp32 master", lambda: _compile(adamw._adamw_kernel, dict(
         P_DTYPE=tl.float32, G_DTYPE=tl.bfloat16, C_DTYPE=tl.bfloat16, HAS_COPY=True, LR_FROM_PTR=True,
         STEP_FROM_PTR=True, HAS_FOUND=True, K=5, BLOCK=2048, CHUNK=65536),
         pointers={"TABLE": "*i64", "LR": f32, "STEP": f32, "FOUND": f32}, num_warps=8)
@@ -115,7 +123,7 @@ def instances(all_configs: bool):
             pointers={"C": f32, "K": "i32"}):
         yield "matmul_accumulate_fp32", label, info
     lse = {"LSE": f32, "DELTA": f32, "DOC": "*i64"}
-    for D in (128, 256):
+    for D in ((128,) if quick else (128, 256)):
         common = dict(GROUP=4, CAUSAL=True, HAS_WINDOW=False, HAS_DOC=False, PRECISION=None, HEAD_DIM=D, BLOCK_D=D)
         fwd, bwd = attention._FWD_CONFIGS, attention._BWD_CONFIGS
         for kernel, name, extra, configs in ((attention._attention_fwd_kernel, "attention_fwd", {}, fwd),
@@ -123,15 +131,18 @@ def instances(all_configs: bool):
                                              (attention._attention_bwd_dq_kernel, "attention_dq", {}, bwd)):
             pruned = attention._prune_for_head_dim(configs, {}, BLOCK_D=D)
             for cfg in (pruned if all_configs else pruned[:1]):
-                info = _compile(kernel, {"HQ": 32, **common, **extra, **cfg.kwargs}, pointers=lse,
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-                yield f"{name} D={D}", f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", info
+                yield f"{name} D={D}", f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", (
+                    lambda kernel=kernel, cfg=cfg, common=common, extra=extra: _compile(
+                        kernel, {"HQ": 32, **common, **extra, **cfg.kwargs}, pointers=lse,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for name, label, info in instances("--all-configs" in argv):
-        print(json.dumps({"kernel": name, "config": label, **info}), flush=True)
+    only = [a for a in argv if not a.startswith("--")]  # kernel-name substrings to keep
+    for name, label, thunk in instances("--all-configs" in argv, quick="--quick" in argv):
+        if not only or any(o in name for o in only):
+            print(json.dumps({"kernel": name, "config": label, **thunk()}), flush=True)
     return 0
 
 
