@@ -88,7 +88,7 @@ def dpo(cfg: DPOConfig) -> dict:
     """Run DPO; returns held-out implicit-reward accuracy and margin before/after, and the model path."""
     policy, tokenizer, template = load_start(cfg)
     device = device_of(cfg)
-    policy.to(device).eval()
+    policy.eval()
     train_pairs, heldout_pairs, judge_report = load_preferences(cfg, template, device, cfg.judge)
     chosen, rejected = encode_pairs(template, train_pairs, cfg.seq_len)
     h_chosen, h_rejected = encode_pairs(template, heldout_pairs, cfg.seq_len)

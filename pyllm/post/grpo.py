@@ -96,7 +96,6 @@ def rl_setup(cfg: RLConfig):
     """(policy, frozen reference, tokenizer, template, train prompts, held-out examples, reward_fn)."""
     policy, tokenizer, template = load_start(cfg)
     device = device_of(cfg)
-    policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     items = resolve(cfg.data, BUILTIN_EXAMPLES, load_examples, cfg.seed)
     train_items, heldout = split([e for e in items if isinstance(e, Example)], cfg.heldout_fraction)

@@ -129,7 +129,7 @@ def pairwise_accuracy(rm: RewardModel, chosen, rejected, pad_id: int, batch_size
 def train_reward_model(cfg: RewardConfig) -> dict:
     """Train a reward model; returns held-out pairwise accuracy before/after and the model path."""
     body, tokenizer, template = load_start(cfg)
-    rm = RewardModel(body)
+    rm = RewardModel(body).to(device_of(cfg))
     train_pairs, heldout_pairs, judge_report = load_preferences(cfg, template, device_of(cfg), cfg.judge)
     chosen, rejected = encode_pairs(template, train_pairs, cfg.seq_len)
     h_chosen, h_rejected = encode_pairs(template, heldout_pairs, cfg.seq_len)

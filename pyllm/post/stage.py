@@ -90,7 +90,7 @@ class StageConfig:
 
 
 def load_start(cfg: StageConfig) -> tuple[Transformer, Any, ChatTemplate]:
-    """(model, tokenizer, chat template) the stage starts from."""
+    """(model on the training device, tokenizer, chat template) the stage starts from."""
     tcfg = cfg.train_config()
     if cfg.model is None:
         tokenizer = ByteTokenizer()
@@ -102,7 +102,7 @@ def load_start(cfg: StageConfig) -> tuple[Transformer, Any, ChatTemplate]:
     if model.cfg.max_seq_len < cfg.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context ({model.cfg.max_seq_len}); lower seq_len")
     template = ChatTemplate.from_file(tokenizer, cfg.chat_template) if cfg.chat_template else ChatTemplate(tokenizer)
-    return model, tokenizer, template
+    return model.to(device_of(cfg)), tokenizer, template
 
 
 def add_lora(cfg: StageConfig, model: Transformer, whole: torch.nn.Module | None = None) -> dict:
