@@ -100,6 +100,13 @@ def load_checker(spec: str) -> Callable[[dict, str], bool]:
         raise TaskError(f"checker {spec!r} cannot be loaded: {e}") from None
 
 
+def _run_checker(check, item, response: str) -> bool:
+    try:
+        return bool(check(item.doc, response))
+    except Exception as e:  # user code: say which item it failed on
+        raise TaskError(f"{item.where}: checker failed on response {response!r}: {type(e).__name__}: {e}") from e
+
+
 def evaluate_generation(model, tokenizer, task: Task, *, batch_size: int = 16, rank: int = 0, world_size: int = 1,
                         progress: bool = False, checker: Callable[[dict, str], bool] | None = None) -> dict:
     """exact_match (or checker) accuracy of the first sample per item, plus pass@k when sampling."""
@@ -110,8 +117,9 @@ def evaluate_generation(model, tokenizer, task: Task, *, batch_size: int = 16, r
     indices = list(range(rank, len(task.items), world_size))
     first_correct = 0.0
     pass_sums = dict.fromkeys(cfg.pass_k, 0.0)
-    for start in tqdm(range(0, len(indices), batch_size), desc=task.name, unit="batch", disable=not progress):
-        batch = indices[start:start + batch_size]
+    per_call = max(1, batch_size // cfg.num_samples)  # items per generate call: ~batch_size rows
+    for start in tqdm(range(0, len(indices), per_call), desc=task.name, unit="call", disable=not progress):
+        batch = indices[start:start + per_call]
         prompts = [task.context(i) for i in batch for _ in range(cfg.num_samples)]
         responses = generate_text(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
@@ -119,7 +127,7 @@ def evaluate_generation(model, tokenizer, task: Task, *, batch_size: int = 16, r
         for j, i in enumerate(batch):
             item = task.items[i]
             samples = responses[j * cfg.num_samples:(j + 1) * cfg.num_samples]
-            ok = [bool(check(item.doc, r)) if check else exact_match(r, item.references, cfg.normalize)
+            ok = [_run_checker(check, item, r) if check else exact_match(r, item.references, cfg.normalize)
                   for r in samples]
             first_correct += ok[0]
             for k in cfg.pass_k:

@@ -102,3 +102,16 @@ def test_generation_under_autocast(tok):
     model = constant_model(tok.vocab_size, [ord("q")])
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs eval_fn
         assert generate_text(model, tok, ["x"], max_new_tokens=3) == ["qqq"]
+
+
+def test_checker_errors_name_the_item(tok):
+    from pyllm.eval import TaskError
+
+    model = constant_model(tok.vocab_size, [ord("7")])
+    task = Task(TaskConfig(name="g", kind="generation", template="{{q}}", answer="a", max_new_tokens=1),
+                [({"q": "x", "a": "7"}, "file.jsonl:4")])
+    with pytest.raises(TaskError, match=r"file.jsonl:4: checker failed on response '7': KeyError"):
+        evaluate_generation(model, tok, task, checker=lambda doc, resp: doc["missing"])
+    with pytest.raises(TaskError, match="checker 'no_such_module:f' cannot be loaded"):
+        evaluate_generation(model, tok, Task(TaskConfig(name="g", kind="generation", template="{{q}}", answer="a",
+                                                        checker="no_such_module:f"), [({"q": "x", "a": "7"}, "f:1")]))
