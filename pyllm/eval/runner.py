@@ -17,7 +17,8 @@ from .tasks import Task, TaskError, load_task
 
 
 def resolve_task(spec: str | Task, limit: int | None = None, num_fewshot: int | None = None) -> Task:
-    """A Task from a Task, a built-in task name, or the path of a task file."""
+    """A Task from a built-in task name or the path of a task file (``limit`` and ``num_fewshot``
+    override theirs); a Task object is used as given."""
     if isinstance(spec, Task):
         return spec
     overrides = {k: v for k, v in (("limit", limit), ("num_fewshot", num_fewshot)) if v is not None}
