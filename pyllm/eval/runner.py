@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from pyllm.model import Transformer
+
 from .builtin import BUILTIN_TASKS, builtin_task
 from .generation import evaluate_generation
 from .loglik import evaluating
@@ -33,14 +35,12 @@ def resolve_task(spec: str | Task, limit: int | None = None, num_fewshot: int | 
 
 
 def unwrap(model):
-    """The pyllm Transformer inside DDP / FSDP / torch.compile / wrapper modules that hold it as
-    ``.module``, ``._orig_mod`` or ``.model``."""
-    while not hasattr(model, "hidden") or not hasattr(model, "cfg"):
-        inner = next((getattr(model, a) for a in ("module", "_orig_mod", "model") if hasattr(model, a)), None)
-        if inner is None:
-            raise TypeError(f"{type(model).__name__} is not a pyllm Transformer and wraps none")
-        model = inner
-    return model
+    """The pyllm Transformer itself, or the first one inside a wrapper (DDP, torch.compile, PPO's
+    policy-with-value, a reward model's body)."""
+    found = next((m for m in model.modules() if isinstance(m, Transformer)), None)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} is not a pyllm Transformer and holds none")
+    return found
 
 
 def run_task(model, tokenizer, task: Task, *, batch_size: int = 16, distributed: bool = False,
