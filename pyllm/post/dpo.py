@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .judge import DEFAULT_PRINCIPLE
 from .losses import DPO_VARIANTS, dpo_loss
 from .reward import PairBatches, encode_pairs, load_preferences
 from .sequences import collate, response_logprobs, sequence_logprob
@@ -35,7 +36,10 @@ class DPOConfig(StageConfig):
     precompute_ref: bool = True
     """Compute the reference log-probs once and cache them instead of keeping a reference model."""
     judge: str | None = None
-    """Relabel the training pairs first: "rule", "rm:<dir>" or "model:<dir>" (see RewardConfig.judge)."""
+    """Relabel the training pairs first: "rule", "py:module:function", "rm:<dir>" or "model:<dir>"
+    (see RewardConfig.judge)."""
+    judge_principle: str = DEFAULT_PRINCIPLE
+    """The principle a "model:" judge is asked to apply."""
     out_dir: str = "runs/dpo"
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
 

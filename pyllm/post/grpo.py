@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,8 +27,9 @@ class RLConfig(StageConfig):
     """Fields PPO and GRPO share. ``data``: prompts with reference answers (builtin:tasks|add|sort|reverse
     or a JSONL of {prompt, completion}); ``train['batch_size']`` is the minibatch of samples per step."""
 
-    reward: str = "task"
-    """"task" (built-in exact-match checker, 1 or 0) or "rm:<dir>" (a reward model's score)."""
+    reward: str | Callable[[str, str], float] = "task"
+    """"task" (built-in exact-match checker, 1 or 0), "py:module:function" or (Python API) a callable
+    f(prompt, response) -> float, or "rm:<dir>" (a reward model's score)."""
     prompts_per_rollout: int = 32
     """Prompts sampled per rollout."""
     epochs: int = 2
@@ -150,7 +152,7 @@ def grpo(cfg: GRPOConfig) -> dict:
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
     policy.eval()
     after = measure(policy)
-    summary = {"stage": "grpo", "data": cfg.data, "reward": cfg.reward, "group_size": cfg.group_size,
+    summary = {"stage": "grpo", "data": cfg.data, "reward": str(cfg.reward), "group_size": cfg.group_size,
                "rollouts": batches.round, "heldout_prompts": len(heldout), "before": before, "after": after,
                **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}
     return write_summary(cfg, summary)

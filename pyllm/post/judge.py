@@ -14,16 +14,17 @@ pairs' own labels (its agreement rate).
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import replace
 from typing import Callable
 
 import torch
 
-from pyllm.model import Transformer
+from pyllm.model import Transformer, load_model
 
 from .chat import ChatTemplate
-from .datasets import Example, Pair
+from .datasets import Example, Pair, task_reward
 from .heads import RewardModel
 from .packing import encode_examples
 from .sequences import collate
@@ -123,3 +124,32 @@ def relabel(judge, pairs: list[Pair], batch_size: int = 64) -> tuple[list[Pair],
                 out.append(replace(p, chosen=p.rejected, rejected=p.chosen))
     n = max(len(pairs), 1)
     return out, {"judge_agreement": agree / n, "judge_ties": ties / n, "judge_confidence": conf / n}
+
+
+def load_python_function(spec: str) -> Callable:
+    """"py:package.module:function" -> the function (a reward or rule f(prompt, response) -> float)."""
+    _, _, target = spec.partition(":")
+    module, _, name = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{spec!r}: cannot load function {name!r} from module {module!r} ({e}); "
+                         "write it as py:package.module:function") from None
+    if not callable(fn):
+        raise ValueError(f"{spec!r}: {module}.{name} is not callable")
+    return fn
+
+
+def judge_from_spec(spec: str, template: ChatTemplate, seq_len: int, device, principle: str = DEFAULT_PRINCIPLE):
+    """"rule" (built-in task checker), "py:module:function", "rm:<dir>" or "model:<dir>" -> a judge."""
+    kind, _, path = spec.partition(":")
+    if spec == "rule":
+        return RuleJudge(task_reward)
+    if kind == "py" and path:
+        return RuleJudge(load_python_function(spec))
+    if kind == "rm" and path:
+        return RewardModelJudge(RewardModel.load(path, device).eval(), template, seq_len)
+    if kind == "model" and path:
+        return ModelJudge(load_model(path, device).eval(), template, principle)
+    raise ValueError(f"judge={spec!r}: use 'rule', 'py:module:function', 'rm:<reward model dir>' or "
+                     "'model:<model dir>'")

@@ -111,7 +111,7 @@ def ppo(cfg: PPOConfig) -> dict:
     train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
     model.eval()
     after = measure(model)
-    summary = {"stage": "ppo", "data": cfg.data, "reward": cfg.reward, "rollouts": batches.round,
+    summary = {"stage": "ppo", "data": cfg.data, "reward": str(cfg.reward), "rollouts": batches.round,
                "final_kl_coef": kl_ctl.coef, "heldout_prompts": len(heldout), "before": before, "after": after,
                **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}
     return write_summary(cfg, summary)

@@ -15,7 +15,7 @@ import torch
 
 from .datasets import BUILTIN_PAIRS, Example, Pair, load_pairs, resolve, split
 from .heads import RewardModel
-from .judge import relabel
+from .judge import DEFAULT_PRINCIPLE, judge_from_spec, relabel
 from .lora import merge_lora
 from .losses import bradley_terry_loss
 from .packing import encode_examples
@@ -30,8 +30,11 @@ class RewardConfig(StageConfig):
     margin: float = 0.0
     """Bradley-Terry margin: the loss asks r(chosen) - r(rejected) to exceed it (0: plain BT)."""
     judge: str | None = None
-    """Relabel the pairs before training with a judge: "rule" (the built-in task checker), "rm:<dir>" (a
-    reward model) or "model:<dir>" (a pyllm model asked a principle-based question); None: keep labels."""
+    """Relabel the training pairs with a judge: "rule" (the built-in task checker), "py:module:function"
+    (a Python rule f(prompt, response) -> score), "rm:<dir>" (a reward model) or "model:<dir>" (a pyllm
+    model asked ``judge_principle``); None: keep the labels."""
+    judge_principle: str = DEFAULT_PRINCIPLE
+    """The principle a "model:" judge is asked to apply."""
     out_dir: str = "runs/rm"
     """Checkpoints, metrics and the final reward model (``<out_dir>/final``)."""
 
@@ -79,23 +82,6 @@ def encode_pairs(template, pairs: list[Pair], seq_len: int):
     return chosen, rejected
 
 
-def make_judge(spec: str, template, seq_len: int, device):
-    """A judge from its spec: "rule", "rm:<dir>" or "model:<dir>"."""
-    from pyllm.model import load_model
-
-    from .datasets import task_reward
-    from .judge import ModelJudge, RewardModelJudge, RuleJudge
-
-    if spec == "rule":
-        return RuleJudge(task_reward)
-    kind, _, path = spec.partition(":")
-    if kind == "rm" and path:
-        return RewardModelJudge(RewardModel.load(path, device).eval(), template, seq_len)
-    if kind == "model" and path:
-        return ModelJudge(load_model(path, device).eval(), template)
-    raise ValueError(f"judge={spec!r}: use 'rule', 'rm:<reward model dir>' or 'model:<model dir>'")
-
-
 def load_preferences(cfg: StageConfig, template, device, judge_spec: str | None):
     """(train pairs, held-out pairs, judge report) from cfg.data, relabelled by the judge when given."""
     pairs = resolve(cfg.data, BUILTIN_PAIRS, load_pairs, cfg.seed)
@@ -108,7 +94,8 @@ def load_preferences(cfg: StageConfig, template, device, judge_spec: str | None)
     if judge_spec:
         # only the training pairs are relabelled; held-out pairs keep their reference labels
         with torch.no_grad():
-            train_pairs, report = relabel(make_judge(judge_spec, template, cfg.seq_len, device), train_pairs)
+            judge = judge_from_spec(judge_spec, template, cfg.seq_len, device, cfg.judge_principle)
+            train_pairs, report = relabel(judge, train_pairs)
         report["judge"] = judge_spec
     return train_pairs, heldout_pairs[:cfg.max_heldout], report
 

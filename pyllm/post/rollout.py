@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .chat import ChatTemplate
 from .datasets import Example, task_reward
 from .heads import RewardModel
-from .judge import RewardModelJudge
+from .judge import RewardModelJudge, load_python_function
 from .packing import Encoded
 from .sequences import collate, generate_responses, response_logprobs
 
@@ -78,15 +78,18 @@ def rollout_seed(seed: int, round_: int) -> int:
     return (seed * 7777 + round_) * 1009 + rank
 
 
-def make_reward_fn(spec: str, template: ChatTemplate, seq_len: int, device) -> RewardFn:
-    """"task" (exact-match checker of the built-in tasks) or "rm:<dir>" (a reward model's score)."""
-    if spec == "task":
-        return lambda prompts, responses: [task_reward(p, r) for p, r in zip(prompts, responses)]
+def make_reward_fn(spec, template: ChatTemplate, seq_len: int, device) -> RewardFn:
+    """A batched reward from "task" (exact-match checker of the built-in tasks), "py:module:function" or a
+    Python callable f(prompt, response) -> float, or "rm:<dir>" (a reward model's score)."""
+    if callable(spec) or spec == "task" or spec.startswith("py:"):
+        fn = spec if callable(spec) else task_reward if spec == "task" else load_python_function(spec)
+        return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
     kind, _, path = spec.partition(":")
     if kind == "rm" and path:
         judge = RewardModelJudge(RewardModel.load(path, device).eval(), template, seq_len)
         return lambda prompts, responses: judge.scores(prompts, responses).tolist()
-    raise ValueError(f"reward={spec!r}: use 'task' (built-in checker) or 'rm:<reward model dir>'")
+    raise ValueError(f"reward={spec!r}: use 'task' (built-in checker), 'py:module:function', a callable, "
+                     "or 'rm:<reward model dir>'")
 
 
 @torch.no_grad()

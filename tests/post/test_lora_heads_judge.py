@@ -73,3 +73,19 @@ def test_model_judge_is_order_symmetric():
         ba = judge.prefer(["1+1="], ["3"], ["2"])
     assert 0.0 < ab[0] < 1.0
     assert ab[0] + ba[0] == pytest.approx(1.0)  # asked both ways: position bias cancels
+
+
+def test_python_rules_by_spec_and_bad_specs():
+    from pyllm.post.judge import judge_from_spec
+    from pyllm.post.rollout import make_reward_fn
+
+    tpl = ChatTemplate(TOK)
+    judge = judge_from_spec("py:pyllm.post.datasets:task_reward", tpl, 64, "cpu")
+    _, report = relabel(judge, task_pairs(n=30))
+    assert report["judge_agreement"] == 1.0
+    reward = make_reward_fn(lambda p, r: len(r), tpl, 64, "cpu")
+    assert reward(["a", "b"], ["xy", ""]) == [2.0, 0.0]
+    with pytest.raises(ValueError, match="cannot load function 'nope' from module 'pyllm.post.datasets'"):
+        judge_from_spec("py:pyllm.post.datasets:nope", tpl, 64, "cpu")
+    with pytest.raises(ValueError, match="judge='oracle'"):
+        judge_from_spec("oracle", tpl, 64, "cpu")
