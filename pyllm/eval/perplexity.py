@@ -63,9 +63,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, max_len: int | None = 
     logprob = n_tokens = n_bytes = n_words = 0.0
     pending: list[tuple[list[int], int]] = []  # windows of several documents share batches
 
+    scored = 0  # tokens scored so far, for the progress bar's rate
+
     def flush():
-        nonlocal logprob
+        nonlocal logprob, scored
         logprob += sum(s.logprob for s in scorer.score_windows(pending))
+        scored += sum(n for _, n in pending)
         pending.clear()
 
     start = time.perf_counter()
@@ -79,7 +82,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, max_len: int | None = 
             if len(pending) >= 8 * batch_size or i == len(docs) - 1:
                 flush()
             bar.update()
-            bar.set_postfix(tok_per_s=f"{n_tokens / (time.perf_counter() - start):.0f}", refresh=False)
+            bar.set_postfix(tok_per_s=f"{scored / (time.perf_counter() - start):.0f}", refresh=False)
     logprob, n_tokens, n_bytes, n_words = all_reduce_sums([logprob, n_tokens, n_bytes, n_words], world_size)
     if n_tokens == 0 or n_bytes == 0:
         raise ValueError("perplexity: the texts are empty (no tokens to score)")
