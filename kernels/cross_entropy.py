@@ -226,6 +226,30 @@ def _linear_ce_pass(h2, weight, target, bias, ignore_index, label_smoothing, z_l
     return loss, dh, dw, db
 
 
+@triton.jit
+def _scale_cast_kernel(X, G, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (x * tl.load(G)).to(Y.dtype.element_ty), mask=offs < n)
+
+
+@torch.library.custom_op("pyllm::scale_cast_triton", mutates_args=())
+def _scale_cast_op(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(x * g) in ``dtype``, g a 1-element device tensor: one pass, and no second fp32 copy of the
+    (V, H) weight gradient at the peak of the backward."""
+    y = torch.empty(x.shape, device=x.device, dtype=dtype)
+    n = x.numel()
+    if n:
+        block = 1024 if launch.INTERPRET else 4096
+        _scale_cast_kernel[(triton.cdiv(n, block),)](x, g, y, n, BLOCK=block, num_warps=1 if launch.INTERPRET else 8)
+    return y
+
+
+@_scale_cast_op.register_fake
+def _(x, g, dtype):
+    return torch.empty(x.shape, device=x.device, dtype=dtype)
+
+
 def _unit_grad_rows(target, ignore_index, reduction):
     """d(reduced loss)/d(row loss) for a unit upstream gradient, on the device (no sync)."""
     if reduction == "sum":
@@ -268,12 +292,11 @@ def _linear_ce_backward(ctx, dloss, _ddh, _ddw, _ddb):
     if ctx.reduction == "none":  # per-row upstream gradients: recompute the chunks with them
         _, dh, dw, db = _linear_ce_pass(h2, weight, target, bias, ctx.ignore_index, ctx.label_smoothing,
                                         ctx.z_loss, dloss.float().contiguous())
-        g = None
-    else:
-        g = dloss.float()
-    scale = (lambda t: t) if g is None else (lambda t: t * g)
-    dbias = scale(db).to(bias.dtype) if ctx.has_bias else None
-    return (scale(dh).to(h2.dtype), scale(dw).to(weight.dtype), None, dbias, None, None, None, None, None)
+    else:  # unit-scale gradients times the upstream scalar, read on the device
+        g = dloss.float().reshape(1)
+        dh, dw, db = (_scale_cast_op(t, g, dt) for t, dt in ((dh, h2.dtype), (dw, weight.dtype), (db, weight.dtype)))
+    dbias = db.to(bias.dtype) if ctx.has_bias else None
+    return dh.to(h2.dtype), dw.to(weight.dtype), None, dbias, None, None, None, None, None
 
 
 _linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)

@@ -48,15 +48,16 @@ def chunk_table(lists: list[list[torch.Tensor]], chunk: int) -> torch.Tensor:
         _CACHE.move_to_end(key)
         return hit[0]
     K = len(lists)
-    rows = []
-    for j, t0 in enumerate(first):
-        n = t0.numel()
-        bases = [lst[j].data_ptr() for lst in lists]
-        sizes = [lst[j].element_size() for lst in lists]
-        codes = [DTYPE_CODES[lst[j].dtype] for lst in lists]
-        for start in range(0, n, chunk):
-            rows.append([b + start * s for b, s in zip(bases, sizes)] + [min(chunk, n - start)] + codes)
-    host = torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(-1, 2 * K + 1))
+    numel = np.array([t.numel() for t in first], dtype=np.int64)
+    counts = -(-numel // chunk)  # chunks per tensor
+    owner = np.repeat(np.arange(len(first)), counts)  # tensor index of every chunk
+    first_chunk = np.cumsum(counts) - counts
+    start = (np.arange(int(counts.sum()), dtype=np.int64) - first_chunk[owner]) * chunk  # element offset
+    cols = [np.array([t.data_ptr() for t in lst], dtype=np.int64)[owner]
+            + start * np.array([t.element_size() for t in lst], dtype=np.int64)[owner] for lst in lists]
+    cols.append(np.minimum(chunk, numel[owner] - start))
+    cols += [np.array([DTYPE_CODES[t.dtype] for t in lst], dtype=np.int64)[owner] for lst in lists]
+    host = torch.from_numpy(np.stack(cols, axis=1).reshape(-1, 2 * K + 1).copy())
     device = first[0].device
     if device.type == "cuda":
         host = host.pin_memory()

@@ -105,6 +105,8 @@ def instances(all_configs: bool, quick: bool = False):
         HAS_SMOOTHING=True, BLOCK_V=8192), pointers={"TGT": "*i64", "LOSS": f32, "LSE": f32, "V": "i32"}, num_warps=16)
     yield "cross_entropy_bwd", "V chunk 8192", lambda: _compile(cross_entropy._cross_entropy_bwd_kernel, dict(
         BLOCK_V=8192), pointers={"TGT": "*i64", "LSE": f32, "G": f32, "V": "i32"}, num_warps=16)
+    yield "cross_entropy_scale_cast", "", lambda: _compile(cross_entropy._scale_cast_kernel, dict(BLOCK=4096),
+                                                           pointers={"X": f32, "G": f32}, num_warps=8)
     yield "unscale", "chunk 65536", lambda: _compile(loss_scale._unscale_kernel, dict(
         INV_FROM_PTR=True, BLOCK=4096, CHUNK=65536), pointers={"TABLE": "*i64", "INV": f32, "FOUND": f32}, num_warps=8)
     yield "update_scale", "", lambda: _compile(loss_scale._update_scale_kernel, {},
