@@ -24,7 +24,7 @@ class AttentionBench(OpBench):
     def cases(self, suite):
         # (model, batch, sequence)
         runs = {"short": [("gpt2-124M", 1, 32)],
-                "cpu": [("gpt2-124M", 1, 512), ("llama-1B", 1, 1024)],
+                "cpu": [("gpt2-124M", 1, 512), ("llama-1B", 1, 256)],
                 "gpu": [("gpt2-124M", 16, 512), ("gpt2-124M", 8, 1024), ("gpt2-350M", 4, 2048),
                         ("llama-1B", 2, 4096), ("llama-8B", 1, 8192), ("llama-8B", 1, 16384)]}[suite]
         cases = []
