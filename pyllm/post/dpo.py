@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .judge import DEFAULT_PRINCIPLE
+from .lora import BaseModelView
 from .losses import DPO_VARIANTS, dpo_loss
 from .reward import PairBatches, encode_pairs, load_preferences
 from .sequences import collate, response_logprobs, sequence_logprob
@@ -102,7 +103,7 @@ def dpo(cfg: DPOConfig) -> dict:
         cached = reference_logprobs(policy, chosen, rejected, pad, cfg.length_normalize)
         reference = None
     else:
-        reference = copy.deepcopy(policy).requires_grad_(False)
+        reference = BaseModelView(policy) if cfg.lora_rank else copy.deepcopy(policy).requires_grad_(False)
 
     def loss_fn(model, batch):
         pol_c, pol_r = _pair_logprobs(model, batch["input_ids"], batch["train"], cfg.length_normalize)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
+from .lora import BaseModelView
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
 from .rollout import Rollout, RolloutBatches, heldout_metrics, rollout_seed, make_reward_fn, sample
 from .sequences import response_logprobs
@@ -98,7 +99,8 @@ def rl_setup(cfg: RLConfig):
     """(policy, frozen reference, tokenizer, template, train prompts, held-out examples, reward_fn)."""
     policy, tokenizer, template = load_start(cfg)
     device = device_of(cfg)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # with LoRA the frozen base weights are the reference (adapters switched off); otherwise a frozen copy
+    reference = BaseModelView(policy) if cfg.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
     items = resolve(cfg.data, BUILTIN_EXAMPLES, load_examples, cfg.seed)
     train_items, heldout = split([e for e in items if isinstance(e, Example)], cfg.heldout_fraction)
     if not train_items or not heldout:

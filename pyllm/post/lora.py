@@ -9,6 +9,7 @@ fp32 moments per trained weight). ``merge_lora`` folds B A into W for export, le
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -44,12 +45,13 @@ class LoRAUpdate(nn.Module):
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device, dtype):
         super().__init__()
         self.scale = alpha / rank
+        self.enabled = True
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, weight):
-        return weight + self.scale * (self.lora_B @ self.lora_A)
+        return weight + self.scale * (self.lora_B @ self.lora_A) if self.enabled else weight
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
@@ -67,6 +69,32 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     if not adapted:
         raise ValueError(f"apply_lora: no linear layer matched targets {cfg.targets}")
     return adapted
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its frozen base: every adapter switched off inside the block."""
+    updates = [m for m in model.modules() if isinstance(m, LoRAUpdate)]
+    for u in updates:
+        u.enabled = False
+    try:
+        yield model
+    finally:
+        for u in updates:
+            u.enabled = True
+
+
+class BaseModelView:
+    """A reference model that costs no memory: calls ``model`` with its adapters off (under LoRA the
+    base weights never change, so they ARE the starting policy). Without adapters it is the model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
 
 
 def merge_lora(model: nn.Module) -> int:

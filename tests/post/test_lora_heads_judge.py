@@ -8,7 +8,7 @@ from pyllm.post.datasets import task_pairs, task_reward
 from pyllm.post.chat import ChatTemplate
 from pyllm.post.heads import PolicyWithValue, RewardModel
 from pyllm.post.judge import ModelJudge, RuleJudge, relabel
-from pyllm.post.lora import LoRAConfig, apply_lora, merge_lora, trainable_parameters
+from pyllm.post.lora import BaseModelView, LoRAConfig, apply_lora, merge_lora, trainable_parameters
 from pyllm.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -36,6 +36,8 @@ def test_lora_trains_only_adapters_and_merges_exactly():
         opt.step()
     adapted = model(x).detach()
     assert not torch.allclose(adapted, base_out, atol=1e-4)
+    torch.testing.assert_close(BaseModelView(model)(x), base_out)  # adapters off: the frozen start, no copy
+    torch.testing.assert_close(model(x), adapted)  # and back on afterwards
     torch.testing.assert_close(model.blocks[0].attn.qkv.parametrizations.weight.original, base_weight)  # frozen
     assert merge_lora(model) == 8
     assert set(dict(model.named_parameters())) == set(dict(tiny().named_parameters()))  # plain model again

@@ -55,14 +55,18 @@ def test_reward_model_learns_task_preferences(sft_dir, tmp_path):
     assert RewardModel.load(s["model_dir"]) is not None
 
 
-def test_dpo_cached_reference_equals_reference_model(sft_dir, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_dpo_cached_reference_equals_reference_model(sft_dir, tmp_path, lora_rank):
     runs = {}
-    for cached in (True, False):
+    for cached in (True, False):  # with LoRA the uncached reference is the base with adapters off
         runs[cached] = dpo(DPOConfig(model=sft_dir, data="builtin:tasks", out_dir=str(tmp_path / str(cached)),
                                      seq_len=48, max_train=64, max_heldout=32, precompute_ref=cached,
+                                     lora_rank=lora_rank,
                                      train=quick(max_steps=4, lr=1e-3, batch_size=4)))
     losses = [[h["loss"] for h in runs[c]["train"]["history"]] for c in (True, False)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    # LoRA: the fresh adapters have many near-zero gradient entries whose sign is float noise, and Adam's
+    # per-parameter normalisation turns them into full-size steps: the runs drift ~1e-4 apart in 4 steps
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4 if lora_rank == 0 else 1e-3)
     s = runs[True]
     assert s["before"]["reward_margin"] == 0.0  # policy == reference at the start
     assert s["after"]["reward_margin"] > 0.0
