@@ -2,11 +2,12 @@
 
 Each op is a ``torch.library`` custom op (``pyllm::<op>_cpu`` and its backward ``pyllm::<op>_bwd_cpu``)
 with a fake implementation, so ``torch.compile`` traces over it, and with its autograd formula
-registered. The public wrappers (``@register(op, "cpu")``) raise ``Unsupported`` before any work for
-tensors the kernels do not take (not float32, not on the CPU), so the dispatcher falls back to the
-reference. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned
-memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors)
-except where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
+registered; in eager mode the same implementations run through an autograd.Function (autograd_op.py).
+The public wrappers (``@register(op, "cpu")``) raise ``Unsupported`` before any work for tensors the
+kernels do not take (not float32, not on the CPU), so the dispatcher falls back to the reference. The
+kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
+alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except where a
+kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
 
 Not here, so the reference runs: attention (PyTorch's CPU SDPA is already a fused, vectorised
 flash-attention kernel; a C++ one that beats it was not attempted), matmul/linear (BLAS is the right
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from pyllm import _C  # an ImportError here marks the backend unavailable
 
+from .autograd_op import kernel_op
 from .registry import Unsupported, register
 
 _F32 = torch.float32
@@ -67,8 +69,7 @@ def _row_stride(t: Tensor) -> Optional[int]:
 # ------------------------------------------------------------------------------ LayerNorm / RMSNorm
 
 
-@torch.library.custom_op("pyllm::norm_cpu", mutates_args=())
-def _norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
           rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, h, mean, rstd): h = x + residual (empty without residual), statistics per row."""
     x, weight = x.contiguous(), weight.contiguous()
@@ -84,14 +85,12 @@ def _norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[
     return y, h, mean, rstd
 
 
-@_norm.register_fake
-def _(x, residual, weight, bias, eps, rms):
+def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
     rows = _rows(x)[0]
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             x.new_empty(0 if rms else rows), x.new_empty(rows))
 
 
-@torch.library.custom_op("pyllm::norm_bwd_cpu", mutates_args=())
 def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
               has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias); dbias is empty without bias. dh_extra: gradient reaching h directly."""
@@ -107,8 +106,7 @@ def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     return dx, dw, db
 
 
-@_norm_bwd.register_fake
-def _(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
+def _norm_bwd_fake(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
     return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
 
 
@@ -119,16 +117,17 @@ def _norm_setup(ctx, inputs, output):
     ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
 
 
-def _norm_backward(ctx, dy, dh, _dmean, _drstd):
+def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
     if dy is None:
         dy = torch.zeros_like(h)
-    dx, dw, db = _norm_bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
+    dx, dw, db = bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
     return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
 
 
-torch.library.register_autograd("pyllm::norm_cpu", _norm_backward, setup_context=_norm_setup)
+_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
+                  bwd_name="pyllm::norm_bwd_cpu", bwd=_norm_bwd, bwd_fake=_norm_bwd_fake)
 
 
 @register("layer_norm", "cpu")
@@ -148,8 +147,7 @@ def rms_norm(x, weight, *, eps=1e-6, residual=None):
 # --------------------------------------------------------------------------------- bias + GELU
 
 
-@torch.library.custom_op("pyllm::bias_gelu_cpu", mutates_args=())
-def _bias_gelu(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
+def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     x = x.contiguous()
     bias = bias.contiguous() if bias is not None else None
     rows, n = _rows(x)
@@ -158,12 +156,10 @@ def _bias_gelu(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     return y
 
 
-@_bias_gelu.register_fake
-def _(x, bias, tanh):
+def _bias_gelu_fwd_fake(x, bias, tanh):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("pyllm::bias_gelu_bwd_cpu", mutates_args=())
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) -> tuple[Tensor, Tensor]:
     """Returns (dx, dbias); dbias is empty without bias."""
     dy, x = dy.contiguous(), x.contiguous()
@@ -171,13 +167,12 @@ def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) ->
     rows, n = _rows(x)
     dx = torch.empty_like(x)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    _C.cpu_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), _addr(bias), dx.data_ptr(), _addr(db if bias is not None else None),
-                         rows, n, tanh, _threads())
+    _C.cpu_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), _addr(bias), dx.data_ptr(),
+                         _addr(db if bias is not None else None), rows, n, tanh, _threads())
     return dx, db
 
 
-@_bias_gelu_bwd.register_fake
-def _(dy, x, bias, tanh):
+def _bias_gelu_bwd_fake(dy, x, bias, tanh):
     return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty(0))
 
 
@@ -187,13 +182,15 @@ def _bias_gelu_setup(ctx, inputs, output):
     ctx.tanh = tanh
 
 
-def _bias_gelu_backward(ctx, dy):
+def _bias_gelu_backward(ctx, bwd, dy):
     x, bias = ctx.saved_tensors
-    dx, db = _bias_gelu_bwd(dy, x, bias, ctx.tanh)
+    dx, db = bwd(dy, x, bias, ctx.tanh)
     return dx, (db if bias is not None else None), None
 
 
-torch.library.register_autograd("pyllm::bias_gelu_cpu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+_bias_gelu = kernel_op("pyllm::bias_gelu_cpu", _bias_gelu_fwd, _bias_gelu_fwd_fake, _bias_gelu_setup,
+                       _bias_gelu_backward, bwd_name="pyllm::bias_gelu_bwd_cpu", bwd=_bias_gelu_bwd,
+                       bwd_fake=_bias_gelu_bwd_fake)
 
 
 @register("bias_gelu", "cpu")
@@ -210,8 +207,7 @@ def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
     return (t, stride) if stride is not None else (t.contiguous(), t.shape[-1])
 
 
-@torch.library.custom_op("pyllm::swiglu_cpu", mutates_args=())
-def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     rows, n = _rows(gate)
     y = gate.new_empty(gate.shape)
@@ -219,12 +215,10 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return y
 
 
-@_swiglu.register_fake
-def _(gate, up):
+def _swiglu_fwd_fake(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("pyllm::swiglu_bwd_cpu", mutates_args=())
 def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     dy = dy.contiguous()
@@ -235,8 +229,7 @@ def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return dgate, dup
 
 
-@_swiglu_bwd.register_fake
-def _(dy, gate, up):
+def _swiglu_bwd_fake(dy, gate, up):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
@@ -244,11 +237,12 @@ def _swiglu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _swiglu_backward(ctx, dy):
-    return _swiglu_bwd(dy, *ctx.saved_tensors)
+def _swiglu_backward(ctx, bwd, dy):
+    return bwd(dy, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("pyllm::swiglu_cpu", _swiglu_backward, setup_context=_swiglu_setup)
+_swiglu = kernel_op("pyllm::swiglu_cpu", _swiglu_fwd, _swiglu_fwd_fake, _swiglu_setup, _swiglu_backward,
+                    bwd_name="pyllm::swiglu_bwd_cpu", bwd=_swiglu_bwd, bwd_fake=_swiglu_bwd_fake)
 
 
 @register("swiglu", "cpu")
@@ -260,8 +254,7 @@ def swiglu(gate, up):
 # ------------------------------------------------------------------------------------- softmax
 
 
-@torch.library.custom_op("pyllm::softmax_cpu", mutates_args=())
-def _softmax(x: Tensor) -> Tensor:
+def _softmax_fwd(x: Tensor) -> Tensor:
     x = x.contiguous()
     rows, n = _rows(x)
     y = torch.empty_like(x)
@@ -269,12 +262,10 @@ def _softmax(x: Tensor) -> Tensor:
     return y
 
 
-@_softmax.register_fake
-def _(x):
+def _softmax_fwd_fake(x):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("pyllm::softmax_bwd_cpu", mutates_args=())
 def _softmax_bwd(dy: Tensor, y: Tensor) -> Tensor:
     dy, y = dy.contiguous(), y.contiguous()
     rows, n = _rows(y)
@@ -283,8 +274,7 @@ def _softmax_bwd(dy: Tensor, y: Tensor) -> Tensor:
     return dx
 
 
-@_softmax_bwd.register_fake
-def _(dy, y):
+def _softmax_bwd_fake(dy, y):
     return torch.empty_like(y)
 
 
@@ -292,11 +282,12 @@ def _softmax_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _softmax_backward(ctx, dy):
-    return _softmax_bwd(dy, *ctx.saved_tensors)
+def _softmax_backward(ctx, bwd, dy):
+    return bwd(dy, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("pyllm::softmax_cpu", _softmax_backward, setup_context=_softmax_setup)
+_softmax = kernel_op("pyllm::softmax_cpu", _softmax_fwd, _softmax_fwd_fake, _softmax_setup, _softmax_backward,
+                     bwd_name="pyllm::softmax_bwd_cpu", bwd=_softmax_bwd, bwd_fake=_softmax_bwd_fake)
 
 
 @register("softmax", "cpu")
@@ -308,8 +299,7 @@ def softmax(x):
 # ------------------------------------------------------------------------------- cross-entropy
 
 
-@torch.library.custom_op("pyllm::cross_entropy_cpu", mutates_args=())
-def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                    z_loss: float) -> tuple[Tensor, Tensor]:
     """logits (rows, V), target (rows,) int64 -> (loss per row, lse per row)."""
     logits, target = logits.contiguous(), target.contiguous()
@@ -320,12 +310,10 @@ def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoo
     return loss, lse
 
 
-@_cross_entropy.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss):
+def _cross_entropy_fwd_fake(logits, target, ignore_index, label_smoothing, z_loss):
     return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
 
 
-@torch.library.custom_op("pyllm::cross_entropy_bwd_cpu", mutates_args=())
 def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
                        label_smoothing: float, z_loss: float) -> Tensor:
     # A gradient broadcast from a sum/mean arrives expanded (stride 0): read its one value per row.
@@ -339,8 +327,7 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
     return dlogits
 
 
-@_cross_entropy_bwd.register_fake
-def _(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
+def _cross_entropy_bwd_fake(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
     return torch.empty_like(logits)
 
 
@@ -349,13 +336,14 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1])
 
 
-def _cross_entropy_backward(ctx, dloss, _dlse):
+def _cross_entropy_backward(ctx, bwd, dloss, _dlse):
     logits, target, lse = ctx.saved_tensors
-    return _cross_entropy_bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
+    return bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
 
 
-torch.library.register_autograd("pyllm::cross_entropy_cpu", _cross_entropy_backward,
-                                setup_context=_cross_entropy_setup)
+_cross_entropy = kernel_op("pyllm::cross_entropy_cpu", _cross_entropy_fwd, _cross_entropy_fwd_fake,
+                           _cross_entropy_setup, _cross_entropy_backward, bwd_name="pyllm::cross_entropy_bwd_cpu",
+                           bwd=_cross_entropy_bwd, bwd_fake=_cross_entropy_bwd_fake)
 
 
 @register("cross_entropy", "cpu")
@@ -382,8 +370,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
 _LCE_CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MB fp32): stays in the last-level cache
 
 
-@torch.library.custom_op("pyllm::linear_cross_entropy_cpu", mutates_args=())
-def _linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                           label_smoothing: float, z_loss: float, mean: bool,
                           with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden (N, H), weight (V, H), target (N,) -> (loss (scalar, summed or averaged over counted rows),
@@ -419,8 +406,8 @@ def _linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     return (total / count).to(hidden.dtype), dh, dw, db
 
 
-@_linear_cross_entropy.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, mean, with_grad):
+def _linear_cross_entropy_fwd_fake(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, mean,
+                                   with_grad):
     return (hidden.new_empty(()), torch.empty_like(hidden) if with_grad else hidden.new_empty(0),
             torch.empty_like(weight) if with_grad else hidden.new_empty(0),
             hidden.new_empty(weight.shape[0]) if with_grad and bias is not None else hidden.new_empty(0))
@@ -431,15 +418,16 @@ def _linear_cross_entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
 
 
-def _linear_cross_entropy_backward(ctx, dloss, _ddh, _ddw, _ddb):
+def _linear_cross_entropy_backward(ctx, _forward, dloss, _ddh, _ddw, _ddb):
     dh, dw, db = ctx.saved_tensors
     if not dh.numel() and not dw.numel():
         raise RuntimeError("pyllm.ops.linear_cross_entropy (cpu): gradients were not computed in the forward")
     return dh * dloss, dw * dloss, (db * dloss if ctx.has_bias else None), None, None, None, None, None, None
 
 
-torch.library.register_autograd("pyllm::linear_cross_entropy_cpu", _linear_cross_entropy_backward,
-                                setup_context=_linear_cross_entropy_setup)
+_linear_cross_entropy = kernel_op("pyllm::linear_cross_entropy_cpu", _linear_cross_entropy_fwd,
+                                  _linear_cross_entropy_fwd_fake, _linear_cross_entropy_setup,
+                                  _linear_cross_entropy_backward)
 
 
 @register("linear_cross_entropy", "cpu")
@@ -477,14 +465,12 @@ def _rope_one(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     return y
 
 
-@torch.library.custom_op("pyllm::rope_cpu", mutates_args=())
-def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+def _rope_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
     cos, sin = cos.contiguous(), sin.contiguous()
     return _rope_one(q, cos, sin, inverse), _rope_one(k, cos, sin, inverse)
 
 
-@_rope.register_fake
-def _(q, k, cos, sin, inverse):
+def _rope_fwd_fake(q, k, cos, sin, inverse):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -494,15 +480,15 @@ def _rope_setup(ctx, inputs, output):
     ctx.inverse, ctx.shapes = inverse, (q.shape, k.shape)
 
 
-def _rope_backward(ctx, dq, dk):
+def _rope_backward(ctx, rotate, dq, dk):
     cos, sin = ctx.saved_tensors
     dq = dq if dq is not None else cos.new_zeros(ctx.shapes[0])
     dk = dk if dk is not None else cos.new_zeros(ctx.shapes[1])
-    dq_in, dk_in = _rope(dq, dk, cos, sin, not ctx.inverse)
+    dq_in, dk_in = rotate(dq, dk, cos, sin, not ctx.inverse)  # the backward is the rotation by -theta
     return dq_in, dk_in, None, None, None
 
 
-torch.library.register_autograd("pyllm::rope_cpu", _rope_backward, setup_context=_rope_setup)
+_rope = kernel_op("pyllm::rope_cpu", _rope_fwd, _rope_fwd_fake, _rope_setup, _rope_backward)
 
 
 @register("rope", "cpu")

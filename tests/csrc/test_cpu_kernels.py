@@ -122,8 +122,8 @@ def test_linear_cross_entropy_without_grad_and_refused_reduction():
     h, w, t = torch.randn(2, 5, 16), torch.randn(11, 16), torch.randint(0, 11, (2, 5))
     with torch.no_grad():
         out = ops.linear_cross_entropy(h, w, t, backend="cpu")
-    assert_close(out, reference.linear_cross_entropy(h.double(), w.double(), t), reference.linear_cross_entropy(h, w, t),
-                 "linear_cross_entropy no grad")
+    truth = reference.linear_cross_entropy(h.double(), w.double(), t)
+    assert_close(out, truth, reference.linear_cross_entropy(h, w, t), "linear_cross_entropy no grad")
     with pytest.raises(ops.BackendError, match="reduction"):
         ops.linear_cross_entropy(h, w, t, reduction="none", backend="cpu")
 
@@ -201,17 +201,17 @@ def test_custom_ops_pass_opcheck():
     # schema, fake (meta) implementation and autograd registration of each op, as torch.compile needs
     from pyllm.ops import cpu_backend as cb
     x, w, b = torch.randn(4, 9, requires_grad=True), torch.randn(9, requires_grad=True), torch.randn(9)
-    torch.library.opcheck(cb._norm, (x, torch.randn(4, 9), w, b, 1e-5, False))
-    torch.library.opcheck(cb._norm, (x, None, w, None, 1e-6, True))
-    torch.library.opcheck(cb._bias_gelu, (x, b, True))
-    torch.library.opcheck(cb._swiglu, (x, torch.randn(4, 9)))
-    torch.library.opcheck(cb._softmax, (x,))
-    torch.library.opcheck(cb._cross_entropy, (x, torch.tensor([0, 3, -100, 8]), -100, 0.1, 1e-4))
+    torch.library.opcheck(cb._norm.custom_op, (x, torch.randn(4, 9), w, b, 1e-5, False))
+    torch.library.opcheck(cb._norm.custom_op, (x, None, w, None, 1e-6, True))
+    torch.library.opcheck(cb._bias_gelu.custom_op, (x, b, True))
+    torch.library.opcheck(cb._swiglu.custom_op, (x, torch.randn(4, 9)))
+    torch.library.opcheck(cb._softmax.custom_op, (x,))
+    torch.library.opcheck(cb._cross_entropy.custom_op, (x, torch.tensor([0, 3, -100, 8]), -100, 0.1, 1e-4))
     q, k, cs = torch.randn(1, 2, 3, 4, requires_grad=True), torch.randn(1, 1, 3, 4), torch.rand(3, 2)
-    torch.library.opcheck(cb._rope, (q, k, cs.cos(), cs.sin(), False))
+    torch.library.opcheck(cb._rope.custom_op, (q, k, cs.cos(), cs.sin(), False))
     h, w = torch.randn(5, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True)
-    torch.library.opcheck(cb._linear_cross_entropy, (h, w, None, torch.tensor([0, 6, -100, 2, 3]), -100, 0.0, 0.0,
-                                                     True, True))
+    target = torch.tensor([0, 6, -100, 2, 3])
+    torch.library.opcheck(cb._linear_cross_entropy.custom_op, (h, w, None, target, -100, 0.0, 0.0, True, True))
 
 
 def test_compiled_model_block_uses_cpu_ops():
