@@ -27,6 +27,7 @@ need a host sync); logits in fp16/bf16/fp32.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -103,7 +104,7 @@ def _block_v(V: int) -> tuple[int, int]:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
@@ -305,7 +306,7 @@ _linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_se
 def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          reduction="mean"):
     """cross_entropy(hidden @ weight^T + bias, target) without materialising the logits."""
-    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
     t = target.reshape(-1)
     need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     loss, _, _, _ = _linear_ce_op(h2, weight, t, bias, ignore_index, float(label_smoothing), float(z_loss), reduction,

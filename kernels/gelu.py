@@ -19,6 +19,7 @@ Memory-bound: on an H100 the limit is HBM bandwidth; tiles of 1-4k elements with
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -125,7 +126,7 @@ def unsupported_reason(*tensors: torch.Tensor | None) -> str | None:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (M, N) with unit column stride; a strided view (e.g. a column half) stays a view."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 

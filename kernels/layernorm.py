@@ -26,6 +26,7 @@ implementations and ``register_autograd``, so torch.compile traces through them;
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -137,7 +138,7 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, residual: torch.Te
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(..., n) -> (rows, n) with a unit last stride (a view whenever the layout allows)."""
-    t2 = t.reshape(-1, n)
+    t2 = t.reshape(math.prod(t.shape[:-1]), n)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 

@@ -25,6 +25,7 @@ benchmarking configs does not add into the output repeatedly.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -118,11 +119,7 @@ def matmul_into(c, a, b, bias=None, activation: int = 0, pre=None, accumulate: b
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
-        return c
-    if K == 0:
-        if not accumulate:
-            c.copy_(torch.zeros_like(c) if bias is None else bias.expand_as(c))
-        return c
+        return c  # (K == 0 needs no case: the K loop is empty and the epilogue sees a zero accumulator)
     kernel = _matmul_acc_kernel if accumulate else _matmul_kernel
     n_prog = launch.num_programs_hint(a, per_sm=1) if persistent else None
 
@@ -224,7 +221,7 @@ def matmul(a, b, persistent: bool = False):
 
 def linear(x, weight, bias=None, activation=None):
     """activation(x @ weight^T + bias) for x (..., K), weight (N, K)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     y, _ = _linear_op(x2, weight, bias, ACTIVATIONS[activation], save_pre)
     return y.view(*x.shape[:-1], weight.shape[0])

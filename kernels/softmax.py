@@ -11,6 +11,7 @@ Limits: any row length (chunked); output in the input dtype.
 
 from __future__ import annotations
 
+import math
 import torch
 import triton
 import triton.language as tl
@@ -82,7 +83,7 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
