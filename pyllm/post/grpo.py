@@ -8,60 +8,15 @@ checker of the built-in tasks, or a reward model.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
-from .lora import BaseModelView
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
-from .rollout import Rollout, RolloutBatches, heldout_metrics, rollout_seed, make_reward_fn, sample
+from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import StageConfig, add_lora, device_of, export, load_start, run_trainer, write_summary
-
-
-@dataclass
-class RLConfig(StageConfig):
-    """Fields PPO and GRPO share. ``data``: prompts with reference answers (builtin:tasks|add|sort|reverse
-    or a JSONL of {prompt, completion}); ``train['batch_size']`` is the minibatch of samples per step."""
-
-    reward: str | Callable[[str, str], float] = "task"
-    """"task" (built-in exact-match checker, 1 or 0), "py:module:function" or (Python API) a callable
-    f(prompt, response) -> float, or "rm:<dir>" (a reward model's score)."""
-    prompts_per_rollout: int = 32
-    """Prompts sampled per rollout."""
-    epochs: int = 2
-    """Passes of minibatch updates over each rollout."""
-    clip: float = 0.2
-    """Policy-ratio clip range epsilon."""
-    kl_coef: float = 0.05
-    """Weight of the KL to the reference (PPO: per-token reward penalty; GRPO: loss term)."""
-    temperature: float = 1.0
-    """Sampling temperature of rollouts."""
-    max_new_tokens: int = 8
-    """Longest response sampled."""
-
-    def __post_init__(self):
-        checks = [(self.prompts_per_rollout > 0, "prompts_per_rollout must be positive"),
-                  (self.epochs > 0, "epochs must be positive"), (self.clip > 0, "clip must be positive"),
-                  (self.kl_coef >= 0, "kl_coef must be >= 0"), (self.temperature > 0, "temperature must be > 0"),
-                  (self.max_new_tokens > 0, "max_new_tokens must be positive")]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"{type(self).__name__}: {msg}")
-        super().__post_init__()
-
-    def samples_per_rollout(self) -> int:
-        return self.prompts_per_rollout
-
-    def check_minibatch(self) -> None:
-        mb = self.train_config().micro_batch()
-        if self.samples_per_rollout() % mb:
-            raise ValueError(f"{type(self).__name__}: a rollout of {self.samples_per_rollout()} samples is not a "
-                             f"multiple of the minibatch ({mb}); change train['batch_size'] or the rollout size")
+from .stage import add_lora, export, run_trainer, write_summary
 
 
 @dataclass
@@ -93,27 +48,6 @@ class GRPOConfig(RLConfig):
     def stage_defaults(self) -> dict:
         return {"lr": 2e-4, "min_lr": 2e-4, "max_steps": 300, "batch_size": 64, "warmup_steps": 0,
                 "schedule": "constant"}
-
-
-def rl_setup(cfg: RLConfig):
-    """(policy, frozen reference, tokenizer, template, train prompts, held-out examples, reward_fn)."""
-    policy, tokenizer, template = load_start(cfg)
-    device = device_of(cfg)
-    # with LoRA the frozen base weights are the reference (adapters switched off); otherwise a frozen copy
-    reference = BaseModelView(policy) if cfg.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
-    items = resolve(cfg.data, BUILTIN_EXAMPLES, load_examples, cfg.seed)
-    train_items, heldout = split([e for e in items if isinstance(e, Example)], cfg.heldout_fraction)
-    if not train_items or not heldout:
-        raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_items)} training and "
-                         f"{len(heldout)} held-out prompts; both must be non-empty")
-    train_items, heldout = train_items[:cfg.max_train], heldout[:cfg.max_heldout]
-    for e in train_items + heldout:  # a prompt that leaves no room to answer is an error, with its origin
-        n = len(template.prompt_ids([{"role": "user", "content": e.prompt}]))
-        if n + cfg.max_new_tokens > cfg.seq_len:
-            raise ValueError(f"{e.origin}: prompt is {n} tokens; with max_new_tokens={cfg.max_new_tokens} it "
-                             f"exceeds seq_len={cfg.seq_len}")
-    reward_fn = make_reward_fn(cfg.reward, template, cfg.seq_len, device)
-    return policy, reference, tokenizer, template, [e.prompt for e in train_items], heldout, reward_fn
 
 
 def grpo(cfg: GRPOConfig) -> dict:

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .grpo import RLConfig, rl_setup
 from .heads import PolicyWithValue
 from .losses import AdaptiveKLController, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
-from .rollout import Rollout, RolloutBatches, heldout_metrics, rollout_seed, sample
+from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
 from .stage import add_lora, export, run_trainer, write_summary
 

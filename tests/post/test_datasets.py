@@ -4,7 +4,8 @@ import pytest
 
 from pyllm.post.datasets import (docstring_pairs, is_heldout, solve_task, split, task_examples, task_pairs,
                                  task_reward)
-from pyllm.post.grpo import GRPOConfig, rl_setup
+from pyllm.post.grpo import GRPOConfig
+from pyllm.post.rollout import rl_setup
 
 
 def test_task_answers_and_reward():
