@@ -1,7 +1,8 @@
 """The "cuda" backend: the CUDA C++ kernels of ``pyllm._C`` (csrc/cuda).
 
 Like the cpu backend, each op is a ``torch.library`` custom op (``pyllm::<op>_cuda``) with a fake
-implementation and a registered autograd formula. Before calling a kernel the wrappers check what the
+implementation and a registered autograd formula, called through an autograd.Function in eager mode
+(autograd_op.py). Before calling a kernel the wrappers check what the
 raw-pointer interface cannot: device (CUDA), dtype (float32/float16/bfloat16; the tensor-core GEMM and
 attention take float16/bfloat16), contiguity (inputs are made contiguous, or read through a row stride
 where the kernel supports one), 16-byte alignment of every base address (the kernels use 128-bit
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from pyllm import _C  # an ImportError here marks the backend unavailable
 
+from .autograd_op import kernel_op
 from .registry import Unsupported, register
 
 if not torch.cuda.is_available():
@@ -78,8 +80,7 @@ def _rows(x: Tensor) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ LayerNorm / RMSNorm
 
 
-@torch.library.custom_op("pyllm::norm_cuda", mutates_args=())
-def _norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
           rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, h, mean, rstd): h = x + residual (empty without residual), fp32 statistics per row."""
     x, residual, weight, bias = _ready(x), _ready(residual), _ready(weight), _ready(bias)
@@ -94,14 +95,12 @@ def _norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[
     return y, h, mean, rstd
 
 
-@_norm.register_fake
-def _(x, residual, weight, bias, eps, rms):
+def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
     rows = _rows(x)[0]
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             x.new_empty(0 if rms else rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("pyllm::norm_bwd_cuda", mutates_args=())
 def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
               has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     dy, h, weight, dh_extra = _ready(dy), _ready(h), _ready(weight), _ready(dh_extra)
@@ -115,8 +114,7 @@ def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     return dx, dw, db
 
 
-@_norm_bwd.register_fake
-def _(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
+def _norm_bwd_fake(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
     return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
 
 
@@ -127,15 +125,16 @@ def _norm_setup(ctx, inputs, output):
     ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
 
 
-def _norm_backward(ctx, dy, dh, _dmean, _drstd):
+def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
     dy = dy if dy is not None else torch.zeros_like(h)
-    dx, dw, db = _norm_bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
+    dx, dw, db = bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
     return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
 
 
-torch.library.register_autograd("pyllm::norm_cuda", _norm_backward, setup_context=_norm_setup)
+_norm = kernel_op("pyllm::norm_cuda", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
+                  bwd_name="pyllm::norm_bwd_cuda", bwd=_norm_bwd, bwd_fake=_norm_bwd_fake)
 
 
 def _check_same_dtype(op, x, **others):
@@ -163,8 +162,7 @@ def rms_norm(x, weight, *, eps=1e-6, residual=None):
 # ------------------------------------------------------------------------------ bias + GELU, SwiGLU
 
 
-@torch.library.custom_op("pyllm::bias_gelu_cuda", mutates_args=())
-def _bias_gelu(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
+def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     x, bias = _ready(x), _ready(bias)
     rows, n = _rows(x)
     y = torch.empty_like(x)
@@ -172,12 +170,10 @@ def _bias_gelu(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     return y
 
 
-@_bias_gelu.register_fake
-def _(x, bias, tanh):
+def _bias_gelu_fwd_fake(x, bias, tanh):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("pyllm::bias_gelu_bwd_cuda", mutates_args=())
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) -> tuple[Tensor, Tensor]:
     dy, x, bias = _ready(dy), _ready(x), _ready(bias)
     rows, n = _rows(x)
@@ -190,8 +186,7 @@ def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) ->
     return dx, db
 
 
-@_bias_gelu_bwd.register_fake
-def _(dy, x, bias, tanh):
+def _bias_gelu_bwd_fake(dy, x, bias, tanh):
     return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty(0))
 
 
@@ -201,13 +196,15 @@ def _bias_gelu_setup(ctx, inputs, output):
     ctx.tanh = tanh
 
 
-def _bias_gelu_backward(ctx, dy):
+def _bias_gelu_backward(ctx, bwd, dy):
     x, bias = ctx.saved_tensors
-    dx, db = _bias_gelu_bwd(dy, x, bias, ctx.tanh)
+    dx, db = bwd(dy, x, bias, ctx.tanh)
     return dx, (db if bias is not None else None), None
 
 
-torch.library.register_autograd("pyllm::bias_gelu_cuda", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+_bias_gelu = kernel_op("pyllm::bias_gelu_cuda", _bias_gelu_fwd, _bias_gelu_fwd_fake, _bias_gelu_setup,
+                       _bias_gelu_backward, bwd_name="pyllm::bias_gelu_bwd_cuda", bwd=_bias_gelu_bwd,
+                       bwd_fake=_bias_gelu_bwd_fake)
 
 
 @register("bias_gelu", "cuda")
@@ -227,8 +224,7 @@ def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
     return t, (t.stride(-2) if t.dim() >= 2 else t.shape[-1])
 
 
-@torch.library.custom_op("pyllm::swiglu_cuda", mutates_args=())
-def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     rows, n = _rows(gate)
     y = gate.new_empty(gate.shape)
@@ -236,12 +232,10 @@ def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return y
 
 
-@_swiglu.register_fake
-def _(gate, up):
+def _swiglu_fwd_fake(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("pyllm::swiglu_bwd_cuda", mutates_args=())
 def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     dy = _ready(dy)
@@ -252,8 +246,7 @@ def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return dgate, dup
 
 
-@_swiglu_bwd.register_fake
-def _(dy, gate, up):
+def _swiglu_bwd_fake(dy, gate, up):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
@@ -261,11 +254,12 @@ def _swiglu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _swiglu_backward(ctx, dy):
-    return _swiglu_bwd(dy, *ctx.saved_tensors)
+def _swiglu_backward(ctx, bwd, dy):
+    return bwd(dy, *ctx.saved_tensors)
 
 
-torch.library.register_autograd("pyllm::swiglu_cuda", _swiglu_backward, setup_context=_swiglu_setup)
+_swiglu = kernel_op("pyllm::swiglu_cuda", _swiglu_fwd, _swiglu_fwd_fake, _swiglu_setup, _swiglu_backward,
+                    bwd_name="pyllm::swiglu_bwd_cuda", bwd=_swiglu_bwd, bwd_fake=_swiglu_bwd_fake)
 
 
 @register("swiglu", "cuda")
@@ -277,8 +271,7 @@ def swiglu(gate, up):
 # ------------------------------------------------------------------------------- cross-entropy
 
 
-@torch.library.custom_op("pyllm::cross_entropy_cuda", mutates_args=())
-def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                    z_loss: float) -> tuple[Tensor, Tensor]:
     """logits (rows, V), target (rows,) int64 -> (loss per row, lse per row), fp32. A target outside
     [0, V) that is not ignore_index gives a nan loss for its row (checked on the device, no sync)."""
@@ -291,13 +284,11 @@ def _cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, label_smoo
     return loss, lse
 
 
-@_cross_entropy.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss):
+def _cross_entropy_fwd_fake(logits, target, ignore_index, label_smoothing, z_loss):
     rows = logits.shape[0]
     return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("pyllm::cross_entropy_bwd_cuda", mutates_args=())
 def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
                        label_smoothing: float, z_loss: float) -> Tensor:
     grad_stride = 0 if grad.dim() == 1 and grad.stride(0) == 0 else 1  # expanded from a sum/mean
@@ -311,8 +302,7 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
     return dlogits
 
 
-@_cross_entropy_bwd.register_fake
-def _(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
+def _cross_entropy_bwd_fake(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
     return torch.empty_like(logits)
 
 
@@ -321,13 +311,14 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1])
 
 
-def _cross_entropy_backward(ctx, dloss, _dlse):
+def _cross_entropy_backward(ctx, bwd, dloss, _dlse):
     logits, target, lse = ctx.saved_tensors
-    return _cross_entropy_bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
+    return bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
 
 
-torch.library.register_autograd("pyllm::cross_entropy_cuda", _cross_entropy_backward,
-                                setup_context=_cross_entropy_setup)
+_cross_entropy = kernel_op("pyllm::cross_entropy_cuda", _cross_entropy_fwd, _cross_entropy_fwd_fake,
+                           _cross_entropy_setup, _cross_entropy_backward, bwd_name="pyllm::cross_entropy_bwd_cuda",
+                           bwd=_cross_entropy_bwd, bwd_fake=_cross_entropy_bwd_fake)
 
 
 @register("cross_entropy", "cuda")
@@ -347,8 +338,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
 # ----------------------------------------------------------------------------- GEMM and linear
 
 
-@torch.library.custom_op("pyllm::gemm_cuda", mutates_args=())
-def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor], b_is_nk: bool, activation: int) -> Tensor:
+def _gemm_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], b_is_nk: bool, activation: int) -> Tensor:
     """act(a (M, K) @ B + bias): B is b (N, K) when b_is_nk else b (K, N). activation 0/1/2: none/gelu/tanh."""
     a, b, bias = _ready(a), _ready(b), _ready(bias)
     M, K = a.shape
@@ -359,8 +349,7 @@ def _gemm(a: Tensor, b: Tensor, bias: Optional[Tensor], b_is_nk: bool, activatio
     return c
 
 
-@_gemm.register_fake
-def _(a, b, bias, b_is_nk, activation):
+def _gemm_fwd_fake(a, b, bias, b_is_nk, activation):
     return a.new_empty((a.shape[0], b.shape[0] if b_is_nk else b.shape[1]))
 
 
@@ -372,20 +361,20 @@ def _gemm_setup(ctx, inputs, output):
     ctx.b_is_nk, ctx.has_bias = b_is_nk, bias is not None
 
 
-def _gemm_backward(ctx, dc):
+def _gemm_backward(ctx, gemm, dc):
     a, b = ctx.saved_tensors
     dc = _ready(dc)
     if ctx.b_is_nk:  # c = a b^T: da = dc b (b is (N, K): a (K=N_inner, N_out=K) row-major operand)
-        da = _gemm(dc, b, None, False, 0)
+        da = gemm(dc, b, None, False, 0)
         db = dc.t() @ a  # (N, K): the weight gradient through cuBLAS (a transposed operand)
     else:  # c = a b: da = dc b^T (b (K, N) is an (N_out=K, K_inner=N) operand), db = a^T dc
-        da = _gemm(dc, b, None, True, 0)
+        da = gemm(dc, b, None, True, 0)
         db = a.t() @ dc
     dbias = dc.sum(0) if ctx.has_bias else None
     return da, db, dbias, None, None
 
 
-torch.library.register_autograd("pyllm::gemm_cuda", _gemm_backward, setup_context=_gemm_setup)
+_gemm = kernel_op("pyllm::gemm_cuda", _gemm_fwd, _gemm_fwd_fake, _gemm_setup, _gemm_backward)
 
 
 def _check_gemm(op, a, b, bias, b_is_nk):
@@ -425,8 +414,7 @@ def linear(x, weight, bias=None, *, activation=None):
 # ----------------------------------------------------------------------------------- attention
 
 
-@torch.library.custom_op("pyllm::attention_cuda", mutates_args=())
-def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """FlashAttention-2 forward: (o like q, lse (B, Hq, T) fp32)."""
     q, k, v = _ready(q), _ready(k), _ready(v)
     B, Hq, T, D = q.shape
@@ -438,12 +426,10 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> t
     return o, lse
 
 
-@_attention.register_fake
-def _(q, k, v, scale, causal):
+def _attention_fwd_fake(q, k, v, scale, causal):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("pyllm::attention_bwd_cuda", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
                    causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     do = _ready(do)
@@ -457,8 +443,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     return dq, dk, dv
 
 
-@_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, scale, causal):
+def _attention_bwd_fake(do, q, k, v, o, lse, scale, causal):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -469,13 +454,15 @@ def _attention_setup(ctx, inputs, output):
     ctx.scale, ctx.causal = scale, causal
 
 
-def _attention_backward(ctx, do, _dlse):
+def _attention_backward(ctx, bwd, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.scale, ctx.causal)
+    dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None
 
 
-torch.library.register_autograd("pyllm::attention_cuda", _attention_backward, setup_context=_attention_setup)
+_attention = kernel_op("pyllm::attention_cuda", _attention_fwd, _attention_fwd_fake, _attention_setup,
+                       _attention_backward, bwd_name="pyllm::attention_bwd_cuda", bwd=_attention_bwd,
+                       bwd_fake=_attention_bwd_fake)
 
 
 @register("attention", "cuda")

@@ -205,3 +205,16 @@ def test_misaligned_view_is_copied_not_crashed():
     w = _randn(64).half()
     out = ops.rms_norm(x, w, backend="cuda")
     assert_close(out, reference.rms_norm(x.double(), w.double()), reference.rms_norm(x, w), "misaligned rms_norm")
+
+
+def test_custom_ops_pass_opcheck():
+    from pyllm.ops import cuda_backend as cb
+    x = _randn(4, 64).half().requires_grad_()
+    w, b = _randn(64).half().requires_grad_(), _randn(64).half()
+    torch.library.opcheck(cb._norm.custom_op, (x, _randn(4, 64).half(), w, b, 1e-5, False))
+    torch.library.opcheck(cb._bias_gelu.custom_op, (x, b, True))
+    torch.library.opcheck(cb._swiglu.custom_op, (x, _randn(4, 64).half()))
+    torch.library.opcheck(cb._cross_entropy.custom_op, (x, torch.tensor([0, 3, -100, 8], device=DEV), -100, 0.1, 0.0))
+    torch.library.opcheck(cb._gemm.custom_op, (x, _randn(16, 64).half().requires_grad_(), None, True, 0))
+    q = _randn(1, 2, 70, 64).half().requires_grad_()
+    torch.library.opcheck(cb._attention.custom_op, (q, q.detach().clone(), q.detach().clone(), 0.125, True))
