@@ -228,7 +228,8 @@ def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     rows, n = _rows(gate)
     y = gate.new_empty(gate.shape)
-    _C.cuda_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _DTYPE_CODES[gate.dtype], _stream())
+    _C.cuda_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _DTYPE_CODES[gate.dtype],
+                       _stream())
     return y
 
 
