@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         jobs = {"nanoGPT": (nanogpt_command(a.nanogpt, text, work, a.steps, a.eval_interval, a.eval_iters), work),
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     import torch
 
     result = {"benchmark": "train_vs_nanogpt", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-              "torch": torch.__version__, "commit": commit, "threads": a.threads, "steps": a.steps,
+              "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],
+              "torch": torch.__version__, "commit": commit or "unknown (not a git checkout)", "threads": a.threads, "steps": a.steps,
               "text_chars": len(text), "dtype": "float32", "shape": "B12 T64 L4 H4 d128",
               "pyllm_compile": a.pyllm_compile, "concurrent": not a.sequential, "pyllm_args": a.pyllm_arg, "results": rows,
               "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],

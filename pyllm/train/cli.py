@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .checkpoint import CheckpointError
@@ -51,6 +52,6 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"pyllm train: error: {e}", file=sys.stderr)
         return 2
-    if summary.get("out_dir"):
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
         print(f"pyllm train: done\n{format_summary(summary)}")
     return 0
