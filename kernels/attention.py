@@ -168,7 +168,10 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET
                           HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
+    m_block = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail wave)
+        m_block = tl.num_programs(0) - 1 - m_block
+    m0 = m_block * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
     h = (bh % HQ).to(tl.int64)
@@ -372,7 +375,10 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scal
                              HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr):
-    m0 = tl.program_id(0) * BLOCK_M
+    m_block = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail wave)
+        m_block = tl.num_programs(0) - 1 - m_block
+    m0 = m_block * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
     h = (bh % HQ).to(tl.int64)
