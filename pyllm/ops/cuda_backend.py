@@ -67,9 +67,10 @@ def _ready(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
-def _limit(op: str, name: str, value: int, limit: int = _INT32_MAX) -> None:
+def _limit(op: str, what: str, value: int, limit: int = _INT32_MAX) -> None:
+    """Unsupported when a size exceeds what the kernel's int indices or launch grid can address."""
     if value > limit:
-        raise Unsupported(f"cuda backend: {name}={value} of {op} exceeds the kernel's 32-bit limit {limit}")
+        raise Unsupported(f"cuda backend: {op}: {what} is {value}, above the kernel's limit {limit}")
 
 
 def _rows(x: Tensor) -> tuple[int, int]:
@@ -142,7 +143,7 @@ def _check_same_dtype(op, x, **others):
     for name, t in others.items():
         if t is not None and t.dtype != x.dtype:
             raise Unsupported(f"cuda backend: argument '{name}' of {op} is {t.dtype}, the kernel needs x's {x.dtype}")
-    _limit(op, "row width", x.shape[-1])
+    _limit(op, "the last dim of argument 'x'", x.shape[-1])
 
 
 @register("layer_norm", "cuda")
@@ -327,7 +328,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
     _require("cross_entropy", logits=logits)
     vocab = logits.shape[-1]
     logits2d, target1d = logits.reshape(-1, vocab), target.reshape(-1).long()
-    _limit("cross_entropy", "rows", logits2d.shape[0])
+    _limit("cross_entropy", "the rows of argument 'logits'", logits2d.shape[0])
     loss, _ = _cross_entropy(logits2d, target1d, int(ignore_index), float(label_smoothing), float(z_loss))
     if reduction == "none":  # fp32, like the reference
         return loss
@@ -387,8 +388,11 @@ def _check_gemm(op, a, b, bias, b_is_nk):
     if K % 8 or N % 8:
         raise Unsupported(f"cuda backend: {op} needs the inner dim K={K} and output dim N={N} to be multiples of 8 "
                           f"(16-byte rows for cp.async, in the forward and the backward)")
-    for name, v in (("M", a.numel() // max(K, 1)), ("N", N), ("K", K)):
+    M = a.numel() // max(K, 1)
+    for name, v in ((f"the rows M of argument '{'x' if b_is_nk else 'a'}'", M), ("the output dim N", N),
+                    ("the inner dim K", K)):
         _limit(op, name, v)
+    _limit(op, "the row tiles ceil(M / 128) (grid y)", -(-M // 128), _GRID_Y_MAX)
 
 
 @register("matmul", "cuda")
@@ -474,8 +478,8 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=
     B, Hq, T, D = q.shape
     if D not in (64, 128):
         raise Unsupported(f"cuda backend: attention head dim {D} (the kernel has 64 and 128)")
-    _limit("attention", "B * Hq", B * Hq, _GRID_Y_MAX)
-    _limit("attention", "kv positions", k.shape[2])
+    _limit("attention", "batch x query heads of argument 'q' (grid y)", B * Hq, _GRID_Y_MAX)
+    _limit("attention", "the positions S of argument 'k'", k.shape[2])
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     return _attention(q, k, v, float(scale), bool(causal))[0]
 
