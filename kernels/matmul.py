@@ -99,10 +99,13 @@ _matmul_kernel = triton.autotune(configs=_CONFIGS, key=_KEY)(_matmul_kernel_body
 _matmul_acc_kernel = triton.autotune(configs=_CONFIGS, key=_KEY, restore_value=["C"])(_matmul_kernel_body)
 
 
-def unsupported_reason(*tensors) -> str | None:
-    for t in tensors:
-        if t is not None and t.dtype == torch.float64:
-            return "float64 is not supported by the Triton matmul"
+def unsupported_reason(a, b, bias=None) -> str | None:
+    """Why the kernel cannot take these operands (None if it can): both dot operands must share one
+    dtype (e.g. bf16 activations with fp32 weights outside autocast go to the reference)."""
+    if a.dtype == torch.float64 or b.dtype == torch.float64:
+        return "float64 is not supported by the Triton matmul"
+    if a.dtype != b.dtype:
+        return f"operand dtypes differ ({a.dtype} and {b.dtype})"
     return None
 
 

@@ -121,6 +121,6 @@ def linear(x, weight, bias=None, *, activation=None):
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          reduction="mean"):
     _require(launch.runnable_reason(hidden, weight, target, bias)
-             or ce_kernel.unsupported_reason(hidden) or matmul_kernel.unsupported_reason(weight, bias))
+             or ce_kernel.unsupported_reason(hidden) or matmul_kernel.unsupported_reason(hidden, weight, bias))
     return ce_kernel.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
                                           reduction)

@@ -48,3 +48,9 @@ def test_unsupported_falls_back_with_one_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="head dim 512"):
         out = ops.attention(q, q, q, backend="triton")
     torch.testing.assert_close(out, ops.attention(q, q, q, backend="torch"))
+
+
+def test_mixed_operand_dtypes_are_unsupported_not_wrong():
+    x, w = torch.randn(3, 8, device=DEVICE, dtype=torch.float16), torch.randn(5, 8, device=DEVICE)
+    with pytest.raises(ops.BackendError, match="operand dtypes differ"):
+        ops.linear(x, w, backend="triton")
