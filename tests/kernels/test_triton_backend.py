@@ -54,3 +54,22 @@ def test_mixed_operand_dtypes_are_unsupported_not_wrong():
     x, w = torch.randn(3, 8, device=DEVICE, dtype=torch.float16), torch.randn(5, 8, device=DEVICE)
     with pytest.raises(ops.BackendError, match="operand dtypes differ"):
         ops.linear(x, w, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-without-interpreter case")
+def test_cpu_tensors_without_interpreter_are_unsupported():
+    """Without TRITON_INTERPRET=1, CPU tensors make every Triton op raise Unsupported before any work."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, warnings\nfrom pyllm import ops\nx = torch.randn(2, 3)\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    y = ops.softmax(x, backend='triton')\n"
+            "assert torch.allclose(y, torch.softmax(x, -1)) and 'Triton needs CUDA' in str(w[0].message)\n"
+            "import os; os.environ['PYLLM_STRICT_BACKEND'] = '1'\n"
+            "try:\n    ops.softmax(x, backend='triton')\nexcept ops.BackendError as e:\n    print('strict:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYLLM_STRICT_BACKEND")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "strict:" in run.stdout and "Triton needs CUDA" in run.stdout
