@@ -19,7 +19,7 @@ from .lora import BaseModelView
 from .losses import DPO_VARIANTS, dpo_loss
 from .reward import PairBatches, encode_pairs, load_preferences
 from .sequences import collate, response_logprobs, sequence_logprob
-from .stage import StageConfig, add_lora, device_of, export, load_start, run_trainer, write_summary
+from .stage import StageConfig, add_lora, device_of, export, final_metrics, load_start, run_trainer, write_summary
 
 
 @dataclass
@@ -125,8 +125,7 @@ def dpo(cfg: DPOConfig) -> dict:
     params = add_lora(cfg, policy)
     batches = PairBatches(chosen, rejected, cfg.train_config().micro_batch(), pad, cfg.seed)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
-    policy.eval()
-    after = measure(policy)
+    after = final_metrics(train, measure, policy)
     summary = {"stage": "dpo", "data": cfg.data, "variant": cfg.variant, "beta": cfg.beta,
                "length_normalize": cfg.length_normalize, "precompute_ref": cfg.precompute_ref,
                "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs), "before": before, "after": after,

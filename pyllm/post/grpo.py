@@ -16,7 +16,7 @@ import torch
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import add_lora, export, run_trainer, write_summary
+from .stage import add_lora, export, final_metrics, run_trainer, write_summary
 
 
 @dataclass
@@ -86,8 +86,7 @@ def grpo(cfg: GRPOConfig) -> dict:
     params = add_lora(cfg, policy)
     batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
-    policy.eval()
-    after = measure(policy)
+    after = final_metrics(train, measure, policy)
     summary = {"stage": "grpo", "data": cfg.data, "reward": str(cfg.reward), "group_size": cfg.group_size,
                "rollouts": batches.round, "heldout_prompts": len(heldout), "before": before, "after": after,
                **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}

@@ -18,7 +18,7 @@ from .heads import PolicyWithValue
 from .losses import AdaptiveKLController, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import add_lora, export, run_trainer, write_summary
+from .stage import add_lora, export, final_metrics, run_trainer, write_summary
 
 
 @dataclass
@@ -108,8 +108,7 @@ def ppo(cfg: PPOConfig) -> dict:
     params = add_lora(cfg, policy, model)
     batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed)
     train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
-    model.eval()
-    after = measure(model)
+    after = final_metrics(train, measure, model)
     summary = {"stage": "ppo", "data": cfg.data, "reward": str(cfg.reward), "rollouts": batches.round,
                "final_kl_coef": kl_ctl.coef, "heldout_prompts": len(heldout), "before": before, "after": after,
                **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}

@@ -20,7 +20,7 @@ from .lora import merge_lora
 from .losses import bradley_terry_loss
 from .packing import encode_examples
 from .sequences import collate
-from .stage import StageConfig, add_lora, device_of, load_start, run_trainer, write_summary
+from .stage import StageConfig, add_lora, device_of, final_metrics, load_start, run_trainer, write_summary
 
 
 @dataclass
@@ -136,8 +136,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     before = measure(rm)
     params = add_lora(cfg, rm.body, rm)
     train = run_trainer(cfg, rm, batches, loss_fn, eval_fn=measure)
-    rm.eval()
-    after = measure(rm)
+    after = final_metrics(train, measure, rm)
     merge_lora(rm.body)
     model_dir = str(rm.save(Path(cfg.out_dir) / "final", tokenizer))
     summary = {"stage": "rm", "data": cfg.data, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),

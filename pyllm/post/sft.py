@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
 from .packing import PackedBatches, encode_examples, pack
 from .sequences import completion_loss, exact_match_rate
-from .stage import StageConfig, add_lora, export, load_start, run_trainer, write_summary
+from .stage import StageConfig, add_lora, export, final_metrics, load_start, run_trainer, write_summary
 
 
 @dataclass
@@ -58,8 +58,7 @@ def sft(cfg: SFTConfig) -> dict:
     before = measure(model)
     params = add_lora(cfg, model)
     train = run_trainer(cfg, model, batches, sft_loss, eval_fn=measure)
-    model.eval()
-    after = measure(model)
+    after = final_metrics(train, measure, model)
     summary = {"stage": "sft", "data": cfg.data, "train_examples": len(train_items), "heldout_examples": len(heldout_items),
                "packed_rows": int(rows["input_ids"].shape[0]), "before": before, "after": after, **params,
                "train": train, "model_dir": export(cfg, model, tokenizer)}

@@ -123,6 +123,15 @@ def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eva
     return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn).fit()
 
 
+def final_metrics(train: dict, measure, model: torch.nn.Module) -> dict:
+    """Held-out metrics after training: the Trainer's final evaluation (it calls ``measure`` at the last
+    step); measured here only when it made none (a run resumed at its last step)."""
+    if train.get("eval"):
+        return train["eval"]
+    model.eval()
+    return measure(model)
+
+
 def export(cfg: StageConfig, model: Transformer, tokenizer) -> str:
     """Merge LoRA adapters (if any) and write ``<out_dir>/final`` in the inter-stage format."""
     merge_lora(model)
