@@ -168,7 +168,13 @@ class StageRecord:
     finished: bool = False
     status: str = "running"  # "done", "unavailable", "skipped"
     seconds: float = 0.0
+    """Wall time from the first attempt's start to the end (interruptions included)."""
     cpu_seconds: float = 0.0
+    """CPU time of the last attempt (this process and its workers)."""
+    started: float = 0.0
+    """Epoch time the first attempt started."""
+    attempts: int = 0
+    """1 + the number of times an interrupted run of this stage was resumed."""
     summary: dict = field(default_factory=dict)
 
 
@@ -205,21 +211,22 @@ class Pipeline:
             self.log(f"[{n}/{len(STAGES)}] {name}: cached ({old.seconds:.0f} s when run; inputs unchanged)")
             self.records[name] = old
             return old
+        rec = StageRecord(key=key, started=time.time(), attempts=1)
         if old is not None and (old.key != key or name in self.force):
             shutil.rmtree(directory)  # different inputs: stale checkpoints must not be resumed
         elif old is not None:
             self.log(f"[{n}/{len(STAGES)}] {name}: resuming an interrupted run")
+            rec.started, rec.attempts = old.started or rec.started, old.attempts + 1
         directory.mkdir(parents=True, exist_ok=True)
-        rec = StageRecord(key=key)
         path.write_text(json.dumps(dataclasses.asdict(rec)))
         self.log(f"[{n}/{len(STAGES)}] {name}: running")
-        t0, c0 = time.perf_counter(), _cpu_seconds(resource)
+        c0 = _cpu_seconds(resource)
         try:
             rec.summary, rec.status = fn(directory), "done"
         except StageUnavailable as e:
             rec.summary, rec.status = {"reason": str(e)}, "unavailable"
             self.log(f"[{n}/{len(STAGES)}] {name}: unavailable ({e})")
-        rec.seconds, rec.cpu_seconds, rec.finished = time.perf_counter() - t0, _cpu_seconds(resource) - c0, True
+        rec.seconds, rec.cpu_seconds, rec.finished = time.time() - rec.started, _cpu_seconds(resource) - c0, True
         path.write_text(json.dumps(dataclasses.asdict(rec), default=str))
         if rec.status == "done":
             self.log(f"[{n}/{len(STAGES)}] {name}: done in {rec.seconds:.0f} s")

@@ -132,6 +132,8 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
         else:
             energy = "-"
         note = rec.summary.get("reason", "") if rec.status != "done" else ""
+        if rec.attempts > 1:
+            note = f"resumed {rec.attempts - 1} time(s) after an interruption; CPU time of the last attempt only"
         lines.append(f"| {_stage_name(name, rec.summary)} | {rec.status} | {rec.seconds:.0f} | {rec.cpu_seconds:.0f} | "
                      f"{energy} | {note} |")
     lines += ["", f"Total wall time of these stage runs: {total_s:.0f} s (cached stages show the time of the run "

@@ -52,6 +52,7 @@ def test_interrupted_stage_resumes_in_place(tmp_path):
     p, logs = _pipe(tmp_path)
     rec = p.run_stage("data", {}, (), lambda d: {"resumed_from": (d / "checkpoint").read_text()})
     assert rec.summary == {"resumed_from": "step 3"} and any("resuming" in line for line in logs)
+    assert rec.attempts == 2 and rec.seconds >= 0
 
 
 def test_unavailable_stage_is_reported_and_its_dependants_skipped(tmp_path):
