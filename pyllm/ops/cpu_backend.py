@@ -392,6 +392,8 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         h, t = hidden[start:start + chunk], target[start:start + chunk]
         n = h.shape[0]
         logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (n, V)
+        if logits.dtype != _F32:  # e.g. autocast switched on inside a compiled region: never pass it to C++
+            raise RuntimeError(f"pyllm.ops.linear_cross_entropy (cpu): logits came out {logits.dtype}, not float32")
         loss, lse = logits.new_empty(n), logits.new_empty(n)
         _C.cpu_cross_entropy_fwd(logits.data_ptr(), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab,
                                  ignore_index, label_smoothing, z_loss, _threads())
@@ -439,6 +441,9 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     if reduction == "none":
         raise Unsupported("cpu backend: linear_cross_entropy computes its gradients in the forward, which needs "
                           "a scalar loss (reduction 'mean' or 'sum')")
+    if torch.is_autocast_enabled("cpu"):
+        raise Unsupported("cpu backend: linear_cross_entropy under autocast (the reference runs the matmul in the "
+                          "autocast dtype; the C++ kernels are float32)")
     vocab = weight.shape[0]
     h2d, t1d = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1).long()
     valid = t1d != ignore_index

@@ -256,3 +256,15 @@ def test_cross_entropy_target_out_of_range():
 
 def test_cpu_isa_is_reported():
     assert pyllm._C.cpu_isa() in ("avx512", "avx2", "base")
+
+
+def test_linear_cross_entropy_under_autocast_falls_back(monkeypatch):
+    # autocast would turn the chunk matmuls bf16: the cpu backend must refuse, not hand bf16 to C++
+    h, w, t = torch.randn(4, 16, requires_grad=True), torch.randn(11, 16), torch.randint(0, 11, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ops.BackendError, match="autocast"):
+        ops.linear_cross_entropy(h, w, t, backend="cpu")
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(h, w, t)  # auto: falls back to the reference quietly
+    loss.backward()
+    assert torch.isfinite(loss) and h.grad is not None
