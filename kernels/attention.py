@@ -5,9 +5,10 @@ Layout and masking. q (B, Hq, T, D), k/v (B, Hkv, S, D), Hq a multiple of Hkv. Q
 T of the S key positions (query i sits at position S - T + i: prefill when T == S, KV-cached decode
 when T < S), exactly as ``reference.attention_mask``. Key j is visible to query i when
     j <= pos(i) (causal),  pos(i) - j < window (sliding window),  doc[pos(i)] == doc[j] (packing).
-Whole key blocks outside the causal/window band are never visited; a key block whose document-id
-range does not meet the query block's range is skipped too (exact for any ids: blocks sharing an id
-always have intersecting ranges), so packed short documents cost little more than their own size.
+Whole key blocks outside the causal/window band are never visited; with document ids a short scan
+of the ids first narrows the range to the first .. last key block whose id range meets the query
+block's (exact for any ids: blocks sharing an id always have intersecting ranges), so packed short
+documents cost little more than their own size and the main loop has no data-dependent branch.
 
 Forward. Program (query block, batch*head) keeps q in registers, streams K/V blocks, keeps a running
 row max m and sum l in the exp2 domain (scores pre-multiplied by scale * log2 e), rescales the fp32
@@ -100,6 +101,24 @@ def _doc_span(DOC_ROW, pos, valid, MISSING: tl.constexpr):
 
 
 @triton.jit
+def _doc_block_range(DOC_ROW, start, end, count, offset, id_lo, id_hi, BLOCK: tl.constexpr):
+    # Narrow the block range [start, end) (indices < count, ids at DOC_ROW + offset + index) to the
+    # first .. last block whose id range meets [id_lo, id_hi]. Reads only the ids (S ints against
+    # S x D x 4 bytes of K and V), and keeps the main loops free of data-dependent branches.
+    first = end
+    last = start
+    for b0 in range(start, end, BLOCK):
+        idx = b0 + tl.arange(0, BLOCK)
+        valid = idx < count
+        ids = tl.load(DOC_ROW + offset + idx, mask=valid, other=0)
+        hit = (tl.max(tl.where(valid, ids, -2147483647), axis=0) >= id_lo) & \
+              (tl.min(tl.where(valid, ids, 2147483647), axis=0) <= id_hi)
+        first = tl.where(hit & (b0 < first), b0, first)
+        last = tl.where(hit, b0 + BLOCK, last)
+    return first, tl.minimum(last, end)
+
+
+@triton.jit
 def _key_blocks(m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
     # Key blocks seen by queries m0 .. m0 + BLOCK_M - 1, as [lo, a) masked, [a, b) fully visible
@@ -125,7 +144,7 @@ def _key_blocks(m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW,
+def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, k_base, v_base, skt, svt, DOC_ROW,
               start, end, S, window, qk_scale, offs_n, offs_d,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
               PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -134,28 +153,25 @@ def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_bas
         k_pos = n0 + offs_n
         k_ok = (k_pos < S)[:, None]
         k_doc = k_pos
-        go = True
-        if HAS_DOC:  # skip a key block whose document ids cannot meet the query block's
-            k_doc, k_lo, k_hi = _doc_span(DOC_ROW, k_pos, k_pos < S, -2)
-            go = (k_hi >= q_doc_lo) & (k_lo <= q_doc_hi)
-        if go:
-            k = tl.load(k_base + k_pos[:, None] * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            if MASKED:
-                vis = _visible(q_pos[:, None], k_pos[None, :], S, q_valid[:, None], q_doc[:, None], k_doc[None, :],
-                               window, CAUSAL, HAS_WINDOW, HAS_DOC)
-                s = tl.where(vis, s, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = m_new
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + k_pos[:, None] * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        if HAS_DOC:
+            k_doc = tl.load(DOC_ROW + k_pos, mask=k_pos < S, other=-2)
+        k = tl.load(k_base + k_pos[:, None] * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            vis = _visible(q_pos[:, None], k_pos[None, :], S, q_valid[:, None], q_doc[:, None], k_doc[None, :],
+                           window, CAUSAL, HAS_WINDOW, HAS_DOC)
+            s = tl.where(vis, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + k_pos[:, None] * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -196,14 +212,18 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
+    if HAS_DOC:  # only the key blocks that can hold this query block's documents (all masked)
+        lo, hi = _doc_block_range(DOC_ROW, lo, hi, S, 0, q_doc_lo, q_doc_hi, BLOCK_N)
+        a = lo
+        b_ = lo
     # fully visible blocks first (no mask code), then the window's lower edge and the causal diagonal
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                               DOC_ROW, a, b_, S, window, qk_scale, offs_n, offs_d,
                               False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                               DOC_ROW, lo, a, S, window, qk_scale, offs_n, offs_d,
                               True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                               DOC_ROW, b_, hi, S, window, qk_scale, offs_n, offs_d,
                               True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     has_any = l_i > 0.0
@@ -231,7 +251,7 @@ def _attention_bwd_preprocess_kernel(O, DO, DELTA, T, sob, soh, sot, sdob, sdoh,
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW, DELTA_ROW,
+def _dkdv_loop(dk, dv, k, v, k_pos, k_doc, q_base, do_base, sqt, sdot, LSE_ROW, DELTA_ROW,
                DOC_ROW, start, end, T, S, window, qk_scale, offs_m, offs_d,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
                PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -241,29 +261,26 @@ def _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, 
         q_valid = q_idx < T
         q_pos = S - T + q_idx
         q_doc = q_idx
-        go = True
         if HAS_DOC:
-            q_doc, q_lo, q_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
-            go = (q_hi >= k_doc_lo) & (q_lo <= k_doc_hi)
-        if go:
-            q_mask = q_valid[:, None] & d_ok
-            q = tl.load(q_base + q_idx[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + q_idx[:, None] * sdot + offs_d[None, :], mask=q_mask, other=0.0)
-            # rows past T load lse = +inf, so their P is 0 even in unmasked blocks
-            lse2 = tl.load(LSE_ROW + q_idx, mask=q_valid, other=float("inf"))
-            delta = tl.load(DELTA_ROW + q_idx, mask=q_valid, other=0.0)
-            # Transposed frame (keys as rows): P^T and dS^T come out of the dots in the layout the
-            # dV and dK products consume, so no register tile is ever transposed.
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-            p_t = tl.exp2(s_t - lse2[None, :])
-            if MASKED:
-                vis = _visible(q_pos[None, :], k_pos[:, None], S, q_valid[None, :], q_doc[None, :], k_doc[:, None],
-                               window, CAUSAL, HAS_WINDOW, HAS_DOC)
-                p_t = tl.where(vis, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            q_doc = tl.load(DOC_ROW + q_pos, mask=q_valid, other=-1)
+        q_mask = q_valid[:, None] & d_ok
+        q = tl.load(q_base + q_idx[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + q_idx[:, None] * sdot + offs_d[None, :], mask=q_mask, other=0.0)
+        # rows past T load lse = +inf, so their P is 0 even in unmasked blocks
+        lse2 = tl.load(LSE_ROW + q_idx, mask=q_valid, other=float("inf"))
+        delta = tl.load(DELTA_ROW + q_idx, mask=q_valid, other=0.0)
+        # Transposed frame (keys as rows): P^T and dS^T come out of the dots in the layout the
+        # dV and dK products consume, so no register tile is ever transposed.
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASKED:
+            vis = _visible(q_pos[None, :], k_pos[:, None], S, q_valid[None, :], q_doc[None, :], k_doc[:, None],
+                           window, CAUSAL, HAS_WINDOW, HAS_DOC)
+            p_t = tl.where(vis, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -313,6 +330,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, s
     a = tl.minimum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
     b_ = tl.maximum(tl.minimum((full_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi), a)
     if HAS_DOC:
+        lo, hi = _doc_block_range(DOC_ROW, lo, hi, T, T_OFF, k_doc_lo, k_doc_hi, BLOCK_M)
         a = lo
         b_ = lo
     for g in range(GROUP):  # every query head sharing this kv head: dK/dV summed here, no atomics
@@ -321,13 +339,13 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, s
         do_base = DO + b * sdob + h * sdoh
         LSE_ROW = LSE + (b * HQ + h) * T
         DELTA_ROW = DELTA + (b * HQ + h) * T
-        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW,
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, q_base, do_base, sqt, sdot, LSE_ROW,
                             DELTA_ROW, DOC_ROW, a, b_, T, S, window, qk_scale, offs_m, offs_d,
                             False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW,
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, q_base, do_base, sqt, sdot, LSE_ROW,
                             DELTA_ROW, DOC_ROW, lo, a, T, S, window, qk_scale, offs_m, offs_d,
                             True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, k_doc_lo, k_doc_hi, q_base, do_base, sqt, sdot, LSE_ROW,
+        dk, dv = _dkdv_loop(dk, dv, k, v, k_pos, k_doc, q_base, do_base, sqt, sdot, LSE_ROW,
                             DELTA_ROW, DOC_ROW, b_, hi, T, S, window, qk_scale, offs_m, offs_d,
                             True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_M)
     dk *= sm_scale
@@ -338,7 +356,7 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, s
 
 
 @triton.jit
-def _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt, DOC_ROW,
+def _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, k_base, v_base, skt, svt, DOC_ROW,
              start, end, S, window, qk_scale, offs_n, offs_d,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
              PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -347,22 +365,19 @@ def _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, 
         k_pos = n0 + offs_n
         k_ok = (k_pos < S)[:, None]
         k_doc = k_pos
-        go = True
         if HAS_DOC:
-            k_doc, k_lo, k_hi = _doc_span(DOC_ROW, k_pos, k_pos < S, -2)
-            go = (k_hi >= q_doc_lo) & (k_lo <= q_doc_hi)
-        if go:
-            k = tl.load(k_base + k_pos[:, None] * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
-            v = tl.load(v_base + k_pos[:, None] * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            if MASKED:
-                vis = _visible(q_pos[:, None], k_pos[None, :], S, q_valid[:, None], q_doc[:, None], k_doc[None, :],
-                               window, CAUSAL, HAS_WINDOW, HAS_DOC)
-                p = tl.where(vis, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            k_doc = tl.load(DOC_ROW + k_pos, mask=k_pos < S, other=-2)
+        k = tl.load(k_base + k_pos[:, None] * skt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+        v = tl.load(v_base + k_pos[:, None] * svt + offs_d[None, :], mask=k_ok & d_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = _visible(q_pos[:, None], k_pos[None, :], S, q_valid[:, None], q_doc[:, None], k_doc[None, :],
+                           window, CAUSAL, HAS_WINDOW, HAS_DOC)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
@@ -404,13 +419,17 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scal
     v_base = V + b * svb + kvh * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
-    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+    if HAS_DOC:
+        lo, hi = _doc_block_range(DOC_ROW, lo, hi, S, 0, q_doc_lo, q_doc_hi, BLOCK_N)
+        a = lo
+        b_ = lo
+    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                   DOC_ROW, a, b_, S, window, qk_scale, offs_n, offs_d,
                   False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                   DOC_ROW, lo, a, S, window, qk_scale, offs_n, offs_d,
                   True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
-    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, q_doc_lo, q_doc_hi, k_base, v_base, skt, svt,
+    dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                   DOC_ROW, b_, hi, S, window, qk_scale, offs_n, offs_d,
                   True, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
     dq *= sm_scale

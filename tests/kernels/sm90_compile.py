@@ -125,6 +125,13 @@ def instances(all_configs: bool, quick: bool = False):
             pointers={"C": f32, "K": "i32"}):
         yield "matmul_accumulate_fp32", label, info
     lse = {"LSE": f32, "DELTA": f32, "DOC": "*i64"}
+    packed = dict(GROUP=4, CAUSAL=True, HAS_WINDOW=True, HAS_DOC=True, PRECISION=None, HEAD_DIM=128, BLOCK_D=128)
+    for kernel, name, extra in ((attention._attention_fwd_kernel, "attention_fwd", {}),
+                                (attention._attention_bwd_dkdv_kernel, "attention_dkdv", {"HKV": 8}),
+                                (attention._attention_bwd_dq_kernel, "attention_dq", {})):
+        yield f"{name} D=128 docs+window", "{'BLOCK_M': 64, 'BLOCK_N': 64} w4 s3", (
+            lambda kernel=kernel, extra=extra: _compile(kernel, {"HQ": 32, **packed, **extra, "BLOCK_M": 64,
+                                                                 "BLOCK_N": 64}, pointers=lse, num_warps=4))
     for D in ((128,) if quick else (128, 256)):
         common = dict(GROUP=4, CAUSAL=True, HAS_WINDOW=False, HAS_DOC=False, PRECISION=None, HEAD_DIM=D, BLOCK_D=D)
         fwd, bwd = attention._FWD_CONFIGS, attention._BWD_CONFIGS
