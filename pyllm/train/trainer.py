@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pyllm.model import ModelConfig
 from pyllm.model.flops import flops_per_token
 
 from . import checkpoint, distributed
@@ -160,8 +161,8 @@ class Trainer:
         start_step = self.step
         log = MetricsLog(self.out_dir, self.dist.is_main, cfg.progress, cfg.tensorboard, cfg.max_steps, start_step)
         energy = EnergyMeter(self.device)
-        model_cfg = getattr(self.model, "cfg", None)  # a pyllm Transformer (wrappers: no MFU)
-        flops_tok = flops_per_token(model_cfg, cfg.seq_len) if model_cfg is not None else None
+        model_cfg = getattr(self.model, "cfg", None)  # a pyllm Transformer; wrappers with heads: no MFU
+        flops_tok = flops_per_token(model_cfg, cfg.seq_len) if isinstance(model_cfg, ModelConfig) else None
         peak = device_peak_flops(self.device, cfg.precision, cfg.peak_tflops)
 
         train_time, window_time, window_tokens, total_tokens = 0.0, 0.0, 0, 0
