@@ -57,16 +57,21 @@ def _tiles(spec):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in spec]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) per head-dim class, chosen from sm_90 compiles of every candidate
-# (tests/kernels/sm90_compile.py): the first of each list compiled without register spills (fwd
-# D <= 128; dQ at 64x64x4) or with the fewest; autotune then times them on the GPU.
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel and head-dim class, chosen from sm_90 compiles of the
+# candidates (tests/kernels/sm90_compile.py): each list starts with the tile that compiled with wgmma
+# and no or the fewest register spills; autotune then times them on the GPU. dK/dV accumulate over
+# BLOCK_N keys, so its BLOCK_N stays >= 64 (wgmma needs 64 rows per warpgroup).
 _FWD_SMALL_D = _tiles([(128, 64, 8, 3), (128, 32, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)])
 _FWD_LARGE_D = _tiles([(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)])
-_BWD_SMALL_D = _tiles([(64, 64, 8, 3), (64, 64, 4, 3), (16, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)])
-_BWD_LARGE_D = _tiles([(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)])
+_DKDV_SMALL_D = _tiles([(64, 64, 8, 3), (64, 64, 4, 3), (16, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2)])
+_DKDV_LARGE_D = _tiles([(64, 64, 8, 3), (64, 64, 8, 2)])
+_DQ_SMALL_D = _tiles([(64, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3)])
+_DQ_LARGE_D = _tiles([(64, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3)])
+_LARGE_D = _FWD_LARGE_D + _DKDV_LARGE_D + _DQ_LARGE_D
 _INTERP = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1)
 _FWD_CONFIGS = launch.configs(_FWD_SMALL_D + _FWD_LARGE_D, _INTERP)
-_BWD_CONFIGS = launch.configs(_BWD_SMALL_D + _BWD_LARGE_D, _INTERP)
+_DKDV_CONFIGS = launch.configs(_DKDV_SMALL_D + _DKDV_LARGE_D, _INTERP)
+_DQ_CONFIGS = launch.configs(_DQ_SMALL_D + _DQ_LARGE_D, _INTERP)
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
@@ -74,7 +79,7 @@ def _prune_for_head_dim(configs, named_args, **kwargs):
     if launch.INTERPRET:
         return configs
     large = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) > 128
-    keep = [c for c in configs if any(c is x for x in _FWD_LARGE_D + _BWD_LARGE_D) == large]  # identity:
+    keep = [c for c in configs if any(c is x for x in _LARGE_D) == large]  # identity:
     return keep or configs  # equal tiles may sit in both lists
 
 
@@ -284,7 +289,7 @@ def _dkdv_loop(dk, dv, k, v, k_pos, k_doc, q_base, do_base, sqt, sdot, LSE_ROW, 
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
+@triton.autotune(configs=_DKDV_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})
 @triton.jit
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, qk_scale, sm_scale, T, S, window, T_BUCKET,
@@ -381,7 +386,7 @@ def _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, k_base, v_base, skt,
     return dq
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
+@triton.autotune(configs=_DQ_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOC", "GROUP", "T_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_for_head_dim})
 @triton.jit
 def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scale, T, S, window, T_BUCKET,

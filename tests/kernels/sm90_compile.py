@@ -134,10 +134,10 @@ def instances(all_configs: bool, quick: bool = False):
                                                                  "BLOCK_N": 64}, pointers=lse, num_warps=4))
     for D in ((128,) if quick else (128, 256)):
         common = dict(GROUP=4, CAUSAL=True, HAS_WINDOW=False, HAS_DOC=False, PRECISION=None, HEAD_DIM=D, BLOCK_D=D)
-        fwd, bwd = attention._FWD_CONFIGS, attention._BWD_CONFIGS
-        for kernel, name, extra, configs in ((attention._attention_fwd_kernel, "attention_fwd", {}, fwd),
-                                             (attention._attention_bwd_dkdv_kernel, "attention_dkdv", {"HKV": 8}, bwd),
-                                             (attention._attention_bwd_dq_kernel, "attention_dq", {}, bwd)):
+        for kernel, name, extra in ((attention._attention_fwd_kernel, "attention_fwd", {}),
+                                    (attention._attention_bwd_dkdv_kernel, "attention_dkdv", {"HKV": 8}),
+                                    (attention._attention_bwd_dq_kernel, "attention_dq", {})):
+            configs = kernel.configs
             pruned = attention._prune_for_head_dim(configs, {}, BLOCK_D=D)
             for cfg in (pruned if all_configs else pruned[:1]):
                 yield f"{name} D={D}", f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}", (
