@@ -63,6 +63,10 @@ class Pair:
     """Forced split side; None: decided by a hash of the prompt."""
 
 
+HELDOUT_FRACTION = 0.2
+"""The default share of prompts held out (StageConfig.heldout_fraction)."""
+
+
 def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic split: True for about ``fraction`` of keys, the same in every process and run."""
     h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
@@ -284,7 +288,15 @@ BUILTIN_EXAMPLES: dict[str, Callable[..., list[Example]]] = {
     "sort": lambda seed=0: task_examples(("sort",), seed=seed),
     "reverse": lambda seed=0: task_examples(("reverse",), seed=seed),
     "docstrings": lambda seed=0: docstring_examples(),
+    "judge_tasks": lambda seed=0: _judge_task_examples(seed),
 }
+
+
+def _judge_task_examples(seed: int) -> list[Example]:
+    """Judge-training data from the task preferences (see pyllm.post.judge.judge_examples)."""
+    from .judge import judge_examples
+
+    return judge_examples(task_pairs(seed=seed), seed=seed)
 BUILTIN_PAIRS: dict[str, Callable[..., list[Pair]]] = {
     "tasks": lambda seed=0: task_pairs(seed=seed),
     "docstrings": lambda seed=0: docstring_pairs(seed=seed),

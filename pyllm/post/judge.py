@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import random
 from dataclasses import replace
 from typing import Callable
 
@@ -24,7 +25,7 @@ import torch
 from pyllm.model import Transformer, load_model
 
 from .chat import ChatTemplate
-from .datasets import Example, Pair, task_reward
+from .datasets import HELDOUT_FRACTION, Example, Pair, is_heldout, task_reward
 from .heads import RewardModel
 from .packing import encode_examples
 from .sequences import collate
@@ -67,6 +68,25 @@ class RewardModelJudge:
         return torch.sigmoid(self.scores(prompts, a) - self.scores(prompts, b)).tolist()
 
 
+def judge_question(principle: str, prompt: str, first: str, second: str) -> str:
+    """The question a model judge is asked; it answers "A" (first is better) or "B"."""
+    return f"{principle}\nQ: {prompt}\nA: {first}\nB: {second}\nBetter, A or B?"
+
+
+def judge_examples(pairs: list[Pair], principle: str = DEFAULT_PRINCIPLE, seed: int = 0) -> list[Example]:
+    """SFT data that teaches a model to judge: each pair asked in a random order, answered A or B. The
+    split key is the pair's own prompt, so a pair held out here is held out everywhere."""
+    rng = random.Random(seed)
+    out = []
+    for p in pairs:
+        swap = rng.random() < 0.5
+        first, second = (p.rejected, p.chosen) if swap else (p.chosen, p.rejected)
+        held = p.heldout if p.heldout is not None else is_heldout(p.prompt, HELDOUT_FRACTION)
+        out.append(Example(judge_question(principle, p.prompt, first, second), "B" if swap else "A", "judge",
+                           p.origin, held))
+    return out
+
+
 class ModelJudge:
     """A pyllm language model asked which answer better follows ``principle``."""
 
@@ -76,7 +96,7 @@ class ModelJudge:
         self.choice_ids = (tok.encode("A")[0], tok.encode("B")[0])
 
     def _question(self, prompt, first, second) -> list[int]:
-        text = f"{self.principle}\nQ: {prompt}\nA: {first}\nB: {second}\nBetter, A or B?"
+        text = judge_question(self.principle, prompt, first, second)
         ids = self.template.prompt_ids([{"role": "user", "content": text}])
         if len(ids) > self.model.cfg.max_seq_len:
             raise ValueError(f"judge question for prompt {prompt[:40]!r} is {len(ids)} tokens, longer than the "

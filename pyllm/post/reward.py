@@ -90,14 +90,17 @@ def load_preferences(cfg: StageConfig, template, device, judge_spec: str | None)
         raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_pairs)} training and "
                          f"{len(heldout_pairs)} held-out pairs; both must be non-empty")
     train_pairs = train_pairs[:cfg.max_train]
+    heldout_pairs = heldout_pairs[:cfg.max_heldout]
     report = {}
     if judge_spec:
-        # only the training pairs are relabelled; held-out pairs keep their reference labels
+        # only the training pairs are relabelled; held-out pairs keep their reference labels, and the
+        # judge's agreement on them (pairs no stage trains on) is reported too
         with torch.no_grad():
             judge = judge_from_spec(judge_spec, template, cfg.seq_len, device, cfg.judge_principle)
             train_pairs, report = relabel(judge, train_pairs)
+            report["judge_heldout_agreement"] = relabel(judge, heldout_pairs)[1]["judge_agreement"]
         report["judge"] = judge_spec
-    return train_pairs, heldout_pairs[:cfg.max_heldout], report
+    return train_pairs, heldout_pairs, report
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from pyllm.train.config import TrainConfig
 from pyllm.train.trainer import Trainer, resolve_device
 
 from .chat import ChatTemplate
+from .datasets import HELDOUT_FRACTION
 from .lora import LoRAConfig, apply_lora, merge_lora, trainable_parameters
 
 # A CPU-sized default: a 2-layer, width-64 byte-level model learns the built-in tasks in seconds.
@@ -40,7 +41,7 @@ class StageConfig:
     """A Jinja chat-template file replacing the default (see pyllm.post.chat)."""
     seq_len: int = 128
     """Longest example (prompt + response) in tokens; longer ones are errors naming file and line."""
-    heldout_fraction: float = 0.2
+    heldout_fraction: float = HELDOUT_FRACTION
     """Share of prompts held out for evaluation (hash split; never trained on)."""
     max_heldout: int = 300
     """At most this many held-out items are evaluated (the first, in a fixed order)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyllm.model import Transformer, preset
-from pyllm.post.datasets import task_pairs, task_reward
+from pyllm.post.datasets import is_heldout, task_pairs, task_reward
 from pyllm.post.chat import ChatTemplate
 from pyllm.post.heads import PolicyWithValue, RewardModel
 from pyllm.post.judge import ModelJudge, RuleJudge, relabel
@@ -91,3 +91,16 @@ def test_python_rules_by_spec_and_bad_specs():
         judge_from_spec("py:pyllm.post.datasets:nope", tpl, 64, "cpu")
     with pytest.raises(ValueError, match="judge='oracle'"):
         judge_from_spec("oracle", tpl, 64, "cpu")
+
+
+def test_judge_training_data_matches_the_judge_question():
+    from pyllm.post.datasets import BUILTIN_EXAMPLES
+    from pyllm.post.judge import DEFAULT_PRINCIPLE, judge_question
+
+    pairs = task_pairs(n=200)
+    examples = BUILTIN_EXAMPLES["judge_tasks"]()[:200]
+    assert {e.completion for e in examples} == {"A", "B"}
+    for pair, ex in zip(pairs, examples):
+        first, second = (pair.chosen, pair.rejected) if ex.completion == "A" else (pair.rejected, pair.chosen)
+        assert ex.prompt == judge_question(DEFAULT_PRINCIPLE, pair.prompt, first, second)
+        assert ex.heldout == is_heldout(pair.prompt, 0.2)  # held out exactly where the pair is
