@@ -299,11 +299,20 @@ def softmax(x):
 # ------------------------------------------------------------------------------- cross-entropy
 
 
+def _check_targets(op: str, target: Tensor, vocab: int, ignore_index: int) -> None:
+    """The kernels index logits by target: refuse out-of-range classes (inside the custom op, so that
+    torch.compile sees no data-dependent branch)."""
+    if bool(((target < 0) | (target >= vocab)).logical_and_(target != ignore_index).any()):
+        raise ValueError(f"pyllm.ops.{op}: argument 'target' holds class indices outside [0, {vocab}) that are "
+                         f"not ignore_index={ignore_index}")
+
+
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
-                   z_loss: float) -> tuple[Tensor, Tensor]:
+                       z_loss: float) -> tuple[Tensor, Tensor]:
     """logits (rows, V), target (rows,) int64 -> (loss per row, lse per row)."""
     logits, target = logits.contiguous(), target.contiguous()
     rows, vocab = logits.shape
+    _check_targets("cross_entropy", target, vocab, ignore_index)
     loss, lse = logits.new_empty(rows), logits.new_empty(rows)
     _C.cpu_cross_entropy_fwd(logits.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(), rows, vocab,
                              ignore_index, label_smoothing, z_loss, _threads())
@@ -353,16 +362,12 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
         raise Unsupported(f"cpu backend: argument 'target' of cross_entropy is on {target.device}")
     vocab = logits.shape[-1]
     logits2d, target1d = logits.reshape(-1, vocab), target.reshape(-1).long()
-    valid = target1d != ignore_index
-    if bool(((target1d < 0) | (target1d >= vocab)).logical_and_(valid).any()):
-        raise ValueError(f"pyllm.ops.cross_entropy: argument 'target' holds class indices outside [0, {vocab}) "
-                         f"that are not ignore_index={ignore_index}")
     loss, _ = _cross_entropy(logits2d, target1d, int(ignore_index), float(label_smoothing), float(z_loss))
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
+    return loss.sum() / (target1d != ignore_index).sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------ linear + cross-entropy (fused)
@@ -381,6 +386,7 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
     (N, V) logits never exist whole and the backward is only a scaling (the Liger-Kernel scheme)."""
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     rows, vocab = hidden.shape[0], weight.shape[0]
+    _check_targets("linear_cross_entropy", target, vocab, ignore_index)
     count = (target != ignore_index).sum().clamp(min=1).item() if mean else 1
     scale = torch.full((1,), 1.0 / count)
     chunk = max(1, min(rows, _LCE_CHUNK_ELEMENTS // max(vocab, 1)))
@@ -444,12 +450,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     if torch.is_autocast_enabled("cpu"):
         raise Unsupported("cpu backend: linear_cross_entropy under autocast (the reference runs the matmul in the "
                           "autocast dtype; the C++ kernels are float32)")
-    vocab = weight.shape[0]
     h2d, t1d = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1).long()
-    valid = t1d != ignore_index
-    if bool(((t1d < 0) | (t1d >= vocab)).logical_and_(valid).any()):
-        raise ValueError(f"pyllm.ops.linear_cross_entropy: argument 'target' holds class indices outside "
-                         f"[0, {vocab}) that are not ignore_index={ignore_index}")
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, _, _, _ = _linear_cross_entropy(h2d, weight, bias, t1d, int(ignore_index), float(label_smoothing),
                                           float(z_loss), reduction == "mean", with_grad)

@@ -278,3 +278,15 @@ def test_linear_cross_entropy_under_autocast_falls_back(monkeypatch):
         loss = ops.linear_cross_entropy(h, w, t)  # auto: falls back to the reference quietly
     loss.backward()
     assert torch.isfinite(loss) and h.grad is not None
+
+
+def test_cross_entropy_compiles_without_graph_breaks():
+    def loss_fn(logits, target):
+        return ops.cross_entropy(logits, target, backend="cpu", label_smoothing=0.1)
+
+    logits, target = torch.randn(6, 33, requires_grad=True), torch.randint(0, 33, (6,))
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    out = compiled(logits, target)
+    out.backward()
+    truth = reference.cross_entropy(logits.double(), target, label_smoothing=0.1)
+    assert_close(out.detach(), truth, reference.cross_entropy(logits, target, label_smoothing=0.1), "compiled CE")
