@@ -45,7 +45,7 @@ _CONFIGS = launch.configs(
 
 
 @triton.jit
-def _matmul_kernel_body(A, B, C, BIAS, PRE, M, N, K, sam, sak, sbk, sbn, scm, scn, spm, spn,
+def _matmul_kernel_body(A, B, C, BIAS, PRE, M, N, K, M_BUCKET, sam, sak, sbk, sbn, scm, scn, spm, spn,
                         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
                         ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -94,7 +94,9 @@ def _matmul_kernel_body(A, B, C, BIAS, PRE, M, N, K, sam, sak, sbk, sbn, scm, sc
         tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=mask)
 
 
-_KEY = ["M", "N", "K", "HAS_BIAS", "ACTIVATION", "STORE_PRE"]
+# M (tokens) varies between calls (prefill lengths, batch sizes): tune per power of two of it, not per
+# value; N and K are weight dims, fixed per layer.
+_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "STORE_PRE"]
 _matmul_kernel = triton.autotune(configs=_CONFIGS, key=_KEY)(_matmul_kernel_body)
 _matmul_acc_kernel = triton.autotune(configs=_CONFIGS, key=_KEY, restore_value=["C"])(_matmul_kernel_body)
 
@@ -131,6 +133,7 @@ def matmul_into(c, a, b, bias=None, activation: int = 0, pre=None, accumulate: b
         return (min(tiles, n_prog) if n_prog else tiles,)
 
     kernel[grid](a, b, c, bias if bias is not None else c, pre if pre is not None else c, M, N, K,
+                 triton.next_power_of_2(M),
                  a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                  pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
                  HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre is not None,

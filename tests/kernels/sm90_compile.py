@@ -32,7 +32,7 @@ from pyllm.kernels import (adamw, attention, cross_entropy, gelu, layernorm, los
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-SIZES = {"M", "N", "T", "S", "HQ", "HKV", "HALF"}  # upper-case names that are integers, not pointers
+SIZES = {"M", "N", "T", "S", "HQ", "HKV", "HALF", "M_BUCKET", "T_BUCKET"}  # upper-case names that are integers, not pointers
 FLOATS = {"eps", "qk_scale", "sm_scale", "label_smoothing", "z_loss", "inv_value", "lr_value", "step_value",
           "beta1", "beta2", "log2_beta1", "log2_beta2", "weight_decay", "growth_factor", "backoff_factor"}
 
