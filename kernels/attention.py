@@ -451,6 +451,8 @@ def unsupported_reason(q, k, v, doc_ids) -> str | None:
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if q.dtype == torch.float64:
         return "float64 is not supported by the Triton attention"
+    if q.shape[0] * q.shape[1] > 65535:  # batch x heads is the grid's second axis (CUDA limit 65535)
+        return f"batch x query heads = {q.shape[0] * q.shape[1]} > 65535"
     if max(t.shape[2] * t.stride(2) for t in (q, k, v)) >= 2 ** 31:
         return "sequence offsets exceed 32 bits (positions x sequence stride >= 2^31)"
     return None
