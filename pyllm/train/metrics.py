@@ -1,8 +1,9 @@
 """Observability: the progress bar, JSONL metrics, optional TensorBoard, MFU, peak memory and energy.
 
 MFU = achieved model FLOP/s / the device's peak, with the model's FLOPs per token and the GPU peaks
-from ``pyllm.model.flops`` (PaLM's 6 N + 12 L T d count). Energy comes from NVML's total-energy counter on NVIDIA GPUs (pynvml, optional);
-CO2 = kWh x the configured grid intensity.
+from ``pyllm.model.flops`` (PaLM's 6 N + 12 L T d count). Energy comes from NVML's total-energy
+counter on NVIDIA GPUs (pynvml, optional); CO2 = kWh x the configured grid intensity. Peak memory is
+the CUDA allocator's peak on GPUs, the process's peak resident set on CPUs.
 """
 
 from __future__ import annotations

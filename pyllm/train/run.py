@@ -64,6 +64,8 @@ def export(trainer: Trainer, directory: Path, tokenizer: Tokenizer | None) -> No
 
 def train(cfg: TrainConfig) -> dict:
     """Train a model as ``cfg`` says; returns the Trainer's summary plus ``model_dir``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     info = distributed.setup("cuda" if cfg.device.startswith("cuda") or
                              (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     tokenizer, batches, val_batches = build_data(cfg, info.rank, info.world_size)
