@@ -157,7 +157,8 @@ def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
         _layernorm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
             x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, y,
             h if residual is not None else y, mean if not rms else rstd, rstd,
-            x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), N, M, N, eps,
+            x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+            h.stride(0) if residual is not None else 0, M, N, eps,
             IS_RMS=rms, HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             num_warps=warps)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else h), mean, rstd
@@ -236,6 +237,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
     dh = dh if ctx.has_res else None
+    if dy is None:  # only the new residual stream was used downstream
+        dy = torch.zeros_like(h)
     dx, dw, db = _norm_bwd_op(dy, dh, h, weight, mean, rstd, ctx.has_bias, ctx.rms)
     return dx, dw, (db if ctx.has_bias else None), (dx if ctx.has_res else None), None, None
 
