@@ -3,10 +3,11 @@
 // torch version. The Python wrappers (pyllm/ops/cpu_backend.py, cuda_backend.py) validate dtypes,
 // devices, contiguity, alignment and 32-bit index limits before calling in here.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 
-#include "cpu/kernels.h"
+#include "cpu/dispatch.h"
 #ifdef PYLLM_WITH_CUDA
 #include "cuda/launch.h"
 #endif
@@ -25,7 +26,9 @@ using Addr = uintptr_t;
 const auto kNoGil = py::call_guard<py::gil_scoped_release>();
 
 void bind_cpu(py::module_& m) {
-  m.def("cpu_isa", [] { return kernels().isa; }, "Instruction set of the CPU kernels chosen for this machine.");
+  m.def("cpu_isa", [] { return kernels().isa; }, "Instruction set of the CPU kernels in use.");
+  m.def("cpu_supported_isas", &pyllm::cpu::supported_isas, "Instruction sets this CPU can run.");
+  m.def("cpu_select_isa", &pyllm::cpu::select_isa, "Use another supported instruction set (for tests).");
   m.def(
       "cpu_norm_fwd",
       [](Addr x, Addr res, Addr w, Addr b, Addr y, Addr h, Addr mean, Addr rstd, int64_t rows, int64_t n, float eps,

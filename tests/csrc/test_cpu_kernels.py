@@ -261,7 +261,8 @@ def test_cross_entropy_target_out_of_range():
                     reason="no nvcc on PATH (or PYLLM_CUDA=0): this build has no CUDA kernels to check")
 def test_cuda_kernels_were_compiled_when_nvcc_exists():
     # CI has nvcc but no GPU: this is what proves the CUDA sources were compiled, not silently skipped
-    assert pyllm._C.has_cuda
+    assert pyllm._C.has_cuda, ("pyllm._C was built without its CUDA kernels although nvcc is on PATH: rebuild "
+                               "(pip install -e .), or set PYLLM_CUDA=0 for the tests if a CPU-only build is meant")
 
 
 def test_cpu_isa_is_reported():
@@ -290,3 +291,46 @@ def test_cross_entropy_compiles_without_graph_breaks():
     out.backward()
     truth = reference.cross_entropy(logits.double(), target, label_smoothing=0.1)
     assert_close(out.detach(), truth, reference.cross_entropy(logits, target, label_smoothing=0.1), "compiled CE")
+
+
+@pytest.fixture
+def each_isa():
+    """Yields a function that switches the CPU kernels to an instruction set; restores the default."""
+    default = pyllm._C.cpu_isa()
+    yield pyllm._C.cpu_select_isa
+    assert pyllm._C.cpu_select_isa(default)
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_every_instruction_set_variant(isa, each_isa):
+    # The default run above covers the best variant this machine has; here each other one runs too
+    # (CI machines without AVX-512 use the avx2 tables, older CPUs the base ones).
+    if isa not in pyllm._C.cpu_supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    assert each_isa(isa) and pyllm._C.cpu_isa() == isa
+    x, w, b = torch.randn(7, 257) * 3, torch.randn(257), torch.randn(257)
+    _check("layer_norm", [x, w, b], residual=torch.randn(7, 257))
+    _check("rms_norm", [x, w])
+    _check("bias_gelu", [x, b], approximate="tanh")
+    _check("bias_gelu", [x, b], approximate="none")
+    _check("swiglu", [x, torch.randn(7, 257)])
+    _check("softmax", [x])
+    target = torch.randint(0, 1031, (9,))
+    target[2] = -100
+    _check("cross_entropy", [torch.randn(9, 1031) * 3, target], label_smoothing=0.1, z_loss=1e-4)
+    theta = torch.rand(5, 8)
+    _check("rope", [torch.randn(2, 2, 5, 16), torch.randn(2, 1, 5, 16), theta.cos(), theta.sin()], n_grad=2)
+    grads = [torch.randn(40000), torch.randn(3, 3)]
+    grads[0][12345] = float("inf")
+    found = torch.zeros(1)
+    ops.unscale_and_check_(grads, 0.5, found, backend="cpu")
+    assert found.item() == 1.0
+    kern = _adam_state([(40000,), (7,)], torch.float32)
+    truth = [[t.double() for t in lst] for lst in kern]
+    ref = [[t.clone() for t in lst] for lst in kern]
+    hp = dict(lr=1e-2, step=1, weight_decay=0.1)
+    ops.adamw_step(*kern, backend="cpu", **hp)
+    ops.adamw_step(*truth, backend="torch", **hp)
+    ops.adamw_step(*ref, backend="torch", **hp)
+    for k, t, r in zip(kern[0], truth[0], ref[0]):
+        assert_close(k, t, r, f"adamw ({isa})")
