@@ -1,10 +1,11 @@
 """``pyllm pipeline``: every stage end to end on the built-in data, then a report.
 
-    data -> pretrain -> sft -> rm -> dpo -> grpo -> eval -> report
+    data -> pretrain -> sft -> rm -> dpo, grpo -> eval -> report
 
 ``data`` curates the interpreter's standard library, trains a BPE tokenizer and packs shards
 (``pyllm.data.run``); ``pretrain`` trains a model on the shards (``pyllm.train.train``); ``sft``, ``rm``
-(reward model), ``dpo`` and ``grpo`` (or ``ppo``) are ``pyllm.post``'s stages on its built-in data;
+(reward model), ``dpo`` and ``grpo`` (or ``ppo``) are ``pyllm.post``'s stages on its built-in data (DPO
+and RL each start from the SFT model by default: two alignments, both evaluated);
 ``eval`` measures every checkpoint the same way (``pyllm.eval`` plus held-out task answers, reward and
 KL to the SFT model); ``report`` writes ``report/report.md`` with plots (``pyllm.report``).
 
@@ -58,7 +59,10 @@ class PipelineConfig:
     dpo: dict[str, Any] = field(default_factory=dict)
     """pyllm.post DPO config fields."""
     rl: str = "grpo"
-    """Online RL after DPO: "grpo" (verifiable task reward), "ppo" (reward model) or "none"."""
+    """Online RL: "grpo" (verifiable task reward), "ppo" (reward model) or "none"."""
+    rl_from: str = "sft"
+    """The model RL starts from: "sft" (DPO and RL are two alignments of the SFT model, both evaluated)
+    or "dpo" (RL after DPO)."""
     rl_cfg: dict[str, Any] = field(default_factory=dict)
     """pyllm.post GRPO/PPO config fields."""
     eval: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +75,8 @@ class PipelineConfig:
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"PipelineConfig: precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.rl_from not in ("sft", "dpo"):
+            raise ValueError(f"PipelineConfig: rl_from={self.rl_from!r}: use 'sft' or 'dpo'")
         if self.rl not in ("grpo", "ppo", "none"):
             raise ValueError(f"PipelineConfig: rl={self.rl!r}: use 'grpo', 'ppo' or 'none'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -112,8 +118,8 @@ def default(**overrides) -> PipelineConfig:
                   "eval_batches": 8, "log_every": 10, "lr": 2e-3, "ckpt_every": 100},
         sft={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 150, "batch_size": 16, "ckpt_every": 50}},
         rm={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 80, "batch_size": 16}},
-        dpo={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 50, "batch_size": 16}},
-        rl_cfg={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 20, "batch_size": 16}},
+        dpo={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 50, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-5}},
+        rl_cfg={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 100, "batch_size": 16}},
         eval={"limit": 40, "heldout": 60, "samples": 6, "max_new_tokens": 8},
     ), overrides))
 
@@ -246,12 +252,12 @@ class Pipeline:
         self.run_stage("sft", cfg.sft, ("pretrain",), lambda d: run_sft(cfg, d, S["pretrain"].summary))
         self.run_stage("rm", cfg.rm, ("sft",), lambda d: run_rm(cfg, d, S["sft"].summary))
         self.run_stage("dpo", cfg.dpo, ("sft",), lambda d: run_dpo(cfg, d, S["sft"].summary))
-        rl_needs = ("dpo",) + (("rm",) if cfg.rl == "ppo" else ())
+        rl_needs = (cfg.rl_from,) + (("rm",) if cfg.rl == "ppo" else ())
         if cfg.rl == "none":
             S["rl"] = StageRecord(key="", finished=True, status="skipped", summary={"reason": "rl='none'"})
         else:
             self.run_stage("rl", {"algorithm": cfg.rl, **cfg.rl_cfg}, rl_needs,
-                           lambda d: run_rl(cfg, d, S["dpo"].summary, S.get("rm")))
+                           lambda d: run_rl(cfg, d, S[cfg.rl_from].summary, S.get("rm")))
         ckpts = {name: S[name].summary["model_dir"] for name in ("pretrain", "sft", "dpo", "rl")
                  if S.get(name) and S[name].status == "done" and S[name].summary.get("model_dir")}
         self.run_stage("eval", {**cfg.eval, "checkpoints": sorted(ckpts)}, tuple(ckpts),
@@ -308,10 +314,11 @@ def measured_matmul_tflops(device: str, precision: str) -> float:
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    n = 4096 if device == "cuda" else (1024 if precision == "fp32" else 256)
+    # many short repetitions, the fastest kept: on a shared CPU a long one is almost always preempted
+    n = 4096 if device == "cuda" else (512 if precision == "fp32" else 128)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(5):
+    for _ in range(30):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -482,11 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--rl", choices=("grpo", "ppo", "none"))
+    parser.add_argument("--rl-from", choices=("sft", "dpo"), help="the model RL starts from (default sft)")
     parser.add_argument("--skip", default="", help=f"comma-separated stages not to run ({', '.join(STAGES[2:-1])})")
     parser.add_argument("--force", default="", help="comma-separated stages to re-run even if cached")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("out_dir", args.out_dir), ("device", args.device),
-                                   ("precision", args.precision), ("rl", args.rl)) if v is not None}
+                                   ("precision", args.precision), ("rl", args.rl), ("rl_from", args.rl_from))
+                 if v is not None}
     if args.skip:
         overrides["skip"] = tuple(s.strip() for s in args.skip.split(",") if s.strip())
     force = tuple(s.strip() for s in args.force.split(",") if s.strip())

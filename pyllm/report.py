@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -187,20 +188,24 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
                   "| stage | held-out metrics |", "|---|---|"]
         lines += [f"| {_stage_name(n, r.summary)} | {_before_after(r.summary)} |" for n, r in post] + [""]
 
-    lines += ["## Throughput", "", "| stage | steps | tokens | tokens/s | MFU | peak memory (GB) |", "|---|---|---|---|---|---|"]
+    lines += ["## Throughput", "", "Medians over the logged windows of each stage (robust to a resumed run and to "
+              "evaluation pauses).", "", "| stage | steps | tokens/s | MFU | peak memory (GB) |", "|---|---|---|---|---|"]
     for name in TRAIN_STAGES:
         rec = R.get(name)
         if rec is None or rec.status != "done":
             continue
-        t = rec.summary if name == "pretrain" else rec.summary.get("train", {})
-        mfu = t.get("mfu")
-        lines.append(f"| {_stage_name(name, rec.summary)} | {t.get('steps', '-')} | {t.get('tokens', '-')} | "
-                     f"{_f(t.get('tokens_per_s'), '.0f')} | {_f(mfu * 100 if mfu else None, '.2f')}% | "
-                     f"{_f(t.get('peak_memory_gb'), '.2f')} |")
+        train = [r for r in rec.summary.get("history") or [] if "tokens_per_s" in r]
+        rate = statistics.median(r["tokens_per_s"] for r in train) if train else None
+        mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+        mfu = 100 * statistics.median(mfus) if mfus else None
+        mem = max((r.get("peak_memory_gb") or 0 for r in train), default=None)
+        lines.append(f"| {_stage_name(name, rec.summary)} | {train[-1]['step'] if train else '-'} | {_f(rate, '.0f')} | "
+                     f"{_f(mfu, '.2f')}% | {_f(mem, '.2f')} |")
     pre = R["pretrain"].summary
     if pre.get("peak_tflops_used"):
-        lines += ["", f"MFU of pretraining is against the matmul rate measured on this device at the start of the "
-                  f"stage ({pre['peak_tflops_used']:.3f} TFLOP/s, {cfg.precision}), not a data-sheet peak."]
+        lines += ["", f"MFU on a CPU is against the matmul rate measured on this device at the start of each stage "
+                  f"({pre['peak_tflops_used']:.3f} TFLOP/s {cfg.precision} for pretraining), not a data-sheet peak; "
+                  "on a machine shared with other work both numbers move with the load."]
     path = directory / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
