@@ -116,10 +116,10 @@ def default(**overrides) -> PipelineConfig:
         pretrain={"model_preset": "tiny", "model": {"n_layer": 4, "d_model": 128, "n_head": 4},
                   "seq_len": 128, "batch_size": 8, "max_steps": 300, "warmup_steps": 30, "eval_every": 50,
                   "eval_batches": 8, "log_every": 10, "lr": 2e-3, "ckpt_every": 100},
-        sft={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 150, "batch_size": 16, "ckpt_every": 50}},
+        sft={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 400, "batch_size": 16, "ckpt_every": 100}},
         rm={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 80, "batch_size": 16}},
         dpo={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 50, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-5}},
-        rl_cfg={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 100, "batch_size": 16}},
+        rl_cfg={"seq_len": 96, "max_heldout": 60, "train": {"max_steps": 100}},
         eval={"limit": 40, "heldout": 60, "samples": 6, "max_new_tokens": 8},
     ), overrides))
 
