@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -244,6 +245,8 @@ class Pipeline:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if _device(cfg) == "cpu":
+            measured_matmul_tflops("cpu", cfg.precision)  # the MFU reference, taken while the machine is idle
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
         S = self.records
         self.run_stage("data", cfg.data, (), lambda d: run_data(cfg, d))
@@ -308,15 +311,19 @@ def run_data(cfg: PipelineConfig, directory: Path) -> dict:
             "curate_seconds": cur["seconds"], "pack_seconds": pack["seconds"]}
 
 
+@functools.lru_cache(maxsize=None)
 def measured_matmul_tflops(device: str, precision: str) -> float:
-    """The best fp32/bf16/fp16 matmul rate this device shows now (TFLOP/s): the peak MFU is judged against
-    where no data-sheet figure exists (CPUs)."""
+    """The best fp32/bf16/fp16 matmul rate this device shows (TFLOP/s): the peak MFU is judged against
+    where no data-sheet figure exists (CPUs). Measured once per process, before any stage runs (a
+    measurement taken while another stage's workers wind down reads several times too low)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # many short repetitions, the fastest kept: on a shared CPU a long one is almost always preempted
+    # many short repetitions after a warm-up, the fastest kept: on a shared CPU a long one is preempted
     n = 4096 if device == "cuda" else (512 if precision == "fp32" else 128)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
     best = float("inf")
     for _ in range(30):
         if device == "cuda":
