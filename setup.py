@@ -41,9 +41,10 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    # kernels/ lives at the top level of the repository and is installed as pyllm.kernels.
-    packages=find_packages(include=["pyllm", "pyllm.*"]) + ["pyllm.kernels"],
-    package_dir={"pyllm.kernels": "kernels"},
+    # kernels/ and benchmarks/ live at the top level of the repository and are installed as
+    # pyllm.kernels and pyllm.benchmarks (so `pyllm bench` works from anywhere).
+    packages=find_packages(include=["pyllm", "pyllm.*"]) + ["pyllm.kernels", "pyllm.benchmarks"],
+    package_dir={"pyllm.kernels": "kernels", "pyllm.benchmarks": "benchmarks"},
     ext_modules=[CMakeExtension("pyllm._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

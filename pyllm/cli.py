@@ -19,7 +19,7 @@ COMMANDS = {
     "ppo": ("pyllm.post.cli", "RLHF with PPO"),
     "grpo": ("pyllm.post.cli", "group relative policy optimisation"),
     "eval": ("pyllm.eval.cli", "evaluate a checkpoint (perplexity, bits-per-byte, tasks)"),
-    "bench": ("benchmarks.__main__", "run the benchmark suite"),
+    "bench": ("pyllm.benchmarks.__main__", "run the benchmark suite"),
 }
 
 
