@@ -3,6 +3,7 @@
 Each op is a ``torch.library`` custom op (``pyllm::<op>_cpu`` and its backward ``pyllm::<op>_bwd_cpu``)
 with a fake implementation, so ``torch.compile`` traces over it, and with its autograd formula
 registered; in eager mode the same implementations run through an autograd.Function (autograd_op.py).
+The fakes and save/backward rules shared with the cuda backend live in kernel_autograd.py.
 The public wrappers (``@register(op, "cpu")``) raise ``Unsupported`` before any work for tensors the
 kernels do not take (not float32, not on the CPU), so the dispatcher falls back to the reference. The
 kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
@@ -24,13 +25,26 @@ from torch import Tensor
 from pyllm import _C  # an ImportError here marks the backend unavailable
 
 from .autograd_op import kernel_op
+from .kernel_autograd import (
+    ptr,
+    rows_and_width,
+    bias_gelu_fwd_fake,
+    bias_gelu_bwd_fake,
+    bias_gelu_setup,
+    bias_gelu_backward,
+    cross_entropy_bwd_fake,
+    cross_entropy_setup,
+    cross_entropy_backward,
+    norm_bwd_fake,
+    norm_setup,
+    swiglu_fwd_fake,
+    swiglu_bwd_fake,
+    swiglu_setup,
+    swiglu_backward,
+)
 from .registry import Unsupported, register
 
 _F32 = torch.float32
-
-
-def _addr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _threads() -> int:
@@ -46,11 +60,6 @@ def _require_f32_cpu(op: str, **tensors: Optional[Tensor]) -> None:
             raise Unsupported(f"cpu backend: argument '{name}' of {op} is on {t.device}, needs the CPU")
         if t.dtype != _F32:
             raise Unsupported(f"cpu backend: argument '{name}' of {op} is {t.dtype}, the C++ CPU kernels take float32")
-
-
-def _rows(x: Tensor) -> tuple[int, int]:
-    n = x.shape[-1] if x.dim() else 1
-    return (x.numel() // n if n else 0), n
 
 
 def _row_stride(t: Tensor) -> Optional[int]:
@@ -75,18 +84,18 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optio
     x, weight = x.contiguous(), weight.contiguous()
     residual = residual.contiguous() if residual is not None else None
     bias = bias.contiguous() if bias is not None else None
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     mean = x.new_empty(0 if rms else rows)
     rstd = x.new_empty(rows)
-    _C.cpu_norm_fwd(x.data_ptr(), _addr(residual), weight.data_ptr(), _addr(bias), y.data_ptr(), _addr(h),
+    _C.cpu_norm_fwd(x.data_ptr(), ptr(residual), weight.data_ptr(), ptr(bias), y.data_ptr(), ptr(h),
                     mean.data_ptr(), rstd.data_ptr(), rows, n, eps, rms, _threads())
     return y, h, mean, rstd
 
 
 def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
-    rows = _rows(x)[0]
+    rows = rows_and_width(x)[0]
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             x.new_empty(0 if rms else rows), x.new_empty(rows))
 
@@ -96,25 +105,14 @@ def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     """Returns (dx, dweight, dbias); dbias is empty without bias. dh_extra: gradient reaching h directly."""
     dy, h, weight = dy.contiguous(), h.contiguous(), weight.contiguous()
     dh_extra = dh_extra.contiguous() if dh_extra is not None else None
-    rows, n = _rows(h)
+    rows, n = rows_and_width(h)
     dx = torch.empty_like(h)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-    _C.cpu_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), _addr(mean if not rms else None),
-                    rstd.data_ptr(), _addr(dh_extra), dx.data_ptr(), dw.data_ptr(), _addr(db if has_bias else None),
+    _C.cpu_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), ptr(mean if not rms else None),
+                    rstd.data_ptr(), ptr(dh_extra), dx.data_ptr(), dw.data_ptr(), ptr(db if has_bias else None),
                     rows, n, rms, _threads())
     return dx, dw, db
-
-
-def _norm_bwd_fake(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
-    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
-
-
-def _norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, _, rms = inputs
-    _, h, mean, rstd = output
-    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-    ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
 
 
 def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
@@ -126,8 +124,8 @@ def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
     return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
 
 
-_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
-                  bwd_name="pyllm::norm_bwd_cpu", bwd=_norm_bwd, bwd_fake=_norm_bwd_fake)
+_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, norm_setup, _norm_backward,
+                  bwd_name="pyllm::norm_bwd_cpu", bwd=_norm_bwd, bwd_fake=norm_bwd_fake)
 
 
 @register("layer_norm", "cpu")
@@ -150,47 +148,27 @@ def rms_norm(x, weight, *, eps=1e-6, residual=None):
 def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     x = x.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     y = torch.empty_like(x)
-    _C.cpu_bias_gelu_fwd(x.data_ptr(), _addr(bias), y.data_ptr(), rows, n, tanh, _threads())
+    _C.cpu_bias_gelu_fwd(x.data_ptr(), ptr(bias), y.data_ptr(), rows, n, tanh, _threads())
     return y
-
-
-def _bias_gelu_fwd_fake(x, bias, tanh):
-    return torch.empty_like(x)
 
 
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) -> tuple[Tensor, Tensor]:
     """Returns (dx, dbias); dbias is empty without bias."""
     dy, x = dy.contiguous(), x.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     dx = torch.empty_like(x)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    _C.cpu_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), _addr(bias), dx.data_ptr(),
-                         _addr(db if bias is not None else None), rows, n, tanh, _threads())
+    _C.cpu_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), ptr(bias), dx.data_ptr(),
+                         ptr(db if bias is not None else None), rows, n, tanh, _threads())
     return dx, db
 
 
-def _bias_gelu_bwd_fake(dy, x, bias, tanh):
-    return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty(0))
-
-
-def _bias_gelu_setup(ctx, inputs, output):
-    x, bias, tanh = inputs
-    ctx.save_for_backward(x, bias)
-    ctx.tanh = tanh
-
-
-def _bias_gelu_backward(ctx, bwd, dy):
-    x, bias = ctx.saved_tensors
-    dx, db = bwd(dy, x, bias, ctx.tanh)
-    return dx, (db if bias is not None else None), None
-
-
-_bias_gelu = kernel_op("pyllm::bias_gelu_cpu", _bias_gelu_fwd, _bias_gelu_fwd_fake, _bias_gelu_setup,
-                       _bias_gelu_backward, bwd_name="pyllm::bias_gelu_bwd_cpu", bwd=_bias_gelu_bwd,
-                       bwd_fake=_bias_gelu_bwd_fake)
+_bias_gelu = kernel_op("pyllm::bias_gelu_cpu", _bias_gelu_fwd, bias_gelu_fwd_fake, bias_gelu_setup,
+                       bias_gelu_backward, bwd_name="pyllm::bias_gelu_bwd_cpu", bwd=_bias_gelu_bwd,
+                       bwd_fake=bias_gelu_bwd_fake)
 
 
 @register("bias_gelu", "cpu")
@@ -209,40 +187,24 @@ def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
 
 def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
-    rows, n = _rows(gate)
+    rows, n = rows_and_width(gate)
     y = gate.new_empty(gate.shape)
     _C.cpu_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _threads())
     return y
 
 
-def _swiglu_fwd_fake(gate, up):
-    return gate.new_empty(gate.shape)
-
-
 def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     dy = dy.contiguous()
-    rows, n = _rows(gate)
+    rows, n = rows_and_width(gate)
     dgate, dup = gate.new_empty(gate.shape), gate.new_empty(gate.shape)
     _C.cpu_swiglu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), rows, n, gs,
                       us, _threads())
     return dgate, dup
 
 
-def _swiglu_bwd_fake(dy, gate, up):
-    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
-
-
-def _swiglu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _swiglu_backward(ctx, bwd, dy):
-    return bwd(dy, *ctx.saved_tensors)
-
-
-_swiglu = kernel_op("pyllm::swiglu_cpu", _swiglu_fwd, _swiglu_fwd_fake, _swiglu_setup, _swiglu_backward,
-                    bwd_name="pyllm::swiglu_bwd_cpu", bwd=_swiglu_bwd, bwd_fake=_swiglu_bwd_fake)
+_swiglu = kernel_op("pyllm::swiglu_cpu", _swiglu_fwd, swiglu_fwd_fake, swiglu_setup, swiglu_backward,
+                    bwd_name="pyllm::swiglu_bwd_cpu", bwd=_swiglu_bwd, bwd_fake=swiglu_bwd_fake)
 
 
 @register("swiglu", "cpu")
@@ -256,7 +218,7 @@ def swiglu(gate, up):
 
 def _softmax_fwd(x: Tensor) -> Tensor:
     x = x.contiguous()
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     y = torch.empty_like(x)
     _C.cpu_softmax_fwd(x.data_ptr(), y.data_ptr(), rows, n, _threads())
     return y
@@ -268,7 +230,7 @@ def _softmax_fwd_fake(x):
 
 def _softmax_bwd(dy: Tensor, y: Tensor) -> Tensor:
     dy, y = dy.contiguous(), y.contiguous()
-    rows, n = _rows(y)
+    rows, n = rows_and_width(y)
     dx = torch.empty_like(y)
     _C.cpu_softmax_bwd(dy.data_ptr(), y.data_ptr(), dx.data_ptr(), rows, n, _threads())
     return dx
@@ -336,23 +298,9 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
     return dlogits
 
 
-def _cross_entropy_bwd_fake(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(logits)
-
-
-def _cross_entropy_setup(ctx, inputs, output):
-    logits, target, *ctx.options = inputs
-    ctx.save_for_backward(logits, target, output[1])
-
-
-def _cross_entropy_backward(ctx, bwd, dloss, _dlse):
-    logits, target, lse = ctx.saved_tensors
-    return bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
-
-
 _cross_entropy = kernel_op("pyllm::cross_entropy_cpu", _cross_entropy_fwd, _cross_entropy_fwd_fake,
-                           _cross_entropy_setup, _cross_entropy_backward, bwd_name="pyllm::cross_entropy_bwd_cpu",
-                           bwd=_cross_entropy_bwd, bwd_fake=_cross_entropy_bwd_fake)
+                           cross_entropy_setup, cross_entropy_backward, bwd_name="pyllm::cross_entropy_bwd_cpu",
+                           bwd=_cross_entropy_bwd, bwd_fake=cross_entropy_bwd_fake)
 
 
 @register("cross_entropy", "cpu")
@@ -534,7 +482,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, w
     sizes = torch.tensor([p.numel() for p in params], dtype=torch.int64)
     tables = [_pointer_table(lst) for lst in (params, grads, exp_avgs, exp_avg_sqs)]
     master = _pointer_table(master_params) if master_params is not None else None
-    _C.cpu_adamw(tables[0].data_ptr(), _addr(master), tables[1].data_ptr(), tables[2].data_ptr(),
+    _C.cpu_adamw(tables[0].data_ptr(), ptr(master), tables[1].data_ptr(), tables[2].data_ptr(),
                  tables[3].data_ptr(), sizes.data_ptr(), len(params), float(lr), beta1, beta2, eps, weight_decay,
                  1.0 - beta1 ** step, 1.0 - beta2 ** step, _threads())
     return None

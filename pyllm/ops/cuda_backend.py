@@ -5,7 +5,7 @@ implementation and a registered autograd formula, called through an autograd.Fun
 (autograd_op.py). Before calling a kernel the wrappers check what the
 raw-pointer interface cannot: device (CUDA), dtype (float32/float16/bfloat16; the tensor-core GEMM and
 attention take float16/bfloat16), contiguity (inputs are made contiguous, or read through a row stride
-where the kernel supports one), 16-byte alignment of every base address (the kernels use 128-bit
+where the kernel supports one), 16-byte alignment of every base ptr (the kernels use 128-bit
 loads; a misaligned view is copied) and the 32-bit limits of the launch grids and int indices. Inputs
 a kernel does not take raise ``Unsupported`` (fallback to the reference, or an error in strict mode).
 Kernels run on the current stream and never synchronise with the host.
@@ -25,6 +25,23 @@ from torch import Tensor
 from pyllm import _C  # an ImportError here marks the backend unavailable
 
 from .autograd_op import kernel_op
+from .kernel_autograd import (
+    ptr,
+    rows_and_width,
+    bias_gelu_fwd_fake,
+    bias_gelu_bwd_fake,
+    bias_gelu_setup,
+    bias_gelu_backward,
+    cross_entropy_bwd_fake,
+    cross_entropy_setup,
+    cross_entropy_backward,
+    norm_bwd_fake,
+    norm_setup,
+    swiglu_fwd_fake,
+    swiglu_bwd_fake,
+    swiglu_setup,
+    swiglu_backward,
+)
 from .registry import Unsupported, register
 
 if not torch.cuda.is_available():
@@ -36,10 +53,6 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/c
 _HALF = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 _GRID_Y_MAX = 65535
-
-
-def _addr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _stream() -> int:
@@ -68,14 +81,9 @@ def _ready(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _limit(op: str, what: str, value: int, limit: int = _INT32_MAX) -> None:
-    """Unsupported when a size exceeds what the kernel's int indices or launch grid can address."""
+    """Unsupported when a size exceeds what the kernel's int indices or launch grid can ptr."""
     if value > limit:
         raise Unsupported(f"cuda backend: {op}: {what} is {value}, above the kernel's limit {limit}")
-
-
-def _rows(x: Tensor) -> tuple[int, int]:
-    n = x.shape[-1] if x.dim() else 1
-    return (x.numel() // n if n else 0), n
 
 
 # ------------------------------------------------------------------------------ LayerNorm / RMSNorm
@@ -85,19 +93,19 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optio
           rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, h, mean, rstd): h = x + residual (empty without residual), fp32 statistics per row."""
     x, residual, weight, bias = _ready(x), _ready(residual), _ready(weight), _ready(bias)
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     stats = dict(device=x.device, dtype=torch.float32)
     mean, rstd = torch.empty(0 if rms else rows, **stats), torch.empty(rows, **stats)
-    _C.cuda_norm_fwd(x.data_ptr(), _addr(residual), weight.data_ptr(), _addr(bias), y.data_ptr(),
-                     _addr(h) if residual is not None else 0, _addr(mean) if not rms else 0, rstd.data_ptr(), rows, n,
+    _C.cuda_norm_fwd(x.data_ptr(), ptr(residual), weight.data_ptr(), ptr(bias), y.data_ptr(),
+                     ptr(h) if residual is not None else 0, ptr(mean) if not rms else 0, rstd.data_ptr(), rows, n,
                      eps, rms, _DTYPE_CODES[x.dtype], _stream())
     return y, h, mean, rstd
 
 
 def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
-    rows = _rows(x)[0]
+    rows = rows_and_width(x)[0]
     return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
             x.new_empty(0 if rms else rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
@@ -105,25 +113,14 @@ def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
 def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
               has_bias: bool, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     dy, h, weight, dh_extra = _ready(dy), _ready(h), _ready(weight), _ready(dh_extra)
-    rows, n = _rows(h)
+    rows, n = rows_and_width(h)
     dx, dw = torch.empty_like(h), torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
     work = torch.empty(_C.cuda_norm_bwd_workspace(rows, n), device=h.device, dtype=torch.float32)
-    _C.cuda_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), _addr(mean) if not rms else 0, rstd.data_ptr(),
-                     _addr(dh_extra), dx.data_ptr(), dw.data_ptr(), _addr(db) if has_bias else 0, work.data_ptr(), rows,
+    _C.cuda_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), ptr(mean) if not rms else 0, rstd.data_ptr(),
+                     ptr(dh_extra), dx.data_ptr(), dw.data_ptr(), ptr(db) if has_bias else 0, work.data_ptr(), rows,
                      n, rms, _DTYPE_CODES[h.dtype], _stream())
     return dx, dw, db
-
-
-def _norm_bwd_fake(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
-    return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
-
-
-def _norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, _, rms = inputs
-    _, h, mean, rstd = output
-    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-    ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
 
 
 def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
@@ -134,8 +131,8 @@ def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
     return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
 
 
-_norm = kernel_op("pyllm::norm_cuda", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
-                  bwd_name="pyllm::norm_bwd_cuda", bwd=_norm_bwd, bwd_fake=_norm_bwd_fake)
+_norm = kernel_op("pyllm::norm_cuda", _norm_fwd, _norm_fwd_fake, norm_setup, _norm_backward,
+                  bwd_name="pyllm::norm_bwd_cuda", bwd=_norm_bwd, bwd_fake=norm_bwd_fake)
 
 
 def _check_same_dtype(op, x, **others):
@@ -165,47 +162,27 @@ def rms_norm(x, weight, *, eps=1e-6, residual=None):
 
 def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     x, bias = _ready(x), _ready(bias)
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     y = torch.empty_like(x)
-    _C.cuda_bias_gelu_fwd(x.data_ptr(), _addr(bias), y.data_ptr(), rows, n, tanh, _DTYPE_CODES[x.dtype], _stream())
+    _C.cuda_bias_gelu_fwd(x.data_ptr(), ptr(bias), y.data_ptr(), rows, n, tanh, _DTYPE_CODES[x.dtype], _stream())
     return y
-
-
-def _bias_gelu_fwd_fake(x, bias, tanh):
-    return torch.empty_like(x)
 
 
 def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) -> tuple[Tensor, Tensor]:
     dy, x, bias = _ready(dy), _ready(x), _ready(bias)
-    rows, n = _rows(x)
+    rows, n = rows_and_width(x)
     dx = torch.empty_like(x)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     work = torch.empty(_C.cuda_bias_gelu_bwd_workspace(rows, n) if bias is not None else 0, device=x.device,
                        dtype=torch.float32)
-    _C.cuda_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), _addr(bias), dx.data_ptr(), _addr(db) if bias is not None else 0,
-                          _addr(work) if bias is not None else 0, rows, n, tanh, _DTYPE_CODES[x.dtype], _stream())
+    _C.cuda_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), ptr(bias), dx.data_ptr(), ptr(db) if bias is not None else 0,
+                          ptr(work) if bias is not None else 0, rows, n, tanh, _DTYPE_CODES[x.dtype], _stream())
     return dx, db
 
 
-def _bias_gelu_bwd_fake(dy, x, bias, tanh):
-    return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty(0))
-
-
-def _bias_gelu_setup(ctx, inputs, output):
-    x, bias, tanh = inputs
-    ctx.save_for_backward(x, bias)
-    ctx.tanh = tanh
-
-
-def _bias_gelu_backward(ctx, bwd, dy):
-    x, bias = ctx.saved_tensors
-    dx, db = bwd(dy, x, bias, ctx.tanh)
-    return dx, (db if bias is not None else None), None
-
-
-_bias_gelu = kernel_op("pyllm::bias_gelu_cuda", _bias_gelu_fwd, _bias_gelu_fwd_fake, _bias_gelu_setup,
-                       _bias_gelu_backward, bwd_name="pyllm::bias_gelu_bwd_cuda", bwd=_bias_gelu_bwd,
-                       bwd_fake=_bias_gelu_bwd_fake)
+_bias_gelu = kernel_op("pyllm::bias_gelu_cuda", _bias_gelu_fwd, bias_gelu_fwd_fake, bias_gelu_setup,
+                       bias_gelu_backward, bwd_name="pyllm::bias_gelu_bwd_cuda", bwd=_bias_gelu_bwd,
+                       bwd_fake=bias_gelu_bwd_fake)
 
 
 @register("bias_gelu", "cuda")
@@ -227,41 +204,25 @@ def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
 
 def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
-    rows, n = _rows(gate)
+    rows, n = rows_and_width(gate)
     y = gate.new_empty(gate.shape)
     _C.cuda_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _DTYPE_CODES[gate.dtype],
                        _stream())
     return y
 
 
-def _swiglu_fwd_fake(gate, up):
-    return gate.new_empty(gate.shape)
-
-
 def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     dy = _ready(dy)
-    rows, n = _rows(gate)
+    rows, n = rows_and_width(gate)
     dgate, dup = gate.new_empty(gate.shape), gate.new_empty(gate.shape)
     _C.cuda_swiglu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), rows, n, gs, us,
                        _DTYPE_CODES[gate.dtype], _stream())
     return dgate, dup
 
 
-def _swiglu_bwd_fake(dy, gate, up):
-    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
-
-
-def _swiglu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _swiglu_backward(ctx, bwd, dy):
-    return bwd(dy, *ctx.saved_tensors)
-
-
-_swiglu = kernel_op("pyllm::swiglu_cuda", _swiglu_fwd, _swiglu_fwd_fake, _swiglu_setup, _swiglu_backward,
-                    bwd_name="pyllm::swiglu_bwd_cuda", bwd=_swiglu_bwd, bwd_fake=_swiglu_bwd_fake)
+_swiglu = kernel_op("pyllm::swiglu_cuda", _swiglu_fwd, swiglu_fwd_fake, swiglu_setup, swiglu_backward,
+                    bwd_name="pyllm::swiglu_bwd_cuda", bwd=_swiglu_bwd, bwd_fake=swiglu_bwd_fake)
 
 
 @register("swiglu", "cuda")
@@ -304,23 +265,9 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
     return dlogits
 
 
-def _cross_entropy_bwd_fake(grad, logits, target, lse, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(logits)
-
-
-def _cross_entropy_setup(ctx, inputs, output):
-    logits, target, *ctx.options = inputs
-    ctx.save_for_backward(logits, target, output[1])
-
-
-def _cross_entropy_backward(ctx, bwd, dloss, _dlse):
-    logits, target, lse = ctx.saved_tensors
-    return bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
-
-
 _cross_entropy = kernel_op("pyllm::cross_entropy_cuda", _cross_entropy_fwd, _cross_entropy_fwd_fake,
-                           _cross_entropy_setup, _cross_entropy_backward, bwd_name="pyllm::cross_entropy_bwd_cuda",
-                           bwd=_cross_entropy_bwd, bwd_fake=_cross_entropy_bwd_fake)
+                           cross_entropy_setup, cross_entropy_backward, bwd_name="pyllm::cross_entropy_bwd_cuda",
+                           bwd=_cross_entropy_bwd, bwd_fake=cross_entropy_bwd_fake)
 
 
 @register("cross_entropy", "cuda")
@@ -346,7 +293,7 @@ def _gemm_fwd(a: Tensor, b: Tensor, bias: Optional[Tensor], b_is_nk: bool, activ
     M, K = a.shape
     N = b.shape[0] if b_is_nk else b.shape[1]
     c = a.new_empty((M, N))
-    _C.cuda_gemm(a.data_ptr(), b.data_ptr(), _addr(bias), c.data_ptr(), M, N, K, b_is_nk, activation,
+    _C.cuda_gemm(a.data_ptr(), b.data_ptr(), ptr(bias), c.data_ptr(), M, N, K, b_is_nk, activation,
                  _DTYPE_CODES[a.dtype], _stream())
     return c
 
@@ -492,7 +439,7 @@ def _host_table(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _device_scalar(value, device) -> tuple[float, int, Optional[Tensor]]:
-    """(host value, device address, keep-alive tensor): a CUDA tensor is read by the kernel, no sync."""
+    """(host value, device ptr, keep-alive tensor): a CUDA tensor is read by the kernel, no sync."""
     if torch.is_tensor(value) and value.device.type == "cuda":
         t = value.reshape(-1)[:1].float().contiguous()
         return 0.0, t.data_ptr(), t
@@ -526,9 +473,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, w
         tables = [_host_table(pick(lst)) for lst in (params, grads, exp_avgs, exp_avg_sqs)]
         master = _host_table(pick(master_params)) if master_params is not None else None
         sizes = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64)
-        _C.cuda_adamw(tables[0].data_ptr(), _addr(master), tables[1].data_ptr(), tables[2].data_ptr(),
+        _C.cuda_adamw(tables[0].data_ptr(), ptr(master), tables[1].data_ptr(), tables[2].data_ptr(),
                       tables[3].data_ptr(), sizes.data_ptr(), len(idx), lr_value, lr_ptr, beta1, beta2, eps,
-                      weight_decay, step_value, step_ptr, _addr(found), _DTYPE_CODES[p_dtype], _DTYPE_CODES[g_dtype],
+                      weight_decay, step_value, step_ptr, ptr(found), _DTYPE_CODES[p_dtype], _DTYPE_CODES[g_dtype],
                       _stream())
     del lr_keep, step_keep  # the kernels are enqueued; the caching allocator keeps the memory stream-ordered
     return None
