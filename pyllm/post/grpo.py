@@ -63,15 +63,15 @@ def grpo(cfg: GRPOConfig) -> dict:
         batch, texts = sample(policy, template, group, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=seed)
         rewards = torch.tensor(reward_fn(group, texts), dtype=torch.float32)
-        old_logp, mask = response_logprobs(policy, batch["input_ids"], batch["train"])
-        ref_logp, _ = response_logprobs(reference, batch["input_ids"], batch["train"])
+        old_logp, mask = response_logprobs(policy, batch["input_ids"], batch["train"], cfg.temperature)
+        ref_logp, _ = response_logprobs(reference, batch["input_ids"], batch["train"], cfg.temperature)
         adv = grpo_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards).to(old_logp.device)
         kl = ((old_logp - ref_logp) * mask).sum(1).mean().item()
         return Rollout({**batch, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": adv},
                        {"reward": rewards.mean().item(), "kl": kl})
 
     def loss_fn(model, batch):
-        logp, mask = response_logprobs(model, batch["input_ids"], batch["train"])
+        logp, mask = response_logprobs(model, batch["input_ids"], batch["train"], cfg.temperature)
         adv = batch["advantages"][:, None].expand_as(logp)
         pg, clip_frac, _ = ppo_policy_loss(logp, batch["old_logp"], adv, mask, cfg.clip, per_sequence=True)
         kl = sequence_mean(kl_penalty(logp, batch["ref_logp"], "k3"), mask)

@@ -168,6 +168,12 @@ class AdaptiveKLController:
             self.coef *= 1.0 + error * n_steps / self.horizon
         return self.coef
 
+    def state_dict(self) -> dict:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coef = float(state["coef"])
+
 
 # ------------------------------------------------------------------------------------------- GRPO
 

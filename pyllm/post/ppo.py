@@ -53,10 +53,11 @@ class PPOConfig(RLConfig):
                 "schedule": "constant"}
 
 
-def _forward(model: PolicyWithValue, tokens):
-    """-> (logp (N, L-1) of tokens[:, 1:], values (N, L-1) of the states before them)."""
+def _forward(model: PolicyWithValue, tokens, temperature: float = 1.0):
+    """-> (logp (N, L-1) of tokens[:, 1:] under softmax(logits / temperature), the sampling
+    distribution; values (N, L-1) of the states before them)."""
     logits, values = model(tokens[:, :-1])
-    return token_logprobs(logits, tokens[:, 1:]), values
+    return token_logprobs(logits.float() / temperature, tokens[:, 1:]), values
 
 
 def ppo(cfg: PPOConfig) -> dict:
@@ -73,9 +74,9 @@ def ppo(cfg: PPOConfig) -> dict:
         batch, texts = sample(policy, template, chosen, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=seed)
         scores = torch.tensor(reward_fn(chosen, texts), dtype=torch.float32)
-        old_logp, values = _forward(model, batch["input_ids"])
+        old_logp, values = _forward(model, batch["input_ids"], cfg.temperature)
         mask = batch["train"][:, 1:]
-        ref_logp, _ = response_logprobs(reference, batch["input_ids"], batch["train"])
+        ref_logp, _ = response_logprobs(reference, batch["input_ids"], batch["train"], cfg.temperature)
         kl = (old_logp - ref_logp) * mask  # (N, L-1) per-token k1
         s = scores.to(kl.device)
         if cfg.whiten_rewards and len(chosen) > 1:
@@ -92,7 +93,7 @@ def ppo(cfg: PPOConfig) -> dict:
                         "returns": returns}, stats)
 
     def loss_fn(m: PolicyWithValue, batch):
-        logp, values = _forward(m, batch["input_ids"])
+        logp, values = _forward(m, batch["input_ids"], cfg.temperature)
         mask = batch["train"][:, 1:]
         pg, clip_frac, approx_kl = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip)
         vf = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
@@ -106,7 +107,8 @@ def ppo(cfg: PPOConfig) -> dict:
     model.eval()
     before = measure(model)
     params = add_lora(cfg, policy, model)
-    batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed)
+    batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed,
+                             stateful={"kl_controller": kl_ctl})
     train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, model)
     summary = {"stage": "ppo", "data": cfg.data, "reward": str(cfg.reward), "rollouts": batches.round,

@@ -43,37 +43,74 @@ class Rollout:
 
 
 class RolloutBatches:
-    """Trainer batch source over rollouts made by ``make_rollout(round)``."""
+    """Trainer batch source over rollouts made by ``make_rollout(round)``.
 
-    def __init__(self, make_rollout: Callable[[int], Rollout], minibatch_size: int, epochs: int, seed: int = 0):
+    Its state (``state_dict``, saved in every Trainer checkpoint) holds the current rollout and how many
+    of its minibatches were served, so a killed and resumed run serves the same remaining minibatches
+    and then samples the same next rollout (rollouts are seeded by round) as an uninterrupted one.
+    ``stateful`` names other objects whose state changes with rollouts (PPO's KL controller); they are
+    saved and restored with it.
+    """
+
+    def __init__(self, make_rollout: Callable[[int], Rollout], minibatch_size: int, epochs: int, seed: int = 0,
+                 stateful: dict | None = None):
         self.make_rollout, self.minibatch_size, self.epochs, self.seed = make_rollout, minibatch_size, epochs, seed
-        self.round = 0
+        self.stateful = stateful or {}
+        self.round = 0  # rollouts made so far
+        self.rollout: Rollout | None = None
+        self.served = 0  # minibatches of ``rollout`` handed out
         self._queue: list[dict[str, torch.Tensor]] = []
-        self.last_stats: dict[str, float] = {}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        return self.rollout.stats if self.rollout is not None else {}
+
+    def _minibatches(self, rollout: Rollout, round_: int) -> list[dict[str, torch.Tensor]]:
+        """``epochs`` shuffled passes over the rollout (order seeded by seed and round)."""
+        n = next(iter(rollout.tensors.values())).shape[0]
+        rng = random.Random(self.seed * 1000003 + round_)
+        out = []
+        for _ in range(self.epochs):
+            order = list(range(n))
+            rng.shuffle(order)
+            for s in range(0, n - self.minibatch_size + 1, self.minibatch_size):
+                idx = torch.tensor(order[s:s + self.minibatch_size])
+                out.append({k: v[idx.to(v.device)] for k, v in rollout.tensors.items()})
+        return out
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self._queue:
-            rollout = self.make_rollout(self.round)
-            self.last_stats = rollout.stats
-            n = next(iter(rollout.tensors.values())).shape[0]
-            rng = random.Random(self.seed * 1000003 + self.round)
-            for _ in range(self.epochs):
-                order = list(range(n))
-                rng.shuffle(order)
-                for s in range(0, n - self.minibatch_size + 1, self.minibatch_size):
-                    idx = torch.tensor(order[s:s + self.minibatch_size])
-                    self._queue.append({k: v[idx.to(v.device)] for k, v in rollout.tensors.items()})
+            self.rollout = self.make_rollout(self.round)
+            self._queue = self._minibatches(self.rollout, self.round)
             self.round += 1
+            self.served = 0
         batch = self._queue.pop(0)
+        self.served += 1
         return {**batch, **{f"rollout_{k}": torch.tensor(v) for k, v in self.last_stats.items()}}
 
     def state_dict(self) -> dict:
-        # a resumed run starts a fresh rollout from the restored policy (the buffer is not saved)
-        return {"round": self.round, "seed": self.seed}
+        """JSON-able state: round, seed, the current rollout (tensors as lists with their dtypes), the
+        minibatches already served from it, and the ``stateful`` objects' states."""
+        rollout = None
+        if self.rollout is not None:
+            rollout = {"stats": self.rollout.stats,
+                       "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "data": v.cpu().tolist()}
+                                   for k, v in self.rollout.tensors.items()}}
+        return {"round": self.round, "seed": self.seed, "served": self.served, "rollout": rollout,
+                "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.seed = state["round"], state["seed"]
-        self._queue = []
+        for k, v in state.get("stateful", {}).items():
+            self.stateful[k].load_state_dict(v)
+        self.rollout, self._queue, self.served = None, [], 0
+        saved = state.get("rollout")
+        if saved is None:  # a checkpoint without a buffer: continue with a fresh rollout
+            return
+        tensors = {k: torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])) for k, v in saved["tensors"].items()}
+        self.rollout = Rollout(tensors, saved["stats"])
+        self.served = state["served"]
+        self._queue = self._minibatches(self.rollout, self.round - 1)[self.served:]
 
 
 def rollout_seed(seed: int, round_: int) -> int:

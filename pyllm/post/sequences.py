@@ -31,10 +31,13 @@ def collate(items: list[Encoded], pad_id: int, device="cpu") -> dict[str, torch.
     return {"tokens": tokens.to(device), "train": train.to(device), "attention": attention.to(device)}
 
 
-def response_logprobs(model: Transformer, tokens: torch.Tensor, train: torch.Tensor):
-    """Log-probs of each token given the ones before it, on response positions.
-    -> (logp (B, L-1), mask (B, L-1)) aligned with tokens[:, 1:]."""
+def response_logprobs(model: Transformer, tokens: torch.Tensor, train: torch.Tensor, temperature: float = 1.0):
+    """Log-probs of each token given the ones before it, on response positions, under
+    softmax(logits / temperature): the distribution the tokens were sampled from (RL ratios need the
+    same one). -> (logp (B, L-1), mask (B, L-1)) aligned with tokens[:, 1:]."""
     logits = model(tokens[:, :-1])  # (B, L-1, V)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     return token_logprobs(logits, tokens[:, 1:]), train[:, 1:]
 
 

@@ -25,19 +25,6 @@ def quick(**train):
     return {"model": MODEL, "progress": False, "log_every": 1, **train}
 
 
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    """A tiny SFT model on the reverse task, shared by the later stages."""
-    out = tmp_path_factory.mktemp("sft")
-    summary = sft(SFTConfig(data="builtin:reverse", out_dir=str(out), max_train=800, max_heldout=32, seq_len=48,
-                            train=quick(max_steps=40, lr=1e-2, batch_size=8, seq_len=48)))
-    # the held-out completion loss falls (trained on assistant tokens only)
-    assert summary["after"]["completion_loss"] < summary["before"]["completion_loss"] - 1.0
-    assert summary["train"]["steps"] == 40
-    assert (out / "post_summary.json").exists()
-    return summary["model_dir"]
-
-
 def test_sft_resumes_and_exports(sft_dir, tmp_path):
     model = load_model(sft_dir)
     assert model.cfg.n_layer == 1
