@@ -1,8 +1,9 @@
 """The pipeline's report: ``report.md`` plus PNG plots (matplotlib, Agg) from the stage records.
 
-Sections: what ran and how long it took (time and energy), the data funnel, loss curves of every
-training stage, one evaluation table over all checkpoints, each post-training stage's own held-out
-metric before and after, sample answers before and after post-training, and throughput/MFU.
+Sections: whether each stage improved what it should (``stage_checks``, computed from the records),
+what ran and how long it took (time and energy), the data funnel, loss curves of every training stage,
+one evaluation table over all checkpoints, each post-training stage's own held-out metric before and
+after, sample answers before and after post-training, and throughput/MFU.
 
 Columns of the evaluation table, each measured the same way on every checkpoint:
 - bits/byte: held-out standard-library docstrings (``pyllm.eval`` task ``stdlib_ppl``), lower is better;
@@ -29,6 +30,77 @@ import matplotlib.pyplot as plt  # noqa: E402
 TRAIN_STAGES = ("pretrain", "sft", "rm", "dpo", "rl")
 CPU_WATTS_PER_CORE = 10.0
 """Assumed draw of one busy server core, for the energy ESTIMATE where no energy counter exists."""
+FORGETTING_TOLERANCE = 0.15
+"""SFT may raise bits/byte on held-out text by at most this share of the pretrained model's (forgetting)."""
+KL_BUDGET = 2.0
+"""RL's KL to the model it starts from, in nats per response, above which the policy has drifted too far
+(reward-model over-optimisation reached 2.9 in pyllm/post/README.md; the task reward needs far less)."""
+
+
+def _accuracy_slack(p: float, n: int) -> float:
+    """One binomial standard error of an accuracy p measured on n items: a drop smaller than this is
+    within the noise of the measurement."""
+    return (p * (1 - p) / n) ** 0.5 if n else 0.0
+
+
+def stage_checks(records: dict) -> list[dict]:
+    """Did each stage improve what it should, without breaking what it should keep?
+
+    One dict per check: stage, metric, goal ("higher", "lower" or a bound), before, after, ok. Improvement
+    checks compare held-out measurements before and after the stage (ok: strictly better); "keep" checks
+    allow the stated slack. Stages that did not run give no checks."""
+    def done(name):
+        rec = records.get(name)
+        return rec is not None and rec.status == "done"
+
+    def post(name, key):
+        s = records[name].summary
+        return (s.get("before") or {}).get(key), (s.get("after") or {}).get(key)
+
+    ev = records["eval"].summary["checkpoints"] if done("eval") else {}
+    n_prompts = records["eval"].summary.get("heldout_prompts", 0) if done("eval") else 0
+    checks = []
+
+    def add(stage, metric, goal, before, after, ok=None):
+        if before is None or after is None:
+            return
+        if ok is None:
+            ok = after > before if goal == "higher" else after < before
+        checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after, "ok": ok})
+
+    if done("pretrain"):
+        hist = records["pretrain"].summary.get("history") or []
+        first = next((r for r in hist if "loss" in r), None)
+        val = [r["val_loss"] for r in hist if "val_loss" in r]
+        if first and val:
+            add("pretrain", f"next-token loss, nats/token (before: training loss at step {first['step']}; "
+                "after: validation loss)", "lower", first["loss"], val[-1])
+    if done("sft") and "pretrain" in ev and "sft" in ev:
+        add("sft", "task accuracy, held-out prompts (greedy)", "higher", ev["pretrain"]["task_acc"],
+            ev["sft"]["task_acc"])
+        bpb0, bpb1 = ev["pretrain"]["bits_per_byte"], ev["sft"]["bits_per_byte"]
+        add("sft", "bits/byte on held-out stdlib text (forgetting)", f"keep: <= +{FORGETTING_TOLERANCE:.0%}",
+            bpb0, bpb1, bpb1 <= bpb0 * (1 + FORGETTING_TOLERANCE))
+    if done("rm"):
+        add("rm", "pairwise accuracy, held-out pairs", "higher", *post("rm", "pairwise_accuracy"))
+    if done("dpo"):
+        add("dpo", "implicit-reward accuracy, held-out pairs", "higher", *post("dpo", "reward_accuracy"))
+        add("dpo", "implicit-reward margin, held-out pairs", "higher", *post("dpo", "reward_margin"))
+        if "sft" in ev and "dpo" in ev:
+            a0, a1 = ev["sft"]["task_acc"], ev["dpo"]["task_acc"]
+            add("dpo", "task accuracy, held-out prompts (greedy)", "keep: >= SFT - 1 s.e.", a0, a1,
+                a1 >= a0 - _accuracy_slack(a0, n_prompts))
+    if done("rl"):
+        name = _stage_name("rl", records["rl"].summary)
+        add(name, "mean reward of sampled answers (T=1), held-out prompts", "higher", *post("rl", "sampled_reward"))
+        start = records["rl"].summary.get("start", "sft")
+        if start in ev and "rl" in ev:
+            add(name, f"task accuracy, held-out prompts (greedy), vs {start}", "higher", ev[start]["task_acc"],
+                ev["rl"]["task_acc"])
+        kl0, kl1 = post("rl", "kl_to_ref")
+        add(name, "KL to the start model, nats/response", f"keep: <= {KL_BUDGET:g}", kl0, kl1,
+            kl1 is not None and kl1 <= KL_BUDGET)
+    return checks
 
 
 def _f(x, spec: str = ".3f") -> str:
@@ -70,6 +142,10 @@ def plot_losses(records: dict, path: Path) -> Path | None:
         val = [(r["step"], r["val_loss"]) for r in hist if "val_loss" in r and "step" in r]
         if val:
             ax.plot(*zip(*val), "o-", label="val loss")
+        for key, label in (("sft_loss", "SFT part"), ("replay_loss", "replayed text part")):  # SFT with replay
+            part = [(r["step"], r[key]) for r in hist if key in r and "step" in r]
+            if part:
+                ax.plot(*zip(*part), label=label, linewidth=0.8)
         ax.set_title(_stage_name(name, records[name].summary))
         ax.set_xlabel("step")
         ax.legend(fontsize=7, loc="upper left")
@@ -107,6 +183,22 @@ def _before_after(summary: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+def _checks_section(records: dict) -> list[str]:
+    checks = stage_checks(records)
+    if not checks:
+        return []
+    failed = [c for c in checks if not c["ok"]]
+    lines = ["## Did each stage improve what it should?", "",
+             "| stage | metric | goal | before | after | ok? |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['stage']} | {c['metric']} | {c['goal']} | {_f(c['before'])} | {_f(c['after'])} | "
+              f"{'yes' if c['ok'] else '**NO**'} |" for c in checks]
+    verdict = (f"All {len(checks)} checks pass." if not failed else
+               f"**{len(failed)} of {len(checks)} checks fail**: "
+               + "; ".join(f"{c['stage']} {c['metric'].split(',')[0]}" for c in failed) + ".")
+    return lines + ["", verdict + " Computed from the evaluation below (held-out data only); \"keep\" rows allow "
+                    "the stated slack, improvement rows need a strictly better value.", ""]
+
+
 def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
     """Write ``<directory>/report.md`` and its plots; returns the Markdown path."""
     import torch
@@ -119,6 +211,7 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
     lines = ["# pyllm pipeline report", "",
              f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {device}; "
              f"torch {torch.__version__}; precision {cfg.precision}. Stage outputs are under `{cfg.out_dir}`.", "",
+             *_checks_section(R),
              "## Stages, time and energy", "",
              "| stage | status | wall time (s) | CPU time (s) | energy | note |", "|---|---|---|---|---|---|"]
     est_kwh = 0.0

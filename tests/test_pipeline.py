@@ -5,7 +5,8 @@ import json
 import pytest
 
 from pyllm import pipeline
-from pyllm.pipeline import Pipeline, PipelineConfig, StageUnavailable
+from pyllm.pipeline import Pipeline, PipelineConfig, StageRecord, StageUnavailable
+from pyllm.report import stage_checks
 
 
 def _pipe(tmp_path, force=()):
@@ -75,6 +76,38 @@ def test_config_errors_say_what_to_change(capsys):
     assert "--force ['pretrian']" in capsys.readouterr().err
 
 
+def _record(summary):
+    return StageRecord(key="k", finished=True, status="done", summary=summary)
+
+
+def test_stage_checks_judge_each_stage_on_held_out_numbers():
+    records = {
+        "pretrain": _record({"history": [{"step": 25, "loss": 7.0}, {"step": 250, "val_loss": 4.0},
+                                         {"step": 500, "val_loss": 3.5}]}),
+        "sft": _record({}),
+        "rm": _record({"before": {"pairwise_accuracy": 0.5}, "after": {"pairwise_accuracy": 0.8}}),
+        "dpo": _record({"before": {"reward_accuracy": 0.0, "reward_margin": 0.0},
+                        "after": {"reward_accuracy": 0.9, "reward_margin": -0.1}}),
+        "rl": _record({"stage": "grpo", "start": "sft", "before": {"sampled_reward": 0.6, "kl_to_ref": 0.0},
+                       "after": {"sampled_reward": 0.7, "kl_to_ref": 2.5}}),
+        "eval": _record({"heldout_prompts": 100, "checkpoints": {
+            "pretrain": {"task_acc": 0.0, "bits_per_byte": 2.0}, "sft": {"task_acc": 0.8, "bits_per_byte": 2.4},
+            "dpo": {"task_acc": 0.77}, "rl": {"task_acc": 0.8}}}),
+    }
+    ok = {(c["stage"], c["metric"].split(",")[0]): c["ok"] for c in stage_checks(records)}
+    assert ok == {("pretrain", "next-token loss"): True, ("sft", "task accuracy"): True,
+                  ("sft", "bits/byte on held-out stdlib text (forgetting)"): False,  # +20% > 15%
+                  ("rm", "pairwise accuracy"): True, ("dpo", "implicit-reward accuracy"): True,
+                  ("dpo", "implicit-reward margin"): False,
+                  ("dpo", "task accuracy"): True,  # 0.03 below SFT: within one standard error (0.04)
+                  ("grpo", "mean reward of sampled answers (T=1)"): True,
+                  ("grpo", "task accuracy"): False,  # equal is not an improvement
+                  ("grpo", "KL to the start model"): False}
+    assert [c["before"] for c in stage_checks(records)][:2] == [7.0, 0.0]
+    del records["eval"], records["rl"]
+    assert {c["stage"] for c in stage_checks(records)} == {"pretrain", "rm", "dpo"}
+
+
 def test_smoke_preset_end_to_end(tmp_path):
     """Every stage on the built-in data; each training stage improves its own held-out metric."""
     cfg = pipeline.smoke(out_dir=str(tmp_path / "run"))
@@ -88,15 +121,21 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert hist[-1]["loss"] < hist[0]["loss"]
     sft = records["sft"].summary
     assert sft["after"]["completion_loss"] < sft["before"]["completion_loss"]
+    # SFT replays pretraining text (2 of its 8 rows) and measures held-out text loss before and after
+    assert sft["replay_rows"] == 2 and "text_loss" in sft["after"]
+    assert all("replay_loss" in r for r in sft["history"] if "loss" in r)
     rows = records["eval"].summary["checkpoints"]
     assert set(rows) == {"pretrain", "sft", "dpo", "rl"}
     assert all(0 < rows[n]["bits_per_byte"] < 16 and 0 <= rows[n]["task_acc"] <= 1 for n in rows)
     assert rows["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "reward" in rows["dpo"]
     report = (tmp_path / "run" / "report" / "report.md").read_text()
-    for section in ("## Data", "## Loss curves", "## Evaluation of every checkpoint", "## Sample answers",
+    for section in ("## Did each stage improve what it should?", "## Data", "## Loss curves", "## Evaluation of every checkpoint", "## Sample answers",
                     "## Throughput", "## Stages, time and energy"):
         assert section in report
     assert all((tmp_path / "run" / "report" / f).exists() for f in ("funnel.png", "losses.png", "eval.png"))
+    with pytest.raises(ValueError, match="tokenized with another tokenizer"):  # a byte-level model
+        pipeline.run_sft(pipeline.smoke(out_dir=str(tmp_path / "byte")), tmp_path / "byte",
+                         {"model_dir": None}, records["data"].summary)
     # a second run finds every stage cached and only rewrites the report
     again = pipeline.Pipeline(cfg, log=lambda s: None).run()
     assert all(again[n].seconds == records[n].seconds for n in records)

@@ -5,6 +5,10 @@ computed once before training and looked up by pair index, so no second model is
 otherwise a frozen copy runs beside the policy. Held-out metrics: implicit-reward accuracy (share of
 pairs with beta * log-ratio higher for chosen), the mean chosen-minus-rejected implicit-reward margin,
 and the policy's own preference accuracy (higher per-token log-prob for the chosen response).
+
+``sft_coef`` adds the chosen responses' per-token negative log-likelihood to the loss (DPO + NLL, the
+"RPO" of Pang et al. 2024): the DPO loss alone can lower the chosen answers' likelihood along with the
+rejected ones' (only their difference matters to it), which shows up as lower greedy task accuracy.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class DPOConfig(StageConfig):
     """Use per-token mean log-probs instead of sums (length-normalised DPO; IPO's usual form)."""
     label_smoothing: float = 0.0
     """Conservative DPO: the assumed probability that a label is flipped (sigmoid variant)."""
+    sft_coef: float = 0.0
+    """Weight of the chosen responses' per-token NLL added to the loss (0: plain DPO)."""
     precompute_ref: bool = True
     """Compute the reference log-probs once and cache them instead of keeping a reference model."""
     judge: str | None = None
@@ -49,6 +55,8 @@ class DPOConfig(StageConfig):
             raise ValueError(f"DPOConfig: variant={self.variant!r}; use one of {DPO_VARIANTS}")
         if self.beta <= 0:
             raise ValueError(f"DPOConfig: beta={self.beta} must be positive")
+        if self.sft_coef < 0:
+            raise ValueError(f"DPOConfig: sft_coef={self.sft_coef} must be >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig: label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         super().__post_init__()
@@ -106,7 +114,8 @@ def dpo(cfg: DPOConfig) -> dict:
         reference = BaseModelView(policy) if cfg.lora_rank else copy.deepcopy(policy).requires_grad_(False)
 
     def loss_fn(model, batch):
-        pol_c, pol_r = _pair_logprobs(model, batch["input_ids"], batch["train"], cfg.length_normalize)
+        logp, mask = response_logprobs(model, batch["input_ids"], batch["train"])  # (2B, L-1), chosen first
+        pol_c, pol_r = sequence_logprob(logp, mask, cfg.length_normalize).chunk(2)
         if reference is None:
             idx = batch["index"].to(cached[0].device)
             ref_c, ref_r = cached[0][idx].to(pol_c.device), cached[1][idx].to(pol_c.device)
@@ -115,8 +124,14 @@ def dpo(cfg: DPOConfig) -> dict:
                 ref_c, ref_r = _pair_logprobs(reference, batch["input_ids"], batch["train"], cfg.length_normalize)
         loss, reward_c, reward_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=cfg.beta, variant=cfg.variant,
                                             label_smoothing=cfg.label_smoothing)
-        return loss.mean(), {"reward_accuracy": (reward_c > reward_r).float().mean(),
-                             "reward_margin": (reward_c - reward_r).mean()}
+        metrics = {"reward_accuracy": (reward_c > reward_r).float().mean(),
+                   "reward_margin": (reward_c - reward_r).mean()}
+        loss = loss.mean()
+        if cfg.sft_coef:
+            B = pol_c.shape[0]
+            nll = -sequence_logprob(logp[:B], mask[:B], length_normalize=True).mean()
+            loss, metrics["chosen_nll"] = loss + cfg.sft_coef * nll, nll.detach()
+        return loss, metrics
 
     def measure(m):
         return preference_metrics(m, h_chosen, h_rejected, *h_ref, pad, cfg.beta, cfg.length_normalize)
@@ -127,7 +142,8 @@ def dpo(cfg: DPOConfig) -> dict:
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, policy)
     summary = {"stage": "dpo", "data": cfg.data, "variant": cfg.variant, "beta": cfg.beta,
-               "length_normalize": cfg.length_normalize, "precompute_ref": cfg.precompute_ref,
+               "length_normalize": cfg.length_normalize, "sft_coef": cfg.sft_coef,
+               "precompute_ref": cfg.precompute_ref,
                "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs), "before": before, "after": after,
                **judge_report, **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}
     return write_summary(cfg, summary)

@@ -3,6 +3,9 @@
 A packed row holds several examples back to back. ``doc_ids`` gives each example its own id so attention
 never crosses from one into another, ``positions`` restart at 0 for each example, and the last token of
 an example predicts nothing: the logits of a packed example equal those of the example alone.
+
+``ReplayBatches`` adds windows of pretraining text to every batch of packed rows (replay: keeps SFT from
+forgetting the pretraining distribution).
 """
 
 from __future__ import annotations
@@ -127,3 +130,32 @@ class PackedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
         self._order = self._permutation()
+
+
+class ReplayBatches:
+    """Packed SFT rows plus ``n_replay`` windows of pretraining text in every batch, both resumable.
+
+    ``next_batch()`` -> the keys of ``PackedBatches`` (batch_size + n_replay, seq_len) with the replay
+    rows last, laid out as in pretraining (positions 0..seq_len-1, the shards' document ids, every token
+    a target), and ``replay`` (batch_size + n_replay,) bool, True on those rows."""
+
+    def __init__(self, packed: PackedBatches, text):
+        # text: a pyllm.data.loader.ShardLoader (next_batch -> input_ids, targets, doc_ids (n_replay, T))
+        self.packed, self.text = packed, text
+        self.replay = torch.tensor([False] * packed.batch_size + [True] * text.batch_size)
+        self.positions = torch.arange(text.seq_len).expand(text.batch_size, -1)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows, text = self.packed.next_batch(), self.text.next_batch()
+        if text["input_ids"].shape[1] != rows["input_ids"].shape[1]:
+            raise ValueError(f"ReplayBatches: text windows of {text['input_ids'].shape[1]} tokens but packed rows "
+                             f"of {rows['input_ids'].shape[1]}; build both with the same seq_len")
+        text = {**text, "positions": self.positions}
+        return {**{k: torch.cat([rows[k], text[k]]) for k in rows}, "replay": self.replay}
+
+    def state_dict(self) -> dict:
+        return {"packed": self.packed.state_dict(), "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.packed.load_state_dict(state["packed"])
+        self.text.load_state_dict(state["text"])

@@ -3,14 +3,24 @@
 Examples are rendered by the chat template, packed several to a row with ``doc_ids`` and restarted
 ``positions`` (see packing.py) and trained with the Trainer. Held-out examples measure the completion
 loss (nats per assistant token) and the exact-match rate of greedy answers, before and after.
+
+Replay (``pretrain_mix``): a small model fine-tuned for many steps on short task answers forgets the
+text it was pretrained on (its bits/byte on held-out text can quadruple). Mixing windows of the
+pretraining shards into every batch, with their language-model loss weighted by the same share, keeps
+it close to the pretrained model on text while it learns the tasks (the "pretraining mix" of
+InstructGPT, Ouyang et al. 2022, used there in PPO; here in SFT).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
-from .packing import PackedBatches, encode_examples, pack
+from .packing import PackedBatches, ReplayBatches, encode_examples, pack
 from .sequences import completion_loss, exact_match_rate
 from .stage import StageConfig, add_lora, export, final_metrics, load_start, run_trainer, write_summary
 
@@ -22,8 +32,36 @@ class SFTConfig(StageConfig):
 
     max_new_tokens: int = 8
     """Tokens generated per held-out prompt for exact match."""
+    pretrain_mix: float = 0.0
+    """Share of each batch's rows that are windows of pretraining text (replay), and the weight of their
+    language-model loss in the total: loss = (1 - mix) * SFT loss + mix * replay loss. 0 disables."""
+    pretrain_data: str | None = None
+    """The pretraining shard directory (``pyllm data`` output, tokenized with the model's tokenizer):
+    its training split is replayed when ``pretrain_mix`` > 0; its validation split gives the held-out
+    ``text_loss`` metric whenever it is set."""
     out_dir: str = "runs/sft"
     """Checkpoints, metrics and the final model (``<out_dir>/final``)."""
+
+    def __post_init__(self):
+        from pyllm.train.data import is_shard_dir
+
+        if not 0.0 <= self.pretrain_mix < 1.0:
+            raise ValueError(f"SFTConfig: pretrain_mix={self.pretrain_mix} must be in [0, 1)")
+        if self.pretrain_mix > 0 and self.pretrain_data is None:
+            raise ValueError(f"SFTConfig: pretrain_mix={self.pretrain_mix} needs pretrain_data (a shard directory)")
+        if self.pretrain_data is not None and not is_shard_dir(self.pretrain_data):
+            raise ValueError(f"SFTConfig: pretrain_data={self.pretrain_data!r} is not a shard directory "
+                             "(no manifest.json); give the data stage's shards/")
+        super().__post_init__()
+
+    def replay_rows(self) -> int:
+        """Rows of pretraining text in each micro-batch (the rest are packed SFT rows)."""
+        micro = self.train_config().micro_batch()
+        n = round(self.pretrain_mix * micro)
+        if self.pretrain_mix > 0 and not 1 <= n < micro:
+            raise ValueError(f"SFTConfig: pretrain_mix={self.pretrain_mix} of a micro-batch of {micro} rows gives "
+                             f"{n} replay rows; it must leave at least one row of each kind")
+        return n
 
     def stage_defaults(self) -> dict:
         return {"lr": 3e-3, "min_lr": 3e-4, "max_steps": 300, "batch_size": 16}
@@ -35,9 +73,52 @@ def sft_loss(model, batch):
     return loss, {}
 
 
+def replay_loss(mix: float):
+    """(1 - mix) * SFT loss of the packed rows + mix * next-token loss of the replayed text rows; both
+    parts are logged (``sft_loss``, ``replay_loss``)."""
+
+    def loss_fn(model, batch):
+        replay = batch["replay"]
+        parts = [model.loss(batch["input_ids"][rows], batch["targets"][rows], positions=batch["positions"][rows],
+                            doc_ids=batch["doc_ids"][rows]) for rows in (~replay, replay)]
+        return (1 - mix) * parts[0] + mix * parts[1], {"sft_loss": parts[0].detach(), "replay_loss": parts[1].detach()}
+
+    return loss_fn
+
+
+def _text_replay(cfg: SFTConfig, tokenizer_dir: str | None):
+    """The ShardLoader of replayed pretraining windows; the shards must use the model's tokenizer."""
+    from pyllm.data.loader import ShardLoader
+
+    loader = ShardLoader(cfg.pretrain_data, cfg.seq_len, cfg.replay_rows(), seed=cfg.seed)
+    ours = Path(tokenizer_dir, "tokenizer.json") if tokenizer_dir else None
+    if ours is None or not ours.exists() or \
+            hashlib.sha256(ours.read_bytes()).hexdigest() != loader.manifest.get("tokenizer_sha256"):
+        raise ValueError(f"SFTConfig: pretrain_data={cfg.pretrain_data!r} was tokenized with another tokenizer than "
+                         f"the model's ({cfg.model!r}); replay the shards the model was pretrained on")
+    return loader
+
+
+def _text_val_batches(cfg: SFTConfig, n_batches: int = 4, batch_size: int = 16) -> list[dict]:
+    """Fixed windows of the shards' validation split (the same at every evaluation)."""
+    from pyllm.data.loader import ShardLoader
+
+    loader = ShardLoader(cfg.pretrain_data, cfg.seq_len, batch_size, seed=cfg.seed, split="val")
+    return [loader.next_batch() for _ in range(min(n_batches, loader.steps_per_epoch))]
+
+
+@torch.no_grad()
+def _text_loss(model, batches: list[dict]) -> float:
+    device = model.head_weight.device
+    losses = [model.loss(b["input_ids"].to(device), b["targets"].to(device), doc_ids=b["doc_ids"].to(device))
+              for b in batches]
+    return torch.stack(losses).mean().item()
+
+
 def sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns held-out completion loss and exact match before/after, and the model path."""
     model, tokenizer, template = load_start(cfg)
+    text = _text_replay(cfg, cfg.model) if cfg.pretrain_mix else None  # checked before the data is prepared
     items = resolve(cfg.data, BUILTIN_EXAMPLES, load_examples, cfg.seed)
     train_items, heldout_items = split(items, cfg.heldout_fraction)
     if not train_items or not heldout_items:
@@ -47,19 +128,28 @@ def sft(cfg: SFTConfig) -> dict:
     train_enc = encode_examples(template, train_items, cfg.seq_len)
     heldout_enc = encode_examples(template, heldout_items, cfg.seq_len)
     rows = pack(train_enc, cfg.seq_len, tokenizer.pad_id)
-    batches = PackedBatches(rows, cfg.train_config().micro_batch(), seed=cfg.seed)
+    n_replay = cfg.replay_rows()
+    batches = PackedBatches(rows, cfg.train_config().micro_batch() - n_replay, seed=cfg.seed)
+    loss_fn = sft_loss
+    if text is not None:
+        batches, loss_fn = ReplayBatches(batches, text), replay_loss(cfg.pretrain_mix)
     qa = [e for e in heldout_items if isinstance(e, Example)]  # single-turn items have a reference answer
+    text_val = _text_val_batches(cfg) if cfg.pretrain_data else []
 
     def measure(m) -> dict:
-        return {"completion_loss": completion_loss(m, heldout_enc, tokenizer.pad_id),
-                "exact_match": exact_match_rate(m, template, qa, cfg.max_new_tokens)}
+        out = {"completion_loss": completion_loss(m, heldout_enc, tokenizer.pad_id),
+               "exact_match": exact_match_rate(m, template, qa, cfg.max_new_tokens)}
+        if text_val:  # what replay protects: next-token loss on held-out pretraining text
+            out["text_loss"] = _text_loss(m, text_val)
+        return out
 
     model.eval()
     before = measure(model)
     params = add_lora(cfg, model)
-    train = run_trainer(cfg, model, batches, sft_loss, eval_fn=measure)
+    train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, model)
-    summary = {"stage": "sft", "data": cfg.data, "train_examples": len(train_items), "heldout_examples": len(heldout_items),
-               "packed_rows": int(rows["input_ids"].shape[0]), "before": before, "after": after, **params,
-               "train": train, "model_dir": export(cfg, model, tokenizer)}
+    summary = {"stage": "sft", "data": cfg.data, "train_examples": len(train_items),
+               "heldout_examples": len(heldout_items), "packed_rows": int(rows["input_ids"].shape[0]),
+               "pretrain_mix": cfg.pretrain_mix, "replay_rows": n_replay, "before": before, "after": after,
+               **params, "train": train, "model_dir": export(cfg, model, tokenizer)}
     return write_summary(cfg, summary)

@@ -1,4 +1,5 @@
-"""Chat template masking, packing without cross-contamination, and bad-input reporting."""
+"""Chat template masking, packing without cross-contamination, replay of pretraining text, and
+bad-input reporting."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ import torch
 from pyllm.model import Transformer, preset
 from pyllm.post.chat import ChatTemplate
 from pyllm.post.datasets import DataError, Example, load_examples, load_pairs
-from pyllm.post.packing import IGNORE, encode_examples, example_tensors, pack
+from pyllm.post.packing import IGNORE, PackedBatches, ReplayBatches, encode_examples, example_tensors, pack
+from pyllm.post.sft import SFTConfig, replay_loss, sft_loss
 from pyllm.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -88,3 +90,72 @@ def test_packed_logits_equal_unpacked(name):
         # without doc_ids the later examples would see the earlier ones: the test can fail
         mixed = model(rows["input_ids"], positions=rows["positions"])
         assert not torch.allclose(mixed[0, len(exs[0].ids):start], packed[0, len(exs[0].ids):start], atol=1e-3)
+
+
+class _Text:
+    """Stand-in for pyllm.data.loader.ShardLoader: windows of a counting stream, two documents per row."""
+
+    def __init__(self, batch_size, seq_len):
+        self.batch_size, self.seq_len, self.step = batch_size, seq_len, 0
+
+    def next_batch(self):
+        start = 1000 + self.step * self.batch_size * self.seq_len
+        block = torch.arange(start, start + self.batch_size * (self.seq_len + 1)).view(self.batch_size, -1) % 250
+        self.step += 1
+        doc = (torch.arange(self.seq_len) >= self.seq_len // 2).long().expand(self.batch_size, -1)
+        return {"input_ids": block[:, :-1], "targets": block[:, 1:], "doc_ids": doc}
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+def _replay_batches(seed=0):
+    exs = encode_examples(ChatTemplate(TOK), [Example(f"{a}+{a}=", str(2 * a)) for a in range(40)], 24)
+    return ReplayBatches(PackedBatches(pack(exs, 24, TOK.pad_id), 3, seed=seed), _Text(2, 24))
+
+
+def test_replay_rows_follow_the_packed_rows_laid_out_as_in_pretraining():
+    src = _replay_batches()
+    b = src.next_batch()
+    assert {k: tuple(v.shape) for k, v in b.items()} == {"input_ids": (5, 24), "targets": (5, 24), "doc_ids": (5, 24),
+                                                         "positions": (5, 24), "replay": (5,)}
+    assert b["replay"].tolist() == [False, False, False, True, True]
+    text = b["input_ids"][3:]
+    assert torch.equal(b["targets"][3:, :-1], text[:, 1:])  # every replayed token is a target
+    assert (b["positions"][3:] == torch.arange(24)).all() and (b["targets"][:3] == IGNORE).any()
+    assert b["doc_ids"][3:, -1].tolist() == [1, 1]
+    # resumable: a new source loaded with the state continues with the same batch
+    state, expected = src.state_dict(), src.next_batch()
+    again = _replay_batches()
+    again.load_state_dict(state)
+    resumed = again.next_batch()
+    assert all(torch.equal(resumed[k], v) for k, v in expected.items())
+
+
+def test_replay_loss_weights_the_sft_and_text_parts():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_layer=1, d_model=32, n_head=2, vocab_size=TOK.vocab_size))
+    b = _replay_batches().next_batch()
+    loss, parts = replay_loss(0.25)(model, b)
+    sft_part = sft_loss(model, {k: v[:3] for k, v in b.items()})[0]
+    text_part = model.loss(b["input_ids"][3:], b["targets"][3:], doc_ids=b["doc_ids"][3:])
+    torch.testing.assert_close(parts["sft_loss"], sft_part.detach())
+    torch.testing.assert_close(parts["replay_loss"], text_part.detach())
+    torch.testing.assert_close(loss, 0.75 * sft_part + 0.25 * text_part)
+    loss.backward()  # both parts reach the weights
+    assert model.head_weight.grad.abs().sum() > 0
+
+
+def test_pretrain_mix_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"pretrain_mix=0.3 needs pretrain_data"):
+        SFTConfig(pretrain_mix=0.3)
+    with pytest.raises(ValueError, match=r"pretrain_mix=1.0 must be in \[0, 1\)"):
+        SFTConfig(pretrain_mix=1.0)
+    with pytest.raises(ValueError, match=r"pretrain_data='.*' is not a shard directory"):
+        SFTConfig(pretrain_mix=0.3, pretrain_data=str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"pretrain_mix=0.01 of a micro-batch of 16 rows gives 0 replay rows"):
+        SFTConfig(pretrain_mix=0.01, pretrain_data=str(tmp_path), train={"batch_size": 16}).replay_rows()
