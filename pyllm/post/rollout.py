@@ -184,12 +184,17 @@ class RLConfig(StageConfig):
     """Sampling temperature of rollouts."""
     max_new_tokens: int = 8
     """Longest response sampled."""
+    skip_train: int = 0
+    """Leave out the first N training prompts (in the same fixed order as ``max_train``): RL then samples
+    prompts that an SFT run with ``max_train=N`` on the same data never saw (prompts it memorised give
+    every sample the same reward, hence no gradient)."""
 
     def __post_init__(self):
         checks = [(self.prompts_per_rollout > 0, "prompts_per_rollout must be positive"),
                   (self.epochs > 0, "epochs must be positive"), (self.clip > 0, "clip must be positive"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"), (self.temperature > 0, "temperature must be > 0"),
-                  (self.max_new_tokens > 0, "max_new_tokens must be positive")]
+                  (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+                  (self.skip_train >= 0, "skip_train must be >= 0")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"{type(self).__name__}: {msg}")
@@ -213,10 +218,10 @@ def rl_setup(cfg: RLConfig):
     reference = BaseModelView(policy) if cfg.lora_rank else copy.deepcopy(policy).eval().requires_grad_(False)
     items = resolve(cfg.data, BUILTIN_EXAMPLES, load_examples, cfg.seed)
     train_items, heldout = split([e for e in items if isinstance(e, Example)], cfg.heldout_fraction)
+    train_items, heldout = train_items[cfg.skip_train:][:cfg.max_train], heldout[:cfg.max_heldout]
     if not train_items or not heldout:
-        raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_items)} training and "
-                         f"{len(heldout)} held-out prompts; both must be non-empty")
-    train_items, heldout = train_items[:cfg.max_train], heldout[:cfg.max_heldout]
+        raise ValueError(f"{type(cfg).__name__}: data {cfg.data!r} gives {len(train_items)} training prompts "
+                         f"(after skip_train={cfg.skip_train}) and {len(heldout)} held-out; both must be non-empty")
     for e in train_items + heldout:  # a prompt that leaves no room to answer is an error, with its origin
         n = len(template.prompt_ids([{"role": "user", "content": e.prompt}]))
         if n + cfg.max_new_tokens > cfg.seq_len:

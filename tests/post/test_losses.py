@@ -87,6 +87,19 @@ def test_grpo_advantages():
         losses.grpo_advantages(r, 3)
 
 
+def test_grpo_policy_gradient_is_zero_on_groups_of_equal_rewards():
+    # group 1 has rewards (1, 0), group 2 (1, 1): only group 1's log-probs get a gradient
+    adv = losses.grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2)
+    logp = torch.randn(4, 3).requires_grad_()
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    loss, _, _ = losses.ppo_policy_loss(logp, logp.detach(), adv[:, None].expand(4, 3), mask, per_sequence=True)
+    loss.backward()
+    assert logp.grad[2:].abs().max() == 0 and logp.grad[:2].abs().min() == 0  # padding gets none either
+    # per sequence: each token of a response weighs 1 / (4 responses x its length), sign = -advantage
+    assert logp.grad[0, :2].tolist() == pytest.approx([-adv[0].item() / 8] * 2)
+    assert logp.grad[1].tolist() == pytest.approx([-adv[1].item() / 12] * 3)
+
+
 def test_kl_estimators_and_adaptive_controller():
     logp, ref = torch.tensor([0.0, -1.0]), torch.tensor([-1.0, 0.0])
     assert losses.kl_penalty(logp, ref, "k1").tolist() == pytest.approx([1.0, -1.0])

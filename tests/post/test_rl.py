@@ -9,7 +9,7 @@ from pyllm.model.config import ModelConfig
 from pyllm.post.chat import ChatTemplate
 from pyllm.post.grpo import GRPOConfig, grpo
 from pyllm.post.ppo import PPOConfig, ppo
-from pyllm.post.rollout import Rollout, RolloutBatches, sample
+from pyllm.post.rollout import Rollout, RolloutBatches, rl_setup, sample
 from pyllm.post.sequences import generate_responses, response_logprobs
 from pyllm.tokenizer import ByteTokenizer
 
@@ -71,3 +71,14 @@ def test_killed_and_resumed_rl_run_continues_exactly(sft_dir, tmp_path, algo):
     keys = ["loss", "reward", "grad_norm"] + (["kl_coef"] if algo == "ppo" else [])
     assert all(h["grad_norm"] > 0 for h in full)  # the policy moves, so a fresh rollout would differ
     assert [[h[k] for k in keys] for h in resumed["history"]] == [[h[k] for k in keys] for h in full[3:]]
+
+
+def test_skip_train_leaves_out_the_prompts_sft_trained_on(tmp_path):
+    def prompts(**kw):
+        cfg = GRPOConfig(data="builtin:sort", out_dir=str(tmp_path), max_heldout=4, train={"model": MODEL}, **kw)
+        return rl_setup(cfg)[4]
+
+    first, rest = prompts(max_train=30), prompts(skip_train=10, max_train=20)
+    assert rest == first[10:30]
+    with pytest.raises(ValueError, match="skip_train=100000"):
+        prompts(skip_train=100000)
