@@ -39,7 +39,7 @@ class PPOConfig(RLConfig):
     """GAE lambda."""
     whiten_rewards: bool = True
     """Normalise each rollout's scores to unit variance (mean kept) before the KL penalty is added."""
-    prompts_per_rollout: int = 128
+    prompts_per_rollout: int = 256
     """Prompts sampled per rollout (one response each)."""
     out_dir: str = "runs/ppo"
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
@@ -49,7 +49,8 @@ class PPOConfig(RLConfig):
         self.check_minibatch()
 
     def stage_defaults(self) -> dict:
-        return {"lr": 2e-4, "min_lr": 2e-4, "max_steps": 300, "batch_size": 64, "warmup_steps": 0,
+        # measured (README): 2 epochs of minibatches of 128 over rollouts of 256, with a warmup
+        return {"lr": 5e-4, "min_lr": 5e-4, "max_steps": 300, "batch_size": 128, "warmup_steps": 20,
                 "schedule": "constant"}
 
 
