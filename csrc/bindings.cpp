@@ -68,9 +68,9 @@ void bind_cpu(py::module_& m) {
   m.def(
       "cpu_swiglu_bwd",
       [](Addr dy, Addr gate, Addr up, Addr dgate, Addr dup, int64_t rows, int64_t n, int64_t gs, int64_t us,
-         int threads) {
+         int64_t grad_stride, int threads) {
         kernels().swiglu_bwd(P<const float>(dy), P<const float>(gate), P<const float>(up), P<float>(dgate),
-                             P<float>(dup), rows, n, gs, us, threads);
+                             P<float>(dup), rows, n, gs, us, grad_stride, threads);
       },
       kNoGil);
   m.def(

@@ -114,14 +114,14 @@ void swiglu_fwd(const float* gate, const float* up, float* y, int64_t rows, int6
 
 // d/dg [g s(g)] = s(g) (1 + g (1 - s(g)))
 void swiglu_bwd(const float* dy, const float* gate, const float* up, float* dgate, float* dup, int64_t rows,
-                int64_t n, int64_t gate_stride, int64_t up_stride, int threads) {
+                int64_t n, int64_t gate_stride, int64_t up_stride, int64_t grad_stride, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = gate + r * gate_stride;
     const float* u = up + r * up_stride;
     const float* d = dy + r * n;
-    float* dg = dgate + r * n;
-    float* du = dup + r * n;
+    float* dg = dgate + r * grad_stride;
+    float* du = dup + r * grad_stride;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float s = fast_sigmoid(g[i]);

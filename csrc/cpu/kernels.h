@@ -35,9 +35,11 @@ struct KernelTable {
   // y = SiLU(gate) * up; gate/up rows of n with row strides (elements) gate_stride/up_stride.
   void (*swiglu_fwd)(const float* gate, const float* up, float* y, int64_t rows, int64_t n, int64_t gate_stride,
                      int64_t up_stride, int threads);
-  // dgate, dup contiguous (rows, n).
+  // dgate, dup rows of n with row stride grad_stride: n for two tensors, 2n for the halves of one
+  // (rows, 2n) gradient (dup = dgate + n), the layout of the fused [gate | up] projection.
   void (*swiglu_bwd)(const float* dy, const float* gate, const float* up, float* dgate, float* dup,
-                     int64_t rows, int64_t n, int64_t gate_stride, int64_t up_stride, int threads);
+                     int64_t rows, int64_t n, int64_t gate_stride, int64_t up_stride, int64_t grad_stride,
+                     int threads);
 
   // Row softmax (rows, n) and its backward dx = y * (dy - sum(dy * y)).
   void (*softmax_fwd)(const float* x, float* y, int64_t rows, int64_t n, int threads);

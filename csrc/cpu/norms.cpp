@@ -1,8 +1,8 @@
 // LayerNorm and RMSNorm forward/backward over rows, with the residual add fused in (pre-norm blocks
 // compute h = x + residual and norm(h) in one pass over memory instead of three).
 //
-// Forward per row (h in cache after the first pass): mean and variance in two passes over the row
-// (more accurate than E[h^2] - E[h]^2), then y = (h - mean) * rstd * w + b.
+// Forward per row: the residual add and the row sum in one pass, the variance around the mean in a second
+// over h while it is in L1 (more accurate than E[h^2] - E[h]^2), then y = (h - mean) * rstd * w + b.
 // Backward (Ba et al. 2016; g = dy * w, xhat = (h - mean) * rstd):
 //   LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat)),  xhat = h * rstd
@@ -21,26 +21,43 @@ void norm_fwd(const float* x, const float* residual, const float* weight, const 
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     float* yr = y + r * n;
+    // First pass: h = x + residual (written once), with sum(h) for LayerNorm or sum(h^2) for RMSNorm.
     const float* h = xr;
+    float s1 = 0.0f;
     if (residual) {
       const float* rr = residual + r * n;
       float* hr = h_out + r * n;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) hr[i] = xr[i] + rr[i];
+      if (rms) {
+#pragma omp simd reduction(+ : s1)
+        for (int64_t i = 0; i < n; ++i) {
+          hr[i] = xr[i] + rr[i];
+          s1 += hr[i] * hr[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : s1)
+        for (int64_t i = 0; i < n; ++i) {
+          hr[i] = xr[i] + rr[i];
+          s1 += hr[i];
+        }
+      }
       h = hr;
+    } else if (rms) {
+#pragma omp simd reduction(+ : s1)
+      for (int64_t i = 0; i < n; ++i) s1 += h[i] * h[i];
+    } else {
+#pragma omp simd reduction(+ : s1)
+      for (int64_t i = 0; i < n; ++i) s1 += h[i];
     }
-    float mean = 0.0f;
+    const float mean = rms ? 0.0f : s1 / static_cast<float>(n);
+    // Second pass (LayerNorm, h now in L1): the variance around the mean.
+    float sq = s1;
     if (!rms) {
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < n; ++i) sum += h[i];
-      mean = sum / static_cast<float>(n);
-    }
-    float sq = 0.0f;
+      sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
-    for (int64_t i = 0; i < n; ++i) {
-      const float d = h[i] - mean;
-      sq += d * d;
+      for (int64_t i = 0; i < n; ++i) {
+        const float d = h[i] - mean;
+        sq += d * d;
+      }
     }
     const float rstd = 1.0f / sqrtf(sq / static_cast<float>(n) + eps);
     if (bias) {

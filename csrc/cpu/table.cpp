@@ -11,7 +11,8 @@ void norm_bwd(const float*, const float*, const float*, const float*, const floa
 void bias_gelu_fwd(const float*, const float*, float*, int64_t, int64_t, bool, int);
 void bias_gelu_bwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, bool, int);
 void swiglu_fwd(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int);
-void swiglu_bwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int);
+void swiglu_bwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                int);
 void softmax_fwd(const float*, float*, int64_t, int64_t, int);
 void softmax_bwd(const float*, const float*, float*, int64_t, int64_t, int);
 void cross_entropy_fwd(const float*, const int64_t*, float*, float*, int64_t, int64_t, int64_t, float, float, int);

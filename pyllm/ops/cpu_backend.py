@@ -54,7 +54,7 @@ def _threads() -> int:
 def _require_f32_cpu(op: str, **tensors: Optional[Tensor]) -> None:
     """Raise Unsupported (-> fallback to the reference) unless every given tensor is float32 on the CPU."""
     for name, t in tensors.items():
-        if t is None:
+        if t is None or (t.dtype is _F32 and t.is_cpu):  # the common case, without building a device object
             continue
         if t.device.type != "cpu":
             raise Unsupported(f"cpu backend: argument '{name}' of {op} is on {t.device}, needs the CPU")
@@ -199,7 +199,7 @@ def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     rows, n = rows_and_width(gate)
     dgate, dup = gate.new_empty(gate.shape), gate.new_empty(gate.shape)
     _C.cpu_swiglu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), rows, n, gs,
-                      us, _threads())
+                      us, n, _threads())
     return dgate, dup
 
 
@@ -207,9 +207,76 @@ _swiglu = kernel_op("pyllm::swiglu_cpu", _swiglu_fwd, swiglu_fwd_fake, swiglu_se
                     bwd_name="pyllm::swiglu_bwd_cpu", bwd=_swiglu_bwd, bwd_fake=swiglu_bwd_fake)
 
 
+# The model's MLP computes gate, up = fc(x).chunk(2, dim=-1). Given those two views, autograd would
+# receive dgate and dup separately and concatenate them into the projection's gradient (a copy of
+# 2 x rows x n floats, as costly as the SwiGLU backward itself). When gate and up are exactly the two
+# halves of one contiguous (..., 2n) tensor, the op below takes that tensor instead and its backward
+# writes dgate and dup straight into the halves of one (..., 2n) gradient: no split, no concatenation.
+
+
+def _fused_projection(gate: Tensor, up: Tensor) -> Optional[Tensor]:
+    """The contiguous (..., 2n) tensor whose last-dim halves are exactly ``gate`` and ``up``, or None."""
+    base = gate._base
+    if base is None or up._base is not base or not base.is_contiguous() or gate.shape != up.shape:
+        return None
+    n = gate.shape[-1]
+    if base.numel() != 2 * gate.numel() or _row_stride(gate) != 2 * n or _row_stride(up) != 2 * n:
+        return None
+    start = base.data_ptr()
+    if gate.data_ptr() != start or up.data_ptr() != start + 4 * n:
+        return None
+    shape = gate.shape[:-1] + (2 * n,)
+    return base if base.shape == shape else base.view(shape)
+
+
+def _swiglu_fused_fwd(gate_up: Tensor) -> Tensor:
+    """gate_up (..., 2n) = [gate | up] -> SiLU(gate) * up (..., n)."""
+    rows, n2 = rows_and_width(gate_up)
+    n = n2 // 2
+    y = gate_up.new_empty(gate_up.shape[:-1] + (n,))
+    _C.cpu_swiglu_fwd(gate_up.data_ptr(), gate_up.data_ptr() + 4 * n, y.data_ptr(), rows, n, n2, n2, _threads())
+    return y
+
+
+def _swiglu_fused_fwd_fake(gate_up):
+    return gate_up.new_empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,))
+
+
+def _swiglu_fused_bwd(dy: Tensor, gate_up: Tensor) -> Tensor:
+    """The gradient of gate_up (..., 2n): [dgate | dup]."""
+    dy = dy.contiguous()
+    rows, n2 = rows_and_width(gate_up)
+    n = n2 // 2
+    d = torch.empty_like(gate_up)
+    _C.cpu_swiglu_bwd(dy.data_ptr(), gate_up.data_ptr(), gate_up.data_ptr() + 4 * n, d.data_ptr(),
+                      d.data_ptr() + 4 * n, rows, n, n2, n2, n2, _threads())
+    return d
+
+
+def _swiglu_fused_bwd_fake(dy, gate_up):
+    return torch.empty_like(gate_up)
+
+
+def _swiglu_fused_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_fused_backward(ctx, bwd, dy):
+    return bwd(dy, *ctx.saved_tensors)
+
+
+_swiglu_fused = kernel_op("pyllm::swiglu_fused_cpu", _swiglu_fused_fwd, _swiglu_fused_fwd_fake, _swiglu_fused_setup,
+                          _swiglu_fused_backward, bwd_name="pyllm::swiglu_fused_bwd_cpu", bwd=_swiglu_fused_bwd,
+                          bwd_fake=_swiglu_fused_bwd_fake)
+
+
 @register("swiglu", "cpu")
 def swiglu(gate, up):
     _require_f32_cpu("swiglu", gate=gate, up=up)
+    if not torch.compiler.is_compiling():  # dynamo cannot trace ._base; compiled graphs fuse the split themselves
+        gate_up = _fused_projection(gate, up)
+        if gate_up is not None:
+            return _swiglu_fused(gate_up)
     return _swiglu(gate, up)
 
 
