@@ -84,6 +84,40 @@ def test_swiglu_on_chunks_of_a_fused_projection():
     assert_close(dk, d64, d64.float(), "swiglu grad on chunks")
 
 
+def _swiglu_grad_of(fused, gate, up, backend):
+    y = ops.swiglu(gate, up, backend=backend)
+    u = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    return y, torch.autograd.grad(y, fused, u)[0], y.grad_fn
+
+
+@pytest.mark.parametrize("layout", ["halves", "halves of a reshaped view", "up first", "thirds", "transposed"])
+def test_swiglu_fused_projection_path(layout):
+    # The fused path (gate, up = the two halves of one contiguous tensor) hands its gradient straight to
+    # that tensor; every other layout must take the strided path and give the same numbers.
+    fused = torch.randn(2 * 7, 2 * 33 if layout != "thirds" else 3 * 33, requires_grad=True)
+    src = fused
+    if layout == "halves of a reshaped view":
+        src = fused.view(2, 7, -1)
+    if layout == "transposed":
+        fused = torch.randn(2 * 33, 2 * 7, requires_grad=True)
+        src = fused.t()
+    parts = src.chunk(2 if layout != "thirds" else 3, dim=-1)
+    gate, up = (parts[1], parts[0]) if layout == "up first" else parts[:2]
+    y, dk, grad_fn = _swiglu_grad_of(fused, gate, up, "cpu")
+    fused64 = fused.detach().double().requires_grad_()
+    src64 = {"halves of a reshaped view": fused64.view(2, 7, -1), "transposed": fused64.t()}.get(layout, fused64)
+    parts64 = src64.chunk(2 if layout != "thirds" else 3, dim=-1)
+    g64, u64 = (parts64[1], parts64[0]) if layout == "up first" else parts64[:2]
+    y64, d64, _ = _swiglu_grad_of(fused64, g64, u64, "torch")
+    _, dref, _ = _swiglu_grad_of(fused, gate, up, "torch")
+    assert_close(y, y64, reference.swiglu(gate, up).detach(), f"swiglu ({layout})")
+    assert_close(dk, d64, dref, f"swiglu grad ({layout})")
+    fused_path = layout in ("halves", "halves of a reshaped view")
+    # the fused path's backward feeds the projection directly, not a SplitBackward node
+    first_input = grad_fn.next_functions[0][0]
+    assert (type(first_input).__name__ != "SplitBackward0") == fused_path, type(first_input).__name__
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (5, 13), (3, 4, 1000)])
 def test_softmax(shape):
     _check("softmax", [torch.randn(shape) * 4])
@@ -119,6 +153,24 @@ def test_linear_cross_entropy(rows, hidden, vocab, with_bias, reduction):
     args = [torch.randn(rows, hidden), torch.randn(vocab, hidden) * hidden ** -0.5, target]
     kwargs = {"bias": torch.randn(vocab)} if with_bias else {}
     _check("linear_cross_entropy", args, reduction=reduction, label_smoothing=0.1, z_loss=1e-4, **kwargs)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_linear_cross_entropy_loss_backward(scale):
+    # loss.backward() (dloss = 1) returns the gradients made in the forward as they are; a scaled loss
+    # multiplies them. Targets include ignore_index inside [0, V) (the slow target check) and chunking.
+    rows, hidden, vocab = 40, 16, 65537
+    h, w = torch.randn(rows, hidden, requires_grad=True), (torch.randn(vocab, hidden) * 0.25).requires_grad_()
+    target = torch.randint(0, vocab, (rows,))
+    target[::5] = 3
+    grads = {}
+    for backend, dtype in (("cpu", torch.float32), ("torch", torch.float64), ("torch", torch.float32)):
+        hh, ww = h.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+        (ops.linear_cross_entropy(hh, ww, target, ignore_index=3, backend=backend) * scale).backward()
+        grads[backend, dtype] = (hh.grad, ww.grad)
+    for i, name in enumerate(("dhidden", "dweight")):
+        assert_close(grads["cpu", torch.float32][i], grads["torch", torch.float64][i],
+                     grads["torch", torch.float32][i], f"linear_cross_entropy {name} (scale {scale})")
 
 
 def test_linear_cross_entropy_without_grad_and_refused_reduction():
