@@ -11,7 +11,7 @@ import torch
 from . import externals
 from .harness import Case, Inputs, OpBench, bytes_of
 from .pytest_adapter import pytest_benchmark_test
-from .shapes import MODELS, TOKENS
+from .shapes import CPU_MODELS, MODELS, TOKENS
 
 
 class LayerNormBench(OpBench):
@@ -22,8 +22,12 @@ class LayerNormBench(OpBench):
         widths = {"short": ["gpt2-124M"], "cpu": ["gpt2-124M", "llama-1B"],
                   "gpu": ["gpt2-124M", "gpt2-350M", "llama-1B", "llama-8B"]}[suite]
         n = TOKENS[suite]
-        return [Case(f"{m} ({n} tokens, d={MODELS[m].d_model})", {"rows": n, "cols": MODELS[m].d_model})
-                for m in widths]
+        cases = [Case(f"{m} ({n} tokens, d={MODELS[m].d_model})", {"rows": n, "cols": MODELS[m].d_model})
+                 for m in widths]
+        if suite == "cpu":  # the GPT-style models the CPU trains
+            cases += [Case(f"{m} ({s.tokens} tokens, d={s.model.d_model})", {"rows": s.tokens, "cols": s.model.d_model})
+                      for m, s in CPU_MODELS.items() if s.model.norm == "layernorm"]
+        return cases
 
     def make_inputs(self, case, dtype, device):
         n, d = case.shape["rows"], case.shape["cols"]

@@ -11,7 +11,7 @@ import torch
 from . import externals
 from .harness import Case, Inputs, OpBench
 from .pytest_adapter import pytest_benchmark_test
-from .shapes import MODELS, TOKENS
+from .shapes import CPU_MODELS, MODELS, TOKENS
 
 
 class LinearCrossEntropyBench(OpBench):
@@ -24,8 +24,13 @@ class LinearCrossEntropyBench(OpBench):
             return [Case("small head (16 tokens, H=128, V=4096)", {"N": 16, "H": 128, "V": 4096})]
         models = {"cpu": ["gpt2-124M"], "gpu": ["gpt2-124M", "llama-1B", "llama-8B"]}[suite]
         n = {"cpu": 256, "gpu": TOKENS["gpu"]}[suite]
-        return [Case(f"{m} head ({n} tokens, H={MODELS[m].d_model}, V={MODELS[m].vocab_size})",
-                     {"N": n, "H": MODELS[m].d_model, "V": MODELS[m].vocab_size}) for m in models]
+        cases = [Case(f"{m} head ({n} tokens, H={MODELS[m].d_model}, V={MODELS[m].vocab_size})",
+                      {"N": n, "H": MODELS[m].d_model, "V": MODELS[m].vocab_size}) for m in models]
+        if suite == "cpu":  # the heads of the small models the CPU trains
+            cases += [Case(f"{m} head ({s.tokens} tokens, H={s.model.d_model}, V={s.model.vocab_size})",
+                           {"N": s.tokens, "H": s.model.d_model, "V": s.model.vocab_size})
+                      for m, s in CPU_MODELS.items()]
+        return cases
 
     def make_inputs(self, case, dtype, device):
         n, h, v = case.shape["N"], case.shape["H"], case.shape["V"]

@@ -9,6 +9,7 @@ import torch
 
 from .harness import Case, Inputs, OpBench, bytes_of
 from .pytest_adapter import pytest_benchmark_test
+from .shapes import CPU_MODELS
 
 
 class SoftmaxBench(OpBench):
@@ -18,7 +19,12 @@ class SoftmaxBench(OpBench):
     def cases(self, suite):
         sizes = {"short": [(64, 512)], "cpu": [(1024, 1024), (256, 50257)],
                  "gpu": [(16384, 1024), (4096, 4096), (1024, 16384), (1024, 128256)]}[suite]
-        return [Case(f"{rows}x{cols}", {"rows": rows, "cols": cols}) for rows, cols in sizes]
+        cases = [Case(f"{rows}x{cols}", {"rows": rows, "cols": cols}) for rows, cols in sizes]
+        if suite == "cpu":  # attention-score rows of the small models the CPU trains: (B H T, T)
+            for m, s in CPU_MODELS.items():
+                rows, cols = s.tokens * s.model.n_head, s.tokens // s.batch
+                cases.append(Case(f"{m} attention scores {rows}x{cols}", {"rows": rows, "cols": cols}))
+        return cases
 
     def make_inputs(self, case, dtype, device):
         return Inputs([torch.randn(case.shape["rows"], case.shape["cols"], device=device, dtype=dtype)],
