@@ -9,7 +9,7 @@ import torch
 
 from .harness import Case, Inputs, OpBench, bytes_of
 from .pytest_adapter import pytest_benchmark_test
-from .shapes import MODELS, TOKENS
+from .shapes import CPU_MODELS, MODELS, TOKENS
 
 
 class BiasGeluBench(OpBench):
@@ -19,8 +19,12 @@ class BiasGeluBench(OpBench):
     def cases(self, suite):
         models = {"short": ["gpt2-124M"], "cpu": ["gpt2-124M"], "gpu": ["gpt2-124M", "gpt2-350M"]}[suite]
         n = TOKENS[suite]
-        return [Case(f"{m} MLP ({n} tokens, d_ff={MODELS[m].d_ff})", {"rows": n, "cols": MODELS[m].d_ff})
-                for m in models]
+        cases = [Case(f"{m} MLP ({n} tokens, d_ff={MODELS[m].d_ff})", {"rows": n, "cols": MODELS[m].d_ff})
+                 for m in models]
+        if suite == "cpu":  # the GPT-style models the CPU trains
+            cases += [Case(f"{m} MLP ({s.tokens} tokens, d_ff={s.model.d_ff})", {"rows": s.tokens, "cols": s.model.d_ff})
+                      for m, s in CPU_MODELS.items() if s.model.mlp == "gelu"]
+        return cases
 
     def make_inputs(self, case, dtype, device):
         n, f = case.shape["rows"], case.shape["cols"]

@@ -124,7 +124,14 @@ def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
     return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
 
 
-_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, norm_setup, _norm_backward,
+def _norm_setup(ctx, inputs, output):
+    norm_setup(ctx, inputs, output)
+    # mean and rstd are saved statistics: no gradient flows through them, so autograd neither tracks
+    # them nor builds zero gradients for them in the backward (measurable on small rows)
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
                   bwd_name="pyllm::norm_bwd_cpu", bwd=_norm_bwd, bwd_fake=norm_bwd_fake)
 
 
