@@ -69,15 +69,20 @@ class RewardModel(nn.Module):
 
 
 class PolicyWithValue(nn.Module):
-    """PPO's actor-critic: the policy transformer plus a value head on its hidden states (shared trunk)."""
+    """PPO's actor-critic: the policy transformer plus a value head on its hidden states.
 
-    def __init__(self, policy: Transformer):
+    With ``shared_trunk`` the value loss also trains the transformer; otherwise the head reads the
+    hidden states detached, so only the policy loss moves the policy. (Shared, a value loss that grows
+    with the returns - a large KL penalty - dominated the clipped gradient and wrecked the policy.)
+    """
+
+    def __init__(self, policy: Transformer, shared_trunk: bool = False):
         super().__init__()
-        self.policy = policy
+        self.policy, self.shared_trunk = policy, shared_trunk
         self.value_head = ScalarHead(policy.cfg.d_model)
 
     def forward(self, idx, positions=None, doc_ids=None):
         """-> (logits (B, T, V), values (B, T))."""
         h = self.policy.hidden(idx, positions, doc_ids)
         logits = ops.linear(h, self.policy.head_weight, backend=self.policy.cfg.backend)
-        return logits, self.value_head(h)
+        return logits, self.value_head(h if self.shared_trunk else h.detach())

@@ -37,6 +37,10 @@ class PPOConfig(RLConfig):
     """Discount."""
     lam: float = 0.95
     """GAE lambda."""
+    shared_value_trunk: bool = False
+    """True: the value loss also trains the transformer (one shared trunk); False: the value head reads
+    detached hidden states. Shared, PPO against a reward model with kl_coef 3 diverged: the value loss grew
+    with the KL-penalised returns (3 -> 1800) and swamped the clipped gradient (README)."""
     whiten_rewards: bool = True
     """Normalise each rollout's scores to unit variance (mean kept) before the KL penalty is added."""
     prompts_per_rollout: int = 256
@@ -64,7 +68,7 @@ def _forward(model: PolicyWithValue, tokens, temperature: float = 1.0):
 def ppo(cfg: PPOConfig) -> dict:
     """Run PPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
     policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
-    model = PolicyWithValue(policy).to(policy.head_weight.device)
+    model = PolicyWithValue(policy, cfg.shared_value_trunk).to(policy.head_weight.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     @torch.no_grad()

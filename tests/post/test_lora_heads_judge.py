@@ -60,6 +60,17 @@ def test_heads_shapes_and_reward_model_roundtrip(tmp_path):
     assert values.abs().max() == 0  # zero-initialised value head
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_value_loss_trains_the_trunk_only_when_shared(shared):
+    model = PolicyWithValue(tiny(), shared_trunk=shared)
+    torch.nn.init.normal_(model.value_head.proj.weight)
+    _, values = model(torch.randint(0, TOK.vocab_size, (2, 5)))
+    values.square().sum().backward()
+    trunk = [p.grad for n, p in model.named_parameters() if not n.startswith("value_head")]
+    assert model.value_head.proj.weight.grad.abs().sum() > 0
+    assert any(g is not None and g.abs().sum() > 0 for g in trunk) == shared
+
+
 def test_rule_judge_agrees_with_task_labels_and_relabels_flipped_pairs():
     pairs = task_pairs(n=60)
     flipped = [p.__class__(p.prompt, p.rejected, p.chosen) for p in pairs[:20]] + pairs[20:]
