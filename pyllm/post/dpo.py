@@ -97,6 +97,21 @@ def preference_metrics(model, chosen, rejected, ref_c, ref_r, pad_id, beta, leng
             "logp_accuracy": (mean_c > mean_r).float().mean().item()}
 
 
+def dpo_objective(cfg: DPOConfig, logp, mask, ref_c, ref_r):
+    """The training loss from the policy's token log-probs ``logp``/``mask`` (2B, L-1) of B chosen rows
+    then B rejected rows, and the reference's sequence log-probs (B,) each -> (loss, metrics)."""
+    pol_c, pol_r = sequence_logprob(logp, mask, cfg.length_normalize).chunk(2)
+    loss, reward_c, reward_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=cfg.beta, variant=cfg.variant,
+                                        label_smoothing=cfg.label_smoothing)
+    metrics = {"reward_accuracy": (reward_c > reward_r).float().mean(), "reward_margin": (reward_c - reward_r).mean()}
+    loss = loss.mean()
+    if cfg.sft_coef:  # per-token NLL of the chosen rows: keeps their likelihood up while the margin grows
+        B = pol_c.shape[0]
+        nll = -sequence_logprob(logp[:B], mask[:B], length_normalize=True).mean()
+        loss, metrics["chosen_nll"] = loss + cfg.sft_coef * nll, nll.detach()
+    return loss, metrics
+
+
 def dpo(cfg: DPOConfig) -> dict:
     """Run DPO; returns held-out implicit-reward accuracy and margin before/after, and the model path."""
     policy, tokenizer, template = load_start(cfg)
@@ -115,23 +130,13 @@ def dpo(cfg: DPOConfig) -> dict:
 
     def loss_fn(model, batch):
         logp, mask = response_logprobs(model, batch["input_ids"], batch["train"])  # (2B, L-1), chosen first
-        pol_c, pol_r = sequence_logprob(logp, mask, cfg.length_normalize).chunk(2)
         if reference is None:
             idx = batch["index"].to(cached[0].device)
-            ref_c, ref_r = cached[0][idx].to(pol_c.device), cached[1][idx].to(pol_c.device)
+            ref_c, ref_r = cached[0][idx].to(logp.device), cached[1][idx].to(logp.device)
         else:
             with torch.no_grad():
                 ref_c, ref_r = _pair_logprobs(reference, batch["input_ids"], batch["train"], cfg.length_normalize)
-        loss, reward_c, reward_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=cfg.beta, variant=cfg.variant,
-                                            label_smoothing=cfg.label_smoothing)
-        metrics = {"reward_accuracy": (reward_c > reward_r).float().mean(),
-                   "reward_margin": (reward_c - reward_r).mean()}
-        loss = loss.mean()
-        if cfg.sft_coef:
-            B = pol_c.shape[0]
-            nll = -sequence_logprob(logp[:B], mask[:B], length_normalize=True).mean()
-            loss, metrics["chosen_nll"] = loss + cfg.sft_coef * nll, nll.detach()
-        return loss, metrics
+        return dpo_objective(cfg, logp, mask, ref_c, ref_r)
 
     def measure(m):
         return preference_metrics(m, h_chosen, h_rejected, *h_ref, pad, cfg.beta, cfg.length_normalize)
