@@ -149,11 +149,14 @@ def plot_losses(records: dict, path: Path) -> Path | None:
         ax.set_title(_stage_name(name, records[name].summary))
         ax.set_xlabel("step")
         ax.legend(fontsize=7, loc="upper left")
-        reward = [(r["step"], r["reward"]) for r in hist if "reward" in r and "loss" in r]
-        if reward:  # RL: the policy loss says little; the reward of the sampled answers is the curve to watch
-            twin = ax.twinx()
-            twin.plot(*zip(*reward), color="tab:red", label="sampled reward")
-            twin.legend(fontsize=7, loc="upper right")
+        # RL: the policy loss says little, the reward of the sampled answers is the curve to watch; DPO:
+        # the share of training pairs the implicit reward ranks right
+        for key, label in (("reward", "sampled reward"), ("reward_accuracy", "implicit-reward accuracy")):
+            curve = [(r["step"], r[key]) for r in hist if key in r and "loss" in r]
+            if curve:
+                twin = ax.twinx()
+                twin.plot(*zip(*curve), color="tab:red", label=label)
+                twin.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -76,6 +76,18 @@ def test_config_errors_say_what_to_change(capsys):
     assert "--force ['pretrian']" in capsys.readouterr().err
 
 
+def test_preset_rl_settings_build_either_algorithm():
+    """The default preset's rl_cfg is tuned for GRPO (scale_rewards); --rl ppo must still get a valid config."""
+    from pyllm.post.grpo import GRPOConfig
+    from pyllm.post.ppo import PPOConfig
+
+    for rl, config in (("grpo", GRPOConfig), ("ppo", PPOConfig)):
+        for preset in (pipeline.smoke, pipeline.default):
+            settings = pipeline._rl_settings(preset(rl=rl))
+            assert config(**settings).skip_train == settings.get("skip_train", 0)
+    assert "scale_rewards" not in pipeline._rl_settings(pipeline.default(rl="ppo"))
+
+
 def _record(summary):
     return StageRecord(key="k", finished=True, status="done", summary=summary)
 
