@@ -3,7 +3,10 @@
 The configuration is nanoGPT's published CPU run (README, "I only have a macbook"): character-level,
 block 64, batch 12, 4 layers x 4 heads x width 128, no dropout, no biases, lr 1e-3 with 100 warmup
 steps and cosine decay to 1e-4 at max_iters, AdamW beta2 0.99, weight decay 0.1, grad clip 1.0.
-pyllm runs the same architecture (exact GELU, tied embeddings, pre-LayerNorm).
+pyllm runs the same architecture (exact GELU, tied embeddings, pre-LayerNorm) with its
+``shakespeare_char_cpu`` preset's defaults: bf16 autocast (fp32 weights and optimiser) on a CPU with
+native bf16 dot products, else fp32. nanoGPT's train.py runs fp32 on a CPU whatever its ``--dtype``
+(its autocast context is disabled for device "cpu"); the record names both precisions.
 
     python benchmarks/train_vs_nanogpt.py --nanogpt /path/to/nanoGPT --text input.txt [--steps 2000]
 
@@ -34,6 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from pyllm.train.config import build_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
             print(f"train_vs_nanogpt: {what} not found: {path}", file=sys.stderr)
             return 2
     text = a.text.read_text(encoding="utf-8")
+    extra = [s for arg in a.pyllm_arg for s in arg.split()]
+    pyllm_precision = build_config("shakespeare_char_cpu", parse_overrides(extra)).precision
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         jobs = {"nanoGPT": (nanogpt_command(a.nanogpt, text, work, a.steps, a.eval_interval, a.eval_iters), work),
                 "pyllm": (pyllm_command(a.text, work / "pyllm", a.steps, a.eval_interval, a.eval_iters,
-                                        a.pyllm_compile, [s for arg in a.pyllm_arg for s in arg.split()]), ROOT)}
+                                        a.pyllm_compile, extra), ROOT)}
         groups = [[n] for n in jobs] if a.sequential else [list(jobs)]
         walls, outputs = {}, {}
         for names in groups:  # concurrently by default: both see the same machine load at the same time
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "train_vs_nanogpt", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],
               "torch": torch.__version__, "commit": commit or "unknown (not a git checkout)", "threads": a.threads, "steps": a.steps,
-              "text_chars": len(text), "dtype": "float32", "shape": "B12 T64 L4 H4 d128",
+              "text_chars": len(text), "dtype": {"nanoGPT": "fp32", "pyllm": pyllm_precision}, "shape": "B12 T64 L4 H4 d128",
               "pyllm_compile": a.pyllm_compile, "concurrent": not a.sequential, "pyllm_args": a.pyllm_arg, "results": rows,
               "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
               "val_loss_delta": rows[1]["val_loss"] - rows[0]["val_loss"]}
@@ -160,6 +167,7 @@ def main(argv=None) -> int:
         print(f"{r['name']:<8} {r['tokens_per_s']:9.0f} tok/s (p25-p75 {r['tokens_per_s_p25_p75'][0]:.0f}-"
               f"{r['tokens_per_s_p25_p75'][1]:.0f})  val loss {r['val_loss']:.4f} @ step {r['val_step']}  "
               f"wall {r['wall_s']:.0f}s")
+    print(f"precision nanoGPT fp32, pyllm {pyllm_precision}")
     print(f"speedup {result['speedup_tokens_per_s']:.2f}x, val loss pyllm - nanoGPT = {result['val_loss_delta']:+.4f}")
     if a.out:
         with open(a.out, "a") as f:

@@ -101,3 +101,10 @@ def test_cli_checkpoint_of_another_shape_is_one_line(tmp_path, capsys):
     assert main(base + ["--max_steps", "4", "--model.d_model", "96"]) == 2
     err = capsys.readouterr().err
     assert "is for a different model shape" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_preset_uses_bf16_only_with_native_bf16(monkeypatch, native):
+    monkeypatch.setattr("pyllm.train.config.cpu_has_native_bf16", lambda: native)
+    assert preset("shakespeare_char_cpu").precision == ("bf16" if native else "fp32")
+    assert preset("shakespeare_char_cpu", precision="fp32").precision == "fp32"  # still overridable

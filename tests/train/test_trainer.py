@@ -114,7 +114,7 @@ class _KillAfter:
         self.inner.load_state_dict(state)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])  # bf16: the CPU preset's default
 def test_kill_and_resume_gives_identical_losses(tmp_path, precision):
     """Killed after step 6 with checkpoints every 4 steps, then resumed (from a differently initialised
     model): steps 5-8 reproduce the uninterrupted run bit for bit (losses, grad norms, weights)."""
@@ -194,3 +194,18 @@ def test_memory_options_keep_the_losses(tmp_path, overrides, exact):
         assert other == base
     else:
         np.testing.assert_allclose(other, base, rtol=1e-5)
+
+
+def test_tensorboard_scalars_equal_the_jsonl_records(tmp_path):
+    """With tensorboard=True an event file is written whose loss/grad_norm scalars are the logged ones."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = make_trainer(tmp_path, max_steps=4, tensorboard=True).fit()["history"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag in ("loss", "grad_norm"):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        # TensorBoard stores fp32 scalars
+        assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in history]
