@@ -126,9 +126,11 @@ def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
 
 def _norm_setup(ctx, inputs, output):
     norm_setup(ctx, inputs, output)
-    # mean and rstd are saved statistics: no gradient flows through them, so autograd neither tracks
-    # them nor builds zero gradients for them in the backward (measurable on small rows)
+    # mean and rstd are saved statistics that no gradient flows through. Unused outputs get None, not a
+    # tensor of zeros: the final norm's residual sum is never used, and a zero (rows, n) gradient for it
+    # would cost an allocation, a fill and a pass in the kernel (_norm_backward handles None).
     ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)
 
 
 _norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
@@ -431,10 +433,15 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         db.zero_()
     total = torch.zeros((), dtype=torch.float64)
     threads = _threads()
+    buffer = hidden.new_empty(chunk, vocab)  # one chunk of logits, reused: the op's only O(V) scratch
     for start in range(0, rows, chunk):
         h, t = hidden[start:start + chunk], target[start:start + chunk]
         n = h.shape[0]
-        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (n, V)
+        logits = buffer[:n]  # (n, V)
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        else:
+            torch.mm(h, weight.t(), out=logits)
         if logits.dtype != _F32:  # e.g. autocast switched on inside a compiled region: never pass it to C++
             raise RuntimeError(f"pyllm.ops.linear_cross_entropy (cpu): logits came out {logits.dtype}, not float32")
         loss, lse = logits.new_empty(n), logits.new_empty(n)
@@ -466,10 +473,16 @@ def _linear_cross_entropy_fwd_fake(hidden, weight, bias, target, ignore_index, l
 def _linear_cross_entropy_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.save_for_backward(*output[1:])
+    # The gradients returned beside the loss are not differentiable outputs; without this autograd would
+    # hand the backward a zero tensor for each (one of the size of the weight: 147 MiB for GPT-2's head).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _linear_cross_entropy_backward(ctx, _forward, dloss, _ddh, _ddw, _ddb):
     dh, dw, db = ctx.saved_tensors
+    if dloss is None:  # the loss itself was not used
+        return None, None, None, None, None, None, None, None, None
     if not dh.numel() and not dw.numel():
         raise RuntimeError("pyllm.ops.linear_cross_entropy (cpu): gradients were not computed in the forward")
     db = db if ctx.has_bias else None

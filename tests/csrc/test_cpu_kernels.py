@@ -51,6 +51,20 @@ def test_rms_norm(rows, n, with_residual):
         _check("rms_norm", [x, w])
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_with_unused_residual_output(op):
+    # the model's final norm: (norm(x + r), x + r) with only the first output used (no gradient for h)
+    x, r, w = torch.randn(6, 33), torch.randn(6, 33), torch.randn(33)
+    g = torch.randn(6, 33)
+    grads = {}
+    for backend, dtype in (("cpu", torch.float32), ("torch", torch.float64), ("torch", torch.float32)):
+        xx, rr, ww = (t.detach().to(dtype).requires_grad_() for t in (x, r, w))
+        y, _ = getattr(ops, op)(xx, ww, residual=rr, backend=backend)
+        grads[backend, dtype] = torch.autograd.grad(y, (xx, rr, ww), g.to(dtype))
+    for name, k, t, ref in zip(("dx", "dresidual", "dweight"), *(grads[key] for key in grads)):
+        assert_close(k, t, ref, f"{op} {name} with unused residual output")
+
+
 def test_layer_norm_no_bias_3d():
     _check("layer_norm", [torch.randn(2, 5, 33), torch.randn(33)])
 
