@@ -46,9 +46,10 @@ def _accuracy_slack(p: float, n: int) -> float:
 def stage_checks(records: dict) -> list[dict]:
     """Did each stage improve what it should, without breaking what it should keep?
 
-    One dict per check: stage, metric, goal ("higher", "lower" or a bound), before, after, ok. Improvement
-    checks compare held-out measurements before and after the stage (ok: strictly better); "keep" checks
-    allow the stated slack. Stages that did not run give no checks."""
+    One dict per check: stage, metric, goal ("higher", "lower" or a bound), before, after, ok, and for a
+    rate over n held-out items its binomial standard error ``se`` (at the mean of before and after).
+    Improvement checks compare held-out measurements before and after the stage (ok: strictly better);
+    "keep" checks allow the stated slack. Stages that did not run give no checks."""
     def done(name):
         rec = records.get(name)
         return rec is not None and rec.status == "done"
@@ -61,12 +62,14 @@ def stage_checks(records: dict) -> list[dict]:
     n_prompts = records["eval"].summary.get("heldout_prompts", 0) if done("eval") else 0
     checks = []
 
-    def add(stage, metric, goal, before, after, ok=None):
+    def add(stage, metric, goal, before, after, ok=None, n=None):
         if before is None or after is None:
             return
         if ok is None:
             ok = after > before if goal == "higher" else after < before
-        checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after, "ok": ok})
+        se = _accuracy_slack((before + after) / 2, n) if n else None
+        checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after, "ok": ok,
+                       "se": se})
 
     if done("pretrain"):
         hist = records["pretrain"].summary.get("history") or []
@@ -77,26 +80,30 @@ def stage_checks(records: dict) -> list[dict]:
                 "after: validation loss)", "lower", first["loss"], val[-1])
     if done("sft") and "pretrain" in ev and "sft" in ev:
         add("sft", "task accuracy, held-out prompts (greedy)", "higher", ev["pretrain"]["task_acc"],
-            ev["sft"]["task_acc"])
+            ev["sft"]["task_acc"], n=n_prompts)
         bpb0, bpb1 = ev["pretrain"]["bits_per_byte"], ev["sft"]["bits_per_byte"]
         add("sft", "bits/byte on held-out stdlib text (forgetting)", f"keep: <= +{FORGETTING_TOLERANCE:.0%}",
             bpb0, bpb1, bpb1 <= bpb0 * (1 + FORGETTING_TOLERANCE))
     if done("rm"):
-        add("rm", "pairwise accuracy, held-out pairs", "higher", *post("rm", "pairwise_accuracy"))
+        add("rm", "pairwise accuracy, held-out pairs", "higher", *post("rm", "pairwise_accuracy"),
+            n=records["rm"].summary.get("heldout_pairs"))
     if done("dpo"):
-        add("dpo", "implicit-reward accuracy, held-out pairs", "higher", *post("dpo", "reward_accuracy"))
+        add("dpo", "implicit-reward accuracy, held-out pairs", "higher", *post("dpo", "reward_accuracy"),
+            n=records["dpo"].summary.get("heldout_pairs"))
         add("dpo", "implicit-reward margin, held-out pairs", "higher", *post("dpo", "reward_margin"))
         if "sft" in ev and "dpo" in ev:
             a0, a1 = ev["sft"]["task_acc"], ev["dpo"]["task_acc"]
             add("dpo", "task accuracy, held-out prompts (greedy)", "keep: >= SFT - 1 s.e.", a0, a1,
-                a1 >= a0 - _accuracy_slack(a0, n_prompts))
+                a1 >= a0 - _accuracy_slack(a0, n_prompts), n=n_prompts)
     if done("rl"):
         name = _stage_name("rl", records["rl"].summary)
-        add(name, "mean reward of sampled answers (T=1), held-out prompts", "higher", *post("rl", "sampled_reward"))
+        rl = records["rl"].summary  # a 0/1 task reward makes the mean reward a rate
+        add(name, "mean reward of sampled answers (T=1), held-out prompts", "higher", *post("rl", "sampled_reward"),
+            n=rl.get("heldout_prompts") if rl.get("reward") == "task" else None)
         start = records["rl"].summary.get("start", "sft")
         if start in ev and "rl" in ev:
             add(name, f"task accuracy, held-out prompts (greedy), vs {start}", "higher", ev[start]["task_acc"],
-                ev["rl"]["task_acc"])
+                ev["rl"]["task_acc"], n=n_prompts)
         kl0, kl1 = post("rl", "kl_to_ref")
         add(name, "KL to the start model, nats/response", f"keep: <= {KL_BUDGET:g}", kl0, kl1,
             kl1 is not None and kl1 <= KL_BUDGET)
@@ -194,12 +201,15 @@ def _checks_section(records: dict) -> list[str]:
     lines = ["## Did each stage improve what it should?", "",
              "| stage | metric | goal | before | after | ok? |", "|---|---|---|---|---|---|"]
     lines += [f"| {c['stage']} | {c['metric']} | {c['goal']} | {_f(c['before'])} | {_f(c['after'])} | "
-              f"{'yes' if c['ok'] else '**NO**'} |" for c in checks]
+              f"{'yes' if c['ok'] else '**NO**'}"
+              + (f" ({(c['after'] - c['before']) / c['se']:+.1f} s.e.)" if c["se"] else "") + " |" for c in checks]
     verdict = (f"All {len(checks)} checks pass." if not failed else
                f"**{len(failed)} of {len(checks)} checks fail**: "
                + "; ".join(f"{c['stage']} {c['metric'].split(',')[0]}" for c in failed) + ".")
     return lines + ["", verdict + " Computed from the evaluation below (held-out data only); \"keep\" rows allow "
-                    "the stated slack, improvement rows need a strictly better value.", ""]
+                    "the stated slack, improvement rows need a strictly better value. For rates, the change is "
+                    "also given in binomial standard errors (s.e., at the mean rate over the n held-out items): "
+                    "a change under about 2 s.e. is within the noise of one run.", ""]
 
 
 def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:

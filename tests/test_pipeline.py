@@ -115,7 +115,11 @@ def test_stage_checks_judge_each_stage_on_held_out_numbers():
                   ("grpo", "mean reward of sampled answers (T=1)"): True,
                   ("grpo", "task accuracy"): False,  # equal is not an improvement
                   ("grpo", "KL to the start model"): False}
-    assert [c["before"] for c in stage_checks(records)][:2] == [7.0, 0.0]
+    checks = stage_checks(records)
+    assert [c["before"] for c in checks][:2] == [7.0, 0.0]
+    # rates carry their binomial standard error at the mean rate; a margin or a loss has none
+    assert checks[1]["se"] == pytest.approx((0.4 * 0.6 / 100) ** 0.5) and checks[0]["se"] is None
+    assert [c["se"] for c in checks if c["metric"].startswith("implicit-reward margin")] == [None]
     del records["eval"], records["rl"]
     assert {c["stage"] for c in stage_checks(records)} == {"pretrain", "rm", "dpo"}
 
