@@ -228,6 +228,8 @@ def _fused_projection(gate: Tensor, up: Tensor) -> Optional[Tensor]:
     base = gate._base
     if base is None or up._base is not base or not base.is_contiguous() or gate.shape != up.shape:
         return None
+    if (gate.requires_grad or up.requires_grad) and (gate.grad_fn is None or up.grad_fn is None):
+        return None  # views made under no_grad: autograd does not connect them to base
     n = gate.shape[-1]
     if base.numel() != 2 * gate.numel() or _row_stride(gate) != 2 * n or _row_stride(up) != 2 * n:
         return None

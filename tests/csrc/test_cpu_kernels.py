@@ -104,6 +104,19 @@ def _swiglu_grad_of(fused, gate, up, backend):
     return y, torch.autograd.grad(y, fused, u)[0], y.grad_fn
 
 
+def test_swiglu_on_halves_made_under_no_grad():
+    # views taken under no_grad are not connected to the tensor they view: as with the reference, no
+    # gradient may reach it (the fused path, which takes that tensor itself, would send one)
+    fused = torch.randn(5, 2 * 9, requires_grad=True)
+    with torch.no_grad():
+        gate, up = fused.chunk(2, dim=-1)
+    y = ops.swiglu(gate, up, backend="cpu")
+    assert_close(y, reference.swiglu(gate.double(), up.double()), reference.swiglu(gate, up),
+                 "swiglu on no_grad halves")
+    if y.requires_grad:
+        assert torch.autograd.grad(y.sum(), fused, allow_unused=True)[0] is None
+
+
 @pytest.mark.parametrize("layout", ["halves", "halves of a reshaped view", "up first", "thirds", "transposed"])
 def test_swiglu_fused_projection_path(layout):
     # The fused path (gate, up = the two halves of one contiguous tensor) hands its gradient straight to
