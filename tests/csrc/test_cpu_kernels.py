@@ -393,6 +393,13 @@ def test_every_instruction_set_variant(isa, each_isa):
     _check("bias_gelu", [x, b], approximate="tanh")
     _check("bias_gelu", [x, b], approximate="none")
     _check("swiglu", [x, torch.randn(7, 257)])
+    fused = torch.randn(7, 2 * 257, requires_grad=True)  # the fused-projection path (strided gradient rows)
+    fused64 = fused.detach().double().requires_grad_()
+    y, dk, _ = _swiglu_grad_of(fused, *fused.chunk(2, dim=-1), "cpu")
+    y64, d64, _ = _swiglu_grad_of(fused64, *fused64.chunk(2, dim=-1), "torch")
+    yref, dref, _ = _swiglu_grad_of(fused, *fused.chunk(2, dim=-1), "torch")
+    assert_close(y, y64, yref.detach(), f"swiglu halves ({isa})")
+    assert_close(dk, d64, dref, f"swiglu halves grad ({isa})")
     _check("softmax", [x])
     target = torch.randint(0, 1031, (9,))
     target[2] = -100
