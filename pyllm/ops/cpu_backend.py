@@ -489,8 +489,9 @@ def _linear_cross_entropy_backward(ctx, _forward, dloss, _ddh, _ddw, _ddb):
         raise RuntimeError("pyllm.ops.linear_cross_entropy (cpu): gradients were not computed in the forward")
     db = db if ctx.has_bias else None
     # Skip the scaling passes in the usual case loss.backward() (dloss == 1). Reading dloss costs no sync
-    # on the CPU; while tracing (torch.compile, opcheck) it is a fake tensor without a value.
-    if type(dloss) is not Tensor or float(dloss) != 1.0:
+    # on the CPU; while tracing (torch.compile, opcheck) it is a fake tensor without a value, and under
+    # create_graph the product keeps the gradients' dependence on dloss.
+    if type(dloss) is not Tensor or torch.is_grad_enabled() or float(dloss) != 1.0:
         dh, dw, db = dh * dloss, dw * dloss, (db * dloss if db is not None else None)
     return dh, dw, db, None, None, None, None, None, None
 
