@@ -36,7 +36,9 @@ from .kernel_autograd import (
     cross_entropy_setup,
     cross_entropy_backward,
     norm_bwd_fake,
+    norm_backward,
     norm_setup,
+    reduce_cross_entropy,
     swiglu_fwd_fake,
     swiglu_bwd_fake,
     swiglu_setup,
@@ -115,25 +117,7 @@ def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     return dx, dw, db
 
 
-def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
-    if dy is None:
-        dy = torch.zeros_like(h)
-    dx, dw, db = bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
-    return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
-
-
-def _norm_setup(ctx, inputs, output):
-    norm_setup(ctx, inputs, output)
-    # mean and rstd are saved statistics that no gradient flows through. Unused outputs get None, not a
-    # tensor of zeros: the final norm's residual sum is never used, and a zero (rows, n) gradient for it
-    # would cost an allocation, a fill and a pass in the kernel (_norm_backward handles None).
-    ctx.mark_non_differentiable(output[2], output[3])
-    ctx.set_materialize_grads(False)
-
-
-_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, _norm_setup, _norm_backward,
+_norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, norm_setup, norm_backward,
                   bwd_name="pyllm::norm_bwd_cpu", bwd=_norm_bwd, bwd_fake=norm_bwd_fake)
 
 
@@ -397,11 +381,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
     vocab = logits.shape[-1]
     logits2d, target1d = logits.reshape(-1, vocab), target.reshape(-1).long()
     loss, _ = _cross_entropy(logits2d, target1d, int(ignore_index), float(label_smoothing), float(z_loss))
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (target1d != ignore_index).sum().clamp(min=1)
+    return reduce_cross_entropy(loss, target1d, ignore_index, reduction)
 
 
 # ------------------------------------------------------------------ linear + cross-entropy (fused)

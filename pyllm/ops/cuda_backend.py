@@ -36,7 +36,9 @@ from .kernel_autograd import (
     cross_entropy_setup,
     cross_entropy_backward,
     norm_bwd_fake,
+    norm_backward,
     norm_setup,
+    reduce_cross_entropy,
     swiglu_fwd_fake,
     swiglu_bwd_fake,
     swiglu_setup,
@@ -123,15 +125,7 @@ def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     return dx, dw, db
 
 
-def _norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
-    h, weight, mean, rstd = ctx.saved_tensors
-    dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
-    dy = dy if dy is not None else torch.zeros_like(h)
-    dx, dw, db = bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
-    return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
-
-
-_norm = kernel_op("pyllm::norm_cuda", _norm_fwd, _norm_fwd_fake, norm_setup, _norm_backward,
+_norm = kernel_op("pyllm::norm_cuda", _norm_fwd, _norm_fwd_fake, norm_setup, norm_backward,
                   bwd_name="pyllm::norm_bwd_cuda", bwd=_norm_bwd, bwd_fake=norm_bwd_fake)
 
 
@@ -277,11 +271,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
     logits2d, target1d = logits.reshape(-1, vocab), target.reshape(-1).long()
     _limit("cross_entropy", "the rows of argument 'logits'", logits2d.shape[0])
     loss, _ = _cross_entropy(logits2d, target1d, int(ignore_index), float(label_smoothing), float(z_loss))
-    if reduction == "none":  # fp32, like the reference
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / (target1d != ignore_index).sum().clamp(min=1)
+    return reduce_cross_entropy(loss, target1d, ignore_index, reduction)
 
 
 # ----------------------------------------------------------------------------- GEMM and linear

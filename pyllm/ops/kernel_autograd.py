@@ -56,6 +56,16 @@ def cross_entropy_backward(ctx, bwd, dloss, _dlse):
     return bwd(dloss, logits, target, lse, *ctx.options), None, None, None, None
 
 
+def reduce_cross_entropy(loss: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """The reduction of reference.cross_entropy over the kernels' fp32 per-row losses (rows,): "none" keeps
+    them (fp32, like the reference), "sum", or "mean" over the rows whose target is not ignore_index."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (target != ignore_index).sum().clamp(min=1)
+
+
 def norm_bwd_fake(dy, h, weight, mean, rstd, dh_extra, has_bias, rms):
     return torch.empty_like(h), torch.empty_like(weight), torch.empty_like(weight) if has_bias else weight.new_empty(0)
 
@@ -65,6 +75,19 @@ def norm_setup(ctx, inputs, output):
     _, h, mean, rstd = output
     ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
     ctx.has_residual, ctx.has_bias, ctx.rms = residual is not None, bias is not None, rms
+    # mean and rstd are saved statistics that no gradient flows through. Unused outputs get None, not a
+    # tensor of zeros: the final norm's residual sum is never used, and a zero (rows, n) gradient for it
+    # would cost an allocation, a fill and a pass in the kernel (norm_backward handles None).
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dh = dh if ctx.has_residual and dh is not None and dh.numel() else None
+    dy = dy if dy is not None else torch.zeros_like(h)
+    dx, dw, db = bwd(dy, h, weight, mean, rstd, dh, ctx.has_bias, ctx.rms)
+    return dx, (dx if ctx.has_residual else None), dw, (db if ctx.has_bias else None), None, None
 
 
 def swiglu_fwd_fake(gate, up):
