@@ -17,7 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from pyllm.train.run import val_loss_fn
 
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
 from .packing import PackedBatches, ReplayBatches, encode_examples, pack
@@ -107,13 +107,6 @@ def _text_val_batches(cfg: SFTConfig, n_batches: int = 4, batch_size: int = 16) 
     return [loader.next_batch() for _ in range(min(n_batches, loader.steps_per_epoch))]
 
 
-@torch.no_grad()
-def _text_loss(model, batches: list[dict]) -> float:
-    device = model.head_weight.device
-    losses = [model.loss(b["input_ids"].to(device), b["targets"].to(device), doc_ids=b["doc_ids"].to(device))
-              for b in batches]
-    return torch.stack(losses).mean().item()
-
 
 def sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns held-out completion loss and exact match before/after, and the model path."""
@@ -134,13 +127,13 @@ def sft(cfg: SFTConfig) -> dict:
     if text is not None:
         batches, loss_fn = ReplayBatches(batches, text), replay_loss(cfg.pretrain_mix)
     qa = [e for e in heldout_items if isinstance(e, Example)]  # single-turn items have a reference answer
-    text_val = _text_val_batches(cfg) if cfg.pretrain_data else []
+    text_val_loss = val_loss_fn(_text_val_batches(cfg)) if cfg.pretrain_data else None
 
     def measure(m) -> dict:
         out = {"completion_loss": completion_loss(m, heldout_enc, tokenizer.pad_id),
                "exact_match": exact_match_rate(m, template, qa, cfg.max_new_tokens)}
-        if text_val:  # what replay protects: next-token loss on held-out pretraining text
-            out["text_loss"] = _text_loss(m, text_val)
+        if text_val_loss:  # what replay protects: next-token loss on held-out pretraining text
+            out["text_loss"] = text_val_loss(m)["val_loss"]
         return out
 
     model.eval()

@@ -42,6 +42,7 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int):
 def val_loss_fn(val_batches: list[dict]):
     """eval_fn: mean loss over the same validation batches at every call (identical on every rank)."""
 
+    @torch.no_grad()
     def evaluate(model) -> dict:
         device = next(model.parameters()).device
         total = torch.zeros((), device=device)
