@@ -100,7 +100,7 @@ def stage_checks(records: dict) -> list[dict]:
         rl = records["rl"].summary  # a 0/1 task reward makes the mean reward a rate
         add(name, "mean reward of sampled answers (T=1), held-out prompts", "higher", *post("rl", "sampled_reward"),
             n=rl.get("heldout_prompts") if rl.get("reward") == "task" else None)
-        start = records["rl"].summary.get("start", "sft")
+        start = rl.get("start", "sft")
         if start in ev and "rl" in ev:
             add(name, f"task accuracy, held-out prompts (greedy), vs {start}", "higher", ev[start]["task_acc"],
                 ev["rl"]["task_acc"], n=n_prompts)
