@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from pyllm.train.checkpoint import CheckpointError
+
 from .chat import ChatTemplate
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split, task_reward
 from .heads import RewardModel
@@ -89,13 +91,9 @@ class RolloutBatches:
         return {**batch, **{f"rollout_{k}": torch.tensor(v) for k, v in self.last_stats.items()}}
 
     def state_dict(self) -> dict:
-        """JSON-able state: round, seed, the current rollout (tensors as lists with their dtypes), the
-        minibatches already served from it, and the ``stateful`` objects' states."""
-        rollout = None
-        if self.rollout is not None:
-            rollout = {"stats": self.rollout.stats,
-                       "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "data": v.cpu().tolist()}
-                                   for k, v in self.rollout.tensors.items()}}
+        """Round, seed, the current rollout (its tensors as tensors: the Trainer's checkpoint stores them
+        in state.safetensors), the minibatches already served from it, and the ``stateful`` objects' states."""
+        rollout = None if self.rollout is None else {"stats": self.rollout.stats, "tensors": self.rollout.tensors}
         return {"round": self.round, "seed": self.seed, "served": self.served, "rollout": rollout,
                 "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
 
@@ -107,8 +105,10 @@ class RolloutBatches:
         saved = state.get("rollout")
         if saved is None:  # a checkpoint without a buffer: continue with a fresh rollout
             return
-        tensors = {k: torch.tensor(v["data"], dtype=getattr(torch, v["dtype"])) for k, v in saved["tensors"].items()}
-        self.rollout = Rollout(tensors, saved["stats"])
+        if not all(torch.is_tensor(v) for v in saved["tensors"].values()):
+            raise CheckpointError("this checkpoint keeps the rollout buffer as JSON lists (written by an older "
+                                  "pyllm); resuming it is not supported: start the stage in another out_dir")
+        self.rollout = Rollout(dict(saved["tensors"]), saved["stats"])
         self.served = state["served"]
         self._queue = self._minibatches(self.rollout, self.round - 1)[self.served:]
 

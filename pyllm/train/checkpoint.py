@@ -3,14 +3,18 @@
 Layout under ``<out_dir>/checkpoints``::
 
     step_00000100/  model.safetensors   the model's state dict (full, unsharded)
-                    state.safetensors   optimiser moments, master weights, loss scaler, RNG states...
+                    state.safetensors   optimiser moments, master weights, loss scaler, RNG states, and
+                                        the tensors of the batch source's state (``data.<rank>.<path>``,
+                                        e.g. an RL rollout buffer)
                     manifest.json       format, step, sha256 + size of each file, JSON state (data
-                                        position, Python/NumPy RNG, config, metrics)
+                                        position with {"__tensor__": name} in place of each of its
+                                        tensors, Python/NumPy RNG, config, metrics)
     best/           a copy (hard links) of the checkpoint with the best evaluation metric
 
 A checkpoint is written into a temporary directory and renamed into place only when complete, so a
 crash never leaves a half-written ``step_*``. On load every file is checked against the manifest; a
 truncated or corrupted checkpoint is named in a warning and the previous valid one is used.
+Tensors in the batch source's state are checksummed with state.safetensors like every other tensor.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT = "pyllm-checkpoint-v1"
 MANIFEST = "manifest.json"
+TENSOR_REF = "__tensor__"
 
 
 class CheckpointError(ValueError):
@@ -52,6 +58,40 @@ def _fsync(path: Path) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+def to_json(obj, tensors: dict[str, torch.Tensor], name: str):
+    """JSON-able copy of a state (a batch source's ``state_dict()``): each torch tensor in it moves to
+    ``tensors`` (bound for state.safetensors: exact, compact, checksummed) under ``name`` + its path and
+    is replaced by {"__tensor__": that key}; NumPy arrays and scalars become lists and numbers."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v, tensors, f"{name}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v, tensors, f"{name}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, torch.Tensor):
+        if name in tensors:  # e.g. keys "a.b" and "a" -> "b" in one state
+            raise ValueError(f"two tensors of a checkpointed state have the path {name!r}; rename one of the keys")
+        tensors[name] = obj.detach().cpu()
+        return {TENSOR_REF: name}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def from_json(obj, tensors: dict[str, torch.Tensor], path: Path):
+    """The inverse of ``to_json`` given the loaded state.safetensors (lists stay lists)."""
+    if isinstance(obj, dict):
+        if set(obj) == {TENSOR_REF}:
+            if obj[TENSOR_REF] not in tensors:
+                raise CheckpointError(f"checkpoint {path}: state.safetensors has no {obj[TENSOR_REF]!r}, which "
+                                      f"{MANIFEST} refers to; use another checkpoint or out_dir")
+            return tensors[obj[TENSOR_REF]]
+        return {k: from_json(v, tensors, path) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json(v, tensors, path) for v in obj]
+    return obj
 
 
 def step_dir_name(step: int) -> str:

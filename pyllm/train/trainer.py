@@ -51,21 +51,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def _jsonable(obj):
-    """Data-source state as JSON (tensors and arrays become lists)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (torch.Tensor, np.ndarray)):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 class Trainer:
-    """Train ``model`` on ``batches`` (next_batch() -> dict of tensors; state_dict/load_state_dict).
+    """Train ``model`` on ``batches`` (next_batch() -> dict of tensors; state_dict/load_state_dict, whose
+    tensors the checkpoint keeps in state.safetensors and hands back as tensors).
 
     ``loss_fn(model, batch) -> (loss, metrics)`` defaults to the language-model loss; ``eval_fn(model)
     -> dict`` runs every ``cfg.eval_every`` steps and at the end (in eval mode, without gradients).
@@ -251,11 +239,16 @@ class Trainer:
         state["rng.torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             state["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        data_state = _jsonable(self.batches.state_dict())
-        data_states = [data_state]
+        # the batch source's tensors (an RL rollout buffer) go to state.safetensors, the rest to the manifest
+        data_tensors: dict[str, torch.Tensor] = {}
+        data_state = checkpoint.to_json(self.batches.state_dict(), data_tensors, f"data.{self.dist.rank}")
+        per_rank = [(data_state, data_tensors)]
         if self.dist.world_size > 1:
-            data_states = [None] * self.dist.world_size
-            dist.all_gather_object(data_states, data_state)
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, (data_state, data_tensors))
+        data_states = [s for s, _ in per_rank]
+        for _, tensors in per_rank:
+            state.update(tensors)
         value = (metrics or {}).get(self.cfg.best_metric)
         is_best = value is not None and value < self.best
         if is_best:
@@ -264,7 +257,7 @@ class Trainer:
             np_state = np.random.get_state()
             meta = {"data": data_states, "best": None if math.isinf(self.best) else self.best,
                     "metrics": metrics or {}, "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
-                    "rng_python": _jsonable(random.getstate()),
+                    "rng_python": random.getstate(),  # tuples: JSON lists
                     "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
             self.ckpt.save(self.step, model_tensors, state, meta, is_best=is_best)
         distributed.barrier(self.dist)
@@ -296,7 +289,8 @@ class Trainer:
         if len(data_states) != self.dist.world_size and len(data_states) > 1:
             raise CheckpointError(f"checkpoint {path} was written by {len(data_states)} ranks, this run has "
                                   f"{self.dist.world_size}; resume with the same number of processes")
-        self.batches.load_state_dict(data_states[min(self.dist.rank, len(data_states) - 1)])
+        own_state = data_states[min(self.dist.rank, len(data_states) - 1)]
+        self.batches.load_state_dict(checkpoint.from_json(own_state, state_t, path))
         torch.set_rng_state(state_t["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in state_t:
             torch.cuda.set_rng_state(state_t["rng.cuda"], self.device)

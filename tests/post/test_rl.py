@@ -1,5 +1,8 @@
 """RL mechanics on a tiny model: the log-probs the losses use are those of the sampling distribution,
-and a killed-and-resumed GRPO / PPO run continues exactly (the rollout buffer is checkpointed)."""
+and a killed-and-resumed GRPO / PPO run continues exactly (the rollout buffer is checkpointed, as
+tensors in state.safetensors)."""
+
+import json
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ from pyllm.post.ppo import PPOConfig, ppo
 from pyllm.post.rollout import Rollout, RolloutBatches, rl_setup, sample
 from pyllm.post.sequences import generate_responses, response_logprobs
 from pyllm.tokenizer import ByteTokenizer
+from pyllm.train import CheckpointError, TrainConfig, Trainer
+from pyllm.train.checkpoint import step_dir_name
 
 MODEL = {"n_layer": 1, "n_head": 2, "d_model": 32}
 
@@ -49,6 +54,70 @@ def test_rollout_batches_state_round_trips_mid_rollout():
         x, y = a.next_batch(), b.next_batch()
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert len(served) == 4 and a.round == b.round == 3
+
+
+def _lm_rollout(round_):
+    """A rollout of 8 language-model rows (what lm_loss trains on) plus a per-token float buffer."""
+    g = torch.Generator().manual_seed(round_)
+    ids = torch.randint(0, 256, (8, 17), generator=g)
+    return Rollout({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "old_logp": torch.randn(8, 16, generator=g),
+                    "train": torch.rand(8, 16, generator=g) > 0.5}, {"reward": float(round_)})
+
+
+def _rl_trainer(out_dir, max_steps):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=256, max_seq_len=16, **MODEL))
+    cfg = TrainConfig(seq_len=16, batch_size=4, max_steps=max_steps, ckpt_every=2, keep_last=3, log_every=1,
+                      progress=False, out_dir=str(out_dir), distributed="none", device="cpu")
+    return Trainer(model, cfg, RolloutBatches(_lm_rollout, minibatch_size=4, epochs=2, seed=0))
+
+
+def test_rollout_buffer_is_in_state_safetensors_and_its_corruption_is_caught(tmp_path):
+    """4 minibatches per rollout: at step 6 the buffer is round 1's, 2 minibatches served. The manifest
+    only refers to its tensors; a flipped byte inside one of them fails the checksum, and the trainer
+    falls back to step 4, whose buffer is round 0's, bit for bit."""
+    _rl_trainer(tmp_path, 6).fit()
+    newest = tmp_path / "checkpoints" / step_dir_name(6)
+    data = json.loads((newest / "manifest.json").read_text())["meta"]["data"][0]
+    names = {k: f"data.0.rollout.tensors.{k}" for k in _lm_rollout(1).tensors}
+    assert data["rollout"]["tensors"] == {k: {"__tensor__": name} for k, name in names.items()}
+    assert (data["round"], data["served"]) == (2, 2)
+    state = checkpoint_tensors(newest / "state.safetensors")
+    for k, v in _lm_rollout(1).tensors.items():
+        assert state[names[k]].dtype == v.dtype and torch.equal(state[names[k]], v), k
+
+    start, end = tensor_byte_range(newest / "state.safetensors", names["old_logp"])
+    raw = bytearray((newest / "state.safetensors").read_bytes())
+    raw[(start + end) // 2] ^= 0x01
+    (newest / "state.safetensors").write_bytes(bytes(raw))
+    resumed = _rl_trainer(tmp_path, 6)
+    with pytest.warns(RuntimeWarning, match=rf"{newest.name} is corrupted \(state.safetensors checksum mismatch\); "
+                                            rf"falling back to {step_dir_name(4)}"):
+        assert resumed.resume()
+    batches = resumed.batches
+    assert (resumed.step, batches.round, batches.served, batches.last_stats) == (4, 1, 4, {"reward": 0.0})
+    assert all(torch.equal(batches.rollout.tensors[k], v) for k, v in _lm_rollout(0).tensors.items())
+
+
+def checkpoint_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def tensor_byte_range(path, name) -> tuple[int, int]:
+    """[start, end) of one tensor's data in a safetensors file (8-byte header length, JSON header, data)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+def test_rollout_buffer_saved_as_json_lists_is_refused_in_one_line():
+    old = {"round": 1, "seed": 0, "served": 1, "stateful": {},
+           "rollout": {"stats": {}, "tensors": {"x": {"dtype": "float32", "data": [1.0, 2.0]}}}}
+    with pytest.raises(CheckpointError, match="rollout buffer as JSON lists"):
+        RolloutBatches(_lm_rollout, minibatch_size=4, epochs=1).load_state_dict(old)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -209,3 +210,21 @@ def test_tensorboard_scalars_equal_the_jsonl_records(tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         # TensorBoard stores fp32 scalars
         assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in history]
+
+
+def test_batch_source_state_tensors_are_routed_out_of_the_json_and_back(tmp_path):
+    from pyllm.train.checkpoint import from_json, to_json
+
+    state = {"pos": np.int64(3), "lists": [torch.arange(3), (torch.ones(2, dtype=torch.bool), 1.5)],
+             "buf": {"x": torch.randn(2, 3, dtype=torch.bfloat16)}, "arr": np.arange(2)}
+    tensors = {}
+    as_json = to_json(state, tensors, "data.1")
+    assert as_json == {"pos": 3, "lists": [{"__tensor__": "data.1.lists.0"}, [{"__tensor__": "data.1.lists.1.0"}, 1.5]],
+                       "buf": {"x": {"__tensor__": "data.1.buf.x"}}, "arr": [0, 1]}
+    back = from_json(json.loads(json.dumps(as_json)), tensors, tmp_path)
+    assert torch.equal(back["lists"][0], state["lists"][0]) and torch.equal(back["buf"]["x"], state["buf"]["x"])
+    assert back["lists"][1][0].dtype == torch.bool and back["pos"] == 3
+    with pytest.raises(CheckpointError, match="state.safetensors has no 'data.1.lists.0', which manifest.json refers to"):
+        from_json(as_json, {}, tmp_path)
+    with pytest.raises(ValueError, match="two tensors .* path 'd.a.b'"):
+        to_json({"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}, {}, "d")
