@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import reference, validate
+from .validate import floats_on
 from .registry import (BACKENDS, BackendError, Unsupported, backends, dispatch, ops_table, register,
                        requested_backend, use_backend)
 
@@ -31,6 +32,16 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=
     """Scaled dot-product attention. q (B, Hq, T, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv
     (grouped-query). Queries are the last T of the S positions. ``doc_ids`` (B, S) integer: tokens
     attend only within their document (packed sequences). ``window``: sliding-window size."""
+    if not (doc_ids is None and (window is None or window >= 1) and floats_on(q, k, v) and q.ndim == 4
+            and k.ndim == 4 and v.shape == k.shape and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and k.shape[1] and not q.shape[1] % k.shape[1]
+            and q.shape[2] <= k.shape[2]):
+        _check_attention(q, k, v, doc_ids, window)
+    return dispatch("attention", q.device, backend, q, k, v, causal=causal, softmax_scale=softmax_scale,
+                    doc_ids=doc_ids, window=window)
+
+
+def _check_attention(q, k, v, doc_ids, window):
     validate.tensor("attention", "q", q, ndim=4)
     validate.tensor("attention", "k", k, ndim=4, like=q)
     validate.tensor("attention", "v", v, ndim=4, like=q)
@@ -49,11 +60,12 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=
         validate.shape("attention", "doc_ids", doc_ids, (B, k.shape[2]), "(B, S): one id per key position")
     if window is not None and window < 1:
         raise ValueError(f"pyllm.ops.attention: argument 'window'={window} must be >= 1")
-    return dispatch("attention", q.device, backend, q, k, v, causal=causal, softmax_scale=softmax_scale,
-                    doc_ids=doc_ids, window=window)
 
 
 def _check_norm(op, x, weight, bias, residual):
+    if (floats_on(x, weight, bias, residual) and x.ndim and weight.shape == x.shape[-1:]
+            and (bias is None or bias.shape == weight.shape) and (residual is None or residual.shape == x.shape)):
+        return  # the usual call
     validate.tensor(op, "x", x, min_ndim=1)
     validate.tensor(op, "weight", weight, ndim=1, like=x)
     validate.shape(op, "weight", weight, x.shape[-1:], "(the last dim of x)")
@@ -79,25 +91,37 @@ def rms_norm(x, weight, *, eps=1e-6, residual=None, backend=None):
 
 def bias_gelu(x, bias=None, *, approximate="tanh", backend=None):
     """GELU(x + bias), approximate "tanh" or "none" (exact)."""
-    validate.tensor("bias_gelu", "x", x, min_ndim=1)
-    validate.choice("bias_gelu", "approximate", approximate, ("tanh", "none"))
-    if bias is not None:
-        validate.tensor("bias_gelu", "bias", bias, ndim=1, like=x)
-        validate.shape("bias_gelu", "bias", bias, x.shape[-1:], "(the last dim of x)")
+    if not (floats_on(x, bias) and x.ndim and (approximate == "tanh" or approximate == "none")
+            and (bias is None or bias.shape == x.shape[-1:])):
+        validate.tensor("bias_gelu", "x", x, min_ndim=1)
+        validate.choice("bias_gelu", "approximate", approximate, ("tanh", "none"))
+        if bias is not None:
+            validate.tensor("bias_gelu", "bias", bias, ndim=1, like=x)
+            validate.shape("bias_gelu", "bias", bias, x.shape[-1:], "(the last dim of x)")
     return dispatch("bias_gelu", x.device, backend, x, bias, approximate=approximate)
 
 
 def swiglu(gate, up, *, backend=None):
     """SiLU(gate) * up."""
-    validate.tensor("swiglu", "gate", gate, min_ndim=1)
-    validate.tensor("swiglu", "up", up, like=gate)
-    validate.shape("swiglu", "up", up, gate.shape, "(the shape of gate)")
+    if not (floats_on(gate, up) and gate.ndim and up.shape == gate.shape):
+        validate.tensor("swiglu", "gate", gate, min_ndim=1)
+        validate.tensor("swiglu", "up", up, like=gate)
+        validate.shape("swiglu", "up", up, gate.shape, "(the shape of gate)")
     return dispatch("swiglu", gate.device, backend, gate, up)
 
 
 def rope(q, k, cos, sin, *, backend=None):
     """Rotary position embedding on q (B, Hq, T, D) and k (B, Hkv, T, D); cos, sin (T, D/2) or
     (B, T, D/2). Returns (q_rotated, k_rotated)."""
+    if not (floats_on(q, k, cos, sin) and q.ndim == 4 and k.ndim == 4 and k.shape[0] == q.shape[0]
+            and k.shape[2:] == q.shape[2:] and not q.shape[3] % 2 and sin.shape == cos.shape
+            and (cos.shape == (q.shape[2], q.shape[3] // 2)
+                 or cos.shape == (q.shape[0], q.shape[2], q.shape[3] // 2))):
+        _check_rope(q, k, cos, sin)
+    return dispatch("rope", q.device, backend, q, k, cos, sin)
+
+
+def _check_rope(q, k, cos, sin):
     validate.tensor("rope", "q", q, ndim=4)
     validate.tensor("rope", "k", k, ndim=4, like=q)
     validate.tensor("rope", "cos", cos, ndim=(2, 3), like=q)
@@ -110,27 +134,36 @@ def rope(q, k, cos, sin, *, backend=None):
     validate.shape("rope", "sin", sin, cos.shape, "(the shape of cos)")
     if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"pyllm.ops.rope: k {tuple(k.shape)} must match q {tuple(q.shape)} except in heads")
-    return dispatch("rope", q.device, backend, q, k, cos, sin)
 
 
 def softmax(x, *, backend=None):
     """Softmax over the last dim (fp32 internally)."""
-    validate.tensor("softmax", "x", x, min_ndim=1)
+    if not (floats_on(x) and x.ndim):
+        validate.tensor("softmax", "x", x, min_ndim=1)
     return dispatch("softmax", x.device, backend, x)
 
 
 def matmul(a, b, *, backend=None):
     """a (M, K) @ b (K, N)."""
-    validate.tensor("matmul", "a", a, ndim=2)
-    validate.tensor("matmul", "b", b, ndim=2, like=a)
-    validate.same_dtype("matmul", "b", b, a, "a")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"pyllm.ops.matmul: inner dims differ: a {tuple(a.shape)} @ b {tuple(b.shape)}")
+    if not (floats_on(a, b) and a.ndim == 2 and b.ndim == 2 and b.dtype == a.dtype and a.shape[1] == b.shape[0]):
+        validate.tensor("matmul", "a", a, ndim=2)
+        validate.tensor("matmul", "b", b, ndim=2, like=a)
+        validate.same_dtype("matmul", "b", b, a, "a")
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"pyllm.ops.matmul: inner dims differ: a {tuple(a.shape)} @ b {tuple(b.shape)}")
     return dispatch("matmul", a.device, backend, a, b)
 
 
 def linear(x, weight, bias=None, *, activation=None, backend=None):
     """activation(x @ weight^T + bias); weight (N, K) as in nn.Linear; activation None|"gelu"|"gelu_tanh"."""
+    if not (floats_on(x, weight, bias) and x.ndim and weight.ndim == 2 and weight.shape[1] == x.shape[-1]
+            and (activation is None or activation == "gelu" or activation == "gelu_tanh")
+            and (bias is None or bias.shape == weight.shape[:1])):
+        _check_linear(x, weight, bias, activation)
+    return dispatch("linear", x.device, backend, x, weight, bias, activation=activation)
+
+
+def _check_linear(x, weight, bias, activation):
     validate.tensor("linear", "x", x, min_ndim=1)
     validate.tensor("linear", "weight", weight, ndim=2, like=x)
     validate.choice("linear", "activation", activation, (None, "gelu", "gelu_tanh"))
@@ -140,10 +173,13 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
     if bias is not None:
         validate.tensor("linear", "bias", bias, ndim=1, like=x)
         validate.shape("linear", "bias", bias, weight.shape[:1], "(N, the rows of weight)")
-    return dispatch("linear", x.device, backend, x, weight, bias, activation=activation)
 
 
 def _check_ce(op, rows_shape, target, ignore_index, label_smoothing, z_loss, reduction, like):
+    if (isinstance(target, torch.Tensor) and target.dtype in _INT_DTYPES and target.device == like.device
+            and target.shape == rows_shape and 0.0 <= label_smoothing < 1.0 and z_loss >= 0
+            and (reduction == "mean" or reduction == "sum" or reduction == "none")):
+        return  # the usual call
     validate.tensor(op, "target", target, dtypes=_INT_DTYPES, like=like)
     if tuple(target.shape) != tuple(rows_shape):
         raise ValueError(f"pyllm.ops.{op}: argument 'target' has shape {tuple(target.shape)}, expected "
@@ -159,7 +195,8 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
                   backend=None):
     """Softmax cross-entropy of logits (..., V) against integer target (...); see reference.cross_entropy.
     reduction "none" gives the per-row losses in the shape of ``target``."""
-    validate.tensor("cross_entropy", "logits", logits, min_ndim=1)
+    if not (floats_on(logits) and logits.ndim):
+        validate.tensor("cross_entropy", "logits", logits, min_ndim=1)
     _check_ce("cross_entropy", logits.shape[:-1], target, ignore_index, label_smoothing, z_loss, reduction, logits)
     loss = dispatch("cross_entropy", logits.device, backend, logits, target, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
@@ -170,14 +207,16 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
                          z_loss=0.0, reduction="mean", backend=None):
     """cross_entropy(hidden @ weight^T + bias, target) without materialising all logits (in the kernel
     backends). hidden (..., H), weight (V, H), target (...)."""
-    validate.tensor("linear_cross_entropy", "hidden", hidden, min_ndim=1)
-    validate.tensor("linear_cross_entropy", "weight", weight, ndim=2, like=hidden)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"pyllm.ops.linear_cross_entropy: weight {tuple(weight.shape)} must be "
-                         f"(V, H={hidden.shape[-1]})")
-    if bias is not None:
-        validate.tensor("linear_cross_entropy", "bias", bias, ndim=1, like=hidden)
-        validate.shape("linear_cross_entropy", "bias", bias, weight.shape[:1], "(V)")
+    if not (floats_on(hidden, weight, bias) and hidden.ndim and weight.ndim == 2
+            and weight.shape[1] == hidden.shape[-1] and (bias is None or bias.shape == weight.shape[:1])):
+        validate.tensor("linear_cross_entropy", "hidden", hidden, min_ndim=1)
+        validate.tensor("linear_cross_entropy", "weight", weight, ndim=2, like=hidden)
+        if weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"pyllm.ops.linear_cross_entropy: weight {tuple(weight.shape)} must be "
+                             f"(V, H={hidden.shape[-1]})")
+        if bias is not None:
+            validate.tensor("linear_cross_entropy", "bias", bias, ndim=1, like=hidden)
+            validate.shape("linear_cross_entropy", "bias", bias, weight.shape[:1], "(V)")
     _check_ce("linear_cross_entropy", hidden.shape[:-1], target, ignore_index, label_smoothing, z_loss,
               reduction, hidden)
     loss = dispatch("linear_cross_entropy", hidden.device, backend, hidden, weight, target, bias,

@@ -5,7 +5,8 @@ Why two: a custom op with a registered autograd formula costs ~35 us more per fo
 mode than an autograd.Function (measured on a 2-core CPU, torch 2.13, for a (768, 128) LayerNorm whose
 kernels take ~50 us), which is most of what a fused kernel saves on a small model. Under compilation
 (``torch.compiler.is_compiling()``) the custom op is used, so graphs trace through its fake
-implementation; in eager mode the Function calls the implementations directly.
+implementation; in eager mode the Function calls the implementations directly, and without anything to
+differentiate (no_grad, inference, no input requiring grad) the forward runs without the Function.
 
 Used by the C++/CUDA backends (cpu_backend.py, cuda_backend.py):
 
@@ -50,8 +51,21 @@ def kernel_op(name: str, forward: Callable, forward_fake: Callable, setup: Calla
         def backward(ctx, *grads):
             return backward(ctx, bwd, *grads)
 
+    # Function.apply's Python wrapper (functorch bookkeeping) costs ~1.5 us per call; with no functorch
+    # transform active the base class's apply does the same work.
+    apply = super(torch.autograd.Function, Eager).apply
+
     def call(*args):
-        return forward_op(*args) if torch.compiler.is_compiling() else Eager.apply(*args)
+        if torch.compiler.is_compiling():
+            return forward_op(*args)
+        if torch._C._are_functorch_transforms_active():
+            return Eager.apply(*args)
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return apply(*args)
+        # No graph to record (inference, no_grad, frozen inputs): the Function would only add ~4 us.
+        return forward(*args)
 
     call.custom_op = forward_op  # for torch.library.opcheck in the tests
     return call

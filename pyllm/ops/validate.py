@@ -1,10 +1,30 @@
-"""Argument checks for the public ops: each failure names the argument and what was expected."""
+"""Argument checks for the public ops: each failure names the argument and what was expected.
+
+The checks run on every call, so each op first asks one cheap question (``floats_on`` plus a shape
+comparison, ~1 us): are these the usual inputs? Only when the answer is no do the per-argument checks
+below run, to accept the call or raise the message that names the problem. The fast question must
+never accept what the full checks refuse; it may refuse what they accept (they then decide).
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = frozenset(FLOAT_DTYPES)
+
+
+def floats_on(first, *others) -> bool:
+    """True if ``first`` and each of ``others`` that is not None are floating-point tensors on ``first``'s
+    device (the fast path's question; False means: run the full checks)."""
+    if not isinstance(first, Tensor) or first.dtype not in _FLOATS:
+        return False
+    device = first.device
+    for t in others:
+        if t is not None and not (isinstance(t, Tensor) and t.dtype in _FLOATS and t.device == device):
+            return False
+    return True
 
 
 def _name(dtype: torch.dtype) -> str:

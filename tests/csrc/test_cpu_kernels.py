@@ -309,6 +309,22 @@ def test_compiled_model_block_uses_cpu_ops():
     assert_close(out.detach(), block(*args).detach(), block(*args).detach(), "compiled block")
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen inputs"])
+def test_forward_without_a_graph(mode):
+    # with nothing to differentiate the kernel runs without its autograd.Function (autograd_op.kernel_op):
+    # same values as with a graph, and no graph
+    x, r, w, b = torch.randn(5, 24), torch.randn(5, 24), torch.randn(24), torch.randn(24)
+    want = [t.detach() for t in ops.layer_norm(x.requires_grad_(), w, b, residual=r, backend="cpu")]
+    x.requires_grad_(False)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "frozen inputs": torch.enable_grad}[mode]
+    with context():
+        got = ops.layer_norm(x, w, b, residual=r, backend="cpu")
+    for g, e in zip(got, want):
+        assert g.grad_fn is None and not g.requires_grad
+        assert torch.equal(g, e)
+
+
 # ---------------------------------------------------------------------------------- input checks
 
 

@@ -102,6 +102,26 @@ def test_strict_mode_raises(probe, monkeypatch):
     assert run("torch") == "torch"
 
 
+def test_environment_changes_are_seen_by_the_next_call(probe, monkeypatch):
+    # the dispatcher reads os.environ's own dict on every call (registry._env): no value may be cached
+    for value in ("torch", "cuda", "cpu"):
+        monkeypatch.setenv("PYLLM_BACKEND", value)
+        assert run() == value
+    monkeypatch.delenv("PYLLM_BACKEND")
+    assert run(device=CUDA) == "triton"
+
+    def unsupported(x):
+        raise ops.Unsupported("never")
+
+    probe["triton"] = unsupported
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
+    with pytest.raises(ops.BackendError):
+        run("triton")
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
+    with pytest.warns(RuntimeWarning, match="never"):
+        assert run("triton") == "torch"
+
+
 def test_unknown_backend_lists_valid_ones(monkeypatch):
     x = torch.randn(3)
     valid = "valid backends are: torch, triton, cuda, cpu, auto"

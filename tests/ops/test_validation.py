@@ -70,6 +70,26 @@ CASES = {
     "unscale found_inf size": (lambda: ops.unscale_and_check_([t(2)], 1.0, t(2)), ValueError, "exactly one element"),
     "loss scale tracker": (lambda: ops.update_loss_scale_(t(1), t(1), t(1)), TypeError,
                            "'growth_tracker' has dtype float32"),
+    # inputs each op's fast path (validate.floats_on + shapes) must hand to the full checks
+    "layer_norm 0-dim x": (lambda: ops.layer_norm(torch.zeros(()), torch.zeros(())), ValueError, "'x' must have at least 1 dims"),
+    "layer_norm 2-d weight": (lambda: ops.layer_norm(t(3, 8), t(1, 8)), ValueError, "'weight' must have 1 dims"),
+    "layer_norm bias device": (lambda: ops.layer_norm(t(3, 8), t(8), t(8, device="meta")), ValueError,
+                               "'bias' is on meta, expected cpu"),
+    "rms_norm residual dtype": (lambda: ops.rms_norm(t(3, 8), t(8), residual=t(3, 8, dtype=torch.int32)), TypeError,
+                                "'residual' has dtype int32"),
+    "swiglu up device": (lambda: ops.swiglu(t(2, 3), t(2, 3, device="meta")), ValueError, "'up' is on meta"),
+    "rope batched cos": (lambda: ops.rope(t(2, 2, 3, 4), t(2, 2, 3, 4), t(1, 3, 2), t(1, 3, 2)), ValueError,
+                         r"'cos' has shape \(1, 3, 2\), expected \(2, 3, 2\)"),
+    "rope sin shape": (lambda: ops.rope(t(1, 2, 3, 4), t(1, 2, 3, 4), t(3, 2), t(2, 3, 2)), ValueError,
+                       "'sin' has shape"),
+    "softmax int": (lambda: ops.softmax(t(2, 3, dtype=torch.int64)), TypeError, "'x' has dtype int64"),
+    "linear bias": (lambda: ops.linear(t(2, 3), t(4, 3), t(3)), ValueError, r"'bias' has shape \(3,\), expected \(4,\)"),
+    "attention doc_ids device": (lambda: ops.attention(q4, kv4, kv4, doc_ids=ids.to("meta")), ValueError,
+                                 "'doc_ids' is on meta"),
+    "cross_entropy target device": (lambda: ops.cross_entropy(t(2, 5), ids[0, :2].to("meta")), ValueError,
+                                    "'target' is on meta"),
+    "linear_cross_entropy bias": (lambda: ops.linear_cross_entropy(t(2, 4), t(9, 4), ids[0, :2], t(8)), ValueError,
+                                  r"'bias' has shape \(8,\), expected \(9,\)"),
 }
 
 
