@@ -2,17 +2,20 @@
 
 MFU = achieved model FLOP/s / the device's peak, with the model's FLOPs per token and the GPU peaks
 from ``pyllm.model.flops`` (PaLM's 6 N + 12 L T d count). Energy comes from NVML's total-energy
-counter on NVIDIA GPUs (pynvml, optional); CO2 = kWh x the configured grid intensity. Peak memory is
-the CUDA allocator's peak on GPUs, the process's peak resident set on CPUs.
+counter on NVIDIA GPUs, or its power readings integrated over time (pynvml, optional), summed over
+ranks; CO2 = kWh x the configured grid intensity. Peak memory is the CUDA allocator's peak on GPUs,
+the process's peak resident set on CPUs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,26 +38,66 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class EnergyMeter:
-    """Joules used by the GPU since start(), from NVML (None where NVML or the counter is missing)."""
+    """Energy used by this process's GPU since construction, read through NVML (pynvml, optional).
 
-    def __init__(self, device: torch.device):
-        self.handle, self.start_mj = None, None
+    Preferred source: the board's total-energy counter (millijoules since the driver loaded; Volta and
+    newer), read at start and at ``kwh()``. Where the counter is unsupported: power readings (milliwatts)
+    integrated over time with the trapezoid rule, sampled by ``sample()`` (the trainer calls it every
+    step; NVML is read at most once per ``interval`` seconds) and once more at ``kwh()``. ``kwh()`` is
+    None on CPUs, without pynvml, or when NVML answers neither.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.5, clock: Callable[[], float] = time.perf_counter):
+        self.interval, self.clock = interval, clock
+        self._counter = self._power = None  # () -> mJ since driver load | () -> mW now
         if device.type != "cuda":
             return
         try:
             import pynvml
-
+        except ImportError:
+            return
+        try:
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-            self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)  # millijoules
-            self.start_mj = self._read()
-        except Exception:  # pynvml missing, or a GPU without the energy counter
-            self.handle = None
+            handle = _nvml_handle(pynvml, device.index or 0)
+        except pynvml.NVMLError:
+            return
+        try:
+            self._start_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            self._counter = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+        except pynvml.NVMLError:  # no energy counter on this GPU: integrate power readings
+            try:
+                self._last_mw, self._last_t, self._joules = pynvml.nvmlDeviceGetPowerUsage(handle), clock(), 0.0
+                self._power = lambda: pynvml.nvmlDeviceGetPowerUsage(handle)
+            except pynvml.NVMLError:
+                pass
+
+    def sample(self) -> None:
+        """Take a power reading if ``interval`` has passed (only where there is no energy counter)."""
+        if self._power is not None and self.clock() - self._last_t >= self.interval:
+            self._add_reading()
+
+    def _add_reading(self) -> None:
+        now, mw = self.clock(), self._power()
+        self._joules += (mw + self._last_mw) / 2 * 1e-3 * (now - self._last_t)  # trapezoid: mean W x s
+        self._last_mw, self._last_t = mw, now
 
     def kwh(self) -> float | None:
-        if self.handle is None:
-            return None
-        return (self._read() - self.start_mj) / 3.6e9
+        if self._counter is not None:
+            return (self._counter() - self._start_mj) / 3.6e9  # 1 kWh = 3.6e6 J = 3.6e9 mJ
+        if self._power is not None:
+            self._add_reading()
+            return self._joules / 3.6e6
+        return None
+
+
+def _nvml_handle(pynvml, cuda_index: int):
+    """NVML numbers every GPU of the machine; CUDA numbers only those in CUDA_VISIBLE_DEVICES, in its
+    order (indices or UUIDs; abbreviated UUIDs are not resolved and raise NVMLError)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    entry = visible[cuda_index] if cuda_index < len(visible) else str(cuda_index)
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return pynvml.nvmlDeviceGetHandleByUUID(entry)
 
 
 class MetricsLog:

@@ -175,6 +175,7 @@ class Trainer:
                 else:
                     window_time += time.perf_counter() - t0
                 log.advance()
+                energy.sample()
                 metrics = {}
                 if self.eval_fn is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or final):
                     metrics = self.evaluate()
@@ -182,9 +183,11 @@ class Trainer:
                     log.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final:
                     self.save_checkpoint(metrics)
+            kwh = self._total_kwh(energy)
+            if kwh is not None:
+                log.record(self.step, {"energy_kwh": kwh, "co2_kg": kwh * cfg.carbon_intensity})
         finally:
             log.close()
-        kwh = energy.kwh()
         last = self.history[-1] if self.history else {}
         summary = {
             "steps": self.step, "resumed_from": start_step, "tokens": total_tokens, "train_time_s": train_time,
@@ -200,6 +203,15 @@ class Trainer:
             log_line = {k: v for k, v in summary.items() if k != "history"}
             (self.out_dir / "summary.json").write_text(json.dumps(log_line, indent=1))
         return summary
+
+    def _total_kwh(self, energy: EnergyMeter) -> float | None:
+        """kWh of every rank's GPU (each rank meters its own); None unless every rank could measure."""
+        kwh = energy.kwh()
+        if self.dist.world_size == 1:
+            return kwh
+        total = torch.tensor([math.nan if kwh is None else kwh], dtype=torch.float64, device=self.device)
+        value = distributed.all_reduce_(total, "sum", self.dist).item()
+        return None if math.isnan(value) else value
 
     def _record(self, loss, grad_norm, metric_sums: dict) -> dict:
         """Host values of one step's statistics, averaged over ranks (one sync)."""

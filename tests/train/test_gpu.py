@@ -1,7 +1,11 @@
-"""GPU-only trainer checks (skipped without CUDA): bf16 + torch.compile tracks fp32, and a whole fp16
-step with the loss scaler makes no host synchronisation."""
+"""GPU-only trainer checks (skipped without CUDA): bf16 + torch.compile tracks fp32, a whole fp16
+step with the loss scaler makes no host synchronisation, and NVML's energy reading arrives (its
+arithmetic is tested on CPU in test_energy.py)."""
 
 from __future__ import annotations
+
+import json
+import time
 
 import numpy as np
 import pytest
@@ -52,3 +56,14 @@ def test_fp16_step_has_no_host_sync(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert t.scaler.skipped.item() == 0
+
+
+@requires_gpu
+def test_nvml_energy_is_measured_on_gpu(tmp_path):
+    pytest.importorskip("pynvml", reason="nvidia-ml-py (in the dev extra) is not installed")
+    t0 = time.perf_counter()
+    summary = make_trainer(tmp_path, device="cuda", max_steps=200).fit()
+    watts = summary["energy_kwh"] * 3.6e6 / (time.perf_counter() - t0)
+    assert 5 < watts < 1500, watts  # a plausible mean board power while training, for any data-centre GPU
+    assert summary["co2_kg"] == pytest.approx(summary["energy_kwh"] * 0.4)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["energy_kwh"] == summary["energy_kwh"]
