@@ -293,14 +293,16 @@ def _gemm_fwd_fake(a, b, bias, b_is_nk, activation):
 
 
 def _gemm_setup(ctx, inputs, output):
+    # Runs on every eager call, inference included (autograd_op's Function calls it after the forward),
+    # so a fused activation must not be refused here: only its backward is missing.
     a, b, bias, b_is_nk, activation = inputs
-    if activation:
-        raise RuntimeError("pyllm::gemm_cuda with a fused activation is forward-only; linear() splits it for autograd")
     ctx.save_for_backward(a, b)
-    ctx.b_is_nk, ctx.has_bias = b_is_nk, bias is not None
+    ctx.b_is_nk, ctx.has_bias, ctx.activation = b_is_nk, bias is not None, activation
 
 
 def _gemm_backward(ctx, gemm, dc):
+    if ctx.activation:
+        raise RuntimeError("pyllm::gemm_cuda with a fused activation is forward-only; linear() splits it for autograd")
     a, b = ctx.saved_tensors
     dc = _ready(dc)
     if ctx.b_is_nk:  # c = a b^T: da = dc b (b is (N, K): a (K=N_inner, N_out=K) row-major operand)
