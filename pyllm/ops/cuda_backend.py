@@ -346,7 +346,7 @@ _ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}
 @register("linear", "cuda")
 def linear(x, weight, bias=None, *, activation=None):
     _check_gemm("linear", x, weight, bias, True)
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not reshape(-1, K): ambiguous when K == 0
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if activation is None or not needs_grad:  # inference: bias and activation in the GEMM epilogue
         y = _gemm(x2d, weight, bias, True, _ACTIVATION_CODES[activation])
