@@ -371,7 +371,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) 
 
 
 def _attention_fwd_fake(q, k, v, scale, causal):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # contiguous like the real outputs: empty_like would keep the strides of a permuted q
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
@@ -388,7 +389,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
 
 
 def _attention_bwd_fake(do, q, k, v, o, lse, scale, causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
