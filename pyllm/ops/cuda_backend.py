@@ -377,7 +377,7 @@ def _attention_fwd_fake(q, k, v, scale, causal):
 
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
                    causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    do = _ready(do)
+    do, q, k, v = _ready(do), _ready(q), _ready(k), _ready(v)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -395,7 +395,8 @@ def _attention_bwd_fake(do, q, k, v, o, lse, scale, causal):
 def _attention_setup(ctx, inputs, output):
     q, k, v, scale, causal = inputs
     o, lse = output
-    ctx.save_for_backward(_ready(q), _ready(k), _ready(v), o, lse)
+    # the inputs as given: under torch.compile they are FakeTensors here, whose data_ptr() (in _ready) raises
+    ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale, ctx.causal = scale, causal
 
 
