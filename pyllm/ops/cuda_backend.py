@@ -303,8 +303,7 @@ def _gemm_setup(ctx, inputs, output):
 def _gemm_backward(ctx, gemm, dc):
     if ctx.activation:
         raise RuntimeError("pyllm::gemm_cuda with a fused activation is forward-only; linear() splits it for autograd")
-    a, b = ctx.saved_tensors
-    dc = _ready(dc)
+    a, b = ctx.saved_tensors  # dc as given: _gemm_fwd makes it contiguous (not here: FakeTensors under compile)
     if ctx.b_is_nk:  # c = a b^T: da = dc b (b is (N, K): a (K=N_inner, N_out=K) row-major operand)
         da = gemm(dc, b, None, False, 0)
         db = dc.t() @ a  # (N, K): the weight gradient through cuBLAS (a transposed operand)
