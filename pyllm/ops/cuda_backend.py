@@ -379,7 +379,9 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     do, q, k, v = _ready(do), _ready(q), _ready(k), _ready(v)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # with no queries the kernel does not run, and keys/values get zero gradient, not uninitialised memory
+    alloc = torch.zeros_like if B * Hq * T == 0 else torch.empty_like
+    dq, dk, dv = torch.empty_like(q), alloc(k), alloc(v)
     work = torch.empty(_C.cuda_attention_bwd_workspace(B, Hq, T, D), device=q.device, dtype=torch.float32)
     _C.cuda_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), do.data_ptr(),
                           dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), work.data_ptr(), B, Hq, Hkv, T, S, D, scale,
