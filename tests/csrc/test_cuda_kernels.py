@@ -98,8 +98,13 @@ def test_cross_entropy_bad_target_gives_nan_not_a_crash():
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
+# ---- GEMM (csrc/cuda/gemm.cu): 128 x 128 tiles, K in steps of 32; N and K multiples of 8 (16-byte rows for
+# cp.async), M anything. The shapes put tails in every dim: M = 1 and primes, N and K off the tile and step.
+
+
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (127, 264, 72), (256, 512, 1024), (1000, 1032, 136)])
+@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (13, 24, 40), (127, 264, 72), (256, 512, 1024), (1000, 1032, 136),
+                                   (997, 136, 8)])
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
 def test_linear(dtype, M, N, K, activation):
     args = [_randn(M, K), _randn(N, K, scale=K ** -0.5), _randn(N)]
@@ -112,7 +117,28 @@ def test_linear(dtype, M, N, K, activation):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (130, 136, 264), (512, 512, 512)])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+def test_linear_on_3d_input_and_frozen_operands(dtype, activation):
+    """(B, T, K) activations as a model passes them; frozen operands with grad mode on take the epilogue
+    path (the fused activation used to raise there: gemm_cuda's autograd setup refused it)."""
+    x, w, b = _randn(2, 7, 72), _randn(40, 72, scale=72 ** -0.5), _randn(40)
+    _check("linear", [x, w, b], dtype, activation=activation)
+    out = ops.linear(x.to(dtype), w.to(dtype), b.to(dtype), activation=activation, backend="cuda")
+    truth = reference.linear(x.double(), w.double(), b.double(), activation=activation)
+    assert_close(out, truth, reference.linear(x.to(dtype), w.to(dtype), b.to(dtype), activation=activation),
+                 "linear, frozen operands")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_linear_with_empty_inner_dim_gives_the_activated_bias(dtype):
+    x, w, b = torch.empty(3, 0, device=DEV, dtype=dtype), torch.empty(16, 0, device=DEV, dtype=dtype), _randn(16)
+    out = ops.linear(x, w, b.to(dtype), activation="gelu", backend="cuda")
+    truth = reference.linear(x.double(), w.double(), b.double(), activation="gelu")
+    assert_close(out, truth, reference.linear(x, w, b.to(dtype), activation="gelu"), "linear with K = 0")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (130, 136, 264), (512, 512, 512), (997, 8, 16), (3, 136, 1032)])
 def test_matmul(dtype, M, N, K):
     _check("matmul", [_randn(M, K), _randn(K, N, scale=K ** -0.5)], dtype)
 
@@ -123,13 +149,79 @@ def test_matmul_refuses_unaligned_inner_dim():
         ops.matmul(a, b, backend="cuda")
 
 
+def test_linear_refuses_output_dim_not_a_multiple_of_8():
+    # the forward would run, but the backward's dx = dy @ W reads W (N, K) as a (K, N)-row operand
+    with pytest.raises(ops.BackendError, match="multiples of 8"):
+        ops.linear(_randn(4, 8).half(), _randn(12, 8).half(), backend="cuda")
+
+
+# ---- attention (csrc/cuda/attention.cu): 64-query / 64-key tiles, D 64 or 128. Queries are the last T of S
+# positions: T < S cases check the causal diagonal offset; S and T off the tile check the edge masks.
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("B,Hq,Hkv,T,S,D", [(1, 1, 1, 1, 1, 64), (2, 4, 4, 65, 65, 64), (1, 8, 2, 200, 200, 128),
-                                            (2, 4, 1, 17, 130, 128), (1, 2, 2, 1024, 1024, 64)])
+                                            (2, 4, 1, 17, 130, 128), (1, 2, 2, 1024, 1024, 64),
+                                            (1, 4, 2, 1, 67, 128), (1, 3, 1, 127, 131, 64), (2, 6, 3, 61, 61, 128),
+                                            (1, 2, 1, 64, 1000, 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention(dtype, B, Hq, Hkv, T, S, D, causal):
     q, k, v = _randn(B, Hq, T, D), _randn(B, Hkv, S, D), _randn(B, Hkv, S, D)
     _check("attention", [q, k, v], dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_attention_softmax_scale(dtype):
+    q, k, v = _randn(1, 4, 40, 64), _randn(1, 2, 72, 64), _randn(1, 2, 72, 64)
+    _check("attention", [q, k, v], dtype, causal=True, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_attention_on_transposed_views(dtype):
+    """q/k/v as a model makes them: (B, T, H, D) projections viewed as (B, H, T, D) (not contiguous)."""
+    q, k, v = (_randn(2, 70, h, 128).transpose(1, 2) for h in (4, 2, 2))
+    _check("attention", [q, k, v], dtype, causal=True)
+
+
+def test_attention_with_no_queries_gives_zero_key_and_value_grads():
+    q = torch.empty(1, 2, 0, 64, device=DEV, dtype=torch.half, requires_grad=True)
+    k, v = (_randn(1, 1, 5, 64).half().requires_grad_() for _ in range(2))
+    out = ops.attention(q, k, v, backend="cuda")
+    (out.float().sum() + 0 * (k.float().sum() + v.float().sum())).backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_attention_and_linear_under_torch_compile():
+    """The custom ops traced with gradients: setup/backward must not touch FakeTensors' data (they did)."""
+    from pyllm.ops import cuda_backend as cb
+    q, k, v = (_randn(1, h, 70, 64).half() for h in (4, 2, 2))
+    x, w = _randn(9, 64).half(), _randn(24, 64, scale=0.125).half()
+
+    def step(q, k, v, x, w):
+        return (cb.attention(q, k, v, causal=True).float().square().sum()
+                + cb.linear(x, w, None, activation="gelu_tanh").float().square().sum())
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, x, w)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    for eager, compiled in zip(*results):  # not bitwise: dQ is summed with fp32 atomics in any order
+        torch.testing.assert_close(compiled, eager, rtol=4e-3, atol=1e-3 * eager.abs().max().item())
+
+
+def test_attention_opcheck_on_a_permuted_q():
+    # the fake implementation must give the real outputs' (contiguous) strides for any input layout
+    from pyllm.ops import cuda_backend as cb
+    q = _randn(1, 70, 2, 64).half().transpose(1, 2)
+    torch.library.opcheck(cb._attention.custom_op, (q.clone().requires_grad_(), q, q, 0.125, True))
+
+
+def test_gemm_and_attention_are_cross_checked_with_triton():
+    """_check compares with Triton only where the triton backend is registered: fail loudly if it is not."""
+    missing = [op for op in ("matmul", "linear", "attention") if not _triton_has(op)]
+    assert not missing, f"no triton backend for {missing}: the CUDA-vs-Triton comparison would be skipped"
 
 
 def test_attention_with_doc_ids_is_refused():
