@@ -13,44 +13,34 @@
 namespace pyllm {
 namespace cuda {
 
-// Run `...` with T bound to the element type of dtype code `code` (float, __half or __nv_bfloat16).
-#define PYLLM_DISPATCH_FLOAT(code, T, ...)                                              \
-  switch (static_cast<::pyllm::DType>(code)) {                                          \
-    case ::pyllm::DType::kFloat32: {                                                    \
-      using T = float;                                                                  \
-      __VA_ARGS__;                                                                      \
-      break;                                                                            \
-    }                                                                                   \
-    case ::pyllm::DType::kFloat16: {                                                    \
-      using T = __half;                                                                 \
-      __VA_ARGS__;                                                                      \
-      break;                                                                            \
-    }                                                                                   \
-    case ::pyllm::DType::kBFloat16: {                                                   \
-      using T = __nv_bfloat16;                                                          \
-      __VA_ARGS__;                                                                      \
-      break;                                                                            \
-    }                                                                                   \
-    default:                                                                            \
-      throw std::invalid_argument("pyllm._C: unknown dtype code " + std::to_string(code)); \
+// Dtype dispatch: run `...` with T bound to the element type of dtype code `code`. Each dtype's case is
+// written once (PYLLM_DTYPE_CASE) and the two dispatchers list which cases they accept.
+#define PYLLM_DTYPE_CASE(enumerator, type, T, ...) \
+  case ::pyllm::DType::enumerator: {              \
+    using T = type;                               \
+    __VA_ARGS__;                                  \
+    break;                                        \
+  }
+#define PYLLM_HALF_CASES(T, ...)                               \
+  PYLLM_DTYPE_CASE(kFloat16, __half, T, __VA_ARGS__)           \
+  PYLLM_DTYPE_CASE(kBFloat16, __nv_bfloat16, T, __VA_ARGS__)
+
+// float, __half or __nv_bfloat16.
+#define PYLLM_DISPATCH_FLOAT(code, T, ...)                                                   \
+  switch (static_cast<::pyllm::DType>(code)) {                                               \
+    PYLLM_DTYPE_CASE(kFloat32, float, T, __VA_ARGS__)                                        \
+    PYLLM_HALF_CASES(T, __VA_ARGS__)                                                         \
+    default:                                                                                 \
+      throw std::invalid_argument("pyllm._C: unknown dtype code " + std::to_string(code));   \
   }
 
-// Same for the tensor-core kernels, which take half and bfloat16 only.
-#define PYLLM_DISPATCH_HALF(code, T, ...)                                                         \
-  switch (static_cast<::pyllm::DType>(code)) {                                                    \
-    case ::pyllm::DType::kFloat16: {                                                              \
-      using T = __half;                                                                           \
-      __VA_ARGS__;                                                                                \
-      break;                                                                                      \
-    }                                                                                             \
-    case ::pyllm::DType::kBFloat16: {                                                             \
-      using T = __nv_bfloat16;                                                                    \
-      __VA_ARGS__;                                                                                \
-      break;                                                                                      \
-    }                                                                                             \
-    default:                                                                                      \
-      throw std::invalid_argument("pyllm._C: this kernel takes float16 or bfloat16, got dtype code " + \
-                                  std::to_string(code));                                          \
+// The tensor-core kernels: __half or __nv_bfloat16 only.
+#define PYLLM_DISPATCH_HALF(code, T, ...)                                                                \
+  switch (static_cast<::pyllm::DType>(code)) {                                                           \
+    PYLLM_HALF_CASES(T, __VA_ARGS__)                                                                     \
+    default:                                                                                             \
+      throw std::invalid_argument("pyllm._C: this kernel takes float16 or bfloat16, got dtype code " +   \
+                                  std::to_string(code));                                                 \
   }
 
 // Throw (-> Python RuntimeError) if the last launch failed.
