@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
       if (v > m) {
         s = s * __expf(m - v) + 1.0f;
         m = v;
-      } else {
+      } else if (v != -INFINITY) {  // a masked logit adds nothing; with m = -inf too, exp(v - m) is nan
         s += __expf(v - m);
       }
     }
