@@ -188,7 +188,7 @@ def bias_gelu(x, bias=None, *, approximate="tanh"):
 def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
     """(t, row stride) when t's rows are evenly strided with a contiguous last dim and an aligned base,
     else (a contiguous copy, width)."""
-    ok = t.dim() >= 1 and (t.dim() == 1 or t.stride(-1) == 1) and t.data_ptr() % 16 == 0
+    ok = t.dim() >= 1 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
     for i in range(t.dim() - 2):
         ok = ok and (t.shape[i] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1])
     if not ok:

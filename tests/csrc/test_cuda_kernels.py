@@ -67,13 +67,39 @@ def test_swiglu(dtype, shape):
     _check("swiglu", [_randn(*shape, scale=3), _randn(*shape)], dtype)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-def test_swiglu_on_chunks_of_a_fused_projection(dtype):
-    fused = _randn(2, 9, 2 * 64).to(dtype)
-    gate, up = fused.chunk(2, dim=-1)
-    out = ops.swiglu(gate, up, backend="cuda")
-    truth = reference.swiglu(gate.double(), up.double())
-    assert_close(out, truth, reference.swiglu(gate, up), "swiglu on chunks")
+def _check_on_views(op, views, **kwargs):
+    """check() for inputs whose layout matters (strided or offset views, kept as they are): the cuda
+    backend vs the reference in fp64 (truth) and in the views' dtype, output and every input's gradient
+    under one shared upstream gradient."""
+    def run(backend, tensors, dy=None):
+        leaves = [t.detach().requires_grad_() for t in tensors]  # detach() keeps the view's strides
+        out = getattr(ops, op)(*leaves, backend=backend, **kwargs)
+        dy = torch.randn(out.shape, dtype=torch.float64, device=DEV) if dy is None else dy
+        return [out, *torch.autograd.grad(out, leaves, dy.to(out.dtype))], dy
+
+    truth, dy = run("torch", [t.double() for t in views])
+    ref, _ = run("torch", views, dy)
+    kern, _ = run("cuda", views, dy)
+    for i, (k, t, r) in enumerate(zip(kern, truth, ref)):
+        assert_close(k, t, r, f"{op} on views, {'output' if i == 0 else f'gradient of input {i - 1}'}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [64, 67])
+def test_swiglu_on_chunks_of_a_fused_projection(dtype, width):
+    """gate and up as the two halves of one (rows, 2 width) projection: read through their row stride
+    (width 64) or copied (width 67: up's base is not 16-byte aligned)."""
+    _check_on_views("swiglu", list(_randn(2, 9, 2 * width, scale=3).to(dtype).chunk(2, dim=-1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_on_strided_vectors(dtype):
+    """1-D views with a stride (every other element): the kernel reads a row as contiguous, so these must
+    be copied; they were once passed as they were and the kernel read the wrong elements."""
+    pairs = _randn(515, 2, scale=3).to(dtype)
+    gate, up = pairs[:, 0], pairs[:, 1]
+    assert gate.stride() == (2,)
+    _check_on_views("swiglu", [gate, up])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
