@@ -232,7 +232,7 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
                    z_loss: float) -> tuple[Tensor, Tensor]:
     """logits (rows, V), target (rows,) int64 -> (loss per row, lse per row), fp32. A target outside
     [0, V) that is not ignore_index gives a nan loss for its row (checked on the device, no sync)."""
-    logits, target = _ready(logits), target.contiguous()
+    logits, target = _ready(logits), target.contiguous()  # target (rows,) int64
     rows, vocab = logits.shape
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
@@ -250,7 +250,7 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
                        label_smoothing: float, z_loss: float) -> Tensor:
     grad_stride = 0 if grad.dim() == 1 and grad.stride(0) == 0 else 1  # expanded from a sum/mean
     grad = grad.float() if grad_stride == 0 else grad.float().contiguous()
-    logits = _ready(logits)
+    logits, target = _ready(logits), target.contiguous()  # the kernel reads target[row]: no stride
     rows, vocab = logits.shape
     dlogits = torch.empty_like(logits)
     _C.cuda_cross_entropy_bwd(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), grad_stride,

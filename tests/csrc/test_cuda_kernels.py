@@ -133,6 +133,17 @@ def test_cross_entropy_masked_logits(dtype, vocab):
     _check("cross_entropy", [logits, target], dtype, z_loss=1e-4)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_cross_entropy_strided_target(dtype):
+    """A 1-D target view with a stride (one column of a (rows, 2) tensor): the backward once read it as
+    contiguous (the forward had copied it), so every row but the first got another row's target."""
+    rows, vocab = 37, 1000
+    targets = torch.randint(0, vocab, (rows, 2), device=DEV)
+    target = targets[:, 1]
+    assert target.stride() == (2,)
+    _check("cross_entropy", [_randn(rows, vocab, scale=3), target], dtype, reduction="none")
+
+
 def test_cross_entropy_bad_target_gives_nan_not_a_crash():
     loss = ops.cross_entropy(_randn(3, 10), torch.tensor([1, 10, 2], device=DEV), reduction="none", backend="cuda")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
