@@ -161,6 +161,7 @@ int64_t bias_gelu_bwd_workspace(int64_t rows, int64_t n) { return kSplits * n; }
 
 void bias_gelu_bwd(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dx, uintptr_t dbias, uintptr_t workspace,
                    int64_t rows, int64_t n, bool tanh_approx, int dtype, uintptr_t stream) {
+  if (n == 0) return;  // nothing to write, and a grid of 0 column tiles is an invalid launch
   const cudaStream_t s = as_stream(stream);
   PYLLM_DISPATCH_FLOAT(dtype, T, {
     if (rows * n > 0) launch_gelu<T, true>(x, bias, dy, dx, rows, n, tanh_approx, s);

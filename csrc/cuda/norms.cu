@@ -283,7 +283,7 @@ void reduce_partials(const float* partial, int64_t parts, int64_t n, int dtype, 
 void norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h_out,
               uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t n, float eps, bool rms, int dtype,
               uintptr_t stream) {
-  if (rows == 0) return;
+  if (rows == 0 || n == 0) return;
   const cudaStream_t s = as_stream(stream);
   PYLLM_DISPATCH_FLOAT(dtype, T, {
     if (rms)
@@ -299,6 +299,7 @@ int64_t norm_bwd_workspace(int64_t rows, int64_t n) { return 2 * kParamSplits * 
 void norm_bwd(uintptr_t dy, uintptr_t h, uintptr_t weight, uintptr_t mean, uintptr_t rstd, uintptr_t dh_extra,
               uintptr_t dx, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace, int64_t rows, int64_t n, bool rms,
               int dtype, uintptr_t stream) {
+  if (n == 0) return;  // nothing to write, and a grid of 0 column tiles is an invalid launch
   const cudaStream_t s = as_stream(stream);
   float* partial = ptr<float>(workspace);
   const dim3 grid(static_cast<unsigned>(ceil_div(n, 32)), kParamSplits), block(32, 8);

@@ -52,6 +52,18 @@ def test_norms(dtype, rows, n, with_residual):
     _check("rms_norm", [x, w], dtype, **extra)
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5)])
+def test_empty_rows_or_width(shape):
+    """Zero rows or a zero width, forward and backward: the dweight/dbias column reductions once launched
+    a grid of 0 column tiles for width 0 ('invalid configuration argument')."""
+    x, w = _randn(*shape), _randn(shape[-1])
+    for dtype in HALF:  # against the reference only: empty shapes are not what the Triton cross-check is for
+        check("layer_norm", "cuda", [x, w, w], dtype)
+        check("rms_norm", "cuda", [x, w], dtype, residual=_randn(*shape))
+        check("bias_gelu", "cuda", [x, w], dtype)
+        check("swiglu", "cuda", [x, x], dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (13, 3072), (2, 5, 257)])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
