@@ -134,19 +134,29 @@ def _check_same_dtype(op, x, **others):
     for name, t in others.items():
         if t is not None and t.dtype != x.dtype:
             raise Unsupported(f"cuda backend: argument '{name}' of {op} is {t.dtype}, the kernel needs x's {x.dtype}")
-    _limit(op, "the last dim of argument 'x'", x.shape[-1])
+
+
+# norms.cu indexes a row with int: i + one loop stride (256 threads x 8 elements) must stay below 2^31.
+_NORM_MAX_WIDTH = _INT32_MAX - 256 * 8
+
+
+def _check_norm(op, x, **others):
+    _check_same_dtype(op, x, **others)
+    rows, n = rows_and_width(x)
+    _limit(op, "the last dim of argument 'x'", n, _NORM_MAX_WIDTH)
+    _limit(op, "the rows of argument 'x' (8 rows per block of the grid)", rows, 8 * _INT32_MAX)
 
 
 @register("layer_norm", "cuda")
 def layer_norm(x, weight, bias=None, *, eps=1e-5, residual=None):
-    _check_same_dtype("layer_norm", x, weight=weight, bias=bias, residual=residual)
+    _check_norm("layer_norm", x, weight=weight, bias=bias, residual=residual)
     y, h, _, _ = _norm(x, residual, weight, bias, float(eps), False)
     return (y, h) if residual is not None else y
 
 
 @register("rms_norm", "cuda")
 def rms_norm(x, weight, *, eps=1e-6, residual=None):
-    _check_same_dtype("rms_norm", x, weight=weight, residual=residual)
+    _check_norm("rms_norm", x, weight=weight, residual=residual)
     y, h, _, _ = _norm(x, residual, weight, None, float(eps), True)
     return (y, h) if residual is not None else y
 

@@ -347,6 +347,16 @@ def test_non_cuda_tensor_is_refused():
         ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend="cuda")
 
 
+def test_norm_width_beyond_int_indexing_is_refused():
+    """norms.cu indexes a row with int: a width within one loop stride of 2^31 once passed the wrapper's
+    check (<= 2^31 - 1) and overflowed i + 2048. Expanded tensors: nothing is allocated."""
+    n = 2**31 - 1
+    x, w = torch.zeros(1, 1, device=DEV).expand(1, n), torch.zeros(1, device=DEV).expand(n)
+    for op in ("layer_norm", "rms_norm"):
+        with pytest.raises(ops.BackendError, match="last dim of argument 'x'"):
+            getattr(ops, op)(x, w, backend="cuda")
+
+
 def test_fp32_attention_is_refused():
     q = _randn(1, 1, 4, 64)
     with pytest.raises(ops.BackendError, match="float16, bfloat16"):
