@@ -62,12 +62,18 @@ def _stream() -> int:
 
 
 def _require(op: str, dtypes=tuple(_DTYPE_CODES), **tensors: Optional[Tensor]) -> None:
-    """Raise Unsupported unless every given tensor is on a CUDA device with an accepted dtype."""
+    """Raise Unsupported unless every given tensor is on the current CUDA device with an accepted dtype.
+    The launchers use the current device and its current stream: a tensor on another GPU would be read
+    through a pointer that is invalid there."""
     for name, t in tensors.items():
         if t is None:
             continue
         if t.device.type != "cuda":
             raise Unsupported(f"cuda backend: argument '{name}' of {op} is on {t.device}, needs a CUDA device")
+        if t.device.index != torch.cuda.current_device():
+            raise Unsupported(f"cuda backend: argument '{name}' of {op} is on {t.device} but the current device "
+                              f"is cuda:{torch.cuda.current_device()} (torch.cuda.set_device, or "
+                              f"'with torch.cuda.device(...)')")
         if t.dtype not in dtypes:
             raise Unsupported(f"cuda backend: argument '{name}' of {op} is {t.dtype}; this kernel takes "
                               f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")

@@ -10,7 +10,7 @@ import torch
 
 from pyllm import ops
 from pyllm.ops import reference
-from pyllm.ops.tolerance import assert_close
+from pyllm.ops.tolerance import assert_close, error_bound
 
 from csrc_checks import check
 
@@ -21,6 +21,7 @@ pytestmark = requires_gpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF = [torch.float16, torch.bfloat16]
 DEV = "cuda"
+BACKEND = "cuda"  # the backend under test
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def _triton_has(op):
 
 def _check(op, args, dtype, n_grad=None, **kwargs):
     other = "triton" if _triton_has(op) else None
-    check(op, "cuda", args, dtype, n_grad=n_grad, compare_with=other, **kwargs)
+    check(op, BACKEND, args, dtype, n_grad=n_grad, compare_with=other, **kwargs)
 
 
 def _randn(*shape, scale=1.0):
@@ -58,10 +59,10 @@ def test_empty_rows_or_width(shape):
     a grid of 0 column tiles for width 0 ('invalid configuration argument')."""
     x, w = _randn(*shape), _randn(shape[-1])
     for dtype in HALF:  # against the reference only: empty shapes are not what the Triton cross-check is for
-        check("layer_norm", "cuda", [x, w, w], dtype)
-        check("rms_norm", "cuda", [x, w], dtype, residual=_randn(*shape))
-        check("bias_gelu", "cuda", [x, w], dtype)
-        check("swiglu", "cuda", [x, x], dtype)
+        check("layer_norm", BACKEND, [x, w, w], dtype)
+        check("rms_norm", BACKEND, [x, w], dtype, residual=_randn(*shape))
+        check("bias_gelu", BACKEND, [x, w], dtype)
+        check("swiglu", BACKEND, [x, x], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,7 +92,7 @@ def _check_on_views(op, views, **kwargs):
 
     truth, dy = run("torch", [t.double() for t in views])
     ref, _ = run("torch", views, dy)
-    kern, _ = run("cuda", views, dy)
+    kern, _ = run(BACKEND, views, dy)
     for i, (k, t, r) in enumerate(zip(kern, truth, ref)):
         assert_close(k, t, r, f"{op} on views, {'output' if i == 0 else f'gradient of input {i - 1}'}")
 
@@ -157,7 +158,7 @@ def test_cross_entropy_strided_target(dtype):
 
 
 def test_cross_entropy_bad_target_gives_nan_not_a_crash():
-    loss = ops.cross_entropy(_randn(3, 10), torch.tensor([1, 10, 2], device=DEV), reduction="none", backend="cuda")
+    loss = ops.cross_entropy(_randn(3, 10), torch.tensor([1, 10, 2], device=DEV), reduction="none", backend=BACKEND)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
@@ -173,7 +174,7 @@ def test_linear(dtype, M, N, K, activation):
     args = [_randn(M, K), _randn(N, K, scale=K ** -0.5), _randn(N)]
     _check("linear", args, dtype, activation=activation)
     with torch.no_grad():  # the inference path: bias and activation in the GEMM epilogue
-        out = ops.linear(*(a.to(dtype) for a in args), activation=activation, backend="cuda")
+        out = ops.linear(*(a.to(dtype) for a in args), activation=activation, backend=BACKEND)
         truth = reference.linear(*(a.double() for a in args), activation=activation)
         ref = reference.linear(*(a.to(dtype) for a in args), activation=activation)
     assert_close(out, truth, ref, "linear epilogue")
@@ -209,7 +210,7 @@ def test_matmul(dtype, M, N, K):
 def test_matmul_refuses_unaligned_inner_dim():
     a, b = _randn(4, 7).half(), _randn(7, 8).half()
     with pytest.raises(ops.BackendError, match="multiples of 8"):
-        ops.matmul(a, b, backend="cuda")
+        ops.matmul(a, b, backend=BACKEND)
 
 
 def test_linear_refuses_output_dim_not_a_multiple_of_8():
@@ -290,52 +291,76 @@ def test_gemm_and_attention_are_cross_checked_with_triton():
 def test_attention_with_doc_ids_is_refused():
     q = _randn(1, 2, 8, 64).half()
     with pytest.raises(ops.BackendError, match="doc_ids"):
-        ops.attention(q, q, q, doc_ids=torch.zeros(1, 8, dtype=torch.long, device=DEV), backend="cuda")
+        ops.attention(q, q, q, doc_ids=torch.zeros(1, 8, dtype=torch.long, device=DEV), backend=BACKEND)
 
 
-def _adam_state(shapes, dtype, gen):
-    make = lambda: [torch.randn(s, generator=gen).to(DEV) for s in shapes]  # noqa: E731
+CHUNK = 65536  # multi_tensor.cu: kChunk elements per block, 320 blocks and 36 tensors per launch table
+# > 36 tensors, one tensor longer than a whole table (its chunks continue in the next table's slot 0),
+# sizes at chunk boundaries, an empty tensor
+MT_SHAPES = [(1,), (7, 13), (320 * CHUNK + 1000,), (CHUNK,), (CHUNK + 1,), (3, 5, 2), (0,)] + [(17,)] * 40
+
+
+def _adam_state(shapes, dtype, seed):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    make = lambda: [torch.randn(s, generator=gen, device=DEV) for s in shapes]  # noqa: E731
     params, grads, m = make(), make(), make()
     v = [t.abs() for t in make()]
     return [p.to(dtype) for p in params], [g.to(dtype) for g in grads], m, v
 
 
+def _kernel_backends(op):
+    return [BACKEND] + (["triton"] if _triton_has(op) else [])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_master", [False, True])
 def test_adamw_step(dtype, with_master):
-    shapes = [(1,), (7, 13), (300000,), (3, 5, 2)] + [(17,)] * 40  # > 36 tensors and > 320 chunks per table
     hp = dict(lr=torch.tensor(1e-2, device=DEV), beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-    truth = _adam_state(shapes, torch.float64, torch.Generator().manual_seed(1))
-    kern = _adam_state(shapes, dtype, torch.Generator().manual_seed(1))
-    ref = _adam_state(shapes, dtype, torch.Generator().manual_seed(1))
-    master = [p.float() for p in truth[0]] if with_master else None
-    ref_master = [p.float() for p in truth[0]] if with_master else None
+    backends = _kernel_backends("adamw_step")
+    truth, ref = _adam_state(MT_SHAPES, torch.float64, 1), _adam_state(MT_SHAPES, dtype, 1)
+    runs = {b: _adam_state(MT_SHAPES, dtype, 1) for b in backends}
+    master = {b: [p.float() for p in truth[0]] if with_master else None for b in ["torch", *backends]}
+    no_overflow = torch.zeros(1, device=DEV)  # a found_inf flag that is present but clear: the step runs
     for step in (1, 2, 3):
         ops.adamw_step(*truth, step=step, backend="torch", **hp)
-        ops.adamw_step(*ref, step=step, master_params=ref_master, backend="torch", **hp)
-        ops.adamw_step(*kern, step=torch.tensor(step, device=DEV), master_params=master, backend="cuda", **hp)
+        ops.adamw_step(*ref, step=step, master_params=master["torch"], backend="torch", **hp)
+        for b in backends:
+            ops.adamw_step(*runs[b], step=torch.tensor(step, device=DEV), master_params=master[b],
+                           found_inf=no_overflow, backend=b, **hp)
     for i, name in ((0, "params"), (2, "exp_avgs"), (3, "exp_avg_sqs")):
-        for j, (k, t, r) in enumerate(zip(kern[i], truth[i], ref[i])):
+        for j, (k, t, r) in enumerate(zip(runs[BACKEND][i], truth[i], ref[i])):
             assert_close(k, t, r, f"adamw {name}[{j}] ({dtype})")
+            if "triton" in backends:  # CUDA vs Triton within the sum of both bounds
+                other = runs["triton"][i][j]
+                err = (k.double() - other.double()).abs().max().item() if k.numel() else 0.0
+                assert err <= 2 * error_bound(t, r, k.dtype), f"adamw {name}[{j}]: cuda vs triton {err:.3e}"
 
 
 def test_adamw_step_skips_on_found_inf():
-    params, grads, m, v = _adam_state([(5, 3)], torch.float32, torch.Generator().manual_seed(2))
-    before = [t.clone() for t in (params[0], m[0], v[0])]
-    ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=torch.ones(1, device=DEV), backend="cuda")
-    for a, b in zip((params[0], m[0], v[0]), before):
+    params, grads, m, v = _adam_state([(5, 3), (CHUNK + 3,)], torch.float32, 2)
+    before = [t.clone() for t in (*params, *m, *v)]
+    ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=torch.ones(1, device=DEV), backend=BACKEND)
+    for a, b in zip((*params, *m, *v), before):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
-def test_unscale_and_check(dtype, bad):
-    grads = [_randn(3).to(dtype), _randn(300000).to(dtype), _randn(2, 7).to(dtype)]
+@pytest.mark.parametrize("backend", [BACKEND, "triton"])
+@pytest.mark.parametrize("inv_scale_on_device", [False, True])
+def test_unscale_and_check(dtype, bad, backend, inv_scale_on_device):
+    """Every element of every gradient scaled once (MT_SHAPES: table and chunk boundaries), found_inf set
+    by an inf/nan anywhere, including past the first table; Triton must give the same bits."""
+    if not _triton_has("unscale_and_check_") and backend == "triton":
+        pytest.skip("no Triton unscale_and_check_ on this machine")
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    grads = [torch.randn(s, generator=gen, device=DEV).to(dtype) for s in MT_SHAPES]
     if bad is not None:
-        grads[1][234567] = bad
+        grads[2][-5] = bad  # the last chunk of the tensor that spans two tables
     expected = [(g.float() * 0.25).to(dtype) for g in grads]
     found = torch.zeros(1, device=DEV)
-    ops.unscale_and_check_(grads, torch.tensor(0.25, device=DEV), found, backend="cuda")
+    inv_scale = torch.tensor(0.25, device=DEV) if inv_scale_on_device else 0.25
+    ops.unscale_and_check_(grads, inv_scale, found, backend=backend)
     assert found.item() == (0.0 if bad is None else 1.0)
     for g, e in zip(grads, expected):
         assert torch.equal(g.isfinite(), e.isfinite())
@@ -344,7 +369,20 @@ def test_unscale_and_check(dtype, bad):
 
 def test_non_cuda_tensor_is_refused():
     with pytest.raises(ops.BackendError, match="argument 'x'.*cpu"):
-        ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend="cuda")
+        ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend=BACKEND)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensor_on_another_gpu_is_refused():
+    """The kernels launch on the current device and stream: a tensor on another GPU was once passed on
+    (an illegal address at best)."""
+    x = torch.randn(4, 64, device="cuda:1")
+    with torch.cuda.device(0), pytest.raises(ops.BackendError, match="current device is cuda:0"):
+        ops.rms_norm(x, torch.ones(64, device="cuda:1"), backend=BACKEND)
+    with torch.cuda.device(1):
+        assert_close(ops.rms_norm(x, torch.ones(64, device="cuda:1"), backend=BACKEND),
+                     reference.rms_norm(x.double(), torch.ones(64, device="cuda:1", dtype=torch.float64)),
+                     reference.rms_norm(x, torch.ones(64, device="cuda:1")), "rms_norm on cuda:1")
 
 
 def test_norm_width_beyond_int_indexing_is_refused():
@@ -354,13 +392,13 @@ def test_norm_width_beyond_int_indexing_is_refused():
     x, w = torch.zeros(1, 1, device=DEV).expand(1, n), torch.zeros(1, device=DEV).expand(n)
     for op in ("layer_norm", "rms_norm"):
         with pytest.raises(ops.BackendError, match="last dim of argument 'x'"):
-            getattr(ops, op)(x, w, backend="cuda")
+            getattr(ops, op)(x, w, backend=BACKEND)
 
 
 def test_fp32_attention_is_refused():
     q = _randn(1, 1, 4, 64)
     with pytest.raises(ops.BackendError, match="float16, bfloat16"):
-        ops.attention(q, q, q, backend="cuda")
+        ops.attention(q, q, q, backend=BACKEND)
 
 
 def test_misaligned_view_is_copied_not_crashed():
@@ -368,7 +406,7 @@ def test_misaligned_view_is_copied_not_crashed():
     x = base[:, 1:].reshape(8, 64)  # a view whose address is 2 bytes past a 16-byte boundary
     assert x.data_ptr() % 16
     w = _randn(64).half()
-    out = ops.rms_norm(x, w, backend="cuda")
+    out = ops.rms_norm(x, w, backend=BACKEND)
     assert_close(out, reference.rms_norm(x.double(), w.double()), reference.rms_norm(x, w), "misaligned rms_norm")
 
 
