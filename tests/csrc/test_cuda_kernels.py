@@ -5,6 +5,9 @@ Every test here needs a CUDA device and a pyllm._C built with nvcc; on a machine
 are skipped (CI still compiles the kernels: a CUDA build error fails the install).
 """
 
+import functools
+import math
+
 import pytest
 import torch
 
@@ -82,15 +85,17 @@ def test_swiglu(dtype, shape):
 
 def _check_on_views(op, views, **kwargs):
     """check() for inputs whose layout matters (strided or offset views, kept as they are): the cuda
-    backend vs the reference in fp64 (truth) and in the views' dtype, output and every input's gradient
-    under one shared upstream gradient."""
+    backend vs the reference in fp64 (truth) and in the views' dtype, output and the gradient of every
+    floating input under one shared upstream gradient."""
     def run(backend, tensors, dy=None):
-        leaves = [t.detach().requires_grad_() for t in tensors]  # detach() keeps the view's strides
-        out = getattr(ops, op)(*leaves, backend=backend, **kwargs)
+        # detach() keeps a view's strides; integer tensors (targets) are passed as they are
+        args = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+        leaves = [a for a in args if a.requires_grad]
+        out = getattr(ops, op)(*args, backend=backend, **kwargs)
         dy = torch.randn(out.shape, dtype=torch.float64, device=DEV) if dy is None else dy
         return [out, *torch.autograd.grad(out, leaves, dy.to(out.dtype))], dy
 
-    truth, dy = run("torch", [t.double() for t in views])
+    truth, dy = run("torch", [t.double() if t.is_floating_point() else t for t in views])
     ref, _ = run("torch", views, dy)
     kern, _ = run(BACKEND, views, dy)
     for i, (k, t, r) in enumerate(zip(kern, truth, ref)):
@@ -401,13 +406,23 @@ def test_fp32_attention_is_refused():
         ops.attention(q, q, q, backend=BACKEND)
 
 
-def test_misaligned_view_is_copied_not_crashed():
-    base = _randn(1, 8 * 64 + 1).half()
-    x = base[:, 1:].reshape(8, 64)  # a view whose address is 2 bytes past a 16-byte boundary
-    assert x.data_ptr() % 16
-    w = _randn(64).half()
-    out = ops.rms_norm(x, w, backend=BACKEND)
-    assert_close(out, reference.rms_norm(x.double(), w.double()), reference.rms_norm(x, w), "misaligned rms_norm")
+def _misaligned(*shape, dtype):
+    """A contiguous view of ``shape`` whose address is one element past a 16-byte boundary."""
+    t = _randn(math.prod(shape) + 1).to(dtype)[1:].view(shape)
+    assert t.data_ptr() % 16
+    return t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_views_are_copied(dtype):
+    """Every op with 128-bit loads on inputs one element past a 16-byte boundary, at a width that picks the
+    vector path (64): the wrappers must copy them (a misaligned vector load is a fault on the GPU)."""
+    m = functools.partial(_misaligned, dtype=dtype)
+    _check_on_views("layer_norm", [m(8, 64), m(64), m(64)])
+    _check_on_views("rms_norm", [m(8, 64), m(64)])
+    _check_on_views("bias_gelu", [m(8, 64), m(64)])
+    _check_on_views("swiglu", [m(8, 64), m(8, 64)])
+    _check_on_views("cross_entropy", [m(8, 64), torch.randint(0, 64, (8,), device=DEV)])
 
 
 def test_custom_ops_pass_opcheck():
