@@ -68,6 +68,23 @@ def test_empty_rows_or_width(shape):
         check("swiglu", BACKEND, [x, x], dtype)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("n", [768, 4099])
+def test_norm_with_unused_residual_sum(dtype, n):
+    """The final norm of a pre-norm model: the residual sum h is returned but never used, so its gradient
+    is None (no dh_extra pointer) while x and residual still get dy's gradient."""
+    x, r, w, b = _randn(6, n, scale=3), _randn(6, n), _randn(n), _randn(n)
+    dy = torch.randn(6, n, dtype=torch.float64, device=DEV)
+    grads = {}
+    for name, backend, cast in (("truth", "torch", torch.double), ("ref", "torch", dtype),
+                                ("kern", BACKEND, dtype)):
+        leaves = [t.to(cast).requires_grad_() for t in (x, r, w, b)]
+        y, _ = ops.layer_norm(leaves[0], leaves[2], leaves[3], residual=leaves[1], backend=backend)
+        grads[name] = torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    for i, (k, t, r_) in enumerate(zip(grads["kern"], grads["truth"], grads["ref"])):
+        assert_close(k, t, r_, f"layer_norm gradient {i} with the residual sum unused")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (13, 3072), (2, 5, 257)])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
@@ -75,6 +92,17 @@ def test_bias_gelu(dtype, shape, approximate):
     x = _randn(*shape, scale=3)
     _check("bias_gelu", [x, _randn(shape[-1])], dtype, approximate=approximate)
     _check("bias_gelu", [x], dtype, approximate=approximate)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_pointwise_beyond_the_grid_cap(dtype):
+    """More elements than one pass of the capped grid (524280 blocks x 256 threads, one element each at
+    an odd width; 134M elements, ~8 GB with the fp64 truth): the grid-stride loops must cover the rest."""
+    width = 2049
+    rows = 524280 * 256 // width + 3
+    x = _randn(rows, width, scale=3)
+    _check("bias_gelu", [x, _randn(width)], dtype)
+    _check("swiglu", [x, _randn(rows, width)], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -121,7 +149,7 @@ def test_swiglu_on_strided_vectors(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (7, 50257), (3, 65537), (5, 131072)])
+@pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (7, 50257), (3, 65537), (5, 131072), (70001, 24)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy(dtype, rows, vocab, reduction):
     logits = _randn(rows, vocab, scale=4)
