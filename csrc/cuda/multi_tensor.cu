@@ -8,56 +8,16 @@
 
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
+#include "cuda/multi_tensor_table.h"
 
 namespace pyllm {
 namespace cuda {
 
 namespace {
 
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
-constexpr int kChunk = 65536;
 constexpr int kThreads = 512;
-
-template <int LISTS>
-struct TensorTable {
-  void* addr[LISTS][kMaxTensors];
-  int64_t size[kMaxTensors];
-  unsigned char block_tensor[kMaxBlocks];
-  int block_chunk[kMaxBlocks];
-};
-
-// Call launch(table, blocks) for every full table over `lists` (host arrays of device addresses).
-template <int LISTS, class Launch>
-void for_each_table(const int64_t* const lists[LISTS], const int64_t* sizes, int64_t n_tensors, Launch launch) {
-  TensorTable<LISTS> table;
-  int tensors = 0, blocks = 0;
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    if (sizes[t] == 0) continue;
-    for (int l = 0; l < LISTS; ++l) table.addr[l][tensors] = lists[l] ? reinterpret_cast<void*>(lists[l][t]) : nullptr;
-    table.size[tensors] = sizes[t];
-    ++tensors;
-    const int64_t chunks = ceil_div(sizes[t], kChunk);
-    for (int64_t c = 0; c < chunks; ++c) {
-      table.block_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
-      table.block_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (last_chunk && tensors == kMaxTensors) || (last_chunk && t == n_tensors - 1)) {
-        launch(table, blocks);
-        blocks = 0;
-        if (last_chunk) {
-          tensors = 0;
-        } else {  // the current tensor continues in the next table, in slot 0
-          for (int l = 0; l < LISTS; ++l) table.addr[l][0] = table.addr[l][tensors - 1];
-          table.size[0] = table.size[tensors - 1];
-          tensors = 1;
-        }
-      }
-    }
-  }
-  if (blocks > 0) launch(table, blocks);
-}
+// Kernel arguments are limited to 4 KB (before CUDA 12.1 / Volta): the table plus AdamW's scalars.
+static_assert(sizeof(TensorTable<5>) + 64 <= 4096, "the AdamW pointer table no longer fits a kernel argument");
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) unscale_check_kernel(TensorTable<1> table, float inv_scale,
