@@ -32,20 +32,6 @@ __device__ __forceinline__ float gelu_grad(float v) {
   return 0.5f * (1.0f + erff(v * kInvSqrt2)) + v * kInvSqrt2Pi * __expf(-0.5f * v * v);
 }
 
-template <class T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
-
-template <class T, int W>
-__device__ __forceinline__ Pack<T, W> ld(const T* p) {
-  return *reinterpret_cast<const Pack<T, W>*>(p);
-}
-template <class T, int W>
-__device__ __forceinline__ void st(T* p, const Pack<T, W>& v) {
-  *reinterpret_cast<Pack<T, W>*>(p) = v;
-}
-
 inline unsigned grid_for(int64_t packs) {
   return static_cast<unsigned>(std::min<int64_t>(ceil_div(packs, kThreads), 65535LL * 8));
 }
@@ -57,16 +43,16 @@ __global__ void __launch_bounds__(kThreads) bias_gelu_kernel(const T* __restrict
                                                               int64_t total, int64_t n) {
   for (int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * W; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads * W) {
-    const Pack<T, W> xv = ld<T, W>(x + e);
+    const Pack<T, W> xv = load_pack<T, W>(x + e);
     Pack<T, W> bv, dv, o;
-    if (bias) bv = ld<T, W>(bias + e % n);
-    if (BWD) dv = ld<T, W>(dy + e);
+    if (bias) bv = load_pack<T, W>(bias + e % n);
+    if (BWD) dv = load_pack<T, W>(dy + e);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float v = to_float(xv.v[k]) + (bias ? to_float(bv.v[k]) : 0.0f);
       o.v[k] = from_float<T>(BWD ? to_float(dv.v[k]) * gelu_grad<kTanh>(v) : gelu<kTanh>(v));
     }
-    st<T, W>(out + e, o);
+    store_pack<T, W>(out + e, o);
   }
 }
 
@@ -95,9 +81,9 @@ __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ 
   for (int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * W; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads * W) {
     const int64_t row = e / n, col = e % n;
-    const Pack<T, W> g = ld<T, W>(gate + row * gate_stride + col), u = ld<T, W>(up + row * up_stride + col);
+    const Pack<T, W> g = load_pack<T, W>(gate + row * gate_stride + col), u = load_pack<T, W>(up + row * up_stride + col);
     Pack<T, W> d, o, du;
-    if (BWD) d = ld<T, W>(dy + e);
+    if (BWD) d = load_pack<T, W>(dy + e);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float gv = to_float(g.v[k]), uv = to_float(u.v[k]);
@@ -110,15 +96,15 @@ __global__ void __launch_bounds__(kThreads) swiglu_kernel(const T* __restrict__ 
         o.v[k] = from_float<T>(gv * sig * uv);
       }
     }
-    st<T, W>(out + e, o);
-    if (BWD) st<T, W>(dup + e, du);
+    store_pack<T, W>(out + e, o);
+    if (BWD) store_pack<T, W>(dup + e, du);
   }
 }
 
 template <class T, bool BWD>
 void launch_gelu(uintptr_t x, uintptr_t bias, uintptr_t dy, uintptr_t out, int64_t rows, int64_t n, bool tanh_approx,
                  cudaStream_t s) {
-  constexpr int kVec = Vec<T>::kSize;
+  constexpr int kVec = kVecWidth<T>;
   const int64_t total = rows * n;
   const bool vec = n % kVec == 0;
   const unsigned grid = grid_for(vec ? total / kVec : total);
@@ -136,7 +122,7 @@ void launch_gelu(uintptr_t x, uintptr_t bias, uintptr_t dy, uintptr_t out, int64
 template <class T, bool BWD>
 void launch_swiglu(uintptr_t gate, uintptr_t up, uintptr_t dy, uintptr_t out, uintptr_t dup, int64_t rows, int64_t n,
                    int64_t gs, int64_t us, cudaStream_t s) {
-  constexpr int kVec = Vec<T>::kSize;
+  constexpr int kVec = kVecWidth<T>;
   const int64_t total = rows * n;
   const bool vec = n % kVec == 0 && gs % kVec == 0 && us % kVec == 0;
   const unsigned grid = grid_for(vec ? total / kVec : total);

@@ -75,20 +75,24 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// 16 bytes of T: the unit of the 128-bit loads and stores (4 floats or 8 halves).
+// W elements of T read or written as one access. W = kVecWidth<T> makes it 16 bytes, a 128-bit access
+// whose address must be 16-byte aligned (the wrappers guarantee it for base pointers, the kernels pick
+// that W only for widths that keep every row aligned); W = 1 is the scalar fallback.
 template <class T>
-struct alignas(16) Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
+constexpr int kVecWidth = 16 / sizeof(T);  // 4 floats or 8 halves
+
+template <class T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
 };
 
-template <class T>
-__device__ __forceinline__ Vec<T> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T>*>(p);
+template <class T, int W>
+__device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, W>*>(p);
 }
-template <class T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {
-  *reinterpret_cast<Vec<T>*>(p) = v;
+template <class T, int W>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& v) {
+  *reinterpret_cast<Pack<T, W>*>(p) = v;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -17,11 +17,6 @@ namespace {
 constexpr int kThreads = 512;
 
 template <class T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
-
-template <class T, int W>
 __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
                                                            float* __restrict__ loss, float* __restrict__ lse_out,
                                                            int64_t vocab, int64_t ignore_index, float smoothing,
@@ -31,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   const T* x = logits + row * vocab;
   float m = -INFINITY, s = 0.0f, sum_x = 0.0f;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * W; i < vocab; i += static_cast<int64_t>(kThreads) * W) {
-    const Pack<T, W> p = *reinterpret_cast<const Pack<T, W>*>(x + i);
+    const Pack<T, W> p = load_pack<T, W>(x + i);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float v = to_float(p.v[k]);
@@ -81,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const T* __restrict__ 
   const float shift = g * smoothing / static_cast<float>(vocab);
   const float hit = g * (1.0f - smoothing);
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * W; i < vocab; i += static_cast<int64_t>(kThreads) * W) {
-    const Pack<T, W> p = *reinterpret_cast<const Pack<T, W>*>(x + i);
+    const Pack<T, W> p = load_pack<T, W>(x + i);
     Pack<T, W> o;
 #pragma unroll
     for (int k = 0; k < W; ++k) {
@@ -89,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const T* __restrict__ 
       if (i + k == t) d -= hit;
       o.v[k] = from_float<T>(d);
     }
-    *reinterpret_cast<Pack<T, W>*>(dx + i) = o;
+    store_pack<T, W>(dx + i, o);
   }
 }
 
@@ -101,7 +96,7 @@ void cross_entropy_fwd(uintptr_t logits, uintptr_t target, uintptr_t loss, uintp
   if (rows == 0) return;
   const cudaStream_t s = as_stream(stream);
   PYLLM_DISPATCH_FLOAT(dtype, T, {
-    constexpr int kVec = Vec<T>::kSize;
+    constexpr int kVec = kVecWidth<T>;
     if (vocab % kVec == 0)
       ce_fwd_kernel<T, kVec><<<rows, kThreads, 0, s>>>(ptr<const T>(logits), ptr<const int64_t>(target), ptr<float>(loss),
                                                        ptr<float>(lse), vocab, ignore_index, label_smoothing, z_loss);
@@ -118,7 +113,7 @@ void cross_entropy_bwd(uintptr_t logits, uintptr_t target, uintptr_t lse, uintpt
   if (rows == 0) return;
   const cudaStream_t s = as_stream(stream);
   PYLLM_DISPATCH_FLOAT(dtype, T, {
-    constexpr int kVec = Vec<T>::kSize;
+    constexpr int kVec = kVecWidth<T>;
     if (vocab % kVec == 0)
       ce_bwd_kernel<T, kVec><<<rows, kThreads, 0, s>>>(ptr<const T>(logits), ptr<const int64_t>(target),
                                                        ptr<const float>(lse), ptr<const float>(grad), grad_stride,

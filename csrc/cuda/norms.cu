@@ -19,20 +19,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kParamSplits = 64;  // row splits of the dweight/dbias reduction
 
-template <class T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
-
-template <class T, int W>
-__device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, W>*>(p);
-}
-template <class T, int W>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& v) {
-  *reinterpret_cast<Pack<T, W>*>(p) = v;
-}
-
 struct Welford {
   float mean, m2, count;
 };
@@ -248,7 +234,7 @@ void launch_bwd_dx(uintptr_t dy, uintptr_t h, uintptr_t weight, uintptr_t mean, 
 // Pick threads-per-row from the width and the vector width from divisibility, then call F.
 template <class T, bool RMS, template <class, bool, int, int> class F, class... Args>
 void by_shape(int64_t n, Args... args) {
-  constexpr int kVec = Vec<T>::kSize;
+  constexpr int kVec = kVecWidth<T>;
   const bool vec = n % kVec == 0;
   if (n <= 1024) {
     vec ? F<T, RMS, 32, kVec>::run(args...) : F<T, RMS, 32, 1>::run(args...);
