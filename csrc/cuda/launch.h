@@ -2,7 +2,8 @@
 // device addresses as uintptr_t (0 = absent), sizes as int64_t, dtype codes (common/dtype.h) and the
 // CUDA stream as uintptr_t. Every launcher is asynchronous on `stream` and never synchronises with the
 // host; launch errors throw std::runtime_error. The Python wrappers (pyllm/ops/cuda_backend.py) have
-// already checked devices, dtypes, contiguity, 16-byte alignment and the 32-bit index limits below.
+// already checked devices (the current one), dtypes, contiguity, 16-byte alignment of every base
+// address and the 32-bit limits stated per launcher below.
 #pragma once
 #include <cstdint>
 
@@ -11,7 +12,8 @@ namespace cuda {
 
 // ---- LayerNorm / RMSNorm (norms.cu). Row statistics mean/rstd are fp32 (rows). With residual,
 // h = x + residual is written to h_out and normalised. dweight/dbias reduce through `workspace`
-// (norm_bwd_workspace floats, fp32).
+// (norm_bwd_workspace floats, fp32). Limits: n <= 2^31 - 1 - 2048 (int index plus one loop stride),
+// ceil(rows / 8) <= 2^31 - 1 (grid x).
 void norm_fwd(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h_out,
               uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t n, float eps, bool rms, int dtype,
               uintptr_t stream);
@@ -32,7 +34,8 @@ void swiglu_bwd(uintptr_t dy, uintptr_t gate, uintptr_t up, uintptr_t dgate, uin
                 int64_t gate_stride, int64_t up_stride, int dtype, uintptr_t stream);
 
 // ---- softmax cross-entropy (cross_entropy.cu): logits (rows, vocab) in dtype, target int64, loss and
-// lse fp32 (rows). grad fp32: one value per row, or grad[0] for every row when grad_stride is 0.
+// lse fp32 (rows), one block per row: rows <= 2^31 - 1 (grid x). grad fp32: one value per row, or
+// grad[0] for every row when grad_stride is 0.
 void cross_entropy_fwd(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t rows,
                        int64_t vocab, int64_t ignore_index, float label_smoothing, float z_loss, int dtype,
                        uintptr_t stream);
