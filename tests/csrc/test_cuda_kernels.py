@@ -41,6 +41,10 @@ def _check(op, args, dtype, n_grad=None, **kwargs):
     check(op, BACKEND, args, dtype, n_grad=n_grad, compare_with=other, **kwargs)
 
 
+def _shape_id(shape):
+    return "x".join(map(str, shape))  # test ids like "13x3072", so -k can pick a shape
+
+
 def _randn(*shape, scale=1.0):
     return torch.randn(*shape, device=DEV) * scale
 
@@ -56,7 +60,7 @@ def test_norms(dtype, rows, n, with_residual):
     _check("rms_norm", [x, w], dtype, **extra)
 
 
-@pytest.mark.parametrize("shape", [(3, 0), (0, 5)])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5)], ids=_shape_id)
 def test_empty_rows_or_width(shape):
     """Zero rows or a zero width, forward and backward: the dweight/dbias column reductions once launched
     a grid of 0 column tiles for width 0 ('invalid configuration argument')."""
@@ -86,7 +90,7 @@ def test_norm_with_unused_residual_sum(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (13, 3072), (2, 5, 257)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (13, 3072), (2, 5, 257)], ids=_shape_id)
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_bias_gelu(dtype, shape, approximate):
     x = _randn(*shape, scale=3)
@@ -106,7 +110,7 @@ def test_pointwise_beyond_the_grid_cap(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 11, 1024)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 11, 1024)], ids=_shape_id)
 def test_swiglu(dtype, shape):
     _check("swiglu", [_randn(*shape, scale=3), _randn(*shape)], dtype)
 
