@@ -3,7 +3,7 @@
 Like the cpu backend, each op is a ``torch.library`` custom op (``pyllm::<op>_cuda``) with a fake
 implementation and a registered autograd formula, called through an autograd.Function in eager mode
 (autograd_op.py). Before calling a kernel the wrappers check what the
-raw-pointer interface cannot: device (CUDA), dtype (float32/float16/bfloat16; the tensor-core GEMM and
+raw-pointer interface cannot: device (the current CUDA device), dtype (float32/float16/bfloat16; the tensor-core GEMM and
 attention take float16/bfloat16), contiguity (inputs are made contiguous, or read through a row stride
 where the kernel supports one), 16-byte alignment of every base ptr (the kernels use 128-bit
 loads; a misaligned view is copied) and the 32-bit limits of the launch grids and int indices. Inputs
