@@ -381,7 +381,7 @@ void launch_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t ls
                 int64_t Hkv, int64_t T_, int64_t S_, float scale, cudaStream_t s) {
   auto kernel = attention_fwd_kernel<T, D, CAUSAL>;
   constexpr int smem = fwd_smem_bytes<T, D>();
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  allow_dynamic_smem(kernel, smem, "attention_fwd (head dim " + std::to_string(D) + ")");
   const dim3 grid(static_cast<unsigned>(ceil_div(T_, BLOCK)), static_cast<unsigned>(B * Hq));
   kernel<<<grid, THREADS, smem, s>>>(ptr<const T>(q), ptr<const T>(k), ptr<const T>(v), ptr<T>(o), ptr<float>(lse),
                                      static_cast<int>(Hq), static_cast<int>(Hq / Hkv), static_cast<int>(T_),
@@ -394,7 +394,7 @@ void launch_bwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t lse, uintptr_t 
                 cudaStream_t s) {
   auto kernel = attention_bwd_kernel<T, D, CAUSAL>;
   constexpr int smem = bwd_smem_bytes<T, D>();
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  allow_dynamic_smem(kernel, smem, "attention_bwd (head dim " + std::to_string(D) + ")");
   const dim3 grid(static_cast<unsigned>(ceil_div(S_, BLOCK)), static_cast<unsigned>(B * Hkv));
   kernel<<<grid, THREADS, smem, s>>>(ptr<const T>(q), ptr<const T>(k), ptr<const T>(v), ptr<const T>(dout),
                                      ptr<const float>(lse), delta, dq_accum, ptr<T>(dk), ptr<T>(dv),

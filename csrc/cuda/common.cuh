@@ -129,6 +129,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Opt `kernel` in to `bytes` of dynamic shared memory (needed above 48 KB). A GPU with less (sm_86/89 allow
+// 99 KB per block) gets a clear error here instead of an "invalid argument" from the launch.
+template <class Kernel>
+inline void allow_dynamic_smem(Kernel kernel, int bytes, const std::string& what) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) {
+    cudaGetLastError();  // not a sticky error: clear it so later launches are not blamed
+    int device = 0, optin = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    throw std::invalid_argument("pyllm._C: " + what + " needs " + std::to_string(bytes) +
+                                " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
+  }
+}
+
 // Sum the `parts` rows of partial[parts][n] (fp32) into out[n] (dtype T): the second stage of the
 // deterministic column reductions (norm dweight/dbias, GELU dbias).
 void reduce_partials(const float* partial, int64_t parts, int64_t n, int dtype, uintptr_t out, cudaStream_t stream);

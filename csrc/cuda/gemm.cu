@@ -140,7 +140,7 @@ template <class T, bool B_NK>
 void launch(uintptr_t a, uintptr_t b, uintptr_t bias, uintptr_t c, int64_t M, int64_t N, int64_t K, int activation,
             cudaStream_t s) {
   auto kernel = gemm_kernel<T, B_NK>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  allow_dynamic_smem(kernel, kSmemBytes, "gemm");
   const dim3 grid(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, BM)));
   kernel<<<grid, THREADS, kSmemBytes, s>>>(ptr<const T>(a), ptr<const T>(b), ptr<const T>(bias), ptr<T>(c),
                                            static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), activation);
