@@ -20,6 +20,8 @@ class SoftmaxBench(OpBench):
         sizes = {"short": [(64, 512)], "cpu": [(1024, 1024), (256, 50257)],
                  "gpu": [(16384, 1024), (4096, 4096), (1024, 16384), (1024, 128256)]}[suite]
         cases = [Case(f"{rows}x{cols}", {"rows": rows, "cols": cols}) for rows, cols in sizes]
+        if suite == "cpu":  # almost no work: the time is each provider's fixed cost per call (dispatch, autograd)
+            cases.append(Case("per-call cost 4x128", {"rows": 4, "cols": 128}))
         if suite == "cpu":  # attention-score rows of the small models the CPU trains: (B H T, T)
             for m, s in CPU_MODELS.items():
                 rows, cols = s.tokens * s.model.n_head, s.tokens // s.batch
