@@ -21,8 +21,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _RankTensorState:
+    """Batches whose state holds a tensor that differs per rank (as an RL rollout buffer does): each rank
+    must get its own back from state.safetensors on resume."""
+
+    def __init__(self, inner, rank: int):
+        self.inner, self.rank = inner, rank
+        self.served = torch.zeros(0, dtype=torch.int64)
+
+    def next_batch(self):
+        self.served = torch.cat([self.served, torch.tensor([self.inner.position * 10 + self.rank])])
+        return self.inner.next_batch()
+
+    def state_dict(self):
+        return {**self.inner.state_dict(), "served": self.served}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+        self.served = state["served"]
+
+
 def _train_and_resume(mode: str, rank: int, world_size: int, out_dir: str, kwargs: dict) -> None:
     t = make_trainer(out_dir, rank=rank, world_size=world_size, distributed=mode, eval_fn=val_eval(), **kwargs)
+    t.batches = _RankTensorState(t.batches, rank)
     if mode == "fsdp":  # really sharded: each rank holds DTensor shards of every parameter
         assert all(hasattr(p, "full_tensor") for p in t.model.parameters())
     else:
@@ -32,7 +53,9 @@ def _train_and_resume(mode: str, rank: int, world_size: int, out_dir: str, kwarg
     # a fresh, differently initialised run resumes the step-4 checkpoint into its own shards
     again = make_trainer(out_dir, model=tiny_model(seed=5), rank=rank, world_size=world_size, distributed=mode,
                          **kwargs)
+    again.batches = _RankTensorState(again.batches, rank)
     assert again.resume() and again.step == 4
+    assert torch.equal(again.batches.served, t.batches.served) and len(t.batches.served) == 8
     for k, v in again.full_state_dict().items():
         assert torch.equal(v, full[k]), k
     for a, b in zip(again.optimizer.state_tensors().values(), t.optimizer.state_tensors().values()):
