@@ -149,6 +149,24 @@ def _key_blocks(m0, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _query_block_keys(DOC_ROW, m0, q_pos, q_valid, T, S, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr):
+    # What the forward and dQ programs of query block m0 visit: the queries' document ids and the key
+    # blocks of ``_key_blocks``; with document ids only those that can hold the block's documents (masked).
+    q_doc = q_pos
+    q_doc_lo = 0
+    q_doc_hi = 0
+    if HAS_DOC:
+        q_doc, q_doc_lo, q_doc_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
+    lo, a, b, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
+    if HAS_DOC:
+        lo, hi = _doc_block_range(DOC_ROW, lo, hi, S, 0, q_doc_lo, q_doc_hi, BLOCK_N)
+        a = lo
+        b = lo
+    return q_doc, lo, a, b, hi
+
+
+@triton.jit
 def _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, k_base, v_base, skt, svt, DOC_ROW,
               start, end, S, window, qk_scale, offs_n, offs_d,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOC: tl.constexpr,
@@ -207,20 +225,11 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, DOC, qk_scale, T, S, window, T_BUCKET
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     DOC_ROW = DOC + b * sdb
-    q_doc = offs_m
-    q_doc_lo = 0
-    q_doc_hi = 0
-    if HAS_DOC:
-        q_doc, q_doc_lo, q_doc_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
-
+    q_doc, lo, a, b_, hi = _query_block_keys(DOC_ROW, m0, q_pos, q_valid, T, S, window, BLOCK_M, BLOCK_N,
+                                             CAUSAL, HAS_WINDOW, HAS_DOC)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
-    if HAS_DOC:  # only the key blocks that can hold this query block's documents (all masked)
-        lo, hi = _doc_block_range(DOC_ROW, lo, hi, S, 0, q_doc_lo, q_doc_hi, BLOCK_N)
-        a = lo
-        b_ = lo
     # fully visible blocks first (no mask code), then the window's lower edge and the causal diagonal
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                               DOC_ROW, a, b_, S, window, qk_scale, offs_n, offs_d,
@@ -414,20 +423,12 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, qk_scale, sm_scal
                  other=0.0)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=q_valid, other=0.0)
-    DOC_ROW = DOC + b * sdb
-    q_doc = offs_m
-    q_doc_lo = 0
-    q_doc_hi = 0
-    if HAS_DOC:
-        q_doc, q_doc_lo, q_doc_hi = _doc_span(DOC_ROW, q_pos, q_valid, -1)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
+    DOC_ROW = DOC + b * sdb
+    q_doc, lo, a, b_, hi = _query_block_keys(DOC_ROW, m0, q_pos, q_valid, T, S, window, BLOCK_M, BLOCK_N,
+                                             CAUSAL, HAS_WINDOW, HAS_DOC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, b_, hi = _key_blocks(m0, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOC)
-    if HAS_DOC:
-        lo, hi = _doc_block_range(DOC_ROW, lo, hi, S, 0, q_doc_lo, q_doc_hi, BLOCK_N)
-        a = lo
-        b_ = lo
     dq = _dq_loop(dq, q, do, lse2, delta, q_pos, q_valid, q_doc, k_base, v_base, skt, svt,
                   DOC_ROW, a, b_, S, window, qk_scale, offs_n, offs_d,
                   False, CAUSAL, HAS_WINDOW, HAS_DOC, PRECISION, HEAD_DIM, BLOCK_N)
