@@ -6,7 +6,7 @@
 // 8 elements to spread the fragment loads over the banks. B is either an nn.Linear weight (N, K),
 // read as a column-major K x N operand, or a row-major (K, N) matrix: one kernel, a template flag.
 // Epilogue: each warp stages a fragment in shared memory, adds bias, applies the activation in fp32
-// and writes bounds-checked elements in the output dtype.
+// and writes the output dtype, 16 bytes per lane when N % 8 == 0 (else bounds-checked elements).
 #include <mma.h>
 
 #include "cuda/common.cuh"
@@ -34,8 +34,9 @@ __device__ __forceinline__ float activate(float v, int activation) {
   return v;
 }
 
+// At most 128 registers a thread, so that two blocks (2 x 68 KB of shared memory) share an SM.
 template <class T, bool B_NK>
-__global__ void __launch_bounds__(THREADS) gemm_kernel(const T* __restrict__ a, const T* __restrict__ b,
+__global__ void __launch_bounds__(THREADS, 2) gemm_kernel(const T* __restrict__ a, const T* __restrict__ b,
                                                         const T* __restrict__ bias, T* __restrict__ c, int M, int N,
                                                         int K, int activation) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -121,14 +122,24 @@ __global__ void __launch_bounds__(THREADS) gemm_kernel(const T* __restrict__ a, 
     for (int j = 0; j < 2; ++j) {
       wmma::store_matrix_sync(mine, acc[i][j], 16, wmma::mem_row_major);
       __syncwarp();
+      // Lane owns 8 consecutive columns of one row of the 16 x 16 fragment.
+      const int r = lane / 2, col = (lane % 2) * 8;
+      const int m = m0 + warp_m * 64 + i * 16 + r, n = n0 + warp_n * 32 + j * 16 + col;
+      if (m < M) {
+        const float* src = mine + r * 16 + col;
+        T* dst = c + static_cast<int64_t>(m) * N + n;
+        if (N % 8 == 0) {  // the 8 values are one 16-byte aligned vector inside the row (n % 8 == 0)
+          if (n < N) {
+            Pack<T, 8> out;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int idx = lane * 8 + e, r = idx / 16, col = idx % 16;
-        const int m = m0 + warp_m * 64 + i * 16 + r, n = n0 + warp_n * 32 + j * 16 + col;
-        if (m < M && n < N) {
-          float v = mine[idx];
-          if (bias) v += to_float(bias[n]);
-          c[static_cast<int64_t>(m) * N + n] = from_float<T>(activate(v, activation));
+            for (int e = 0; e < 8; ++e)
+              out.v[e] = from_float<T>(activate(src[e] + (bias ? to_float(bias[n + e]) : 0.0f), activation));
+            store_pack<T, 8>(dst, out);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (n + e < N) dst[e] = from_float<T>(activate(src[e] + (bias ? to_float(bias[n + e]) : 0.0f), activation));
         }
       }
       __syncwarp();
