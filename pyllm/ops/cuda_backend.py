@@ -309,8 +309,8 @@ def _gemm_fwd_fake(a, b, bias, b_is_nk, activation):
 
 
 def _gemm_setup(ctx, inputs, output):
-    # Runs on every eager call, inference included (autograd_op's Function calls it after the forward),
-    # so a fused activation must not be refused here: only its backward is missing.
+    # Not only for calls that need gradients (autograd_op's Function also runs under functorch transforms,
+    # and ran for every eager call before it skipped graph-free ones): refuse the activation only in backward.
     a, b, bias, b_is_nk, activation = inputs
     ctx.save_for_backward(a, b)
     ctx.b_is_nk, ctx.has_bias, ctx.activation = b_is_nk, bias is not None, activation
