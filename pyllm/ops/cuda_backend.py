@@ -342,7 +342,7 @@ def _check_gemm(op, a, b, bias, b_is_nk):
     if K % 8 or N % 8:
         raise Unsupported(f"cuda backend: {op} needs the inner dim K={K} and output dim N={N} to be multiples of 8 "
                           f"(16-byte rows for cp.async, in the forward and the backward)")
-    M = a.numel() // max(K, 1)
+    M = math.prod(a.shape[:-1])  # not numel // K: that is 0 for K == 0 whatever the rows
     for name, v in ((f"the rows M of argument '{'x' if b_is_nk else 'a'}'", M), ("the output dim N", N),
                     ("the inner dim K", K)):
         _limit(op, name, v)
