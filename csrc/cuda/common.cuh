@@ -133,13 +133,15 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // 99 KB per block) gets a clear error here instead of an "invalid argument" from the launch.
 template <class Kernel>
 inline void allow_dynamic_smem(Kernel kernel, int bytes, const std::string& what) {
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) {
     cudaGetLastError();  // not a sticky error: clear it so later launches are not blamed
     int device = 0, optin = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     throw std::invalid_argument("pyllm._C: " + what + " needs " + std::to_string(bytes) +
-                                " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
+                                " bytes of shared memory per block; this GPU allows " + std::to_string(optin) +
+                                " (" + cudaGetErrorString(err) + ")");
   }
 }
 
