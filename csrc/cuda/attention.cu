@@ -97,6 +97,9 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const T* __restr
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.0f;
   float m = -INFINITY, l = 0.0f;
+  // The warp's 16 query rows as A fragments, read from shared memory once (at the first key tile), not
+  // once per key tile and key column block.
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fq[D / 16];
 
   const int last_q_pos = S_ - T_ + min(q0 + BLOCK, T_) - 1;
   const int n_end = CAUSAL ? min(S_, last_q_pos + 1) : S_;
@@ -108,6 +111,10 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const T* __restr
     cp_async_commit();
     cp_async_wait<1>();  // Q and K have landed; V may still be in flight
     __syncthreads();
+    if (n0 == 0) {
+#pragma unroll
+      for (int d = 0; d < D / 16; ++d) wmma::load_matrix_sync(fq[d], sq + warp * 16 * LD + d * 16, LD);
+    }
 
     // S_w (16 x 64) = Q_w (16 x D) K^T
 #pragma unroll
@@ -115,12 +122,10 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const T* __restr
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
-      for (int d = 0; d < D; d += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      for (int d = 0; d < D / 16; ++d) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, sq + warp * 16 * LD + d, LD);
-        wmma::load_matrix_sync(fb, sk + j * 16 * LD + d, LD);
-        wmma::mma_sync(acc, fa, fb, acc);
+        wmma::load_matrix_sync(fb, sk + j * 16 * LD + d * 16, LD);
+        wmma::mma_sync(acc, fq[d], fb, acc);
       }
       wmma::store_matrix_sync(s_w + j * 16, acc, LDS, wmma::mem_row_major);
     }
@@ -158,18 +163,19 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const T* __restr
     cp_async_wait<0>();  // V
     __syncthreads();
 
-    // PV_w (16 x D) = P_w (16 x 64) V (64 x D)
+    // PV_w (16 x D) = P_w (16 x 64) V (64 x D); P's four fragments loaded once for all D / 16 columns
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fp[BLOCK / 16];
+#pragma unroll
+    for (int kk = 0; kk < BLOCK / 16; ++kk) wmma::load_matrix_sync(fp[kk], p_w + kk * 16, LDP);
 #pragma unroll
     for (int d = 0; d < D; d += 16) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
-      for (int kk = 0; kk < BLOCK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      for (int kk = 0; kk < BLOCK / 16; ++kk) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, p_w + kk, LDP);
-        wmma::load_matrix_sync(fb, sv + kk * LD + d, LD);
-        wmma::mma_sync(acc, fa, fb, acc);
+        wmma::load_matrix_sync(fb, sv + kk * 16 * LD + d, LD);
+        wmma::mma_sync(acc, fp[kk], fb, acc);
       }
       wmma::store_matrix_sync(pv_w + d, acc, LDO, wmma::mem_row_major);
     }
