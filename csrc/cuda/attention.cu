@@ -322,19 +322,19 @@ __global__ void __launch_bounds__(THREADS) attention_bwd_kernel(const T* __restr
       }
       __syncthreads();  // dS^T of every warp is complete (dQ below reads all 64 keys)
 
-      // dV_w += P^T_w dO, dK_w += dS^T_w Q
+      // dV_w += P^T_w dO, dK_w += dS^T_w Q; each P^T / dS^T fragment loaded once for all D / 16 columns
 #pragma unroll
-      for (int d = 0; d < D / 16; ++d) {
+      for (int kk = 0; kk < BLOCK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fp, fds;
+        wmma::load_matrix_sync(fp, pt_w + kk, LDP);
+        wmma::load_matrix_sync(fds, dst_w + kk, LDP);
 #pragma unroll
-        for (int kk = 0; kk < BLOCK; kk += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        for (int d = 0; d < D / 16; ++d) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, pt_w + kk, LDP);
           wmma::load_matrix_sync(fb, sdo + kk * LD + d * 16, LD);
-          wmma::mma_sync(acc_dv[d], fa, fb, acc_dv[d]);
-          wmma::load_matrix_sync(fa, dst_w + kk, LDP);
+          wmma::mma_sync(acc_dv[d], fp, fb, acc_dv[d]);
           wmma::load_matrix_sync(fb, sq + kk * LD + d * 16, LD);
-          wmma::mma_sync(acc_dk[d], fa, fb, acc_dk[d]);
+          wmma::mma_sync(acc_dk[d], fds, fb, acc_dk[d]);
         }
       }
 
