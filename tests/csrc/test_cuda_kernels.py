@@ -143,6 +143,15 @@ def test_swiglu_on_chunks_of_a_fused_projection(dtype, width):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_gate_and_up_with_different_row_strides(dtype):
+    """gate a chunk of a fused projection (row stride 2 x 64), up a plain tensor (row stride 64): a swap
+    of the two strides between the wrapper and the kernel shows here and nowhere else."""
+    gate = _randn(9, 2 * 64, scale=3).to(dtype)[:, :64]
+    _check_on_views("swiglu", [gate, _randn(9, 64).to(dtype)])
+    _check_on_views("swiglu", [_randn(9, 64, scale=3).to(dtype), _randn(9, 2 * 64).to(dtype)[:, 64:]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu_on_strided_vectors(dtype):
     """1-D views with a stride (every other element): the kernel reads a row as contiguous, so these must
     be copied; they were once passed as they were and the kernel read the wrong elements."""
