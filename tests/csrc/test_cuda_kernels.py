@@ -63,13 +63,15 @@ def test_norms(dtype, rows, n, with_residual):
 @pytest.mark.parametrize("shape", [(3, 0), (0, 5)], ids=_shape_id)
 def test_empty_rows_or_width(shape):
     """Zero rows or a zero width, forward and backward: the dweight/dbias column reductions once launched
-    a grid of 0 column tiles for width 0 ('invalid configuration argument')."""
+    a grid of 0 column tiles for width 0 ('invalid configuration argument'). Cross-entropy: zero rows."""
     x, w = _randn(*shape), _randn(shape[-1])
     for dtype in HALF:  # against the reference only: empty shapes are not what the Triton cross-check is for
         check("layer_norm", BACKEND, [x, w, w], dtype)
         check("rms_norm", BACKEND, [x, w], dtype, residual=_randn(*shape))
         check("bias_gelu", BACKEND, [x, w], dtype)
         check("swiglu", BACKEND, [x, x], dtype)
+        if shape[-1]:  # a vocabulary of 0 classes is not a valid input
+            check("cross_entropy", BACKEND, [x, torch.zeros(shape[0], dtype=torch.long, device=DEV)], dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF)
