@@ -330,6 +330,14 @@ def test_attention_opcheck_on_a_permuted_q():
     torch.library.opcheck(cb._attention.custom_op, (q.clone().requires_grad_(), q, q, 0.125, True))
 
 
+def test_memory_bound_ops_are_cross_checked_with_triton():
+    """_check, test_adamw_step and test_unscale_and_check compare with Triton only where the triton
+    backend is registered: fail loudly if it is not, instead of passing without the comparison."""
+    ops_ = ("layer_norm", "rms_norm", "bias_gelu", "swiglu", "cross_entropy", "adamw_step", "unscale_and_check_")
+    missing = [op for op in ops_ if not _triton_has(op)]
+    assert not missing, f"no triton backend for {missing}: the CUDA-vs-Triton comparison would be skipped"
+
+
 def test_gemm_and_attention_are_cross_checked_with_triton():
     """_check compares with Triton only where the triton backend is registered: fail loudly if it is not."""
     missing = [op for op in ("matmul", "linear", "attention") if not _triton_has(op)]
