@@ -67,8 +67,8 @@ def _require_f32_cpu(op: str, **tensors: Optional[Tensor]) -> None:
 def _row_stride(t: Tensor) -> Optional[int]:
     """The row stride of ``t`` seen as (rows, last dim) if its last dim is contiguous and the leading dims
     collapse into one (true for the chunks of a fused projection), else None."""
-    if t.dim() < 2:
-        return t.shape[-1] if t.dim() == 1 else 1
+    if t.dim() < 2:  # one row: its elements must be adjacent (x[:, 0] of a matrix is not)
+        return (t.shape[-1] if t.dim() == 1 else 1) if t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) == 1 else None
     if t.stride(-1) != 1:
         return None
     for i in range(t.dim() - 2):
@@ -360,7 +360,7 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
     # A gradient broadcast from a sum/mean arrives expanded (stride 0): read its one value per row.
     grad_stride = 0 if grad.dim() == 1 and grad.stride(0) == 0 else 1
     grad = grad if grad_stride == 0 else grad.contiguous()
-    logits = logits.contiguous()
+    logits, target = logits.contiguous(), target.contiguous()  # the saved target may be a strided view
     rows, vocab = logits.shape
     dlogits = torch.empty_like(logits)
     _C.cpu_cross_entropy_bwd(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), grad_stride,

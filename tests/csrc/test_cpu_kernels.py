@@ -159,6 +159,24 @@ def test_cross_entropy(rows, vocab, reduction):
     _check("cross_entropy", [logits, target], reduction=reduction)
 
 
+def _forward_and_grads(op, backend, make_inputs, leaf):
+    out = getattr(ops, op)(*make_inputs(leaf), backend=backend)
+    return out.detach(), torch.autograd.grad(out.sum(), leaf)[0]
+
+
+@pytest.mark.parametrize("op,make_inputs", [
+    # 1-D strided views: the columns of a (515, 2) tensor, which the kernels must not read as adjacent
+    ("swiglu", lambda p: (p[:, 0], p[:, 1])),
+    # and an every-other-element view as the target of cross-entropy (read again in the backward)
+    ("cross_entropy", lambda p: (p[:7], (torch.arange(14) * 5 % p.shape[1])[::2])),
+])
+def test_strided_1d_inputs(op, make_inputs):
+    leaf = torch.randn(515, 2, requires_grad=True) if op == "swiglu" else torch.randn(9, 11, requires_grad=True)
+    out, grad = _forward_and_grads(op, "cpu", make_inputs, leaf)
+    ref_out, ref_grad = _forward_and_grads(op, "torch", make_inputs, leaf)
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-4), (0.2, 1e-3)])
 def test_cross_entropy_smoothing_and_z_loss(label_smoothing, z_loss):
     logits = torch.randn(2, 9, 1031) * 3
