@@ -127,6 +127,23 @@ void bind_cpu(py::module_& m) {
                                        threads);
       },
       kNoGil);
+  m.def(
+      "cpu_attention_fwd",
+      [](Addr q, Addr k, Addr v, Addr o, Addr lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S,
+         int64_t D, float scale, bool causal, int threads) {
+        kernels().attention_fwd(P<const float>(q), P<const float>(k), P<const float>(v), P<float>(o), P<float>(lse), B,
+                                Hq, Hkv, T, S, D, scale, causal, threads);
+      },
+      kNoGil);
+  m.def(
+      "cpu_attention_bwd",
+      [](Addr q, Addr k, Addr v, Addr o, Addr lse, Addr dout, Addr dq, Addr dk, Addr dv, int64_t B, int64_t Hq,
+         int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads) {
+        kernels().attention_bwd(P<const float>(q), P<const float>(k), P<const float>(v), P<const float>(o),
+                                P<const float>(lse), P<const float>(dout), P<float>(dq), P<float>(dk), P<float>(dv), B,
+                                Hq, Hkv, T, S, D, scale, causal, threads);
+      },
+      kNoGil);
 }
 
 #ifdef PYLLM_WITH_CUDA

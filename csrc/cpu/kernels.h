@@ -70,6 +70,16 @@ struct KernelTable {
                 int threads);
   // grads *= inv_scale in place; returns true if any element was inf or nan.
   bool (*unscale_check)(float* const* grads, const int64_t* sizes, int64_t n_tensors, float inv_scale, int threads);
+
+  // o = softmax(q k^T * scale + causal mask) v. q, o (B, Hq, T, D); k, v (B, Hkv, S, D), Hq % Hkv == 0;
+  // queries are the last T of the S positions. lse (B, Hq, T) is saved for the backward (-inf for a
+  // query that sees no key). Each (b, head) holds a (T, S) score matrix in scratch: meant for small T * S.
+  void (*attention_fwd)(const float* q, const float* k, const float* v, float* o, float* lse, int64_t B, int64_t Hq,
+                        int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads);
+  // dq, dk, dv (overwritten) from dout and the forward's o and lse; dk/dv summed over each kv group.
+  void (*attention_bwd)(const float* q, const float* k, const float* v, const float* o, const float* lse,
+                        const float* dout, float* dq, float* dk, float* dv, int64_t B, int64_t Hq, int64_t Hkv,
+                        int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads);
 };
 
 // The table for this machine (chosen once, on first use).

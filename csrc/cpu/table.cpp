@@ -23,6 +23,10 @@ void rope(const float*, const int64_t*, const float*, const float*, int64_t, flo
 void adamw(float* const*, float* const*, const float* const*, float* const*, float* const*, const int64_t*, int64_t,
            float, float, float, float, float, float, float, int);
 bool unscale_check(float* const*, const int64_t*, int64_t, float, int);
+void attention_fwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
+                   int64_t, int64_t, float, bool, int);
+void attention_bwd(const float*, const float*, const float*, const float*, const float*, const float*, float*, float*,
+                   float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool, int);
 
 #define PYLLM_STR2(x) #x
 #define PYLLM_STR(x) PYLLM_STR2(x)
@@ -30,7 +34,8 @@ bool unscale_check(float* const*, const int64_t*, int64_t, float, int);
 KernelTable make_table() {
   return KernelTable{PYLLM_STR(PYLLM_ISA), norm_fwd,    norm_bwd,    bias_gelu_fwd,     bias_gelu_bwd,
                      swiglu_fwd,           swiglu_bwd,  softmax_fwd, softmax_bwd,       cross_entropy_fwd,
-                     cross_entropy_bwd,    rope,        adamw,       unscale_check};
+                     cross_entropy_bwd,    rope,        adamw,       unscale_check,     attention_fwd,
+                     attention_bwd};
 }
 
 PYLLM_CPU_NS_END

@@ -10,13 +10,16 @@ kernels index with int64, so there is no 32-bit size limit here; they read unali
 alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except where a
 kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
 
-Not here, so the reference runs: attention (PyTorch's CPU SDPA is already a fused, vectorised
-flash-attention kernel; a C++ one that beats it was not attempted), matmul/linear (BLAS is the right
-tool) and the loss-scale update (a few scalars).
+Attention is here for small heads only: each (batch, head) keeps its whole (T, S) score matrix in
+scratch, which beats PyTorch's flash-style CPU SDPA at the small models' shapes; above T * S = 512 * 512,
+with doc_ids or a sliding window, it raises Unsupported and SDPA (the reference) runs.
+Not here, so the reference runs: matmul/linear (BLAS is the right tool) and the loss-scale update (a few
+scalars).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -546,6 +549,73 @@ def rope(q, k, cos, sin):
     if cos.requires_grad or sin.requires_grad:
         raise Unsupported("cpu backend: rope has no gradient for cos/sin")
     return _rope(q, k, cos, sin, False)
+
+
+# ----------------------------------------------------------------------------------- attention
+
+# Largest T * S sent to the C++ kernel: its backward keeps four (T, S) float matrices per thread (4 MiB
+# at this size), and beyond it PyTorch's tiled SDPA is the better kernel.
+_ATTENTION_MAX_SCORES = 512 * 512
+
+
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Returns (o (B, Hq, T, D), lse (B, Hq, T)), lse saved for the backward."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    o, lse = q.new_empty(q.shape), q.new_empty((B, Hq, T))
+    _C.cpu_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), B, Hq, Hkv, T, S, D,
+                         scale, causal, _threads())
+    return o, lse
+
+
+def _attention_fwd_fake(q, k, v, scale, causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3])
+
+
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _C.cpu_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), do.data_ptr(),
+                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, Hq, Hkv, T, S, D, scale, causal, _threads())
+    return dq, dk, dv
+
+
+def _attention_bwd_fake(do, q, k, v, o, lse, scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, causal = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _attention_backward(ctx, bwd, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None
+
+
+_attention = kernel_op("pyllm::attention_cpu", _attention_fwd, _attention_fwd_fake, _attention_setup,
+                       _attention_backward, bwd_name="pyllm::attention_bwd_cpu", bwd=_attention_bwd,
+                       bwd_fake=_attention_bwd_fake)
+
+
+@register("attention", "cpu")
+def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None):
+    _require_f32_cpu("attention", q=q, k=k, v=v)
+    if doc_ids is not None or window is not None:
+        raise Unsupported("cpu backend: attention with doc_ids or a sliding window is not implemented")
+    T, S = q.shape[2], k.shape[2]
+    if T * S > _ATTENTION_MAX_SCORES:
+        raise Unsupported(f"cpu backend: attention with T x S = {T} x {S} above {_ATTENTION_MAX_SCORES} scores "
+                          f"(the kernel holds the whole score matrix; SDPA tiles it)")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _attention(q, k, v, float(scale), bool(causal))[0]
 
 
 # ------------------------------------------------------------------------ optimiser and scaling

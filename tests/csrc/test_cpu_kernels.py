@@ -257,6 +257,87 @@ def _adam_state(shapes, dtype):
     return params, grads, m, v
 
 
+# ---- attention (csrc/cpu/attention.cpp): the whole (T, S) score matrix of one (batch, head) in scratch;
+# queries are the last T of the S positions; 16-column blocks with a scalar tail (D = 24, S = 37 have one)
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D", [
+    (2, 4, 2, 37, 37, 32),   # primes, grouped-query 4/2
+    (1, 4, 1, 13, 40, 64),   # 4/1, T < S (a decode-like window of queries)
+    (2, 2, 2, 1, 19, 128),   # one query
+    (3, 2, 1, 16, 16, 24),   # D not a multiple of 16
+    (12, 4, 4, 64, 64, 32),  # nanoGPT's CPU run
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention(B, Hq, Hkv, T, S, D, causal):
+    q = torch.randn(B, Hq, T, D)
+    k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    _check("attention", [q, k, v], causal=causal)
+
+
+def test_attention_one_key_and_softmax_scale():
+    q, k, v = torch.randn(2, 2, 1, 32), torch.randn(2, 1, 1, 32), torch.randn(2, 1, 1, 32)
+    for causal in (True, False):
+        _check("attention", [q, k, v], causal=causal)  # S = 1: the one weight is 1
+    q, k, v = torch.randn(1, 2, 33, 64) * 3, torch.randn(1, 2, 33, 64), torch.randn(1, 2, 33, 64)
+    _check("attention", [q, k, v], causal=True, softmax_scale=0.3)
+
+
+def test_attention_on_transposed_views():
+    # the model's layout: (B, T, H, D) projections seen as (B, H, T, D)
+    q, k, v = (torch.randn(2, 21, 4, 32).transpose(1, 2) for _ in range(3))
+    _check("attention", [q, k, v], causal=True)
+
+
+def test_attention_threads_give_the_same_bits():
+    # each (batch, head) forward and each (batch, kv head) backward is one thread's work: no reduction
+    # across threads, so the thread count cannot change a bit (4/2 heads: the group's dK/dV sum included)
+    q, k, v = torch.randn(3, 4, 29, 32), torch.randn(3, 2, 29, 32), torch.randn(3, 2, 29, 32)
+    do = torch.randn_like(q)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = ops.attention(*leaves, backend="cpu")
+            results.append([out, *torch.autograd.grad(out, leaves, do)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_attention_custom_op_passes_opcheck():
+    from pyllm.ops import cpu_backend as cb
+    q = torch.randn(1, 2, 7, 16, requires_grad=True)
+    k, v = torch.randn(1, 1, 9, 16, requires_grad=True), torch.randn(1, 1, 9, 16, requires_grad=True)
+    torch.library.opcheck(cb._attention.custom_op, (q, k, v, 0.25, True))
+
+
+@pytest.mark.parametrize("case", ["doc_ids", "window", "too large", "float64"])
+def test_attention_refusals_are_errors_in_strict_mode(case):
+    q = torch.randn(1, 1, 8, 16)
+    kwargs, match = {}, "attention"
+    if case == "doc_ids":
+        kwargs, match = {"doc_ids": torch.zeros(1, 8, dtype=torch.long)}, "doc_ids"
+    elif case == "window":
+        kwargs, match = {"window": 4}, "sliding window"
+    elif case == "too large":
+        q, match = torch.randn(1, 1, 513, 16), "513 x 513"
+    else:
+        q, match = q.double(), "float32"
+    with pytest.raises(ops.BackendError, match=match):
+        ops.attention(q, q, q, backend="cpu", **kwargs)
+
+
+def test_attention_falls_back_to_the_reference_when_too_large(monkeypatch):
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
+    q = torch.randn(1, 1, 600, 16)
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' not used"):
+        out = ops.attention(q, q, q, backend="cpu")
+    assert torch.equal(out, reference.attention(q, q, q))
+
+
 @pytest.mark.parametrize("with_master", [False, True])
 def test_adamw_step(with_master):
     shapes = [(1,), (7, 13), (40000,), (3, 5, 2)]  # 40000 spans several 16384-element chunks
@@ -440,6 +521,7 @@ def test_every_instruction_set_variant(isa, each_isa):
     _check("cross_entropy", [torch.randn(9, 1031) * 3, target], label_smoothing=0.1, z_loss=1e-4)
     theta = torch.rand(5, 8)
     _check("rope", [torch.randn(2, 2, 5, 16), torch.randn(2, 1, 5, 16), theta.cos(), theta.sin()], n_grad=2)
+    _check("attention", [torch.randn(2, 4, 21, 40), torch.randn(2, 2, 37, 40), torch.randn(2, 2, 37, 40)])
     grads = [torch.randn(40000), torch.randn(3, 3)]
     grads[0][12345] = float("inf")
     found = torch.zeros(1)
