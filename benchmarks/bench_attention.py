@@ -1,4 +1,5 @@
-"""Causal attention at the head layouts of GPT-2 and Llama (grouped-query), sequences 512 to 16k.
+"""Causal attention at the head layouts of GPT-2 and Llama (grouped-query), sequences 512 to 16k, and of
+the small models the CPU trains (benchmarks/shapes.py CPU_MODELS).
 
 Compute-bound. FLOPs counted as in the FlashAttention benchmarks: 4 B H T S D for the two matmuls of
 the forward, halved for causal; the backward is 2.5 times the forward (five matmuls instead of two).
@@ -13,7 +14,7 @@ from pyllm import ops
 from . import externals
 from .harness import Case, Inputs, OpBench
 from .pytest_adapter import pytest_benchmark_test
-from .shapes import MODELS
+from .shapes import CPU_MODELS, MODELS
 
 
 class AttentionBench(OpBench):
@@ -32,6 +33,13 @@ class AttentionBench(OpBench):
             cfg = MODELS[m]
             shape = {"B": b, "Hq": cfg.n_head, "Hkv": cfg.n_kv_head, "T": t, "D": cfg.head_dim, "causal": True}
             cases.append(Case(f"{m} (B={b}, T={t}, {cfg.n_head}/{cfg.n_kv_head} heads, D={cfg.head_dim})", shape))
+        if suite == "cpu":  # the small models the CPU trains, at one training step's batch
+            for m, s in CPU_MODELS.items():
+                cfg, t = s.model, s.tokens // s.batch
+                shape = {"B": s.batch, "Hq": cfg.n_head, "Hkv": cfg.n_kv_head, "T": t, "D": cfg.head_dim,
+                         "causal": True}
+                cases.append(Case(f"{m} (B={s.batch}, T={t}, {cfg.n_head}/{cfg.n_kv_head} heads, D={cfg.head_dim})",
+                                  shape))
         return cases
 
     def make_inputs(self, case, dtype, device):
