@@ -6,9 +6,12 @@
 // only those columns are ever computed. The forward saves lse = log sum_j exp(s_ij) per query row; the
 // backward recomputes P = exp(s - lse) (FlashAttention-2, Dao 2023, section 3.1.2):
 //   dV = P^T dO,  dP = dO V^T,  Dsum_i = dO_i . O_i,  dS = P * (dP - Dsum),  dQ = scale dS K,  dK = scale dS^T Q.
-// Every product is written as out[c] = sum_r a[r] M[r, c] over a row-major M, with the output columns
-// held in a 16-wide register accumulator (a broadcast-FMA over rows); K and V are copied transposed,
-// and P and dS transposed, so that each of the five products has that form.
+// Every product is written as out[q][c] = sum_r a[q][r] M[r, c] over a row-major M for a block of
+// kRows output rows (query rows, or key rows in dK/dV), with the output columns in 16-float register
+// accumulators (broadcast-FMA over r; each load of M feeds kRows FMAs). K and V are copied transposed,
+// and P and dS transposed, so that each of the five products has that form. Within a block of query
+// rows the causal row lengths differ: every row is computed to the block's longest, with P (hence dS)
+// zero beyond a row's own visible keys.
 #include <vector>
 
 #include "kernels.h"
@@ -19,52 +22,51 @@ PYLLM_CPU_NS_BEGIN
 namespace {
 
 constexpr int64_t kVec = 16;  // floats per AVX-512 register (two AVX2 ones)
+constexpr int kRows = 4;      // output rows per block
 
-// out[c] = sum_{r < rows} a[r] * m[r * ld + c] for c < W. Rows are split into 64 / W interleaved phases
-// with separate accumulators, so that four independent chains of 16-float FMAs hide the FMA latency; the phases are added at the end.
-template <int64_t W>
-inline void row_times_block(float* out, const float* a, const float* m, int64_t ld, int64_t rows) {
-  constexpr int64_t R = 64 / W;
-  float acc[R][W] = {};
-  int64_t r = 0;
-  for (; r + R <= rows; r += R)
-    for (int64_t ph = 0; ph < R; ++ph) {
-      const float ar = a[r + ph];
-      const float* mr = m + (r + ph) * ld;
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) acc[ph][c] += ar * mr[c];
-    }
-  for (; r < rows; ++r) {
-    const float ar = a[r];
+// out[q * ldo + c] = sum_{r < rows} a[q * lda + r] * m[r * ld + c] for q < NQ, c < W: NQ x W / 16
+// independent accumulator chains (8 at NQ = 4, W = 32), enough to hide the FMA latency.
+template <int NQ, int64_t W>
+inline void rows_times_block(float* out, int64_t ldo, const float* a, int64_t lda, const float* m, int64_t ld,
+                             int64_t rows) {
+  float acc[NQ][W] = {};
+  for (int64_t r = 0; r < rows; ++r) {
     const float* mr = m + r * ld;
+    for (int q = 0; q < NQ; ++q) {
+      const float aq = a[q * lda + r];
 #pragma omp simd
-    for (int64_t c = 0; c < W; ++c) acc[0][c] += ar * mr[c];
+      for (int64_t c = 0; c < W; ++c) acc[q][c] += aq * mr[c];
+    }
   }
-  for (int64_t ph = 1; ph < R; ++ph)
+  for (int q = 0; q < NQ; ++q)
 #pragma omp simd
-    for (int64_t c = 0; c < W; ++c) acc[0][c] += acc[ph][c];
-#pragma omp simd
-  for (int64_t c = 0; c < W; ++c) out[c] = acc[0][c];
+    for (int64_t c = 0; c < W; ++c) out[q * ldo + c] = acc[q][c];
 }
 
-// out[c] = sum_{r < rows} a[r] * m[r * ld + c] for c < cols: blocks of 64, 32 and 16 columns, then a
-// scalar-length tail (callers pad their scratch to multiples of 16 where they can, so it rarely runs).
-inline void row_times_matrix(float* out, const float* a, const float* m, int64_t ld, int64_t rows, int64_t cols) {
+// The same over cols columns: blocks of 32 and 16, then a scalar tail (callers pad their scratch to
+// multiples of 16 where they can; D not a multiple of 16 takes the tail).
+template <int NQ>
+inline void rows_times_matrix(float* out, int64_t ldo, const float* a, int64_t lda, const float* m, int64_t ld,
+                              int64_t rows, int64_t cols) {
   int64_t c0 = 0;
-  for (; c0 + 64 <= cols; c0 += 64) row_times_block<64>(out + c0, a, m + c0, ld, rows);
-  if (c0 + 32 <= cols) {
-    row_times_block<32>(out + c0, a, m + c0, ld, rows);
-    c0 += 32;
-  }
+  for (; c0 + 32 <= cols; c0 += 32) rows_times_block<NQ, 32>(out + c0, ldo, a, lda, m + c0, ld, rows);
   if (c0 + 16 <= cols) {
-    row_times_block<16>(out + c0, a, m + c0, ld, rows);
+    rows_times_block<NQ, 16>(out + c0, ldo, a, lda, m + c0, ld, rows);
     c0 += 16;
   }
-  for (int64_t c = c0; c < cols; ++c) {
-    float acc = 0.0f;
-    for (int64_t r = 0; r < rows; ++r) acc += a[r] * m[r * ld + c];
-    out[c] = acc;
-  }
+  for (int q = 0; q < NQ; ++q)
+    for (int64_t c = c0; c < cols; ++c) {
+      float acc = 0.0f;
+      for (int64_t r = 0; r < rows; ++r) acc += a[q * lda + r] * m[r * ld + c];
+      out[q * ldo + c] = acc;
+    }
+}
+
+// rows_times_matrix for nq <= kRows rows (the last block of a matrix may be short).
+inline void block_times_matrix(int nq, float* out, int64_t ldo, const float* a, int64_t lda, const float* m,
+                               int64_t ld, int64_t rows, int64_t cols) {
+  if (nq == kRows) return rows_times_matrix<kRows>(out, ldo, a, lda, m, ld, rows, cols);
+  for (int q = 0; q < nq; ++q) rows_times_matrix<1>(out + q * ldo, ldo, a + q * lda, lda, m, ld, rows, cols);
 }
 
 inline int64_t round_up(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
@@ -89,17 +91,36 @@ inline int64_t first_query(int64_t j, int64_t T, int64_t S, bool causal) {
   return i < 0 ? 0 : i;
 }
 
-// s[j] = scale * q . k_j for j < n (kt: K transposed, (D, Sp), zero beyond S); returns max_j s[j]. s has
-// room for round_up(n) entries: whole 16-column blocks are computed.
-inline float scores(float* s, const float* q, const float* kt, int64_t Sp, int64_t D, int64_t n, float scale) {
-  row_times_matrix(s, q, kt, Sp, D, round_up(n));
-  float m = -INFINITY;
+// Rows i0 .. i0 + nq of P = exp(scale q k^T - lse) into p (row stride Sp), each computed up to n_max =
+// visible(i0 + nq - 1) and zero from its own visible(i) on. kt: K transposed (D, Sp), zero beyond S.
+// With lse == nullptr the rows are normalised here and their logsumexp written to lse_out (forward).
+inline void probabilities(float* p, int64_t Sp, const float* q, const float* kt, int64_t D, int64_t i0, int nq,
+                          int64_t T, int64_t S, bool causal, float scale, const float* lse, float* lse_out) {
+  const int64_t n_max = visible(i0 + nq - 1, T, S, causal);
+  block_times_matrix(nq, p, Sp, q, D, kt, Sp, D, round_up(n_max));
+  for (int r = 0; r < nq; ++r) {
+    float* pr = p + r * Sp;
+    const int64_t n = visible(i0 + r, T, S, causal);
+    float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] *= scale;
-    m = s[j] > m ? s[j] : m;
+    for (int64_t j = 0; j < n; ++j) {
+      pr[j] *= scale;
+      m = pr[j] > m ? pr[j] : m;
+    }
+    float l;
+    if (lse != nullptr) {
+      l = lse[r];
+    } else {  // forward: the logsumexp of the row
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) sum += fast_exp(pr[j] - m);
+      l = n > 0 ? m + logf(sum) : -INFINITY;  // no key visible: P = 0, o = 0
+      lse_out[r] = l;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) pr[j] = fast_exp(pr[j] - l);
+    for (int64_t j = n; j < n_max; ++j) pr[j] = 0.0f;
   }
-  return m;
 }
 
 }  // namespace
@@ -109,34 +130,17 @@ void attention_fwd(const float* q, const float* k, const float* v, float* o, flo
   const int64_t group = Hq / Hkv, Sp = round_up(S);
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
-    std::vector<float> kt(D * Sp), s(Sp);  // K^T (D, Sp) zero-padded, and one row of scores
+    std::vector<float> kt(D * Sp), p(kRows * Sp);  // K^T (D, Sp) zero-padded, one block of P rows
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * Hq; ++bh) {
       const int64_t kv = (bh / Hq) * Hkv + (bh % Hq) / group;
-      const float* kh = k + kv * S * D;
       const float* vh = v + kv * S * D;
-      transpose(kt.data(), Sp, kh, D, S, D);
-      for (int64_t i = 0; i < T; ++i) {
-        const float* qi = q + (bh * T + i) * D;
-        float* oi = o + (bh * T + i) * D;
-        const int64_t n = visible(i, T, S, causal);
-        if (n == 0) {  // no key visible: zero output, and lse = -inf marks the row for the backward
-          for (int64_t d = 0; d < D; ++d) oi[d] = 0.0f;
-          lse[bh * T + i] = -INFINITY;
-          continue;
-        }
-        const float m = scores(s.data(), qi, kt.data(), Sp, D, n, scale);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = fast_exp(s[j] - m);
-          sum += s[j];
-        }
-        const float inv = 1.0f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-        row_times_matrix(oi, s.data(), vh, D, n, D);
-        lse[bh * T + i] = m + logf(sum);
+      transpose(kt.data(), Sp, k + kv * S * D, D, S, D);
+      for (int64_t i = 0; i < T; i += kRows) {
+        const int nq = static_cast<int>(min_i64(kRows, T - i));
+        probabilities(p.data(), Sp, q + (bh * T + i) * D, kt.data(), D, i, nq, T, S, causal, scale, nullptr,
+                      lse + bh * T + i);
+        block_times_matrix(nq, o + (bh * T + i) * D, D, p.data(), Sp, vh, D, visible(i + nq - 1, T, S, causal), D);
       }
     }
   }
@@ -149,46 +153,44 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
   // One (batch, kv head) per iteration: the query heads of its group all add into its dK and dV.
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
-    // kt, vt (D, Sp) zero-padded; p, ds (T, Sp); pt, dst (S, T); row (D)
-    std::vector<float> kt(D * Sp), vt(D * Sp), p(T * Sp), ds(T * Sp), pt(S * T), dst(S * T), row(D);
+    // kt, vt (D, Sp) zero-padded; p, ds (T, Sp); pt, dst (S, T) zero where masked; rows (kRows, D)
+    std::vector<float> kt(D * Sp), vt(D * Sp), p(T * Sp), ds(T * Sp), pt(S * T), dst(S * T), rows(kRows * D);
 #pragma omp for schedule(static)
     for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
       const float* kh = k + bkv * S * D;
-      const float* vh = v + bkv * S * D;
       float* dkh = dk + bkv * S * D;
       float* dvh = dv + bkv * S * D;
       transpose(kt.data(), Sp, kh, D, S, D);
-      transpose(vt.data(), Sp, vh, D, S, D);
+      transpose(vt.data(), Sp, v + bkv * S * D, D, S, D);
       for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
       for (int64_t g = 0; g < group; ++g) {
         const int64_t bh = (bkv / Hkv) * Hq + (bkv % Hkv) * group + g;
         const float* qh = q + bh * T * D;
         const float* oh = o + bh * T * D;
         const float* doh = dout + bh * T * D;
-        float* dqh = dq + bh * T * D;
-        for (int64_t i = 0; i < T; ++i) {
-          const int64_t n = visible(i, T, S, causal);
+        for (int64_t i = 0; i < T; i += kRows) {
+          const int nq = static_cast<int>(min_i64(kRows, T - i));
+          const int64_t n_max = visible(i + nq - 1, T, S, causal);
           float* pi = p.data() + i * Sp;
           float* dsi = ds.data() + i * Sp;
-          if (n == 0) {
-            for (int64_t d = 0; d < D; ++d) dqh[i * D + d] = 0.0f;
-            continue;
-          }
-          scores(pi, qh + i * D, kt.data(), Sp, D, n, scale);
-          const float l = lse[bh * T + i];
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) pi[j] = fast_exp(pi[j] - l);
-          row_times_matrix(dsi, doh + i * D, vt.data(), Sp, D, round_up(n));  // dP row
-          float dsum = 0.0f;
+          probabilities(pi, Sp, qh + i * D, kt.data(), D, i, nq, T, S, causal, scale, lse + bh * T + i, nullptr);
+          block_times_matrix(nq, dsi, Sp, doh + i * D, D, vt.data(), Sp, D, round_up(n_max));  // dP rows
+          for (int r = 0; r < nq; ++r) {
+            const float* dor = doh + (i + r) * D;
+            const float* orow = oh + (i + r) * D;
+            float dsum = 0.0f;
 #pragma omp simd reduction(+ : dsum)
-          for (int64_t d = 0; d < D; ++d) dsum += doh[i * D + d] * oh[i * D + d];
-          // dS scaled once here, so that dQ and dK need no further scaling
+            for (int64_t d = 0; d < D; ++d) dsum += dor[d] * orow[d];
+            // dS scaled once here, so that dQ and dK need no further scaling; 0 where P is
+            float* dsr = dsi + r * Sp;
+            const float* pr = pi + r * Sp;
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) dsi[j] = scale * pi[j] * (dsi[j] - dsum);
-          row_times_matrix(dqh + i * D, dsi, kh, D, n, D);
+            for (int64_t j = 0; j < n_max; ++j) dsr[j] = scale * pr[j] * (dsr[j] - dsum);
+          }
+          block_times_matrix(nq, dq + (bh * T + i) * D, D, dsi, Sp, kh, D, n_max, D);
         }
-        // rows with fewer visible keys leave the rest of their (T, S) row unwritten: transpose the
-        // visible part only, which is exactly the queries i >= first_query(j) of each key column j
+        // P^T and dS^T, zero where masked: a block of keys reads from its first key's first query on
+        for (int64_t x = 0; x < S * T; ++x) pt[x] = dst[x] = 0.0f;
         for (int64_t i = 0; i < T; ++i) {
           const int64_t n = visible(i, T, S, causal);
           for (int64_t j = 0; j < n; ++j) {
@@ -196,15 +198,14 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
             dst[j * T + i] = ds[i * Sp + j];
           }
         }
-        for (int64_t j = 0; j < S; ++j) {
+        for (int64_t j = 0; j < S; j += kRows) {
+          const int nk = static_cast<int>(min_i64(kRows, S - j));
           const int64_t i0 = first_query(j, T, S, causal);
           if (i0 >= T) continue;
-          row_times_matrix(row.data(), pt.data() + j * T + i0, doh + i0 * D, D, T - i0, D);
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) dvh[j * D + d] += row[d];
-          row_times_matrix(row.data(), dst.data() + j * T + i0, qh + i0 * D, D, T - i0, D);
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) dkh[j * D + d] += row[d];
+          block_times_matrix(nk, rows.data(), D, pt.data() + j * T + i0, T, doh + i0 * D, D, T - i0, D);
+          for (int64_t x = 0; x < nk * D; ++x) dvh[j * D + x] += rows[x];
+          block_times_matrix(nk, rows.data(), D, dst.data() + j * T + i0, T, qh + i0 * D, D, T - i0, D);
+          for (int64_t x = 0; x < nk * D; ++x) dkh[j * D + x] += rows[x];
         }
       }
     }
