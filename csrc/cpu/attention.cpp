@@ -1,7 +1,7 @@
 // Attention for small heads on the CPU: o = softmax(q k^T * scale + mask) v, forward and backward.
 //
 // One (batch, head) at a time, its whole (T, S) score matrix in a per-thread scratch (the Python wrapper
-// sends only T * S <= 512 * 512 here; larger problems go to PyTorch's flash-style SDPA). Queries are the
+// sends only T * S <= 384 * 384 here; larger problems go to PyTorch's flash-style SDPA). Queries are the
 // last T of the S key positions (bottom-right causal alignment): query i sees keys j <= S - T + i, and
 // only those columns are ever computed. The forward saves lse = log sum_j exp(s_ij) per query row; the
 // backward recomputes P = exp(s - lse) (FlashAttention-2, Dao 2023, section 3.1.2):

@@ -11,7 +11,7 @@ alignment is not required; inputs are made contiguous (a no-op for the model's t
 kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
 
 Attention is here for small heads only: each (batch, head) keeps its whole (T, S) score matrix in
-scratch, which beats PyTorch's flash-style CPU SDPA at the small models' shapes; above T * S = 512 * 512,
+scratch, which beats PyTorch's flash-style CPU SDPA at the small models' shapes; above T * S = 384 * 384,
 with doc_ids or a sliding window, it raises Unsupported and SDPA (the reference) runs.
 Not here, so the reference runs: matmul/linear (BLAS is the right tool) and the loss-scale update (a few
 scalars).
@@ -553,9 +553,10 @@ def rope(q, k, cos, sin):
 
 # ----------------------------------------------------------------------------------- attention
 
-# Largest T * S sent to the C++ kernel: its backward keeps four (T, S) float matrices per thread (4 MiB
-# at this size), and beyond it PyTorch's tiled SDPA is the better kernel.
-_ATTENTION_MAX_SCORES = 512 * 512
+# Largest T * S sent to the C++ kernel: its backward keeps four (T, S) float matrices per thread (2.25 MiB
+# here, about L2's size). At 512 x 512 it lost to SDPA (fwd+bwd, one thread, commit feddd64, load ~0.5:
+# 0.83x at 1 x 4 heads x 512 x 32, 0.91x at D = 64) while still winning at 384 x 384 (1.19x, D = 32).
+_ATTENTION_MAX_SCORES = 384 * 384
 
 
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:

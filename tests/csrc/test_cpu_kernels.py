@@ -357,7 +357,7 @@ def test_attention_refusals_are_errors_in_strict_mode(case):
     elif case == "window":
         kwargs, match = {"window": 4}, "sliding window"
     elif case == "too large":
-        q, match = torch.randn(1, 1, 513, 16), "513 x 513"
+        q, match = torch.randn(1, 1, 385, 16), "385 x 385"
     else:
         q, match = q.double(), "float32"
     with pytest.raises(ops.BackendError, match=match):
