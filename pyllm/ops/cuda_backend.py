@@ -28,6 +28,10 @@ from .autograd_op import kernel_op
 from .kernel_autograd import (
     ptr,
     rows_and_width,
+    attention_fwd_fake,
+    attention_bwd_fake,
+    attention_setup,
+    attention_backward,
     bias_gelu_fwd_fake,
     bias_gelu_bwd_fake,
     bias_gelu_setup,
@@ -385,11 +389,6 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) 
     return o, lse
 
 
-def _attention_fwd_fake(q, k, v, scale, causal):
-    # contiguous like the real outputs: empty_like would keep the strides of a permuted q
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
                    causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     do, q, k, v = _ready(do), _ready(q), _ready(k), _ready(v)
@@ -405,27 +404,9 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     return dq, dk, dv
 
 
-def _attention_bwd_fake(do, q, k, v, o, lse, scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, scale, causal = inputs
-    o, lse = output
-    # the inputs as given: under torch.compile they are FakeTensors here, whose data_ptr() (in _ready) raises
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale, ctx.causal = scale, causal
-
-
-def _attention_backward(ctx, bwd, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.scale, ctx.causal)
-    return dq, dk, dv, None, None
-
-
-_attention = kernel_op("pyllm::attention_cuda", _attention_fwd, _attention_fwd_fake, _attention_setup,
-                       _attention_backward, bwd_name="pyllm::attention_bwd_cuda", bwd=_attention_bwd,
-                       bwd_fake=_attention_bwd_fake)
+_attention = kernel_op("pyllm::attention_cuda", _attention_fwd, attention_fwd_fake, attention_setup,
+                       attention_backward, bwd_name="pyllm::attention_bwd_cuda", bwd=_attention_bwd,
+                       bwd_fake=attention_bwd_fake)
 
 
 @register("attention", "cuda")
