@@ -74,8 +74,10 @@ def _require_f32_cpu(op: str, **tensors: Optional[Tensor]) -> None:
 def _row_stride(t: Tensor) -> Optional[int]:
     """The row stride of ``t`` seen as (rows, last dim) if its last dim is contiguous and the leading dims
     collapse into one (true for the chunks of a fused projection), else None."""
-    if t.dim() < 2:  # one row: its elements must be adjacent (x[:, 0] of a matrix is not)
-        return (t.shape[-1] if t.dim() == 1 else 1) if t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) == 1 else None
+    if t.dim() == 0:
+        return 1
+    if t.dim() == 1:  # one row: its elements must be adjacent (x[:, 0] of a matrix is not)
+        return t.shape[0] if t.shape[0] <= 1 or t.stride(0) == 1 else None
     if t.stride(-1) != 1:
         return None
     for i in range(t.dim() - 2):
