@@ -6,6 +6,10 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
 
 #include "cpu/dispatch.h"
 #ifdef PYLLM_WITH_CUDA
@@ -25,81 +29,101 @@ T* P(uintptr_t address) {
 using Addr = uintptr_t;
 const auto kNoGil = py::call_guard<py::gil_scoped_release>();
 
+// A tensor of the CPU row kernels: (address, dtype code of csrc/common/dtype.h), float32 or bfloat16.
+using Arg = std::pair<Addr, int>;
+
+pyllm::DType cpu_dtype(int code) {
+  const auto t = static_cast<pyllm::DType>(code);
+  if (t != pyllm::DType::kFloat32 && t != pyllm::DType::kBFloat16) {
+    throw std::invalid_argument("pyllm._C: the CPU kernels take float32 (0) or bfloat16 (2), got dtype code " +
+                                std::to_string(code));
+  }
+  return t;
+}
+pyllm::cpu::Src In(const Arg& a) { return {reinterpret_cast<const void*>(a.first), cpu_dtype(a.second)}; }
+pyllm::cpu::Dst Out(const Arg& a) { return {reinterpret_cast<void*>(a.first), cpu_dtype(a.second)}; }
+
+// A (B, H, L, D) tensor of the CPU attention kernels: (address, dtype code, batch, head and row strides).
+using HeadsArg = std::tuple<Addr, int, int64_t, int64_t, int64_t>;
+
+pyllm::cpu::Heads In(const HeadsArg& a) {
+  return {reinterpret_cast<const void*>(std::get<0>(a)), cpu_dtype(std::get<1>(a)), std::get<2>(a), std::get<3>(a),
+          std::get<4>(a)};
+}
+pyllm::cpu::HeadsOut Out(const HeadsArg& a) {
+  return {reinterpret_cast<void*>(std::get<0>(a)), cpu_dtype(std::get<1>(a)), std::get<2>(a), std::get<3>(a),
+          std::get<4>(a)};
+}
+
 void bind_cpu(py::module_& m) {
   m.def("cpu_isa", [] { return kernels().isa; }, "Instruction set of the CPU kernels in use.");
   m.def("cpu_supported_isas", &pyllm::cpu::supported_isas, "Instruction sets this CPU can run.");
   m.def("cpu_select_isa", &pyllm::cpu::select_isa, "Use another supported instruction set (for tests).");
   m.def(
       "cpu_norm_fwd",
-      [](Addr x, Addr res, Addr w, Addr b, Addr y, Addr h, Addr mean, Addr rstd, int64_t rows, int64_t n, float eps,
+      [](Arg x, Arg res, Arg w, Arg b, Arg y, Arg h, Addr mean, Addr rstd, int64_t rows, int64_t n, float eps,
          bool rms, int threads) {
-        kernels().norm_fwd(P<const float>(x), P<const float>(res), P<const float>(w), P<const float>(b), P<float>(y),
-                           P<float>(h), P<float>(mean), P<float>(rstd), rows, n, eps, rms, threads);
+        kernels().norm_fwd(In(x), In(res), In(w), In(b), Out(y), Out(h), P<float>(mean), P<float>(rstd), rows, n, eps,
+                           rms, threads);
       },
       kNoGil);
   m.def(
       "cpu_norm_bwd",
-      [](Addr dy, Addr h, Addr w, Addr mean, Addr rstd, Addr dh_extra, Addr dx, Addr dw, Addr db, int64_t rows,
-         int64_t n, bool rms, int threads) {
-        kernels().norm_bwd(P<const float>(dy), P<const float>(h), P<const float>(w), P<const float>(mean),
-                           P<const float>(rstd), P<const float>(dh_extra), P<float>(dx), P<float>(dw), P<float>(db),
-                           rows, n, rms, threads);
+      [](Arg dy, Arg h, Arg w, Addr mean, Addr rstd, Arg dh_extra, Arg dx, Arg dw, Arg db, int64_t rows, int64_t n,
+         bool rms, int threads) {
+        kernels().norm_bwd(In(dy), In(h), In(w), P<const float>(mean), P<const float>(rstd), In(dh_extra), Out(dx),
+                           Out(dw), Out(db), rows, n, rms, threads);
       },
       kNoGil);
   m.def(
       "cpu_bias_gelu_fwd",
-      [](Addr x, Addr b, Addr y, int64_t rows, int64_t n, bool tanh_approx, int threads) {
-        kernels().bias_gelu_fwd(P<const float>(x), P<const float>(b), P<float>(y), rows, n, tanh_approx, threads);
+      [](Arg x, Arg b, Arg y, int64_t rows, int64_t n, bool tanh_approx, int threads) {
+        kernels().bias_gelu_fwd(In(x), In(b), Out(y), rows, n, tanh_approx, threads);
       },
       kNoGil);
   m.def(
       "cpu_bias_gelu_bwd",
-      [](Addr dy, Addr x, Addr b, Addr dx, Addr db, int64_t rows, int64_t n, bool tanh_approx, int threads) {
-        kernels().bias_gelu_bwd(P<const float>(dy), P<const float>(x), P<const float>(b), P<float>(dx), P<float>(db),
-                                rows, n, tanh_approx, threads);
+      [](Arg dy, Arg x, Arg b, Arg dx, Arg db, int64_t rows, int64_t n, bool tanh_approx, int threads) {
+        kernels().bias_gelu_bwd(In(dy), In(x), In(b), Out(dx), Out(db), rows, n, tanh_approx, threads);
       },
       kNoGil);
   m.def(
       "cpu_swiglu_fwd",
-      [](Addr gate, Addr up, Addr y, int64_t rows, int64_t n, int64_t gs, int64_t us, int threads) {
-        kernels().swiglu_fwd(P<const float>(gate), P<const float>(up), P<float>(y), rows, n, gs, us, threads);
+      [](Arg gate, Arg up, Arg y, int64_t rows, int64_t n, int64_t gs, int64_t us, int threads) {
+        kernels().swiglu_fwd(In(gate), In(up), Out(y), rows, n, gs, us, threads);
       },
       kNoGil);
   m.def(
       "cpu_swiglu_bwd",
-      [](Addr dy, Addr gate, Addr up, Addr dgate, Addr dup, int64_t rows, int64_t n, int64_t gs, int64_t us,
+      [](Arg dy, Arg gate, Arg up, Arg dgate, Arg dup, int64_t rows, int64_t n, int64_t gs, int64_t us,
          int64_t grad_stride, int threads) {
-        kernels().swiglu_bwd(P<const float>(dy), P<const float>(gate), P<const float>(up), P<float>(dgate),
-                             P<float>(dup), rows, n, gs, us, grad_stride, threads);
+        kernels().swiglu_bwd(In(dy), In(gate), In(up), Out(dgate), Out(dup), rows, n, gs, us, grad_stride, threads);
       },
       kNoGil);
   m.def(
       "cpu_softmax_fwd",
-      [](Addr x, Addr y, int64_t rows, int64_t n, int threads) {
-        kernels().softmax_fwd(P<const float>(x), P<float>(y), rows, n, threads);
-      },
+      [](Arg x, Arg y, int64_t rows, int64_t n, int threads) { kernels().softmax_fwd(In(x), Out(y), rows, n, threads); },
       kNoGil);
   m.def(
       "cpu_softmax_bwd",
-      [](Addr dy, Addr y, Addr dx, int64_t rows, int64_t n, int threads) {
-        kernels().softmax_bwd(P<const float>(dy), P<const float>(y), P<float>(dx), rows, n, threads);
+      [](Arg dy, Arg y, Arg dx, int64_t rows, int64_t n, int threads) {
+        kernels().softmax_bwd(In(dy), In(y), Out(dx), rows, n, threads);
       },
       kNoGil);
   m.def(
       "cpu_cross_entropy_fwd",
-      [](Addr logits, Addr target, Addr loss, Addr lse, int64_t rows, int64_t vocab, int64_t ignore_index,
+      [](Arg logits, Addr target, Addr loss, Addr lse, int64_t rows, int64_t vocab, int64_t ignore_index,
          float smoothing, float z_loss, int threads) {
-        kernels().cross_entropy_fwd(P<const float>(logits), P<const int64_t>(target), P<float>(loss), P<float>(lse),
-                                    rows, vocab, ignore_index, smoothing, z_loss, threads);
+        kernels().cross_entropy_fwd(In(logits), P<const int64_t>(target), P<float>(loss), P<float>(lse), rows, vocab,
+                                    ignore_index, smoothing, z_loss, threads);
       },
       kNoGil);
   m.def(
       "cpu_cross_entropy_bwd",
-      [](Addr logits, Addr target, Addr lse, Addr grad, int64_t grad_stride, Addr dlogits, int64_t rows,
-         int64_t vocab, int64_t ignore_index, float smoothing, float z_loss, int threads) {
-        kernels().cross_entropy_bwd(P<const float>(logits), P<const int64_t>(target), P<const float>(lse),
-                                    P<const float>(grad), grad_stride, P<float>(dlogits), rows, vocab, ignore_index,
-                                    smoothing, z_loss, threads);
+      [](Arg logits, Addr target, Addr lse, Arg grad, int64_t grad_stride, Arg dlogits, int64_t rows, int64_t vocab,
+         int64_t ignore_index, float smoothing, float z_loss, int threads) {
+        kernels().cross_entropy_bwd(In(logits), P<const int64_t>(target), P<const float>(lse), In(grad), grad_stride,
+                                    Out(dlogits), rows, vocab, ignore_index, smoothing, z_loss, threads);
       },
       kNoGil);
   m.def(
@@ -129,18 +153,17 @@ void bind_cpu(py::module_& m) {
       kNoGil);
   m.def(
       "cpu_attention_fwd",
-      [](Addr q, Addr k, Addr v, Addr o, Addr lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S,
-         int64_t D, float scale, bool causal, int threads) {
-        kernels().attention_fwd(P<const float>(q), P<const float>(k), P<const float>(v), P<float>(o), P<float>(lse), B,
-                                Hq, Hkv, T, S, D, scale, causal, threads);
+      [](const HeadsArg& q, const HeadsArg& k, const HeadsArg& v, const HeadsArg& o, Addr lse, int64_t B, int64_t Hq,
+         int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads) {
+        kernels().attention_fwd(In(q), In(k), In(v), Out(o), P<float>(lse), B, Hq, Hkv, T, S, D, scale, causal, threads);
       },
       kNoGil);
   m.def(
       "cpu_attention_bwd",
-      [](Addr q, Addr k, Addr v, Addr o, Addr lse, Addr dout, Addr dq, Addr dk, Addr dv, int64_t B, int64_t Hq,
-         int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads) {
-        kernels().attention_bwd(P<const float>(q), P<const float>(k), P<const float>(v), P<const float>(o),
-                                P<const float>(lse), P<const float>(dout), P<float>(dq), P<float>(dk), P<float>(dv), B,
+      [](const HeadsArg& q, const HeadsArg& k, const HeadsArg& v, const HeadsArg& o, Addr lse, const HeadsArg& dout,
+         const HeadsArg& dq, const HeadsArg& dk, const HeadsArg& dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
+         int64_t S, int64_t D, float scale, bool causal, int threads) {
+        kernels().attention_bwd(In(q), In(k), In(v), In(o), P<const float>(lse), In(dout), Out(dq), Out(dk), Out(dv), B,
                                 Hq, Hkv, T, S, D, scale, causal, threads);
       },
       kNoGil);

@@ -1,7 +1,7 @@
 // Pointwise activations with their bias/gate fused: GELU(x + b) (Hendrycks & Gimpel 2016; tanh form as
 // in GPT-2, or exact erf form) and SwiGLU = SiLU(gate) * up (Shazeer 2020). The backward recomputes
 // the activation from its input instead of saving it (one read instead of a stored tensor), and the
-// GELU backward also reduces dbias in the same pass.
+// GELU backward also reduces dbias in the same pass. Tensors may be float32 or bfloat16 (kernels.h).
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -32,27 +32,31 @@ inline float gelu_grad(float v) {
 }
 
 template <bool kTanh>
-void bias_gelu_fwd_impl(const float* x, const float* bias, float* y, int64_t rows, int64_t n, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * n;
-    float* yr = y + r * n;
-    if (bias) {
+void bias_gelu_fwd_impl(Src x, Src bias, Dst y, int64_t rows, int64_t n, int threads) {
+  RowBuffers params(is_bf16(bias), 1, n);
+  const float* b = bias.p ? src_row(bias, 0, n, params[0]) : nullptr;
+  for_each_row(rows, n, threads, is_bf16(x) || is_bf16(y), 2, [&](int64_t r, const RowBuffers& buf) {
+    const float* xr = src_row(x, r * n, n, buf[0]);
+    float* yr = dst_row(y, r * n, buf[1]);
+    if (b) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i] + bias[i]);
+      for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i] + b[i]);
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i]);
     }
-  }
+    dst_commit(y, r * n, yr, n);
+  });
 }
 
 template <bool kTanh>
-void bias_gelu_bwd_impl(const float* dy, const float* x, const float* bias, float* dx, float* dbias, int64_t rows,
-                        int64_t n, int threads) {
+void bias_gelu_bwd_impl(Src dy, Src x, Src bias, Dst dx, Dst dbias, int64_t rows, int64_t n, int threads) {
   const bool parallel = rows * n >= PYLLM_MIN_PARALLEL_WORK && threads > 1;
   const int nt = parallel ? threads : 1;
-  float* partial = dbias ? static_cast<float*>(calloc(static_cast<size_t>(nt) * n, sizeof(float))) : nullptr;
+  RowBuffers params(is_bf16(bias), 1, n);
+  const float* b = bias.p ? src_row(bias, 0, n, params[0]) : nullptr;
+  const bool widen = is_bf16(dy) || is_bf16(x) || is_bf16(dx);
+  float* partial = dbias.p ? static_cast<float*>(calloc(static_cast<size_t>(nt) * n, sizeof(float))) : nullptr;
 #pragma omp parallel num_threads(nt) if (parallel)
   {
     int tid = 0;
@@ -60,14 +64,15 @@ void bias_gelu_bwd_impl(const float* dy, const float* x, const float* bias, floa
     tid = omp_get_thread_num();
 #endif
     float* db = partial ? partial + static_cast<int64_t>(tid) * n : nullptr;
+    RowBuffers buf(widen, 3, n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * n;
-      const float* dyr = dy + r * n;
-      float* dxr = dx + r * n;
-      if (bias) {
+      const float* xr = src_row(x, r * n, n, buf[0]);
+      const float* dyr = src_row(dy, r * n, n, buf[1]);
+      float* dxr = dst_row(dx, r * n, buf[2]);
+      if (b) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i] + bias[i]);
+        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i] + b[i]);
       } else {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i]);
@@ -76,59 +81,61 @@ void bias_gelu_bwd_impl(const float* dy, const float* x, const float* bias, floa
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) db[i] += dxr[i];
       }
+      dst_commit(dx, r * n, dxr, n);
     }
   }
-  if (dbias) {
-    for (int64_t i = 0; i < n; ++i) {
-      float s = 0.0f;
-      for (int t = 0; t < nt; ++t) s += partial[static_cast<int64_t>(t) * n + i];
-      dbias[i] = s;
+  if (partial) {
+    for (int t = 1; t < nt; ++t) {
+      for (int64_t i = 0; i < n; ++i) partial[i] += partial[static_cast<int64_t>(t) * n + i];
     }
+    dst_write(dbias, 0, partial, n);
     free(partial);
   }
 }
 
 }  // namespace
 
-void bias_gelu_fwd(const float* x, const float* bias, float* y, int64_t rows, int64_t n, bool tanh_approx,
-                   int threads) {
+void bias_gelu_fwd(Src x, Src bias, Dst y, int64_t rows, int64_t n, bool tanh_approx, int threads) {
   (tanh_approx ? bias_gelu_fwd_impl<true> : bias_gelu_fwd_impl<false>)(x, bias, y, rows, n, threads);
 }
 
-void bias_gelu_bwd(const float* dy, const float* x, const float* bias, float* dx, float* dbias, int64_t rows,
-                   int64_t n, bool tanh_approx, int threads) {
+void bias_gelu_bwd(Src dy, Src x, Src bias, Dst dx, Dst dbias, int64_t rows, int64_t n, bool tanh_approx,
+                   int threads) {
   (tanh_approx ? bias_gelu_bwd_impl<true> : bias_gelu_bwd_impl<false>)(dy, x, bias, dx, dbias, rows, n, threads);
 }
 
-void swiglu_fwd(const float* gate, const float* up, float* y, int64_t rows, int64_t n, int64_t gate_stride,
-                int64_t up_stride, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* g = gate + r * gate_stride;
-    const float* u = up + r * up_stride;
-    float* yr = y + r * n;
+void swiglu_fwd(Src gate, Src up, Dst y, int64_t rows, int64_t n, int64_t gate_stride, int64_t up_stride,
+                int threads) {
+  const bool widen = is_bf16(gate) || is_bf16(up) || is_bf16(y);
+  for_each_row(rows, n, threads, widen, 3, [&](int64_t r, const RowBuffers& buf) {
+    const float* g = src_row(gate, r * gate_stride, n, buf[0]);
+    const float* u = src_row(up, r * up_stride, n, buf[1]);
+    float* yr = dst_row(y, r * n, buf[2]);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) yr[i] = g[i] * fast_sigmoid(g[i]) * u[i];
-  }
+    dst_commit(y, r * n, yr, n);
+  });
 }
 
 // d/dg [g s(g)] = s(g) (1 + g (1 - s(g)))
-void swiglu_bwd(const float* dy, const float* gate, const float* up, float* dgate, float* dup, int64_t rows,
-                int64_t n, int64_t gate_stride, int64_t up_stride, int64_t grad_stride, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* g = gate + r * gate_stride;
-    const float* u = up + r * up_stride;
-    const float* d = dy + r * n;
-    float* dg = dgate + r * grad_stride;
-    float* du = dup + r * grad_stride;
+void swiglu_bwd(Src dy, Src gate, Src up, Dst dgate, Dst dup, int64_t rows, int64_t n, int64_t gate_stride,
+                int64_t up_stride, int64_t grad_stride, int threads) {
+  const bool widen = is_bf16(dy) || is_bf16(gate) || is_bf16(up) || is_bf16(dgate) || is_bf16(dup);
+  for_each_row(rows, n, threads, widen, 5, [&](int64_t r, const RowBuffers& buf) {
+    const float* g = src_row(gate, r * gate_stride, n, buf[0]);
+    const float* u = src_row(up, r * up_stride, n, buf[1]);
+    const float* d = src_row(dy, r * n, n, buf[2]);
+    float* dg = dst_row(dgate, r * grad_stride, buf[3]);
+    float* du = dst_row(dup, r * grad_stride, buf[4]);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const float s = fast_sigmoid(g[i]);
       du[i] = d[i] * g[i] * s;
       dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
     }
-  }
+    dst_commit(dgate, r * grad_stride, dg, n);
+    dst_commit(dup, r * grad_stride, du, n);
+  });
 }
 
 PYLLM_CPU_NS_END

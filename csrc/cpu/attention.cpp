@@ -12,6 +12,11 @@
 // and P and dS transposed, so that each of the five products has that form. Within a block of query
 // rows the causal row lengths differ: every row is computed to the block's longest, with P (hence dS)
 // zero beyond a row's own visible keys.
+//
+// q, k, v, o and the gradients are strided views (kernels.h: Heads), float32 or bfloat16: a head whose
+// rows are not D apart, or that is bfloat16, is gathered into a float32 (L, D) block per thread first
+// (and an output head scattered back), O(L D) work beside the O(T S D) of the products; float32 heads
+// with contiguous rows are used in place.
 #include <vector>
 
 #include "kernels.h"
@@ -123,51 +128,95 @@ inline void probabilities(float* p, int64_t Sp, const float* q, const float* kt,
   }
 }
 
+// Head (b, h) of t as a contiguous float32 (L, D) block: t's own memory when float32 with rows D apart,
+// else gathered (and widened) into buf, which then must hold L * D floats.
+inline bool in_place(DType t, int64_t sl, int64_t D) { return t == DType::kFloat32 && sl == D; }
+
+inline const float* head_in(const Heads& t, int64_t b, int64_t h, int64_t L, int64_t D, float* buf) {
+  const int64_t base = b * t.sb + h * t.sh;
+  if (in_place(t.t, t.sl, D)) return static_cast<const float*>(t.p) + base;
+  for (int64_t l = 0; l < L; ++l) {
+    const float* row = src_row(Src{t.p, t.t}, base + l * t.sl, D, buf + l * D);
+    if (row != buf + l * D)
+      for (int64_t d = 0; d < D; ++d) buf[l * D + d] = row[d];
+  }
+  return buf;
+}
+
+// Where to compute head (b, h) of t: its memory when float32 with rows D apart, else buf; head_commit
+// then scatters (and narrows) buf into t.
+inline float* head_out(const HeadsOut& t, int64_t b, int64_t h, int64_t D, float* buf) {
+  return in_place(t.t, t.sl, D) ? static_cast<float*>(t.p) + b * t.sb + h * t.sh : buf;
+}
+
+inline void head_commit(const HeadsOut& t, int64_t b, int64_t h, int64_t L, int64_t D, const float* buf) {
+  if (in_place(t.t, t.sl, D)) return;
+  for (int64_t l = 0; l < L; ++l) dst_write(Dst{t.p, t.t}, b * t.sb + h * t.sh + l * t.sl, buf + l * D, D);
+}
+
+// A scratch block of n floats for a head of t, empty when t is used in place.
+inline std::vector<float> head_buffer(DType t, int64_t sl, int64_t D, int64_t n) {
+  return std::vector<float>(in_place(t, sl, D) ? 0 : n);
+}
+
 }  // namespace
 
-void attention_fwd(const float* q, const float* k, const float* v, float* o, float* lse, int64_t B, int64_t Hq,
-                   int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads) {
+void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
+                   int64_t S, int64_t D, float scale, bool causal, int threads) {
   const int64_t group = Hq / Hkv, Sp = round_up(S);
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
     std::vector<float> kt(D * Sp), p(kRows * Sp);  // K^T (D, Sp) zero-padded, one block of P rows
+    std::vector<float> qb = head_buffer(q.t, q.sl, D, T * D), ob = head_buffer(o.t, o.sl, D, T * D);
+    std::vector<float> kb = head_buffer(k.t, k.sl, D, S * D), vb = head_buffer(v.t, v.sl, D, S * D);
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * Hq; ++bh) {
-      const int64_t kv = (bh / Hq) * Hkv + (bh % Hq) / group;
-      const float* vh = v + kv * S * D;
-      transpose(kt.data(), Sp, k + kv * S * D, D, S, D);
+      const int64_t b = bh / Hq, h = bh % Hq, kv = h / group;
+      const float* qh = head_in(q, b, h, T, D, qb.data());
+      const float* kh = head_in(k, b, kv, S, D, kb.data());
+      const float* vh = head_in(v, b, kv, S, D, vb.data());
+      float* oh = head_out(o, b, h, D, ob.data());
+      transpose(kt.data(), Sp, kh, D, S, D);
       for (int64_t i = 0; i < T; i += kRows) {
         const int nq = static_cast<int>(min_i64(kRows, T - i));
-        probabilities(p.data(), Sp, q + (bh * T + i) * D, kt.data(), D, i, nq, T, S, causal, scale, nullptr,
+        probabilities(p.data(), Sp, qh + i * D, kt.data(), D, i, nq, T, S, causal, scale, nullptr,
                       lse + bh * T + i);
-        block_times_matrix(nq, o + (bh * T + i) * D, D, p.data(), Sp, vh, D, visible(i + nq - 1, T, S, causal), D);
+        block_times_matrix(nq, oh + i * D, D, p.data(), Sp, vh, D, visible(i + nq - 1, T, S, causal), D);
       }
+      head_commit(o, b, h, T, D, oh);
     }
   }
 }
 
-void attention_bwd(const float* q, const float* k, const float* v, const float* o, const float* lse,
-                   const float* dout, float* dq, float* dk, float* dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
-                   int64_t S, int64_t D, float scale, bool causal, int threads) {
+void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads dout, HeadsOut dq, HeadsOut dk,
+                   HeadsOut dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale,
+                   bool causal, int threads) {
   const int64_t group = Hq / Hkv, Sp = round_up(S);
   // One (batch, kv head) per iteration: the query heads of its group all add into its dK and dV.
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
     // kt, vt (D, Sp) zero-padded; p, ds (T, Sp); pt, dst (S, T) zero where masked; rows (kRows, D)
     std::vector<float> kt(D * Sp), vt(D * Sp), p(T * Sp), ds(T * Sp), pt(S * T), dst(S * T), rows(kRows * D);
+    std::vector<float> qb = head_buffer(q.t, q.sl, D, T * D), ob = head_buffer(o.t, o.sl, D, T * D);
+    std::vector<float> dob = head_buffer(dout.t, dout.sl, D, T * D), dqb = head_buffer(dq.t, dq.sl, D, T * D);
+    std::vector<float> kb = head_buffer(k.t, k.sl, D, S * D), vb = head_buffer(v.t, v.sl, D, S * D);
+    std::vector<float> dkb = head_buffer(dk.t, dk.sl, D, S * D), dvb = head_buffer(dv.t, dv.sl, D, S * D);
 #pragma omp for schedule(static)
     for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
-      const float* kh = k + bkv * S * D;
-      float* dkh = dk + bkv * S * D;
-      float* dvh = dv + bkv * S * D;
+      const int64_t b = bkv / Hkv, kv = bkv % Hkv;
+      const float* kh = head_in(k, b, kv, S, D, kb.data());
+      const float* vh = head_in(v, b, kv, S, D, vb.data());
+      float* dkh = head_out(dk, b, kv, D, dkb.data());
+      float* dvh = head_out(dv, b, kv, D, dvb.data());
       transpose(kt.data(), Sp, kh, D, S, D);
-      transpose(vt.data(), Sp, v + bkv * S * D, D, S, D);
+      transpose(vt.data(), Sp, vh, D, S, D);
       for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
       for (int64_t g = 0; g < group; ++g) {
-        const int64_t bh = (bkv / Hkv) * Hq + (bkv % Hkv) * group + g;
-        const float* qh = q + bh * T * D;
-        const float* oh = o + bh * T * D;
-        const float* doh = dout + bh * T * D;
+        const int64_t h = kv * group + g, bh = b * Hq + h;
+        const float* qh = head_in(q, b, h, T, D, qb.data());
+        const float* oh = head_in(o, b, h, T, D, ob.data());
+        const float* doh = head_in(dout, b, h, T, D, dob.data());
+        float* dqh = head_out(dq, b, h, D, dqb.data());
         for (int64_t i = 0; i < T; i += kRows) {
           const int nq = static_cast<int>(min_i64(kRows, T - i));
           const int64_t n_max = visible(i + nq - 1, T, S, causal);
@@ -187,8 +236,9 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
 #pragma omp simd
             for (int64_t j = 0; j < n_max; ++j) dsr[j] = scale * pr[j] * (dsr[j] - dsum);
           }
-          block_times_matrix(nq, dq + (bh * T + i) * D, D, dsi, Sp, kh, D, n_max, D);
+          block_times_matrix(nq, dqh + i * D, D, dsi, Sp, kh, D, n_max, D);
         }
+        head_commit(dq, b, h, T, D, dqh);
         // P^T and dS^T, zero where masked: a block of keys reads from its first key's first query on
         for (int64_t x = 0; x < S * T; ++x) pt[x] = dst[x] = 0.0f;
         for (int64_t i = 0; i < T; ++i) {
@@ -208,6 +258,8 @@ void attention_bwd(const float* q, const float* k, const float* v, const float* 
           for (int64_t x = 0; x < nk * D; ++x) dkh[j * D + x] += rows[x];
         }
       }
+      head_commit(dk, b, kv, S, D, dkh);
+      head_commit(dv, b, kv, S, D, dvh);
     }
   }
 }

@@ -7,6 +7,7 @@
 //   LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat)),  xhat = h * rstd
 // dweight/dbias are reduced per thread into private buffers, then summed.
+// Every tensor but the statistics may be bfloat16 (kernels.h): rows are widened into float buffers.
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -14,19 +15,21 @@
 
 PYLLM_CPU_NS_BEGIN
 
-void norm_fwd(const float* x, const float* residual, const float* weight, const float* bias, float* y,
-              float* h_out, float* mean_out, float* rstd_out, int64_t rows, int64_t n, float eps, bool rms,
-              int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * n;
-    float* yr = y + r * n;
+void norm_fwd(Src x, Src residual, Src weight, Src bias, Dst y, Dst h_out, float* mean_out, float* rstd_out,
+              int64_t rows, int64_t n, float eps, bool rms, int threads) {
+  RowBuffers params(is_bf16(weight) || is_bf16(bias), 2, n);
+  const float* w = src_row(weight, 0, n, params[0]);
+  const float* b = bias.p ? src_row(bias, 0, n, params[1]) : nullptr;
+  const bool widen = is_bf16(x) || is_bf16(residual) || is_bf16(y) || (residual.p && is_bf16(h_out));
+  for_each_row(rows, n, threads, widen, 4, [&](int64_t r, const RowBuffers& buf) {
+    const float* xr = src_row(x, r * n, n, buf[0]);
+    float* yr = dst_row(y, r * n, buf[1]);
     // First pass: h = x + residual (written once), with sum(h) for LayerNorm or sum(h^2) for RMSNorm.
     const float* h = xr;
     float s1 = 0.0f;
-    if (residual) {
-      const float* rr = residual + r * n;
-      float* hr = h_out + r * n;
+    if (residual.p) {
+      const float* rr = src_row(residual, r * n, n, buf[2]);
+      float* hr = dst_row(h_out, r * n, buf[3]);
       if (rms) {
 #pragma omp simd reduction(+ : s1)
         for (int64_t i = 0; i < n; ++i) {
@@ -41,6 +44,14 @@ void norm_fwd(const float* x, const float* residual, const float* weight, const 
         }
       }
       h = hr;
+      // A bfloat16 h is normalised as stored (rounded), as the reference normalises x + residual.
+      if (is_bf16(h_out)) {
+        dst_commit(h_out, r * n, hr, n);
+        src_row(Src{h_out.p, h_out.t}, r * n, n, hr);
+        s1 = 0.0f;
+#pragma omp simd reduction(+ : s1)
+        for (int64_t i = 0; i < n; ++i) s1 += rms ? hr[i] * hr[i] : hr[i];
+      }
     } else if (rms) {
 #pragma omp simd reduction(+ : s1)
       for (int64_t i = 0; i < n; ++i) s1 += h[i] * h[i];
@@ -60,25 +71,28 @@ void norm_fwd(const float* x, const float* residual, const float* weight, const 
       }
     }
     const float rstd = 1.0f / sqrtf(sq / static_cast<float>(n) + eps);
-    if (bias) {
+    if (b) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = (h[i] - mean) * rstd * weight[i] + bias[i];
+      for (int64_t i = 0; i < n; ++i) yr[i] = (h[i] - mean) * rstd * w[i] + b[i];
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = (h[i] - mean) * rstd * weight[i];
+      for (int64_t i = 0; i < n; ++i) yr[i] = (h[i] - mean) * rstd * w[i];
     }
+    dst_commit(y, r * n, yr, n);
     if (!rms) mean_out[r] = mean;
     rstd_out[r] = rstd;
-  }
+  });
 }
 
-void norm_bwd(const float* dy, const float* h, const float* weight, const float* mean_in, const float* rstd_in,
-              const float* dh_extra, float* dx, float* dweight, float* dbias, int64_t rows, int64_t n, bool rms,
-              int threads) {
+void norm_bwd(Src dy, Src h, Src weight, const float* mean_in, const float* rstd_in, Src dh_extra, Dst dx,
+              Dst dweight, Dst dbias, int64_t rows, int64_t n, bool rms, int threads) {
   const bool parallel = rows * n >= PYLLM_MIN_PARALLEL_WORK && threads > 1;
   const int nt = parallel ? threads : 1;
+  RowBuffers params(is_bf16(weight), 1, n);
+  const float* w = src_row(weight, 0, n, params[0]);
+  const bool widen = is_bf16(dy) || is_bf16(h) || is_bf16(dh_extra) || is_bf16(dx);
   // Per-thread partial sums of dweight (and dbias): nt x n each.
-  float* partial = static_cast<float*>(calloc(static_cast<size_t>(nt) * n * (dbias ? 2 : 1), sizeof(float)));
+  float* partial = static_cast<float*>(calloc(static_cast<size_t>(nt) * n * (dbias.p ? 2 : 1), sizeof(float)));
 #pragma omp parallel num_threads(nt) if (parallel)
   {
     int tid = 0;
@@ -86,19 +100,20 @@ void norm_bwd(const float* dy, const float* h, const float* weight, const float*
     tid = omp_get_thread_num();
 #endif
     float* dw = partial + static_cast<int64_t>(tid) * n;
-    float* db = dbias ? partial + static_cast<int64_t>(nt + tid) * n : nullptr;
+    float* db = dbias.p ? partial + static_cast<int64_t>(nt + tid) * n : nullptr;
+    RowBuffers buf(widen, 4, n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* dyr = dy + r * n;
-      const float* hr = h + r * n;
-      float* dxr = dx + r * n;
+      const float* dyr = src_row(dy, r * n, n, buf[0]);
+      const float* hr = src_row(h, r * n, n, buf[1]);
+      float* dxr = dst_row(dx, r * n, buf[2]);
       const float mean = rms ? 0.0f : mean_in[r];
       const float rstd = rstd_in[r];
       float sum_g = 0.0f, sum_gx = 0.0f;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
       for (int64_t i = 0; i < n; ++i) {
         const float xhat = (hr[i] - mean) * rstd;
-        const float g = dyr[i] * weight[i];
+        const float g = dyr[i] * w[i];
         sum_g += g;
         sum_gx += g * xhat;
         dw[i] += dyr[i] * xhat;
@@ -109,25 +124,26 @@ void norm_bwd(const float* dy, const float* h, const float* weight, const float*
       }
       const float mg = rms ? 0.0f : sum_g / static_cast<float>(n);
       const float mgx = sum_gx / static_cast<float>(n);
-      const float* extra = dh_extra ? dh_extra + r * n : nullptr;
+      const float* extra = dh_extra.p ? src_row(dh_extra, r * n, n, buf[3]) : nullptr;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const float xhat = (hr[i] - mean) * rstd;
-        float d = rstd * (dyr[i] * weight[i] - mg - xhat * mgx);
+        float d = rstd * (dyr[i] * w[i] - mg - xhat * mgx);
         if (extra) d += extra[i];
         dxr[i] = d;
       }
+      dst_commit(dx, r * n, dxr, n);
     }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    float sw = 0.0f, sb = 0.0f;
-    for (int t = 0; t < nt; ++t) {
-      sw += partial[static_cast<int64_t>(t) * n + i];
-      if (dbias) sb += partial[static_cast<int64_t>(nt + t) * n + i];
+  // Thread 0's partial row becomes the total (threads 1.. are added into it), then is written out.
+  for (int t = 1; t < nt; ++t) {
+    for (int64_t i = 0; i < n; ++i) {
+      partial[i] += partial[static_cast<int64_t>(t) * n + i];
+      if (dbias.p) partial[static_cast<int64_t>(nt) * n + i] += partial[static_cast<int64_t>(nt + t) * n + i];
     }
-    dweight[i] = sw;
-    if (dbias) dbias[i] = sb;
   }
+  dst_write(dweight, 0, partial, n);
+  if (dbias.p) dst_write(dbias, 0, partial + static_cast<int64_t>(nt) * n, n);
   free(partial);
 }
 

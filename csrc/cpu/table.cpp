@@ -4,29 +4,26 @@
 
 PYLLM_CPU_NS_BEGIN
 
-void norm_fwd(const float*, const float*, const float*, const float*, float*, float*, float*, float*, int64_t,
-              int64_t, float, bool, int);
-void norm_bwd(const float*, const float*, const float*, const float*, const float*, const float*, float*, float*,
-              float*, int64_t, int64_t, bool, int);
-void bias_gelu_fwd(const float*, const float*, float*, int64_t, int64_t, bool, int);
-void bias_gelu_bwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, bool, int);
-void swiglu_fwd(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int);
-void swiglu_bwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                int);
-void softmax_fwd(const float*, float*, int64_t, int64_t, int);
-void softmax_bwd(const float*, const float*, float*, int64_t, int64_t, int);
-void cross_entropy_fwd(const float*, const int64_t*, float*, float*, int64_t, int64_t, int64_t, float, float, int);
-void cross_entropy_bwd(const float*, const int64_t*, const float*, const float*, int64_t, float*, int64_t, int64_t,
-                       int64_t, float, float, int);
+void norm_fwd(Src, Src, Src, Src, Dst, Dst, float*, float*, int64_t, int64_t, float, bool, int);
+void norm_bwd(Src, Src, Src, const float*, const float*, Src, Dst, Dst, Dst, int64_t, int64_t, bool, int);
+void bias_gelu_fwd(Src, Src, Dst, int64_t, int64_t, bool, int);
+void bias_gelu_bwd(Src, Src, Src, Dst, Dst, int64_t, int64_t, bool, int);
+void swiglu_fwd(Src, Src, Dst, int64_t, int64_t, int64_t, int64_t, int);
+void swiglu_bwd(Src, Src, Src, Dst, Dst, int64_t, int64_t, int64_t, int64_t, int64_t, int);
+void softmax_fwd(Src, Dst, int64_t, int64_t, int);
+void softmax_bwd(Src, Src, Dst, int64_t, int64_t, int);
+void cross_entropy_fwd(Src, const int64_t*, float*, float*, int64_t, int64_t, int64_t, float, float, int);
+void cross_entropy_bwd(Src, const int64_t*, const float*, Src, int64_t, Dst, int64_t, int64_t, int64_t, float, float,
+                       int);
 void rope(const float*, const int64_t*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t,
           int64_t, bool, int);
 void adamw(float* const*, float* const*, const float* const*, float* const*, float* const*, const int64_t*, int64_t,
            float, float, float, float, float, float, float, int);
 bool unscale_check(float* const*, const int64_t*, int64_t, float, int);
-void attention_fwd(const float*, const float*, const float*, float*, float*, int64_t, int64_t, int64_t, int64_t,
-                   int64_t, int64_t, float, bool, int);
-void attention_bwd(const float*, const float*, const float*, const float*, const float*, const float*, float*, float*,
-                   float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool, int);
+void attention_fwd(Heads, Heads, Heads, HeadsOut, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                   bool, int);
+void attention_bwd(Heads, Heads, Heads, Heads, const float*, Heads, HeadsOut, HeadsOut, HeadsOut, int64_t, int64_t,
+                   int64_t, int64_t, int64_t, int64_t, float, bool, int);
 
 #define PYLLM_STR2(x) #x
 #define PYLLM_STR(x) PYLLM_STR2(x)

@@ -4,11 +4,14 @@
 // internal linkage, so the per-ISA builds never share a symbol.
 #pragma once
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "kernels.h"
 
 #ifndef PYLLM_ISA
 #error "PYLLM_ISA (the kernel namespace: avx512, avx2 or base) must be defined by the build"
@@ -77,5 +80,89 @@ inline float fast_erf(float x) {
 inline float fast_sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---- bfloat16 storage. The row kernels read and write float32 or bfloat16 tensors (Src/Dst in
+// kernels.h) and compute in float32: a bfloat16 row is widened into a per-thread float buffer, computed
+// on as float32, and narrowed back with round-to-nearest-even (what torch's .to(bfloat16) does).
+
+inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(b) << 16)); }
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // finite values too large become inf
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;                       // a nan stays a nan (sign kept)
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
+}
+
+inline bool is_bf16(const pyllm::cpu::Src& s) { return s.p && s.t == pyllm::DType::kBFloat16; }
+inline bool is_bf16(const pyllm::cpu::Dst& d) { return d.p && d.t == pyllm::DType::kBFloat16; }
+
+// Elements [offset, offset + n) of s as float: the tensor's own memory when it is float32, else
+// widened into buf (n floats).
+inline const float* src_row(const pyllm::cpu::Src& s, int64_t offset, int64_t n, float* buf) {
+  if (s.t != pyllm::DType::kBFloat16) return static_cast<const float*>(s.p) + offset;
+  const uint16_t* b = static_cast<const uint16_t*>(s.p) + offset;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(b[i]);
+  return buf;
+}
+
+// Element i of s as float.
+inline float src_at(const pyllm::cpu::Src& s, int64_t i) {
+  return s.t == pyllm::DType::kBFloat16 ? bf16_to_float(static_cast<const uint16_t*>(s.p)[i])
+                                        : static_cast<const float*>(s.p)[i];
+}
+
+// Where to compute elements [offset, ...) of d: its own memory when float32, else buf; dst_commit then
+// narrows buf into d (nothing to do for float32).
+inline float* dst_row(const pyllm::cpu::Dst& d, int64_t offset, float* buf) {
+  return d.t != pyllm::DType::kBFloat16 ? static_cast<float*>(d.p) + offset : buf;
+}
+
+inline void dst_commit(const pyllm::cpu::Dst& d, int64_t offset, const float* buf, int64_t n) {
+  if (d.t != pyllm::DType::kBFloat16) return;
+  uint16_t* b = static_cast<uint16_t*>(d.p) + offset;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) b[i] = float_to_bf16(buf[i]);
+}
+
+// Writes n floats from src (not d's memory) into d, converting as d's dtype says.
+inline void dst_write(const pyllm::cpu::Dst& d, int64_t offset, const float* src, int64_t n) {
+  if (d.t == pyllm::DType::kBFloat16) {
+    dst_commit(d, offset, src, n);
+    return;
+  }
+  float* f = static_cast<float*>(d.p) + offset;
+  for (int64_t i = 0; i < n; ++i) f[i] = src[i];
+}
+
+// Float buffers for bfloat16 rows: `slots` rows of n floats, allocated only when `needed` (a kernel whose
+// operands are all float32 computes in place and allocates nothing). One per thread.
+class RowBuffers {
+ public:
+  RowBuffers(bool needed, int slots, int64_t n)
+      : n_(n), p_(needed && n > 0 ? static_cast<float*>(malloc(static_cast<size_t>(slots) * n * sizeof(float))) : nullptr) {}
+  ~RowBuffers() { free(p_); }
+  RowBuffers(const RowBuffers&) = delete;
+  RowBuffers& operator=(const RowBuffers&) = delete;
+  float* operator[](int slot) const { return p_ ? p_ + slot * n_ : nullptr; }
+
+ private:
+  int64_t n_;
+  float* p_;
+};
+
+// body(r, buf) for each row r < rows, the rows split over the threads when rows * n is large enough;
+// buf: each thread's RowBuffers of `slots` rows of n floats (allocated only when `widen`).
+template <class Body>
+inline void for_each_row(int64_t rows, int64_t n, int threads, bool widen, int slots, Body body) {
+#pragma omp parallel num_threads(threads) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
+  {
+    RowBuffers buf(widen, slots, n);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) body(r, buf);
+  }
+}
 
 }  // namespace

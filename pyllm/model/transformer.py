@@ -86,12 +86,6 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, (Hq + 2 Hkv) D)
-        # PyTorch's CPU flash attention runs its backward ~7x slower in bf16 than in fp32 (measured at
-        # B12 T64 H4 D32 on AVX512-BF16) and attention is a few percent of the FLOPs: under CPU bf16
-        # autocast, run it in fp32 (autocast would otherwise cast SDPA's inputs back down).
-        fp32_attention = qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16
-        if fp32_attention:
-            qkv = qkv.float()
         qkv = qkv.view(B, T, cfg.n_head + 2 * cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k, v = qkv.split([cfg.n_head, cfg.n_kv_head, cfg.n_kv_head], dim=1)  # (B, H, T, D)
         if rope_cs is not None:
@@ -103,8 +97,9 @@ class Attention(nn.Module):
             # (B, Hkv, start + T, D); cast back in case k/v came out of autocast in another dtype
             k = cache.k[self.layer, :, :, :start + T].to(q.dtype)
             v = cache.v[self.layer, :, :, :start + T].to(q.dtype)
-        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
-            y = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, doc_ids=doc_ids)
+        # q, k, v are head views of qkv: backends read them through their strides (the cpu one also
+        # writes the gradient of qkv in one piece when they are exactly these views)
+        y = ops.attention(q, k, v, causal=True, doc_ids=doc_ids)
         y = y.transpose(1, 2).reshape(B, T, cfg.d_model)  # (B, T, Hq D)
         return ops.linear(y, self.proj.weight, self.proj.bias)
 

@@ -1,18 +1,24 @@
-"""The "cpu" backend: the C++ kernels of ``pyllm._C`` (csrc/cpu) for float32 CPU tensors.
+"""The "cpu" backend: the C++ kernels of ``pyllm._C`` (csrc/cpu) for float32 (and bfloat16) CPU tensors.
 
 Each op is a ``torch.library`` custom op (``pyllm::<op>_cpu`` and its backward ``pyllm::<op>_bwd_cpu``)
 with a fake implementation, so ``torch.compile`` traces over it, and with its autograd formula
 registered; in eager mode the same implementations run through an autograd.Function (autograd_op.py).
 The fakes and save/backward rules shared with the cuda backend live in kernel_autograd.py.
 The public wrappers (``@register(op, "cpu")``) raise ``Unsupported`` before any work for tensors the
-kernels do not take (not float32, not on the CPU), so the dispatcher falls back to the reference. The
+kernels do not take (not on the CPU, or a dtype the kernel lacks), so the dispatcher falls back to the
+reference. The row ops (norms, bias_gelu, swiglu, softmax, cross_entropy) take float32 and bfloat16 in
+any mix, compute in float32 and give the output dtypes of the reference (torch's type promotion: a
+bfloat16 activation plus a float32 residual gives float32), which is what a CPU bf16 autocast run feeds
+them; attention takes float32 or bfloat16 q, k, v; the other ops take float32 only. The
 kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
 alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except where a
 kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
 
 Attention is here for small heads only: each (batch, head) keeps its whole (T, S) score matrix in
 scratch, which beats PyTorch's flash-style CPU SDPA at the small models' shapes; above T * S = 384 * 384,
-with doc_ids or a sliding window, it raises Unsupported and SDPA (the reference) runs.
+with doc_ids or a sliding window, it raises Unsupported and SDPA (the reference) runs. It reads q, k, v
+through their strides (no copies of the model's head views) and, when they are the head views of one
+fused qkv projection, returns that projection's gradient in one tensor (see _fused_qkv).
 Not here, so the reference runs: matmul/linear (BLAS is the right tool) and the loss-scale update (a few
 scalars).
 """
@@ -31,7 +37,6 @@ from .autograd_op import kernel_op
 from .kernel_autograd import (
     ptr,
     rows_and_width,
-    attention_fwd_fake,
     attention_bwd_fake,
     attention_setup,
     attention_backward,
@@ -54,10 +59,32 @@ from .kernel_autograd import (
 from .registry import Unsupported, register
 
 _F32 = torch.float32
+_CODES = {torch.float32: 0, torch.bfloat16: 2}  # dtype codes of csrc/common/dtype.h: what the row kernels take
 
 
 def _threads() -> int:
     return torch.get_num_threads()
+
+
+def _t(t: Optional[Tensor]) -> tuple[int, int]:
+    """A tensor as the row kernels take it: (address, dtype code); (0, 0) for an absent optional tensor."""
+    return (0, 0) if t is None else (t.data_ptr(), _CODES[t.dtype])
+
+
+def _require_rows_cpu(op: str, **tensors: Optional[Tensor]) -> None:
+    """Raise Unsupported (-> fallback to the reference) unless every given tensor is float32 or bfloat16 on
+    the CPU (the row kernels' dtypes)."""
+    for name, t in tensors.items():
+        if t is None or (t.dtype in _CODES and t.is_cpu):
+            continue
+        if t.device.type != "cpu":
+            raise Unsupported(f"cpu backend: argument '{name}' of {op} is on {t.device}, needs the CPU")
+        raise Unsupported(f"cpu backend: argument '{name}' of {op} is {t.dtype}, the C++ CPU kernels take float32 "
+                          f"or bfloat16")
+
+
+def _promote(a: Tensor, b: Optional[Tensor]) -> torch.dtype:
+    return a.dtype if b is None or b.dtype is a.dtype else torch.promote_types(a.dtype, b.dtype)
 
 
 def _require_f32_cpu(op: str, **tensors: Optional[Tensor]) -> None:
@@ -96,19 +123,29 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optio
     residual = residual.contiguous() if residual is not None else None
     bias = bias.contiguous() if bias is not None else None
     rows, n = rows_and_width(x)
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    mean = x.new_empty(0 if rms else rows)
-    rstd = x.new_empty(rows)
-    _C.cpu_norm_fwd(x.data_ptr(), ptr(residual), weight.data_ptr(), ptr(bias), y.data_ptr(), ptr(h),
+    h_dtype, y_dtype = _norm_dtypes(x, residual, weight, rms)
+    y = torch.empty_like(x, dtype=y_dtype)
+    h = torch.empty_like(x, dtype=h_dtype) if residual is not None else x.new_empty(0)
+    mean = x.new_empty(0 if rms else rows, dtype=_F32)
+    rstd = x.new_empty(rows, dtype=_F32)
+    _C.cpu_norm_fwd(_t(x), _t(residual), _t(weight), _t(bias), _t(y), _t(h) if residual is not None else (0, 0),
                     mean.data_ptr(), rstd.data_ptr(), rows, n, eps, rms, _threads())
     return y, h, mean, rstd
 
 
+def _norm_dtypes(x: Tensor, residual: Optional[Tensor], weight: Tensor, rms: bool) -> tuple[torch.dtype, torch.dtype]:
+    """The reference's dtypes of h = x + residual and of the output: LayerNorm keeps h's, RMSNorm's
+    ``normed * weight`` promotes with the weight's."""
+    h_dtype = _promote(x, residual)
+    return h_dtype, (torch.promote_types(h_dtype, weight.dtype) if rms else h_dtype)
+
+
 def _norm_fwd_fake(x, residual, weight, bias, eps, rms):
     rows = rows_and_width(x)[0]
-    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
-            x.new_empty(0 if rms else rows), x.new_empty(rows))
+    h_dtype, y_dtype = _norm_dtypes(x, residual, weight, rms)
+    return (torch.empty_like(x, dtype=y_dtype),
+            torch.empty_like(x, dtype=h_dtype) if residual is not None else x.new_empty(0),
+            x.new_empty(0 if rms else rows, dtype=_F32), x.new_empty(rows, dtype=_F32))
 
 
 def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
@@ -120,9 +157,8 @@ def _norm_bwd(dy: Tensor, h: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     dx = torch.empty_like(h)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-    _C.cpu_norm_bwd(dy.data_ptr(), h.data_ptr(), weight.data_ptr(), ptr(mean if not rms else None),
-                    rstd.data_ptr(), ptr(dh_extra), dx.data_ptr(), dw.data_ptr(), ptr(db if has_bias else None),
-                    rows, n, rms, _threads())
+    _C.cpu_norm_bwd(_t(dy), _t(h), _t(weight), ptr(mean if not rms else None), rstd.data_ptr(), _t(dh_extra),
+                    _t(dx), _t(dw), _t(db if has_bias else None), rows, n, rms, _threads())
     return dx, dw, db
 
 
@@ -132,14 +168,14 @@ _norm = kernel_op("pyllm::norm_cpu", _norm_fwd, _norm_fwd_fake, norm_setup, norm
 
 @register("layer_norm", "cpu")
 def layer_norm(x, weight, bias=None, *, eps=1e-5, residual=None):
-    _require_f32_cpu("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
+    _require_rows_cpu("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
     y, h, _, _ = _norm(x, residual, weight, bias, float(eps), False)
     return (y, h) if residual is not None else y
 
 
 @register("rms_norm", "cpu")
 def rms_norm(x, weight, *, eps=1e-6, residual=None):
-    _require_f32_cpu("rms_norm", x=x, weight=weight, residual=residual)
+    _require_rows_cpu("rms_norm", x=x, weight=weight, residual=residual)
     y, h, _, _ = _norm(x, residual, weight, None, float(eps), True)
     return (y, h) if residual is not None else y
 
@@ -151,8 +187,8 @@ def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], tanh: bool) -> Tensor:
     x = x.contiguous()
     bias = bias.contiguous() if bias is not None else None
     rows, n = rows_and_width(x)
-    y = torch.empty_like(x)
-    _C.cpu_bias_gelu_fwd(x.data_ptr(), ptr(bias), y.data_ptr(), rows, n, tanh, _threads())
+    y = torch.empty_like(x, dtype=_promote(x, bias))
+    _C.cpu_bias_gelu_fwd(_t(x), _t(bias), _t(y), rows, n, tanh, _threads())
     return y
 
 
@@ -163,8 +199,8 @@ def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], tanh: bool) ->
     rows, n = rows_and_width(x)
     dx = torch.empty_like(x)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
-    _C.cpu_bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), ptr(bias), dx.data_ptr(),
-                         ptr(db if bias is not None else None), rows, n, tanh, _threads())
+    _C.cpu_bias_gelu_bwd(_t(dy), _t(x), _t(bias), _t(dx), _t(db if bias is not None else None), rows, n, tanh,
+                         _threads())
     return dx, db
 
 
@@ -175,7 +211,7 @@ _bias_gelu = kernel_op("pyllm::bias_gelu_cpu", _bias_gelu_fwd, bias_gelu_fwd_fak
 
 @register("bias_gelu", "cpu")
 def bias_gelu(x, bias=None, *, approximate="tanh"):
-    _require_f32_cpu("bias_gelu", x=x, bias=bias)
+    _require_rows_cpu("bias_gelu", x=x, bias=bias)
     return _bias_gelu(x, bias, approximate == "tanh")
 
 
@@ -190,8 +226,8 @@ def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
 def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     rows, n = rows_and_width(gate)
-    y = gate.new_empty(gate.shape)
-    _C.cpu_swiglu_fwd(gate.data_ptr(), up.data_ptr(), y.data_ptr(), rows, n, gs, us, _threads())
+    y = gate.new_empty(gate.shape, dtype=_promote(gate, up))
+    _C.cpu_swiglu_fwd(_t(gate), _t(up), _t(y), rows, n, gs, us, _threads())
     return y
 
 
@@ -199,9 +235,8 @@ def _swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     (gate, gs), (up, us) = _strided_rows(gate), _strided_rows(up)
     dy = dy.contiguous()
     rows, n = rows_and_width(gate)
-    dgate, dup = gate.new_empty(gate.shape), gate.new_empty(gate.shape)
-    _C.cpu_swiglu_bwd(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(), rows, n, gs,
-                      us, n, _threads())
+    dgate, dup = gate.new_empty(gate.shape), up.new_empty(up.shape)
+    _C.cpu_swiglu_bwd(_t(dy), _t(gate), _t(up), _t(dgate), _t(dup), rows, n, gs, us, n, _threads())
     return dgate, dup
 
 
@@ -227,7 +262,7 @@ def _fused_projection(gate: Tensor, up: Tensor) -> Optional[Tensor]:
     if base.numel() != 2 * gate.numel() or _row_stride(gate) != 2 * n or _row_stride(up) != 2 * n:
         return None
     start = base.data_ptr()
-    if gate.data_ptr() != start or up.data_ptr() != start + 4 * n:
+    if gate.data_ptr() != start or up.data_ptr() != start + base.element_size() * n:
         return None
     shape = gate.shape[:-1] + (2 * n,)
     return base if base.shape == shape else base.view(shape)
@@ -238,7 +273,8 @@ def _swiglu_fused_fwd(gate_up: Tensor) -> Tensor:
     rows, n2 = rows_and_width(gate_up)
     n = n2 // 2
     y = gate_up.new_empty(gate_up.shape[:-1] + (n,))
-    _C.cpu_swiglu_fwd(gate_up.data_ptr(), gate_up.data_ptr() + 4 * n, y.data_ptr(), rows, n, n2, n2, _threads())
+    gate, up = _t(gate_up), (gate_up.data_ptr() + gate_up.element_size() * n, _CODES[gate_up.dtype])
+    _C.cpu_swiglu_fwd(gate, up, _t(y), rows, n, n2, n2, _threads())
     return y
 
 
@@ -252,8 +288,10 @@ def _swiglu_fused_bwd(dy: Tensor, gate_up: Tensor) -> Tensor:
     rows, n2 = rows_and_width(gate_up)
     n = n2 // 2
     d = torch.empty_like(gate_up)
-    _C.cpu_swiglu_bwd(dy.data_ptr(), gate_up.data_ptr(), gate_up.data_ptr() + 4 * n, d.data_ptr(),
-                      d.data_ptr() + 4 * n, rows, n, n2, n2, n2, _threads())
+    half = gate_up.element_size() * n  # bytes from the gate half of a row to its up half
+    code = _CODES[gate_up.dtype]
+    _C.cpu_swiglu_bwd(_t(dy), _t(gate_up), (gate_up.data_ptr() + half, code), _t(d), (d.data_ptr() + half, code),
+                      rows, n, n2, n2, n2, _threads())
     return d
 
 
@@ -276,7 +314,7 @@ _swiglu_fused = kernel_op("pyllm::swiglu_fused_cpu", _swiglu_fused_fwd, _swiglu_
 
 @register("swiglu", "cpu")
 def swiglu(gate, up):
-    _require_f32_cpu("swiglu", gate=gate, up=up)
+    _require_rows_cpu("swiglu", gate=gate, up=up)
     if not torch.compiler.is_compiling():  # dynamo cannot trace ._base; compiled graphs fuse the split themselves
         gate_up = _fused_projection(gate, up)
         if gate_up is not None:
@@ -291,7 +329,7 @@ def _softmax_fwd(x: Tensor) -> Tensor:
     x = x.contiguous()
     rows, n = rows_and_width(x)
     y = torch.empty_like(x)
-    _C.cpu_softmax_fwd(x.data_ptr(), y.data_ptr(), rows, n, _threads())
+    _C.cpu_softmax_fwd(_t(x), _t(y), rows, n, _threads())
     return y
 
 
@@ -303,7 +341,7 @@ def _softmax_bwd(dy: Tensor, y: Tensor) -> Tensor:
     dy, y = dy.contiguous(), y.contiguous()
     rows, n = rows_and_width(y)
     dx = torch.empty_like(y)
-    _C.cpu_softmax_bwd(dy.data_ptr(), y.data_ptr(), dx.data_ptr(), rows, n, _threads())
+    _C.cpu_softmax_bwd(_t(dy), _t(y), _t(dx), rows, n, _threads())
     return dx
 
 
@@ -325,7 +363,7 @@ _softmax = kernel_op("pyllm::softmax_cpu", _softmax_fwd, _softmax_fwd_fake, _sof
 
 @register("softmax", "cpu")
 def softmax(x):
-    _require_f32_cpu("softmax", x=x)
+    _require_rows_cpu("softmax", x=x)
     return _softmax(x)
 
 
@@ -354,14 +392,14 @@ def _cross_entropy_fwd(logits: Tensor, target: Tensor, ignore_index: int, label_
     logits, target = logits.contiguous(), target.contiguous()
     rows, vocab = logits.shape
     _count_targets("cross_entropy", target, vocab, ignore_index)
-    loss, lse = logits.new_empty(rows), logits.new_empty(rows)
-    _C.cpu_cross_entropy_fwd(logits.data_ptr(), target.data_ptr(), loss.data_ptr(), lse.data_ptr(), rows, vocab,
+    loss, lse = logits.new_empty(rows, dtype=_F32), logits.new_empty(rows, dtype=_F32)
+    _C.cpu_cross_entropy_fwd(_t(logits), target.data_ptr(), loss.data_ptr(), lse.data_ptr(), rows, vocab,
                              ignore_index, label_smoothing, z_loss, _threads())
     return loss, lse
 
 
 def _cross_entropy_fwd_fake(logits, target, ignore_index, label_smoothing, z_loss):
-    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+    return logits.new_empty(logits.shape[0], dtype=_F32), logits.new_empty(logits.shape[0], dtype=_F32)
 
 
 def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
@@ -372,8 +410,8 @@ def _cross_entropy_bwd(grad: Tensor, logits: Tensor, target: Tensor, lse: Tensor
     logits, target = logits.contiguous(), target.contiguous()  # the saved target may be a strided view
     rows, vocab = logits.shape
     dlogits = torch.empty_like(logits)
-    _C.cpu_cross_entropy_bwd(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), grad_stride,
-                             dlogits.data_ptr(), rows, vocab, ignore_index, label_smoothing, z_loss, _threads())
+    _C.cpu_cross_entropy_bwd(_t(logits), target.data_ptr(), lse.data_ptr(), _t(grad), grad_stride, _t(dlogits),
+                             rows, vocab, ignore_index, label_smoothing, z_loss, _threads())
     return dlogits
 
 
@@ -384,7 +422,7 @@ _cross_entropy = kernel_op("pyllm::cross_entropy_cpu", _cross_entropy_fwd, _cros
 
 @register("cross_entropy", "cpu")
 def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
-    _require_f32_cpu("cross_entropy", logits=logits)
+    _require_rows_cpu("cross_entropy", logits=logits)
     if target.device.type != "cpu":
         raise Unsupported(f"cpu backend: argument 'target' of cross_entropy is on {target.device}")
     vocab = logits.shape[-1]
@@ -436,12 +474,12 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         if logits.dtype != _F32:  # e.g. autocast switched on inside a compiled region: never pass it to C++
             raise RuntimeError(f"pyllm.ops.linear_cross_entropy (cpu): logits came out {logits.dtype}, not float32")
         loss, lse = logits.new_empty(n), logits.new_empty(n)
-        _C.cpu_cross_entropy_fwd(logits.data_ptr(), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab,
-                                 ignore_index, label_smoothing, z_loss, threads)
+        _C.cpu_cross_entropy_fwd(_t(logits), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab, ignore_index,
+                                 label_smoothing, z_loss, threads)
         total += loss.sum(dtype=torch.float64)
         if with_grad:  # logits -> dlogits in place (each element is read before it is written)
-            _C.cpu_cross_entropy_bwd(logits.data_ptr(), t.data_ptr(), lse.data_ptr(), scale.data_ptr(), 0,
-                                     logits.data_ptr(), n, vocab, ignore_index, label_smoothing, z_loss, threads)
+            _C.cpu_cross_entropy_bwd(_t(logits), t.data_ptr(), lse.data_ptr(), _t(scale), 0, _t(logits), n, vocab,
+                                     ignore_index, label_smoothing, z_loss, threads)
             torch.mm(logits, weight, out=dh[start:start + n])
             if start == 0:  # the first chunk writes the weight gradients, later ones add to them
                 torch.mm(logits.t(), h, out=dw)
@@ -565,44 +603,154 @@ def rope(q, k, cos, sin):
 _ATTENTION_MAX_SCORES = 384 * 384
 
 
+def _heads(t: Tensor) -> tuple[int, int, int, int, int]:
+    """A (B, H, L, D) tensor with unit stride along D as the attention kernels take it: (address, dtype
+    code, batch, head and row strides)."""
+    return t.data_ptr(), _CODES[t.dtype], t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _attention_out(like: Tensor, B: int, Hq: int, T: int, D: int) -> Tensor:
+    """o (B, Hq, T, D) laid out as (B, T, Hq, D) in memory: the model's ``o.transpose(1, 2).reshape(B, T, Hq D)``
+    is then a view, not a copy."""
+    return torch.empty_strided((B, Hq, T, D), (T * Hq * D, D, Hq * D, 1), dtype=like.dtype, device=like.device)
+
+
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Returns (o (B, Hq, T, D), lse (B, Hq, T)), lse saved for the backward."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """Returns (o (B, Hq, T, D), lse (B, Hq, T) float32), lse saved for the backward. q, k, v may be strided
+    views (the kernel reads each head through its strides)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    o, lse = q.new_empty(q.shape), q.new_empty((B, Hq, T))
-    _C.cpu_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), B, Hq, Hkv, T, S, D,
-                         scale, causal, _threads())
+    o, lse = _attention_out(q, B, Hq, T, D), q.new_empty((B, Hq, T), dtype=_F32)
+    _C.cpu_attention_fwd(_heads(q), _heads(k), _heads(v), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, S, D, scale,
+                         causal, _threads())
     return o, lse
+
+
+def _attention_fwd_fake(q, k, v, scale, causal):
+    return _attention_out(q, *q.shape), q.new_empty(q.shape[:3], dtype=_F32)
 
 
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
                    causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    _C.cpu_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), do.data_ptr(),
-                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, Hq, Hkv, T, S, D, scale, causal, _threads())
+    _C.cpu_attention_bwd(_heads(q), _heads(k), _heads(v), _heads(o), lse.data_ptr(), _heads(do), _heads(dq),
+                         _heads(dk), _heads(dv), B, Hq, Hkv, T, S, D, scale, causal, _threads())
     return dq, dk, dv
 
 
-_attention = kernel_op("pyllm::attention_cpu", _attention_fwd, attention_fwd_fake, attention_setup,
+_attention = kernel_op("pyllm::attention_cpu", _attention_fwd, _attention_fwd_fake, attention_setup,
                        attention_backward, bwd_name="pyllm::attention_bwd_cpu", bwd=_attention_bwd,
                        bwd_fake=attention_bwd_fake)
 
 
+# The model computes q, k, v as head views of its fused projection: qkv (B, T, (Hq + 2 Hkv) D) viewed as
+# (B, T, Hq + 2 Hkv, D), transposed and split along the heads. Given those views, autograd would return
+# dq, dk, dv separately and assemble the projection's gradient from them (a concatenation and a
+# transposing copy, more time than the attention backward itself at nanoGPT's shape). When q, k, v are
+# exactly those views (self-attention, T == S), the op below takes qkv instead: the kernels read the heads
+# in place through their strides and the backward writes dq, dk, dv into one (B, T, (Hq + 2 Hkv) D)
+# gradient, the projection's.
+
+
+def _fused_qkv(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
+    """The contiguous (B, T, (Hq + 2 Hkv) D) tensor of which q, k, v are the head views, or None."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    if any(t.requires_grad for t in (q, k, v)) and any(t.grad_fn is None for t in (q, k, v)):
+        return None  # views made under no_grad: autograd does not connect them to base
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    W = (Hq + 2 * Hkv) * D
+    if k.shape != (B, Hkv, T, D) or v.shape != k.shape or base.numel() != B * T * W:
+        return None
+    strides = (T * W, D, W, 1)
+    if q.stride() != strides or k.stride() != strides or v.stride() != strides:
+        return None
+    start, e = base.data_ptr(), base.element_size()
+    if q.data_ptr() != start or k.data_ptr() != start + e * Hq * D or v.data_ptr() != start + e * (Hq + Hkv) * D:
+        return None
+    return base if base.shape == (B, T, W) else base.view(B, T, W)
+
+
+def _qkv_heads(qkv: Tensor, Hq: int, Hkv: int) -> tuple[tuple, tuple, tuple]:
+    """The q, k, v heads of a (B, T, (Hq + 2 Hkv) D) tensor, as the kernels take them."""
+    B, T, W = qkv.shape
+    D = W // (Hq + 2 * Hkv)
+    start, e, code = qkv.data_ptr(), qkv.element_size(), _CODES[qkv.dtype]
+    return tuple((start + e * h0 * D, code, T * W, D, W) for h0 in (0, Hq, Hq + Hkv))
+
+
+def _attention_qkv_fwd(qkv: Tensor, Hq: int, Hkv: int, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    B, T, W = qkv.shape
+    D = W // (Hq + 2 * Hkv)
+    o, lse = _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
+    _C.cpu_attention_fwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, T, D, scale, causal,
+                         _threads())
+    return o, lse
+
+
+def _attention_qkv_fwd_fake(qkv, Hq, Hkv, scale, causal):
+    B, T, W = qkv.shape
+    D = W // (Hq + 2 * Hkv)
+    return _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
+
+
+def _attention_qkv_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, Hq: int, Hkv: int, scale: float,
+                       causal: bool) -> Tensor:
+    """The gradient of qkv (B, T, (Hq + 2 Hkv) D): every element is written (dq, dk, dv side by side)."""
+    do, o = _unit_last(do), _unit_last(o)
+    B, T, W = qkv.shape
+    D = W // (Hq + 2 * Hkv)
+    dqkv = torch.empty_like(qkv)
+    _C.cpu_attention_bwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), _heads(do),
+                         *_qkv_heads(dqkv, Hq, Hkv), B, Hq, Hkv, T, T, D, scale, causal, _threads())
+    return dqkv
+
+
+def _attention_qkv_bwd_fake(do, qkv, o, lse, Hq, Hkv, scale, causal):
+    return torch.empty_like(qkv)
+
+
+def _attention_qkv_setup(ctx, inputs, output):
+    qkv, ctx.Hq, ctx.Hkv, ctx.scale, ctx.causal = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_qkv_backward(ctx, bwd, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return bwd(do, qkv, o, lse, ctx.Hq, ctx.Hkv, ctx.scale, ctx.causal), None, None, None, None
+
+
+_attention_qkv = kernel_op("pyllm::attention_qkv_cpu", _attention_qkv_fwd, _attention_qkv_fwd_fake,
+                           _attention_qkv_setup, _attention_qkv_backward, bwd_name="pyllm::attention_qkv_bwd_cpu",
+                           bwd=_attention_qkv_bwd, bwd_fake=_attention_qkv_bwd_fake)
+
+
 @register("attention", "cpu")
 def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None):
-    _require_f32_cpu("attention", q=q, k=k, v=v)
+    _require_rows_cpu("attention", q=q, k=k, v=v)
     if doc_ids is not None or window is not None:
         raise Unsupported("cpu backend: attention with doc_ids or a sliding window is not implemented")
     T, S = q.shape[2], k.shape[2]
     if T * S > _ATTENTION_MAX_SCORES:
         raise Unsupported(f"cpu backend: attention with T x S = {T} x {S} above {_ATTENTION_MAX_SCORES} scores "
                           f"(the kernel holds the whole score matrix; SDPA tiles it)")
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _attention(q, k, v, float(scale), bool(causal))[0]
+    scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if not torch.compiler.is_compiling():  # dynamo cannot trace ._base; compiled graphs take the strided path
+        qkv = _fused_qkv(q, k, v)
+        if qkv is not None:
+            return _attention_qkv(qkv, q.shape[1], k.shape[1], scale, bool(causal))[0]
+    return _attention(q, k, v, scale, bool(causal))[0]
 
 
 # ------------------------------------------------------------------------ optimiser and scaling

@@ -47,7 +47,8 @@ def attention_backward(ctx, bwd, do, _dlse):
 
 
 def bias_gelu_fwd_fake(x, bias, tanh):
-    return torch.empty_like(x)
+    # x + bias promotes (the cpu backend takes a bfloat16 x with a float32 bias; the cuda one one dtype)
+    return torch.empty_like(x, dtype=x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype))
 
 
 def bias_gelu_bwd_fake(dy, x, bias, tanh):
@@ -115,11 +116,11 @@ def norm_backward(ctx, bwd, dy, dh, _dmean, _drstd):
 
 
 def swiglu_fwd_fake(gate, up):
-    return gate.new_empty(gate.shape)
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
 def swiglu_bwd_fake(dy, gate, up):
-    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
 def swiglu_setup(ctx, inputs, output):

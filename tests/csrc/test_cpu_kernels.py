@@ -289,6 +289,64 @@ def test_attention_on_transposed_views():
     _check("attention", [q, k, v], causal=True)
 
 
+def _qkv_views(qkv, Hq, Hkv):
+    """The model's q, k, v: head views of a (B, T, (Hq + 2 Hkv) D) fused projection."""
+    B, T, W = qkv.shape
+    heads = qkv.view(B, T, Hq + 2 * Hkv, W // (Hq + 2 * Hkv)).transpose(1, 2)
+    return heads.split([Hq, Hkv, Hkv], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,T,D", [(2, 4, 4, 21, 32), (1, 4, 2, 13, 24), (3, 2, 1, 1, 64)])
+def test_attention_on_the_heads_of_a_fused_qkv(dtype, B, Hq, Hkv, T, D):
+    # the model's call: the kernel reads q, k, v in place and its backward writes the gradient of the
+    # whole projection at once (autograd's split/transpose/view backward never runs)
+    W = (Hq + 2 * Hkv) * D
+    qkv = torch.randn(B, T, W).to(dtype).requires_grad_()
+    out = ops.attention(*_qkv_views(qkv, Hq, Hkv), backend="cpu")
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"  # qkv itself, not a view node
+    assert out.transpose(1, 2).reshape(B, T, Hq * D).data_ptr() == out.data_ptr()  # (B, T, H, D) in memory
+    do = torch.randn(out.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, qkv, do.to(dtype))
+    qkv64 = qkv.detach().double().requires_grad_()
+    truth = reference.attention(*_qkv_views(qkv64, Hq, Hkv))
+    (grad64,) = torch.autograd.grad(truth, qkv64, do)
+    ref_leaf = qkv.detach().requires_grad_()
+    ref = reference.attention(*_qkv_views(ref_leaf, Hq, Hkv))
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf, do.to(dtype))
+    assert out.dtype == grad.dtype == dtype
+    assert_close(out, truth, ref.detach(), f"attention on fused qkv ({dtype})")
+    assert_close(grad, grad64, ref_grad, f"attention grad of fused qkv ({dtype})")
+
+
+def test_attention_on_fused_qkv_views_made_under_no_grad():
+    # views taken under no_grad are not connected to qkv: no gradient may reach it (as with the reference)
+    qkv = torch.randn(2, 9, 3 * 2 * 16, requires_grad=True)
+    with torch.no_grad():
+        q, k, v = _qkv_views(qkv, 2, 2)
+    out = ops.attention(q, k, v, backend="cpu")
+    assert_close(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v),
+                 "attention on no_grad views")
+    assert out.requires_grad == reference.attention(q, k, v).requires_grad
+    if out.requires_grad:
+        assert torch.autograd.grad(out.sum(), qkv, allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D", [(2, 4, 2, 37, 37, 32), (1, 4, 1, 13, 40, 64), (2, 2, 2, 1, 19, 128)])
+def test_attention_bf16(B, Hq, Hkv, T, S, D):
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    for causal in (True, False):
+        check("attention", "cpu", [q, k, v], torch.bfloat16, causal=causal)
+
+
+def test_attention_on_strided_views_with_t_below_s():
+    # not the fused layout (T < S, separate tensors): each head is gathered through its strides
+    q = torch.randn(2, 11, 3, 40)[..., :32].transpose(1, 2)  # row stride 3 * 40, not D
+    k, v = (torch.randn(2, 19, 1, 32).transpose(1, 2) for _ in range(2))
+    _check("attention", [q, k, v], causal=True)
+    check("attention", "cpu", [q, k, v], torch.bfloat16, causal=False)
+
+
 def test_attention_threads_give_the_same_bits():
     # each (batch, head) forward and each (batch, kv head) backward is one thread's work: no reduction
     # across threads, so the thread count cannot change a bit (4/2 heads: the group's dK/dV sum included)
@@ -458,6 +516,152 @@ def test_forward_without_a_graph(mode):
         assert torch.equal(g, e)
 
 
+# ------------------------------------------------------------------------------------- bfloat16
+# The row kernels take float32 and bfloat16 in any mix (what a CPU bf16 autocast run hands them: bf16
+# matmul outputs, a float32 residual stream and float32 parameters), compute in float32 and give the
+# reference's output dtypes. Truth is the float64 reference; "reference in dtype" is the reference on
+# the same mixed-precision inputs, so the bound is what plain PyTorch already loses there.
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+def _check_bf16(op, inputs, dtypes=None, **kwargs):
+    check(op, "cpu", inputs, BF16, dtypes=dtypes, **kwargs)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (17, 127), (64, 768)])
+@pytest.mark.parametrize("mix", ["bf16", "autocast"])  # all bf16 / bf16 x with f32 residual and parameters
+def test_norms_bf16(rows, n, mix):
+    x, w, b, r = torch.randn(rows, n) * 3 + 1, torch.randn(n), torch.randn(n), torch.randn(rows, n)
+    params = {1: F32, 2: F32, "residual": F32} if mix == "autocast" else None
+    _check_bf16("layer_norm", [x, w, b], params, residual=r)
+    _check_bf16("layer_norm", [x, w, b], {1: F32, 2: F32} if mix == "autocast" else None)
+    _check_bf16("rms_norm", [x, w], {1: F32, "residual": F32} if mix == "autocast" else None, residual=r)
+    _check_bf16("rms_norm", [x, w], {1: F32} if mix == "autocast" else None)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 5, 512)])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_bias_gelu_bf16(shape, approximate):
+    x, b = torch.randn(shape) * 3, torch.randn(shape[-1])
+    _check_bf16("bias_gelu", [x], approximate=approximate)
+    _check_bf16("bias_gelu", [x, b], approximate=approximate)
+    _check_bf16("bias_gelu", [x, b], {1: F32}, approximate=approximate)  # a float32 bias: float32 output
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129)])
+def test_swiglu_bf16(shape):
+    g, u = torch.randn(shape) * 3, torch.randn(shape)
+    _check_bf16("swiglu", [g, u])
+    _check_bf16("swiglu", [g, u], {1: F32})
+    # the fused-projection path on a bf16 (rows, 2n) tensor: halves are n * 2 bytes apart, not n * 4
+    fused = torch.randn(shape[0], 2 * shape[1]).to(BF16).requires_grad_()
+    fused64 = fused.detach().double().requires_grad_()
+    y, dk, grad_fn = _swiglu_grad_of(fused, *fused.chunk(2, dim=-1), "cpu")
+    y64, d64, _ = _swiglu_grad_of(fused64, *fused64.chunk(2, dim=-1), "torch")
+    yref, dref, _ = _swiglu_grad_of(fused, *fused.chunk(2, dim=-1), "torch")
+    assert y.dtype == dk.dtype == BF16
+    assert_close(y, y64, yref.detach(), "swiglu halves bf16")
+    assert_close(dk, d64, dref, "swiglu halves grad bf16")
+    assert type(grad_fn.next_functions[0][0]).__name__ != "SplitBackward0"  # the fused path ran
+
+
+def test_softmax_bf16():
+    _check_bf16("softmax", [torch.randn(5, 1000) * 4])
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (5, 50257)])
+def test_cross_entropy_bf16(rows, vocab):
+    logits = torch.randn(rows, vocab) * 4
+    target = torch.randint(0, vocab, (rows,))
+    target[::3] = -100
+    _check_bf16("cross_entropy", [logits, target])
+    _check_bf16("cross_entropy", [logits, target], label_smoothing=0.1, z_loss=1e-4, reduction="none")
+
+
+def test_bf16_rounding_is_torchs():
+    # h = x + residual in bf16 is rounded by the kernel (float -> bf16, to nearest even); it must give
+    # torch's bits, ties, overflow to inf and nan included
+    x = torch.randn(64, 256).to(BF16)
+    r = torch.randn(64, 256).to(BF16) * torch.logspace(-3, 3, 256).to(BF16)
+    x[0, :4] = torch.tensor([3e38, -3e38, float("nan"), float("inf")])
+    r[0, :4] = torch.tensor([3e38, -3e38, 1.0, 1.0])
+    x[1, :3] = torch.tensor([1.0, 1.0, 256.0])
+    r[1, :3] = torch.tensor([2 ** -8, 3 * 2 ** -8, 1.0])  # exact ties: round to the even neighbour
+    w = torch.ones(256)
+    _, h = ops.layer_norm(x, w, residual=r, backend="cpu")
+    want = x + r
+    assert h.dtype == BF16
+    assert torch.equal(h.view(torch.int16)[1:], want.view(torch.int16)[1:])
+    assert torch.equal(h[0, :2], want[0, :2]) and torch.isinf(h[0, :2]).all()
+    assert torch.isnan(h[0, 2]) and h[0, 3] == float("inf")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_llama"])
+def test_bf16_autocast_training_runs_the_bf16_kernels(name, monkeypatch):
+    # a tiny GPT / Llama under CPU bf16 autocast: the cpu backend's losses track the reference backend's
+    # within bf16 rounding over a few AdamW steps, and the spies show the row kernels took bf16 tensors:
+    # the activations' inputs and the logits are bf16 matmul outputs, and every norm but the first adds a
+    # bf16 block output to the float32 residual stream
+    from pyllm.model import Transformer, preset
+
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")  # no cpu matmul: linear falls back, as in the test above
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    warnings.simplefilter("ignore", RuntimeWarning)
+    codes = []
+    for kernel in ("cpu_norm_fwd", "cpu_bias_gelu_fwd", "cpu_swiglu_fwd", "cpu_cross_entropy_fwd"):
+        real = getattr(pyllm._C, kernel)
+        spy = (lambda real, kernel: lambda *a: codes.append((kernel, a[0][1])) or real(*a))(real, kernel)
+        monkeypatch.setattr(pyllm._C, kernel, spy)
+    # unfused loss: bf16 logits reach the cross-entropy kernel (the fused linear_cross_entropy refuses
+    # autocast on the cpu backend and falls back)
+    overrides = dict(vocab_size=64, n_layer=2, n_head=4, d_model=64, max_seq_len=32, fused_loss=False)
+    losses = {}
+    for backend in ("cpu", "torch"):
+        torch.manual_seed(0)
+        model = Transformer(preset(name, backend=backend, **overrides))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        idx = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(1))
+        losses[backend] = []
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=BF16):
+                loss = model.loss(idx[:, :-1], idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[backend].append(loss.item())
+    activation = "cpu_swiglu_fwd" if name == "tiny_llama" else "cpu_bias_gelu_fwd"
+    steps, layers = 4, 2
+    assert codes.count((activation, 2)) == steps * layers  # bf16 (dtype code 2) first argument
+    assert codes.count(("cpu_norm_fwd", 2)) == steps * (2 * layers)  # 2 per layer + the final one - the first
+    assert codes.count(("cpu_norm_fwd", 0)) == steps  # the first norm reads the float32 embeddings
+    assert codes.count(("cpu_cross_entropy_fwd", 2)) == steps
+    assert losses["cpu"][-1] < losses["cpu"][0]
+    assert losses["cpu"] == pytest.approx(losses["torch"], rel=0.02), losses
+
+
+def test_custom_ops_pass_opcheck_with_bf16():
+    # the fakes give the kernels' output dtypes for mixed inputs (what torch.compile traces with)
+    from pyllm.ops import cpu_backend as cb
+    x = torch.randn(4, 9).to(BF16).requires_grad_()
+    r, w, b = torch.randn(4, 9), torch.randn(9, requires_grad=True), torch.randn(9)
+    torch.library.opcheck(cb._norm.custom_op, (x, r, w, b, 1e-5, False))
+    torch.library.opcheck(cb._norm.custom_op, (x, None, w, None, 1e-6, True))
+    torch.library.opcheck(cb._bias_gelu.custom_op, (x, b, True))
+    torch.library.opcheck(cb._swiglu.custom_op, (x, torch.randn(4, 9)))
+    torch.library.opcheck(cb._softmax.custom_op, (x,))
+    torch.library.opcheck(cb._cross_entropy.custom_op, (x, torch.tensor([0, 3, -100, 8]), -100, 0.1, 1e-4))
+    qkv = torch.randn(2, 5, 4 * 8).to(BF16).requires_grad_()
+    torch.library.opcheck(cb._attention_qkv.custom_op, (qkv, 2, 1, 0.3, True))
+    q, k, v = _qkv_views(qkv, 2, 1)
+    torch.library.opcheck(cb._attention.custom_op, (q, k, v, 0.3, False))
+
+
+def test_float16_is_refused_in_strict_mode():
+    with pytest.raises(ops.BackendError, match="argument 'x'.*float16.*float32 or bfloat16"):
+        ops.bias_gelu(torch.randn(2, 4, dtype=torch.float16), backend="cpu")
+
+
 # ---------------------------------------------------------------------------------- input checks
 
 
@@ -550,12 +754,17 @@ def test_every_instruction_set_variant(isa, each_isa):
     assert_close(y, y64, yref.detach(), f"swiglu halves ({isa})")
     assert_close(dk, d64, dref, f"swiglu halves grad ({isa})")
     _check("softmax", [x])
+    _check_bf16("layer_norm", [x, w, b], {1: F32, 2: F32, "residual": F32}, residual=torch.randn(7, 257))
+    _check_bf16("bias_gelu", [x], approximate="none")
+    _check_bf16("swiglu", [x, torch.randn(7, 257)])
+    _check_bf16("cross_entropy", [torch.randn(9, 1031) * 3, torch.randint(0, 1031, (9,))])
     target = torch.randint(0, 1031, (9,))
     target[2] = -100
     _check("cross_entropy", [torch.randn(9, 1031) * 3, target], label_smoothing=0.1, z_loss=1e-4)
     theta = torch.rand(5, 8)
     _check("rope", [torch.randn(2, 2, 5, 16), torch.randn(2, 1, 5, 16), theta.cos(), theta.sin()], n_grad=2)
     _check("attention", [torch.randn(2, 4, 21, 40), torch.randn(2, 2, 37, 40), torch.randn(2, 2, 37, 40)])
+    check("attention", "cpu", [torch.randn(2, 4, 21, 40), torch.randn(2, 2, 37, 40), torch.randn(2, 2, 37, 40)], BF16)
     grads = [torch.randn(40000), torch.randn(3, 3)]
     grads[0][12345] = float("inf")
     found = torch.zeros(1)

@@ -155,25 +155,35 @@ def test_cache_longer_than_learned_positions_is_refused():
 
 
 def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch):
-    """Under CPU bf16 autocast the matmuls run in bf16 but attention gets fp32 q/k/v with autocast off
-    (PyTorch's bf16 CPU attention backward is several times slower than its fp32 one)."""
+    """Under CPU bf16 autocast the matmuls run in bf16, and the reference attention computes SDPA in fp32 with
+    autocast off (PyTorch's bf16 CPU attention backward is several times slower than its fp32 one); the
+    model hands it the bf16 head views as they are."""
+    import torch.nn.functional as F
+
     from pyllm import ops
 
-    seen = []
-    real = ops.attention
+    seen, sdpa = [], []
+    real, real_sdpa = ops.attention, F.scaled_dot_product_attention
 
     def spy(q, k, v, **kw):
-        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, **kw)
 
+    def sdpa_spy(q, k, v, **kw):
+        sdpa.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(q, k, v, **kw)
+
     monkeypatch.setattr(ops, "attention", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa_spy)
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
+    model = Transformer(preset("tiny", vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16,
+                               backend="torch"))
     idx = torch.randint(0, 64, (2, 16))
     ref = model.loss(idx, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model.loss(idx, idx)
         logits = model(idx)
-    assert seen[-1] == (torch.float32, torch.float32, torch.float32, False) and len(seen) == 3 * 2
+    assert seen[-1] == (torch.bfloat16,) * 3 and len(seen) == 3 * 2
+    assert sdpa[-1] == (torch.float32, torch.float32, torch.float32, False) and len(sdpa) == 3 * 2
     assert logits.dtype == torch.bfloat16  # the head matmul still ran in bf16
     assert abs(low.item() - ref.item()) / ref.item() < 2e-2  # bf16 unit roundoff 3.9e-3, a few layers deep
