@@ -15,6 +15,24 @@
 
 PYLLM_CPU_NS_BEGIN
 
+namespace {
+
+inline float sum(const float* a, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+
+inline float sum_of_squares(const float* a, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * a[i];
+  return s;
+}
+
+}  // namespace
+
 void norm_fwd(Src x, Src residual, Src weight, Src bias, Dst y, Dst h_out, float* mean_out, float* rstd_out,
               int64_t rows, int64_t n, float eps, bool rms, int threads) {
   RowBuffers params(is_bf16(weight) || is_bf16(bias), 2, n);
@@ -30,7 +48,12 @@ void norm_fwd(Src x, Src residual, Src weight, Src bias, Dst y, Dst h_out, float
     if (residual.p) {
       const float* rr = src_row(residual, r * n, n, buf[2]);
       float* hr = dst_row(h_out, r * n, buf[3]);
-      if (rms) {
+      if (is_bf16(h_out)) {  // normalised as stored (rounded), as the reference normalises x + residual
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) hr[i] = round_to_bf16(xr[i] + rr[i]);
+        s1 = rms ? sum_of_squares(hr, n) : sum(hr, n);
+        dst_commit(h_out, r * n, hr, n);
+      } else if (rms) {
 #pragma omp simd reduction(+ : s1)
         for (int64_t i = 0; i < n; ++i) {
           hr[i] = xr[i] + rr[i];
@@ -44,20 +67,8 @@ void norm_fwd(Src x, Src residual, Src weight, Src bias, Dst y, Dst h_out, float
         }
       }
       h = hr;
-      // A bfloat16 h is normalised as stored (rounded), as the reference normalises x + residual.
-      if (is_bf16(h_out)) {
-        dst_commit(h_out, r * n, hr, n);
-        src_row(Src{h_out.p, h_out.t}, r * n, n, hr);
-        s1 = 0.0f;
-#pragma omp simd reduction(+ : s1)
-        for (int64_t i = 0; i < n; ++i) s1 += rms ? hr[i] * hr[i] : hr[i];
-      }
-    } else if (rms) {
-#pragma omp simd reduction(+ : s1)
-      for (int64_t i = 0; i < n; ++i) s1 += h[i] * h[i];
     } else {
-#pragma omp simd reduction(+ : s1)
-      for (int64_t i = 0; i < n; ++i) s1 += h[i];
+      s1 = rms ? sum_of_squares(h, n) : sum(h, n);
     }
     const float mean = rms ? 0.0f : s1 / static_cast<float>(n);
     // Second pass (LayerNorm, h now in L1): the variance around the mean.

@@ -95,14 +95,17 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
 }
 
+// v rounded to the nearest bfloat16, as a float (what storing v in a bfloat16 tensor and reading it back gives).
+inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
 inline bool is_bf16(const pyllm::cpu::Src& s) { return s.p && s.t == pyllm::DType::kBFloat16; }
 inline bool is_bf16(const pyllm::cpu::Dst& d) { return d.p && d.t == pyllm::DType::kBFloat16; }
 
 // Elements [offset, offset + n) of s as float: the tensor's own memory when it is float32, else
 // widened into buf (n floats).
-inline const float* src_row(const pyllm::cpu::Src& s, int64_t offset, int64_t n, float* buf) {
+inline const float* src_row(const pyllm::cpu::Src& s, int64_t offset, int64_t n, float* __restrict buf) {
   if (s.t != pyllm::DType::kBFloat16) return static_cast<const float*>(s.p) + offset;
-  const uint16_t* b = static_cast<const uint16_t*>(s.p) + offset;
+  const uint16_t* __restrict b = static_cast<const uint16_t*>(s.p) + offset;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(b[i]);
   return buf;
@@ -120,9 +123,9 @@ inline float* dst_row(const pyllm::cpu::Dst& d, int64_t offset, float* buf) {
   return d.t != pyllm::DType::kBFloat16 ? static_cast<float*>(d.p) + offset : buf;
 }
 
-inline void dst_commit(const pyllm::cpu::Dst& d, int64_t offset, const float* buf, int64_t n) {
+inline void dst_commit(const pyllm::cpu::Dst& d, int64_t offset, const float* __restrict buf, int64_t n) {
   if (d.t != pyllm::DType::kBFloat16) return;
-  uint16_t* b = static_cast<uint16_t*>(d.p) + offset;
+  uint16_t* __restrict b = static_cast<uint16_t*>(d.p) + offset;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) b[i] = float_to_bf16(buf[i]);
 }
