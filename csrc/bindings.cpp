@@ -128,11 +128,11 @@ void bind_cpu(py::module_& m) {
       kNoGil);
   m.def(
       "cpu_rope",
-      [](Addr x, int64_t s0, int64_t s1, int64_t s2, Addr cos, Addr sin, int64_t cs_batch_stride, Addr y, int64_t B,
+      [](Arg x, int64_t s0, int64_t s1, int64_t s2, Addr cos, Addr sin, int64_t cs_batch_stride, Arg y, int64_t B,
          int64_t H, int64_t T, int64_t D, bool inverse, int threads) {
         const int64_t strides[4] = {s0, s1, s2, 1};
-        kernels().rope(P<const float>(x), strides, P<const float>(cos), P<const float>(sin), cs_batch_stride,
-                       P<float>(y), B, H, T, D, inverse, threads);
+        kernels().rope(In(x), strides, P<const float>(cos), P<const float>(sin), cs_batch_stride, Out(y), B, H, T, D,
+                       inverse, threads);
       },
       kNoGil);
   m.def(

@@ -87,9 +87,9 @@ struct KernelTable {
 
   // Rotary embedding, "rotate half" layout. x (B, H, T, D) with element strides xs[4] (xs[3] == 1);
   // y contiguous (B, H, T, D); cos/sin (T, D/2) when cs_batch_stride is 0, else (B, T, D/2).
-  // inverse=true rotates by -theta (the backward).
-  void (*rope)(const float* x, const int64_t* xs, const float* cos, const float* sin, int64_t cs_batch_stride,
-               float* y, int64_t B, int64_t H, int64_t T, int64_t D, bool inverse, int threads);
+  // inverse=true rotates by -theta (the backward). x and y float32 or bfloat16; cos, sin float32.
+  void (*rope)(Src x, const int64_t* xs, const float* cos, const float* sin, int64_t cs_batch_stride, Dst y,
+               int64_t B, int64_t H, int64_t T, int64_t D, bool inverse, int threads);
 
   // Multi-tensor AdamW over n_tensors tensors (pointer tables, sizes in elements), in place.
   // master (may be null): fp32 weights updated instead of params; params then receive a copy.

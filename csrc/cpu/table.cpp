@@ -15,8 +15,7 @@ void softmax_bwd(Src, Src, Dst, int64_t, int64_t, int);
 void cross_entropy_fwd(Src, const int64_t*, float*, float*, int64_t, int64_t, int64_t, float, float, int);
 void cross_entropy_bwd(Src, const int64_t*, const float*, Src, int64_t, Dst, int64_t, int64_t, int64_t, float, float,
                        int);
-void rope(const float*, const int64_t*, const float*, const float*, int64_t, float*, int64_t, int64_t, int64_t,
-          int64_t, bool, int);
+void rope(Src, const int64_t*, const float*, const float*, int64_t, Dst, int64_t, int64_t, int64_t, int64_t, bool, int);
 void adamw(float* const*, float* const*, const float* const*, float* const*, float* const*, const int64_t*, int64_t,
            float, float, float, float, float, float, float, int);
 bool unscale_check(float* const*, const int64_t*, int64_t, float, int);

@@ -9,7 +9,8 @@ kernels do not take (not on the CPU, or a dtype the kernel lacks), so the dispat
 reference. The row ops (norms, bias_gelu, swiglu, softmax, cross_entropy) take float32 and bfloat16 in
 any mix, compute in float32 and give the output dtypes of the reference (torch's type promotion: a
 bfloat16 activation plus a float32 residual gives float32), which is what a CPU bf16 autocast run feeds
-them; attention takes float32 or bfloat16 q, k, v; the other ops take float32 only. The
+them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin float32); the other ops take
+float32 only. The
 kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
 alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except where a
 kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
@@ -556,8 +557,8 @@ def _rope_one(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
     B, H, T, D = x.shape
     y = x.new_empty((B, H, T, D))
     cs_batch_stride = cos.stride(0) if cos.dim() == 3 else 0
-    _C.cpu_rope(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(), cs_batch_stride,
-                y.data_ptr(), B, H, T, D, inverse, _threads())
+    _C.cpu_rope(_t(x), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(), cs_batch_stride, _t(y),
+                B, H, T, D, inverse, _threads())
     return y
 
 
@@ -589,7 +590,8 @@ _rope = kernel_op("pyllm::rope_cpu", _rope_fwd, _rope_fwd_fake, _rope_setup, _ro
 
 @register("rope", "cpu")
 def rope(q, k, cos, sin):
-    _require_f32_cpu("rope", q=q, k=k, cos=cos, sin=sin)
+    _require_rows_cpu("rope", q=q, k=k)
+    _require_f32_cpu("rope", cos=cos, sin=sin)
     if cos.requires_grad or sin.requires_grad:
         raise Unsupported("cpu backend: rope has no gradient for cos/sin")
     return _rope(q, k, cos, sin, False)

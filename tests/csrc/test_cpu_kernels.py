@@ -566,6 +566,22 @@ def test_swiglu_bf16(shape):
     assert type(grad_fn.next_functions[0][0]).__name__ != "SplitBackward0"  # the fused path ran
 
 
+@pytest.mark.parametrize("batched_cs", [False, True])
+def test_rope_bf16(batched_cs):
+    # bf16 q/k (autocast's qkv head views) with fp32 cos/sin, as the Llama model calls it
+    theta = torch.rand(2, 5, 8) * 6 if batched_cs else torch.rand(5, 8) * 6
+    _check_bf16("rope", [torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), theta.cos(), theta.sin()],
+                {2: F32, 3: F32}, n_grad=2)
+    qkv = torch.randn(2, 5, 8 * 16).to(BF16).requires_grad_()  # strided views of a fused projection
+    q, k, _ = _qkv_views(qkv, 4, 2)
+    qr, kr = ops.rope(q, k, theta.cos(), theta.sin(), backend="cpu")
+    want = reference.rope(q.double(), k.double(), theta.cos().double(), theta.sin().double())
+    ref = reference.rope(q, k, theta.cos(), theta.sin())
+    assert qr.dtype == kr.dtype == BF16
+    assert_close(qr, want[0], ref[0], "rope bf16 on qkv views (q)")
+    assert_close(kr, want[1], ref[1], "rope bf16 on qkv views (k)")
+
+
 def test_softmax_bf16():
     _check_bf16("softmax", [torch.randn(5, 1000) * 4])
 
@@ -609,7 +625,7 @@ def test_bf16_autocast_training_runs_the_bf16_kernels(name, monkeypatch):
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
     warnings.simplefilter("ignore", RuntimeWarning)
     codes = []
-    for kernel in ("cpu_norm_fwd", "cpu_bias_gelu_fwd", "cpu_swiglu_fwd", "cpu_cross_entropy_fwd"):
+    for kernel in ("cpu_norm_fwd", "cpu_bias_gelu_fwd", "cpu_swiglu_fwd", "cpu_cross_entropy_fwd", "cpu_rope"):
         real = getattr(pyllm._C, kernel)
         spy = (lambda real, kernel: lambda *a: codes.append((kernel, a[0][1])) or real(*a))(real, kernel)
         monkeypatch.setattr(pyllm._C, kernel, spy)
@@ -636,6 +652,8 @@ def test_bf16_autocast_training_runs_the_bf16_kernels(name, monkeypatch):
     assert codes.count(("cpu_norm_fwd", 2)) == steps * (2 * layers)  # 2 per layer + the final one - the first
     assert codes.count(("cpu_norm_fwd", 0)) == steps  # the first norm reads the float32 embeddings
     assert codes.count(("cpu_cross_entropy_fwd", 2)) == steps
+    # RoPE (Llama) rotates bf16 q and k once each per layer forward, and their gradients backward
+    assert codes.count(("cpu_rope", 2)) == (steps * layers * 4 if name == "tiny_llama" else 0)
     assert losses["cpu"][-1] < losses["cpu"][0]
     assert losses["cpu"] == pytest.approx(losses["torch"], rel=0.02), losses
 
@@ -740,6 +758,7 @@ def test_every_instruction_set_variant(isa, each_isa):
     if isa not in pyllm._C.cpu_supported_isas():
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     assert each_isa(isa) and pyllm._C.cpu_isa() == isa
+    theta0 = torch.rand(5, 8)
     x, w, b = torch.randn(7, 257) * 3, torch.randn(257), torch.randn(257)
     _check("layer_norm", [x, w, b], residual=torch.randn(7, 257))
     _check("rms_norm", [x, w])
@@ -758,6 +777,8 @@ def test_every_instruction_set_variant(isa, each_isa):
     _check_bf16("bias_gelu", [x], approximate="none")
     _check_bf16("swiglu", [x, torch.randn(7, 257)])
     _check_bf16("cross_entropy", [torch.randn(9, 1031) * 3, torch.randint(0, 1031, (9,))])
+    _check_bf16("rope", [torch.randn(2, 2, 5, 16), torch.randn(2, 1, 5, 16), theta0.cos(), theta0.sin()],
+                {2: F32, 3: F32}, n_grad=2)
     target = torch.randint(0, 1031, (9,))
     target[2] = -100
     _check("cross_entropy", [torch.randn(9, 1031) * 3, target], label_smoothing=0.1, z_loss=1e-4)
