@@ -9,9 +9,9 @@ kernels do not take (not on the CPU, or a dtype the kernel lacks), so the dispat
 reference. The row ops (norms, bias_gelu, swiglu, softmax, cross_entropy) take float32 and bfloat16 in
 any mix, compute in float32 and give the output dtypes of the reference (torch's type promotion: a
 bfloat16 activation plus a float32 residual gives float32), which is what a CPU bf16 autocast run feeds
-them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin float32); the other ops take
-float32 only. The
-kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
+them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin float32); linear_cross_entropy
+runs its GEMMs in bfloat16 under bf16 autocast or on bfloat16 inputs; AdamW and loss scaling take
+float32 only. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
 alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except where a
 kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
 
@@ -441,63 +441,74 @@ _LCE_CHUNK_ELEMENTS = 1 << 23
 
 
 def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-                          label_smoothing: float, z_loss: float, mean: bool,
-                          with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """hidden (N, H), weight (V, H), target (N,) -> (loss (scalar, summed or averaged over counted rows),
+                              label_smoothing: float, z_loss: float, mean: bool, with_grad: bool,
+                              bf16: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), target (N,) -> (loss (fp32 scalar, summed or averaged over counted rows),
     dhidden, dweight, dbias) with the gradients of that loss (empty when not with_grad).
 
     Row chunks of logits are computed by BLAS, turned into loss and, in place, into dlogits by the C++
     cross-entropy kernels while still in cache, and folded into the gradients by two more GEMMs: the
-    (N, V) logits never exist whole and the backward is only a scaling (the Liger-Kernel scheme)."""
+    (N, V) logits never exist whole and the backward is only a scaling (the Liger-Kernel scheme).
+    ``bf16``: the GEMMs and logits in bfloat16 (what bf16 autocast does to the reference's F.linear), the
+    weight and bias gradients accumulated over the chunks in fp32, each gradient returned in its
+    input's dtype."""
+    compute = torch.bfloat16 if bf16 else _F32
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    hc, wc = hidden.to(compute), weight.to(compute)
+    bc = bias.to(compute) if bias is not None else None
     rows, vocab = hidden.shape[0], weight.shape[0]
     counted = _count_targets("linear_cross_entropy", target, vocab, ignore_index)
     count = max(counted, 1) if mean else 1
     scale = torch.full((1,), 1.0 / count)
     chunk = max(1, min(rows, _LCE_CHUNK_ELEMENTS // max(vocab, 1)))
     dh = torch.empty_like(hidden) if with_grad else hidden.new_empty(0)
-    dw = torch.empty_like(weight) if with_grad else hidden.new_empty(0)
-    db = hidden.new_empty(vocab) if with_grad and bias is not None else hidden.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=_F32) if with_grad else hidden.new_empty(0)  # fp32 accumulator
+    db = hidden.new_empty(vocab, dtype=_F32) if with_grad and bias is not None else hidden.new_empty(0)
     if with_grad and rows == 0:  # no chunk will write them
         dw.zero_()
         db.zero_()
     total = torch.zeros((), dtype=torch.float64)
     threads = _threads()
-    buffer = hidden.new_empty(chunk, vocab)  # one chunk of logits, reused: the op's only O(V) scratch
-    for start in range(0, rows, chunk):
-        h, t = hidden[start:start + chunk], target[start:start + chunk]
-        n = h.shape[0]
-        logits = buffer[:n]  # (n, V)
-        if bias is not None:
-            torch.addmm(bias, h, weight.t(), out=logits)
-        else:
-            torch.mm(h, weight.t(), out=logits)
-        if logits.dtype != _F32:  # e.g. autocast switched on inside a compiled region: never pass it to C++
-            raise RuntimeError(f"pyllm.ops.linear_cross_entropy (cpu): logits came out {logits.dtype}, not float32")
-        loss, lse = logits.new_empty(n), logits.new_empty(n)
-        _C.cpu_cross_entropy_fwd(_t(logits), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab, ignore_index,
-                                 label_smoothing, z_loss, threads)
-        total += loss.sum(dtype=torch.float64)
-        if with_grad:  # logits -> dlogits in place (each element is read before it is written)
+    buffer = hidden.new_empty(chunk, vocab, dtype=compute)  # one chunk of logits, reused: the op's only O(V) scratch
+    with torch.autocast("cpu", enabled=False):  # the dtypes are chosen above; out= needs them as they are
+        for start in range(0, rows, chunk):
+            h, t = hc[start:start + chunk], target[start:start + chunk]
+            n = h.shape[0]
+            logits = buffer[:n]  # (n, V)
+            if bc is not None:
+                torch.addmm(bc, h, wc.t(), out=logits)
+            else:
+                torch.mm(h, wc.t(), out=logits)
+            loss, lse = logits.new_empty(n, dtype=_F32), logits.new_empty(n, dtype=_F32)
+            _C.cpu_cross_entropy_fwd(_t(logits), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab,
+                                     ignore_index, label_smoothing, z_loss, threads)
+            total += loss.sum(dtype=torch.float64)
+            if not with_grad:
+                continue
+            # logits -> dlogits in place (each element is read before it is written)
             _C.cpu_cross_entropy_bwd(_t(logits), t.data_ptr(), lse.data_ptr(), _t(scale), 0, _t(logits), n, vocab,
                                      ignore_index, label_smoothing, z_loss, threads)
-            torch.mm(logits, weight, out=dh[start:start + n])
-            if start == 0:  # the first chunk writes the weight gradients, later ones add to them
-                torch.mm(logits.t(), h, out=dw)
-                if bias is not None:
-                    torch.sum(logits, 0, out=db)
+            if dh.dtype == compute:
+                torch.mm(logits, wc, out=dh[start:start + n])
             else:
-                dw.addmm_(logits.t(), h)
-                if bias is not None:
-                    db += logits.sum(0)
-    return (total / count).to(hidden.dtype), dh, dw, db
+                dh[start:start + n] = torch.mm(logits, wc)
+            # the first chunk writes the weight gradients, later ones add to them (in fp32)
+            if compute == _F32:
+                torch.mm(logits.t(), h, out=dw) if start == 0 else dw.addmm_(logits.t(), h)
+            else:
+                dw.copy_(torch.mm(logits.t(), h)) if start == 0 else dw.add_(torch.mm(logits.t(), h))
+            if bias is not None:
+                db.copy_(logits.sum(0, dtype=_F32)) if start == 0 else db.add_(logits.sum(0, dtype=_F32))
+    dw = dw.to(weight.dtype) if with_grad else dw
+    db = db.to(bias.dtype) if with_grad and bias is not None else db
+    return (total / count).to(_F32), dh, dw, db
 
 
 def _linear_cross_entropy_fwd_fake(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, mean,
-                                   with_grad):
-    return (hidden.new_empty(()), torch.empty_like(hidden) if with_grad else hidden.new_empty(0),
+                                   with_grad, bf16):
+    return (hidden.new_empty((), dtype=_F32), torch.empty_like(hidden) if with_grad else hidden.new_empty(0),
             torch.empty_like(weight) if with_grad else hidden.new_empty(0),
-            hidden.new_empty(weight.shape[0]) if with_grad and bias is not None else hidden.new_empty(0))
+            torch.empty_like(bias) if with_grad and bias is not None else hidden.new_empty(0))
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
@@ -512,7 +523,7 @@ def _linear_cross_entropy_setup(ctx, inputs, output):
 def _linear_cross_entropy_backward(ctx, _forward, dloss, _ddh, _ddw, _ddb):
     dh, dw, db = ctx.saved_tensors
     if dloss is None:  # the loss itself was not used
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None, None
     if not dh.numel() and not dw.numel():
         raise RuntimeError("pyllm.ops.linear_cross_entropy (cpu): gradients were not computed in the forward")
     db = db if ctx.has_bias else None
@@ -521,7 +532,7 @@ def _linear_cross_entropy_backward(ctx, _forward, dloss, _ddh, _ddw, _ddb):
     # create_graph the product keeps the gradients' dependence on dloss.
     if type(dloss) is not Tensor or torch.is_grad_enabled() or float(dloss) != 1.0:
         dh, dw, db = dh * dloss, dw * dloss, (db * dloss if db is not None else None)
-    return dh, dw, db, None, None, None, None, None, None
+    return dh, dw, db, None, None, None, None, None, None, None
 
 
 _linear_cross_entropy = kernel_op("pyllm::linear_cross_entropy_cpu", _linear_cross_entropy_fwd,
@@ -532,19 +543,22 @@ _linear_cross_entropy = kernel_op("pyllm::linear_cross_entropy_cpu", _linear_cro
 @register("linear_cross_entropy", "cpu")
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                          reduction="mean"):
-    _require_f32_cpu("linear_cross_entropy", hidden=hidden, weight=weight, bias=bias)
+    _require_rows_cpu("linear_cross_entropy", hidden=hidden, weight=weight, bias=bias)
     if target.device.type != "cpu":
         raise Unsupported(f"cpu backend: argument 'target' of linear_cross_entropy is on {target.device}")
     if reduction == "none":
         raise Unsupported("cpu backend: linear_cross_entropy computes its gradients in the forward, which needs "
                           "a scalar loss (reduction 'mean' or 'sum')")
-    if torch.is_autocast_enabled("cpu"):
-        raise Unsupported("cpu backend: linear_cross_entropy under autocast (the reference runs the matmul in the "
-                          "autocast dtype; the C++ kernels are float32)")
+    # The GEMMs run in bf16 where the reference's F.linear would: under bf16 autocast, or on bf16 inputs
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        raise Unsupported(f"cpu backend: linear_cross_entropy under {torch.get_autocast_dtype('cpu')} autocast "
+                          f"(the kernels take float32 and bfloat16)")
+    bf16 = autocast or hidden.dtype == torch.bfloat16
     h2d, t1d = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1).long()
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, _, _, _ = _linear_cross_entropy(h2d, weight, bias, t1d, int(ignore_index), float(label_smoothing),
-                                          float(z_loss), reduction == "mean", with_grad)
+                                          float(z_loss), reduction == "mean", with_grad, bf16)
     return loss
 
 

@@ -484,7 +484,8 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(cb._rope.custom_op, (q, k, cs.cos(), cs.sin(), False))
     h, w = torch.randn(5, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True)
     target = torch.tensor([0, 6, -100, 2, 3])
-    torch.library.opcheck(cb._linear_cross_entropy.custom_op, (h, w, None, target, -100, 0.0, 0.0, True, True))
+    torch.library.opcheck(cb._linear_cross_entropy.custom_op, (h, w, None, target, -100, 0.0, 0.0, True, True, False))
+    torch.library.opcheck(cb._linear_cross_entropy.custom_op, (h, w, None, target, -100, 0.0, 0.0, True, True, True))
 
 
 def test_compiled_model_block_uses_cpu_ops():
@@ -613,8 +614,8 @@ def test_bf16_rounding_is_torchs():
     assert torch.isnan(h[0, 2]) and h[0, 3] == float("inf")
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_llama"])
-def test_bf16_autocast_training_runs_the_bf16_kernels(name, monkeypatch):
+@pytest.mark.parametrize("name,fused_loss", [("tiny", False), ("tiny", True), ("tiny_llama", False)])
+def test_bf16_autocast_training_runs_the_bf16_kernels(name, fused_loss, monkeypatch):
     # a tiny GPT / Llama under CPU bf16 autocast: the cpu backend's losses track the reference backend's
     # within bf16 rounding over a few AdamW steps, and the spies show the row kernels took bf16 tensors:
     # the activations' inputs and the logits are bf16 matmul outputs, and every norm but the first adds a
@@ -629,9 +630,9 @@ def test_bf16_autocast_training_runs_the_bf16_kernels(name, monkeypatch):
         real = getattr(pyllm._C, kernel)
         spy = (lambda real, kernel: lambda *a: codes.append((kernel, a[0][1])) or real(*a))(real, kernel)
         monkeypatch.setattr(pyllm._C, kernel, spy)
-    # unfused loss: bf16 logits reach the cross-entropy kernel (the fused linear_cross_entropy refuses
-    # autocast on the cpu backend and falls back)
-    overrides = dict(vocab_size=64, n_layer=2, n_head=4, d_model=64, max_seq_len=32, fused_loss=False)
+    # bf16 logits reach the cross-entropy kernel, from ops.linear under autocast (unfused loss) or from
+    # linear_cross_entropy's own bf16 GEMM (fused)
+    overrides = dict(vocab_size=64, n_layer=2, n_head=4, d_model=64, max_seq_len=32, fused_loss=fused_loss)
     losses = {}
     for backend in ("cpu", "torch"):
         torch.manual_seed(0)
@@ -719,16 +720,39 @@ def test_cpu_isa_is_reported():
     assert pyllm._C.cpu_isa() in ("avx512", "avx2", "base")
 
 
-def test_linear_cross_entropy_under_autocast_falls_back(monkeypatch):
-    # autocast would turn the chunk matmuls bf16: the cpu backend must refuse, not hand bf16 to C++
+@pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(37, 64, 65, True), (100, 16, 65537, False)])
+def test_linear_cross_entropy_under_bf16_autocast(rows, hidden, vocab, with_bias):
+    # what the model's fused loss does in a CPU bf16 autocast run: bf16 GEMMs and logits (as autocast makes
+    # the reference's F.linear), the weight gradient summed over the row chunks in fp32 (the second case
+    # spans 4 chunks), gradients in the fp32 inputs' dtype
+    target = torch.randint(0, vocab, (rows,))
+    target[::4] = -100
+    h, w = torch.randn(rows, hidden), torch.randn(vocab, hidden) * hidden ** -0.5
+    b = torch.randn(vocab) if with_bias else None
+    results = {}
+    for name, backend, dtype, autocast in (("truth", "torch", torch.float64, False), ("ref", "torch", F32, True),
+                                           ("cpu", "cpu", F32, True)):
+        leaves = [t.to(dtype).requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            loss = ops.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2] if with_bias else None,
+                                            backend=backend)
+        results[name] = [loss.detach(), *torch.autograd.grad(loss, leaves)]
+    assert [t.dtype for t in results["cpu"]] == [t.dtype for t in results["ref"]]
+    for i, (k, t, r) in enumerate(zip(results["cpu"], results["truth"], results["ref"])):
+        assert_close(k, t, r, f"linear_cross_entropy under bf16 autocast, output {i}")
+
+
+def test_linear_cross_entropy_bf16():
+    target = torch.randint(0, 65, (37,))
+    target[::4] = -100
+    _check_bf16("linear_cross_entropy", [torch.randn(37, 64), torch.randn(65, 64) * 0.125, target],
+                bias=torch.randn(65))
+
+
+def test_linear_cross_entropy_under_fp16_autocast_falls_back(monkeypatch):
     h, w, t = torch.randn(4, 16, requires_grad=True), torch.randn(11, 16), torch.randint(0, 11, (4,))
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ops.BackendError, match="autocast"):
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ops.BackendError, match="float16 autocast"):
         ops.linear_cross_entropy(h, w, t, backend="cpu")
-    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ops.linear_cross_entropy(h, w, t)  # auto: falls back to the reference quietly
-    loss.backward()
-    assert torch.isfinite(loss) and h.grad is not None
 
 
 def test_cross_entropy_compiles_without_graph_breaks():
