@@ -102,7 +102,9 @@ void bind_cpu(py::module_& m) {
       kNoGil);
   m.def(
       "cpu_softmax_fwd",
-      [](Arg x, Arg y, int64_t rows, int64_t n, int threads) { kernels().softmax_fwd(In(x), Out(y), rows, n, threads); },
+      [](Arg x, Arg y, int64_t rows, int64_t n, int threads) {
+        kernels().softmax_fwd(In(x), Out(y), rows, n, threads);
+      },
       kNoGil);
   m.def(
       "cpu_softmax_bwd",
@@ -155,7 +157,8 @@ void bind_cpu(py::module_& m) {
       "cpu_attention_fwd",
       [](const HeadsArg& q, const HeadsArg& k, const HeadsArg& v, const HeadsArg& o, Addr lse, int64_t B, int64_t Hq,
          int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads) {
-        kernels().attention_fwd(In(q), In(k), In(v), Out(o), P<float>(lse), B, Hq, Hkv, T, S, D, scale, causal, threads);
+        kernels().attention_fwd(In(q), In(k), In(v), Out(o), P<float>(lse), B, Hq, Hkv, T, S, D, scale, causal,
+                                threads);
       },
       kNoGil);
   m.def(

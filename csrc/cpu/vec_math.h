@@ -145,7 +145,8 @@ inline void dst_write(const pyllm::cpu::Dst& d, int64_t offset, const float* src
 class RowBuffers {
  public:
   RowBuffers(bool needed, int slots, int64_t n)
-      : n_(n), p_(needed && n > 0 ? static_cast<float*>(malloc(static_cast<size_t>(slots) * n * sizeof(float))) : nullptr) {}
+      : n_(n),
+        p_(needed && n > 0 ? static_cast<float*>(malloc(static_cast<size_t>(slots) * n * sizeof(float))) : nullptr) {}
   ~RowBuffers() { free(p_); }
   RowBuffers(const RowBuffers&) = delete;
   RowBuffers& operator=(const RowBuffers&) = delete;

@@ -11,9 +11,9 @@ any mix, compute in float32 and give the output dtypes of the reference (torch's
 bfloat16 activation plus a float32 residual gives float32), which is what a CPU bf16 autocast run feeds
 them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin float32); linear_cross_entropy
 runs its GEMMs in bfloat16 under bf16 autocast or on bfloat16 inputs; AdamW and loss scaling take
-float32 only. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned memory, so
-alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except where a
-kernel reads strides itself (swiglu's chunked halves, rope's q/k views).
+float32 only. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned
+memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except
+where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views, attention's heads).
 
 Attention is here for small heads only: each (batch, head) keeps its whole (T, S) score matrix in
 scratch, which beats PyTorch's flash-style CPU SDPA at the small models' shapes; above T * S = 384 * 384,
@@ -492,13 +492,23 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
                 torch.mm(logits, wc, out=dh[start:start + n])
             else:
                 dh[start:start + n] = torch.mm(logits, wc)
-            # the first chunk writes the weight gradients, later ones add to them (in fp32)
-            if compute == _F32:
-                torch.mm(logits.t(), h, out=dw) if start == 0 else dw.addmm_(logits.t(), h)
-            else:
-                dw.copy_(torch.mm(logits.t(), h)) if start == 0 else dw.add_(torch.mm(logits.t(), h))
+            # the first chunk writes the weight gradients, later ones add to them, in fp32
+            if compute == _F32 and start == 0:
+                torch.mm(logits.t(), h, out=dw)
+            elif compute == _F32:
+                dw.addmm_(logits.t(), h)
+            else:  # a bf16 GEMM (fp32 accumulation inside it), summed over the chunks in fp32
+                part = torch.mm(logits.t(), h)
+                if start == 0:
+                    dw.copy_(part)
+                else:
+                    dw += part
             if bias is not None:
-                db.copy_(logits.sum(0, dtype=_F32)) if start == 0 else db.add_(logits.sum(0, dtype=_F32))
+                part = logits.sum(0, dtype=_F32)
+                if start == 0:
+                    db.copy_(part)
+                else:
+                    db += part
     dw = dw.to(weight.dtype) if with_grad else dw
     db = db.to(bias.dtype) if with_grad and bias is not None else db
     return (total / count).to(_F32), dh, dw, db
