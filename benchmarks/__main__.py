@@ -69,7 +69,9 @@ def run(args) -> int:
     if args.resume:
         done = results.done_cases(results.read(out), results.session_key({"machine": info, "suite": suite}))
         print(f"resume: {len(done)} (op, case, dtype) already measured in this session are skipped")
-    all_dtypes = sorted({d for b in benches if isinstance(b, harness.OpBench) for d in opts.dtypes_for(b)} | {"fp32"})
+    all_dtypes = {d for b in benches if isinstance(b, harness.OpBench) for d in opts.dtypes_for(b)}
+    all_dtypes |= {p for b in benches if hasattr(b, "variants") for _, p, _ in b.variants(opts)}  # train_step
+    all_dtypes = sorted(all_dtypes | {"fp32"})  # the matmul peak of each precision measured (MFU, roofline)
     calib = machine.calibrate(device, all_dtypes, budget_s=1.0)
     log.append({"kind": "calibration", "suite": suite, **calib})
     print(f"calibration: copy {calib['copy_gbps']:.1f} GB/s; matmul peak "

@@ -18,6 +18,7 @@ import torch
 from pyllm.model import Transformer, preset
 from pyllm.ops import registry
 from pyllm.model.flops import flops_per_token
+from pyllm.train.config import cpu_has_native_bf16
 
 from .harness import Case, RunOptions
 from .timing import dtype_context, time_fn
@@ -64,8 +65,11 @@ class TrainStepBench:
     def variants(self, opts: RunOptions) -> list[tuple[str, str, bool]]:
         """(backend, precision, compile) combinations for this device."""
         backends = ["torch", "triton", "cuda"] if opts.device == "cuda" else ["torch", "cpu"]
-        precisions = [p for p in (opts.dtypes or ("fp32", "tf32", "bf16", "fp16"))
-                      if opts.device == "cuda" or p == "fp32"]
+        if opts.device == "cuda":
+            precisions = list(opts.dtypes or ("fp32", "tf32", "bf16", "fp16"))
+        else:  # bf16 autocast where the CPU has bf16 dot products (emulated elsewhere: ~500x slower matmuls)
+            cpu_default = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
+            precisions = [p for p in (opts.dtypes or cpu_default) if p in ("fp32", "bf16")]
         out = [(b, p, False) for b in backends for p in precisions]
         if opts.suite != "short":
             out += [("torch", p, True) for p in precisions]
