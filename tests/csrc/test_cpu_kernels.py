@@ -190,10 +190,20 @@ def test_cross_entropy_all_rows_ignored():
     _check("cross_entropy", [torch.randn(4, 10), torch.full((4,), -100)])
 
 
+def _chunks_of_rows(monkeypatch, rows_per_chunk: int, vocab: int):
+    """Make linear_cross_entropy's fp32 logits chunks hold rows_per_chunk rows of vocab (bf16: twice as many),
+    so that small tests run its multi-chunk path (fp32 weight-gradient accumulation across chunks)."""
+    from pyllm.ops import cpu_backend as cb
+
+    monkeypatch.setattr(cb, "_LCE_CHUNK_BYTES", rows_per_chunk * vocab * 4)
+
+
 @pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(1, 8, 2, False), (37, 64, 65, True), (9, 32, 50257, False),
-                                                        (100, 16, 65537, True)])  # the last spans 4 row chunks
+                                                        (100, 16, 65537, True)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_cross_entropy(rows, hidden, vocab, with_bias, reduction):
+def test_linear_cross_entropy(rows, hidden, vocab, with_bias, reduction, monkeypatch):
+    if rows == 100:
+        _chunks_of_rows(monkeypatch, 30, vocab)  # 4 row chunks: 30 + 30 + 30 + 10
     target = torch.randint(0, vocab, (rows,))
     target[::4] = -100
     args = [torch.randn(rows, hidden), torch.randn(vocab, hidden) * hidden ** -0.5, target]
@@ -720,11 +730,14 @@ def test_cpu_isa_is_reported():
     assert pyllm._C.cpu_isa() in ("avx512", "avx2", "base")
 
 
-@pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(37, 64, 65, True), (100, 16, 65537, False)])
-def test_linear_cross_entropy_under_bf16_autocast(rows, hidden, vocab, with_bias):
+@pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(37, 64, 65, True), (100, 16, 65537, False),
+                                                        (100, 16, 4099, True)])
+def test_linear_cross_entropy_under_bf16_autocast(rows, hidden, vocab, with_bias, monkeypatch):
     # what the model's fused loss does in a CPU bf16 autocast run: bf16 GEMMs and logits (as autocast makes
-    # the reference's F.linear), the weight gradient summed over the row chunks in fp32 (the second case
-    # spans 4 chunks), gradients in the fp32 inputs' dtype
+    # the reference's F.linear), the weight and bias gradients summed over the row chunks in fp32 (the last
+    # two cases span 4 chunks of 30 bf16 rows), gradients in the fp32 inputs' dtype
+    if rows == 100:
+        _chunks_of_rows(monkeypatch, 15, vocab)
     target = torch.randint(0, vocab, (rows,))
     target[::4] = -100
     h, w = torch.randn(rows, hidden), torch.randn(vocab, hidden) * hidden ** -0.5
