@@ -85,10 +85,7 @@ void bias_gelu_bwd_impl(Src dy, Src x, Src bias, Dst dx, Dst dbias, int64_t rows
     }
   }
   if (partial) {
-    for (int t = 1; t < nt; ++t) {
-      for (int64_t i = 0; i < n; ++i) partial[i] += partial[static_cast<int64_t>(t) * n + i];
-    }
-    dst_write(dbias, 0, partial, n);
+    write_thread_sum(dbias, partial, nt, n);
     free(partial);
   }
 }

@@ -135,11 +135,7 @@ inline bool in_place(DType t, int64_t sl, int64_t D) { return t == DType::kFloat
 inline const float* head_in(const Heads& t, int64_t b, int64_t h, int64_t L, int64_t D, float* buf) {
   const int64_t base = b * t.sb + h * t.sh;
   if (in_place(t.t, t.sl, D)) return static_cast<const float*>(t.p) + base;
-  for (int64_t l = 0; l < L; ++l) {
-    const float* row = src_row(Src{t.p, t.t}, base + l * t.sl, D, buf + l * D);
-    if (row != buf + l * D)
-      for (int64_t d = 0; d < D; ++d) buf[l * D + d] = row[d];
-  }
+  for (int64_t l = 0; l < L; ++l) src_copy(Src{t.p, t.t}, base + l * t.sl, D, buf + l * D);
   return buf;
 }
 

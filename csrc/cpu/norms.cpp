@@ -38,7 +38,7 @@ void norm_fwd(Src x, Src residual, Src weight, Src bias, Dst y, Dst h_out, float
   RowBuffers params(is_bf16(weight) || is_bf16(bias), 2, n);
   const float* w = src_row(weight, 0, n, params[0]);
   const float* b = bias.p ? src_row(bias, 0, n, params[1]) : nullptr;
-  const bool widen = is_bf16(x) || is_bf16(residual) || is_bf16(y) || (residual.p && is_bf16(h_out));
+  const bool widen = is_bf16(x) || is_bf16(residual) || is_bf16(y) || is_bf16(h_out);
   for_each_row(rows, n, threads, widen, 4, [&](int64_t r, const RowBuffers& buf) {
     const float* xr = src_row(x, r * n, n, buf[0]);
     float* yr = dst_row(y, r * n, buf[1]);
@@ -146,15 +146,8 @@ void norm_bwd(Src dy, Src h, Src weight, const float* mean_in, const float* rstd
       dst_commit(dx, r * n, dxr, n);
     }
   }
-  // Thread 0's partial row becomes the total (threads 1.. are added into it), then is written out.
-  for (int t = 1; t < nt; ++t) {
-    for (int64_t i = 0; i < n; ++i) {
-      partial[i] += partial[static_cast<int64_t>(t) * n + i];
-      if (dbias.p) partial[static_cast<int64_t>(nt) * n + i] += partial[static_cast<int64_t>(nt + t) * n + i];
-    }
-  }
-  dst_write(dweight, 0, partial, n);
-  if (dbias.p) dst_write(dbias, 0, partial + static_cast<int64_t>(nt) * n, n);
+  write_thread_sum(dweight, partial, nt, n);
+  if (dbias.p) write_thread_sum(dbias, partial + static_cast<int64_t>(nt) * n, nt, n);
   free(partial);
 }
 

@@ -101,13 +101,23 @@ inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 inline bool is_bf16(const pyllm::cpu::Src& s) { return s.p && s.t == pyllm::DType::kBFloat16; }
 inline bool is_bf16(const pyllm::cpu::Dst& d) { return d.p && d.t == pyllm::DType::kBFloat16; }
 
+// Copies elements [offset, offset + n) of s into buf as float (widening bfloat16).
+inline void src_copy(const pyllm::cpu::Src& s, int64_t offset, int64_t n, float* __restrict buf) {
+  if (s.t == pyllm::DType::kBFloat16) {
+    const uint16_t* __restrict b = static_cast<const uint16_t*>(s.p) + offset;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(b[i]);
+    return;
+  }
+  const float* __restrict f = static_cast<const float*>(s.p) + offset;
+  for (int64_t i = 0; i < n; ++i) buf[i] = f[i];
+}
+
 // Elements [offset, offset + n) of s as float: the tensor's own memory when it is float32, else
 // widened into buf (n floats).
-inline const float* src_row(const pyllm::cpu::Src& s, int64_t offset, int64_t n, float* __restrict buf) {
+inline const float* src_row(const pyllm::cpu::Src& s, int64_t offset, int64_t n, float* buf) {
   if (s.t != pyllm::DType::kBFloat16) return static_cast<const float*>(s.p) + offset;
-  const uint16_t* __restrict b = static_cast<const uint16_t*>(s.p) + offset;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(b[i]);
+  src_copy(s, offset, n, buf);
   return buf;
 }
 
@@ -138,6 +148,15 @@ inline void dst_write(const pyllm::cpu::Dst& d, int64_t offset, const float* src
   }
   float* f = static_cast<float*>(d.p) + offset;
   for (int64_t i = 0; i < n; ++i) f[i] = src[i];
+}
+
+// Adds the nt per-thread partial rows of `partial` (nt x n floats, row t at partial + t n) into row 0, in
+// thread order, and writes that total into d.
+inline void write_thread_sum(const pyllm::cpu::Dst& d, float* partial, int nt, int64_t n) {
+  for (int t = 1; t < nt; ++t) {
+    for (int64_t i = 0; i < n; ++i) partial[i] += partial[static_cast<int64_t>(t) * n + i];
+  }
+  dst_write(d, 0, partial, n);
 }
 
 // Float buffers for bfloat16 rows: `slots` rows of n floats, allocated only when `needed` (a kernel whose

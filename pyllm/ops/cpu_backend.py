@@ -252,13 +252,22 @@ _swiglu = kernel_op("pyllm::swiglu_cpu", _swiglu_fwd, swiglu_fwd_fake, swiglu_se
 # writes dgate and dup straight into the halves of one (..., 2n) gradient: no split, no concatenation.
 
 
+def _shared_base(*views: Tensor) -> Optional[Tensor]:
+    """The contiguous tensor that all ``views`` are views of, when autograd connects them to it, else None.
+    (Views made under no_grad of a tensor that requires grad are not connected: no gradient may reach it.)"""
+    base = views[0]._base
+    if base is None or any(t._base is not base for t in views) or not base.is_contiguous():
+        return None
+    if any(t.requires_grad for t in views) and any(t.grad_fn is None for t in views):
+        return None
+    return base
+
+
 def _fused_projection(gate: Tensor, up: Tensor) -> Optional[Tensor]:
     """The contiguous (..., 2n) tensor whose last-dim halves are exactly ``gate`` and ``up``, or None."""
-    base = gate._base
-    if base is None or up._base is not base or not base.is_contiguous() or gate.shape != up.shape:
+    base = _shared_base(gate, up)
+    if base is None or gate.shape != up.shape:
         return None
-    if (gate.requires_grad or up.requires_grad) and (gate.grad_fn is None or up.grad_fn is None):
-        return None  # views made under no_grad: autograd does not connect them to base
     n = gate.shape[-1]
     if base.numel() != 2 * gate.numel() or _row_stride(gate) != 2 * n or _row_stride(up) != 2 * n:
         return None
@@ -690,11 +699,9 @@ _attention = kernel_op("pyllm::attention_cpu", _attention_fwd, _attention_fwd_fa
 
 def _fused_qkv(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
     """The contiguous (B, T, (Hq + 2 Hkv) D) tensor of which q, k, v are the head views, or None."""
-    base = q._base
-    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+    base = _shared_base(q, k, v)
+    if base is None:
         return None
-    if any(t.requires_grad for t in (q, k, v)) and any(t.grad_fn is None for t in (q, k, v)):
-        return None  # views made under no_grad: autograd does not connect them to base
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     W = (Hq + 2 * Hkv) * D
@@ -709,17 +716,22 @@ def _fused_qkv(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
     return base if base.shape == (B, T, W) else base.view(B, T, W)
 
 
+def _qkv_dims(qkv: Tensor, Hq: int, Hkv: int) -> tuple[int, int, int]:
+    """(B, T, D) of a (B, T, (Hq + 2 Hkv) D) tensor."""
+    B, T, W = qkv.shape
+    return B, T, W // (Hq + 2 * Hkv)
+
+
 def _qkv_heads(qkv: Tensor, Hq: int, Hkv: int) -> tuple[tuple, tuple, tuple]:
     """The q, k, v heads of a (B, T, (Hq + 2 Hkv) D) tensor, as the kernels take them."""
-    B, T, W = qkv.shape
-    D = W // (Hq + 2 * Hkv)
+    _, T, D = _qkv_dims(qkv, Hq, Hkv)
+    W = qkv.shape[2]
     start, e, code = qkv.data_ptr(), qkv.element_size(), _CODES[qkv.dtype]
     return tuple((start + e * h0 * D, code, T * W, D, W) for h0 in (0, Hq, Hq + Hkv))
 
 
 def _attention_qkv_fwd(qkv: Tensor, Hq: int, Hkv: int, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    B, T, W = qkv.shape
-    D = W // (Hq + 2 * Hkv)
+    B, T, D = _qkv_dims(qkv, Hq, Hkv)
     o, lse = _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
     _C.cpu_attention_fwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, T, D, scale, causal,
                          _threads())
@@ -727,8 +739,7 @@ def _attention_qkv_fwd(qkv: Tensor, Hq: int, Hkv: int, scale: float, causal: boo
 
 
 def _attention_qkv_fwd_fake(qkv, Hq, Hkv, scale, causal):
-    B, T, W = qkv.shape
-    D = W // (Hq + 2 * Hkv)
+    B, T, D = _qkv_dims(qkv, Hq, Hkv)
     return _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
 
 
@@ -736,8 +747,7 @@ def _attention_qkv_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, Hq: int,
                        causal: bool) -> Tensor:
     """The gradient of qkv (B, T, (Hq + 2 Hkv) D): every element is written (dq, dk, dv side by side)."""
     do, o = _unit_last(do), _unit_last(o)
-    B, T, W = qkv.shape
-    D = W // (Hq + 2 * Hkv)
+    B, T, D = _qkv_dims(qkv, Hq, Hkv)
     dqkv = torch.empty_like(qkv)
     _C.cpu_attention_bwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), _heads(do),
                          *_qkv_heads(dqkv, Hq, Hkv), B, Hq, Hkv, T, T, D, scale, causal, _threads())
