@@ -156,18 +156,19 @@ void bind_cpu(py::module_& m) {
   m.def(
       "cpu_attention_fwd",
       [](const HeadsArg& q, const HeadsArg& k, const HeadsArg& v, const HeadsArg& o, Addr lse, int64_t B, int64_t Hq,
-         int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads) {
+         int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale, bool causal, int64_t window, Addr doc,
+         int threads) {
         kernels().attention_fwd(In(q), In(k), In(v), Out(o), P<float>(lse), B, Hq, Hkv, T, S, D, scale, causal,
-                                threads);
+                                window, P<const int64_t>(doc), threads);
       },
       kNoGil);
   m.def(
       "cpu_attention_bwd",
       [](const HeadsArg& q, const HeadsArg& k, const HeadsArg& v, const HeadsArg& o, Addr lse, const HeadsArg& dout,
          const HeadsArg& dq, const HeadsArg& dk, const HeadsArg& dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
-         int64_t S, int64_t D, float scale, bool causal, int threads) {
+         int64_t S, int64_t D, float scale, bool causal, int64_t window, Addr doc, int threads) {
         kernels().attention_bwd(In(q), In(k), In(v), In(o), P<const float>(lse), In(dout), Out(dq), Out(dk), Out(dv), B,
-                                Hq, Hkv, T, S, D, scale, causal, threads);
+                                Hq, Hkv, T, S, D, scale, causal, window, P<const int64_t>(doc), threads);
       },
       kNoGil);
 }

@@ -1,22 +1,33 @@
-// Attention for small heads on the CPU: o = softmax(q k^T * scale + mask) v, forward and backward.
+// Attention on the CPU: o = softmax(q k^T * scale + mask) v, forward and backward, for any T and S.
 //
-// One (batch, head) at a time, its whole (T, S) score matrix in a per-thread scratch (the Python wrapper
-// sends only T * S <= 384 * 384 here; larger problems go to PyTorch's flash-style SDPA). Queries are the
-// last T of the S key positions (bottom-right causal alignment): query i sees keys j <= S - T + i, and
-// only those columns are ever computed. The forward saves lse = log sum_j exp(s_ij) per query row; the
-// backward recomputes P = exp(s - lse) (FlashAttention-2, Dao 2023, section 3.1.2):
-//   dV = P^T dO,  dP = dO V^T,  Dsum_i = dO_i . O_i,  dS = P * (dP - Dsum),  dQ = scale dS K,  dK = scale dS^T Q.
-// Every product is written as out[q][c] = sum_r a[q][r] M[r, c] over a row-major M for a block of
-// kRows output rows (query rows, or key rows in dK/dV), with the output columns in 16-float register
-// accumulators (broadcast-FMA over r; each load of M feeds kRows FMAs). K and V are copied transposed,
-// and P and dS transposed, so that each of the five products has that form. Within a block of query
-// rows the causal row lengths differ: every row is computed to the block's longest, with P (hence dS)
-// zero beyond a row's own visible keys.
+// Masks: queries are the last T of the S key positions (bottom-right alignment), so query i sits at
+// position p = S - T + i; causal keeps keys j <= p, a sliding window keeps p - j < window, document ids
+// keep keys of the query's own document. key_ranges() turns the first two (and the documents, when each
+// document is one contiguous run of positions, as in packed sequences) into one range [lo, hi) of keys per
+// query: only those columns are ever computed. Documents that recur in several runs are masked key by key
+// inside the range instead.
+//
+// Forward, per (batch, head, chunk of kChunk queries), blocks of kRows queries: their scores over the
+// union of their key ranges (at most S floats per row in scratch, so any S fits), the softmax of each row
+// (its logsumexp lse saved for the backward), then o = P V. No online rescaling is needed: a block's rows
+// are complete before P V.
+// Backward (FlashAttention-2, Dao 2023, section 3.1.2), per (batch, kv head), over tiles of kChunk
+// queries x kTile keys: P = exp(s - lse) recomputed, then
+//   dV += P^T dO,  dP = dO V^T,  Dsum_i = dO_i . O_i,  dS = P * (dP - Dsum),  dQ += scale dS K,  dK += scale dS^T Q.
+// Scratch is two (kChunk, kTile) tiles whatever T and S; each (batch, kv head) is one thread's work, so the
+// query heads of a grouped-query group add into its dK and dV without a reduction across threads, and the
+// thread count never changes a bit.
+//
+// Every product is out[q][c] (+)= sum_r a(q, r) M[r, c] over a row-major M, for a block of kRows output
+// rows, with the output columns in 16-float register accumulators (broadcast-FMA over r; each load of M
+// feeds kRows FMAs). a(q, r) is read through two strides, so P^T and dS^T are read in place; K and V are
+// copied transposed once per (batch, kv head) for the two products that need K^T and V^T.
 //
 // q, k, v, o and the gradients are strided views (kernels.h: Heads), float32 or bfloat16: a head whose
-// rows are not D apart, or that is bfloat16, is gathered into a float32 (L, D) block per thread first
-// (and an output head scattered back), O(L D) work beside the O(T S D) of the products; float32 heads
-// with contiguous rows are used in place.
+// rows are not D apart, or that is bfloat16, is gathered into float32 rows per thread first (and an
+// output scattered back), O(L D) work beside the O(T S D) of the products; float32 heads with contiguous
+// rows are used in place.
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
@@ -26,236 +37,339 @@ PYLLM_CPU_NS_BEGIN
 
 namespace {
 
-constexpr int64_t kVec = 16;  // floats per AVX-512 register (two AVX2 ones)
-constexpr int kRows = 4;      // output rows per block
+constexpr int64_t kVec = 16;     // floats per AVX-512 register (two AVX2 ones)
+constexpr int kRows = 4;         // output rows per block
+constexpr int64_t kChunk = 64;   // queries per forward work item and per backward tile
+constexpr int64_t kTile = 256;   // keys per backward tile
+constexpr int64_t kTileLd = kTile + kVec;  // a tile row: kTile keys plus room for a 16-column overshoot
 
-// out[q * ldo + c] = sum_{r < rows} a[q * lda + r] * m[r * ld + c] for q < NQ, c < W: NQ x W / 16
+// out[q * ldo + c] (+)= sum_{r < rows} a[q * aq + r * ar] * m[r * ld + c] for q < NQ, c < W: NQ x W / 16
 // independent accumulator chains (8 at NQ = 4, W = 32), enough to hide the FMA latency.
-template <int NQ, int64_t W>
-inline void rows_times_block(float* out, int64_t ldo, const float* a, int64_t lda, const float* m, int64_t ld,
-                             int64_t rows) {
+template <int NQ, int64_t W, bool kAdd>
+inline void rows_times_block(float* out, int64_t ldo, const float* a, int64_t aq, int64_t ar, const float* m,
+                             int64_t ld, int64_t rows) {
   float acc[NQ][W] = {};
   for (int64_t r = 0; r < rows; ++r) {
     const float* mr = m + r * ld;
     for (int q = 0; q < NQ; ++q) {
-      const float aq = a[q * lda + r];
+      const float aqr = a[q * aq + r * ar];
 #pragma omp simd
-      for (int64_t c = 0; c < W; ++c) acc[q][c] += aq * mr[c];
+      for (int64_t c = 0; c < W; ++c) acc[q][c] += aqr * mr[c];
     }
   }
   for (int q = 0; q < NQ; ++q)
 #pragma omp simd
-    for (int64_t c = 0; c < W; ++c) out[q * ldo + c] = acc[q][c];
+    for (int64_t c = 0; c < W; ++c) out[q * ldo + c] = kAdd ? out[q * ldo + c] + acc[q][c] : acc[q][c];
 }
 
 // The same over cols columns: blocks of 32 and 16, then a scalar tail (callers pad their scratch to
 // multiples of 16 where they can; D not a multiple of 16 takes the tail).
-template <int NQ>
-inline void rows_times_matrix(float* out, int64_t ldo, const float* a, int64_t lda, const float* m, int64_t ld,
-                              int64_t rows, int64_t cols) {
+template <int NQ, bool kAdd>
+inline void rows_times_matrix(float* out, int64_t ldo, const float* a, int64_t aq, int64_t ar, const float* m,
+                              int64_t ld, int64_t rows, int64_t cols) {
   int64_t c0 = 0;
-  for (; c0 + 32 <= cols; c0 += 32) rows_times_block<NQ, 32>(out + c0, ldo, a, lda, m + c0, ld, rows);
+  for (; c0 + 32 <= cols; c0 += 32) rows_times_block<NQ, 32, kAdd>(out + c0, ldo, a, aq, ar, m + c0, ld, rows);
   if (c0 + 16 <= cols) {
-    rows_times_block<NQ, 16>(out + c0, ldo, a, lda, m + c0, ld, rows);
+    rows_times_block<NQ, 16, kAdd>(out + c0, ldo, a, aq, ar, m + c0, ld, rows);
     c0 += 16;
   }
   for (int q = 0; q < NQ; ++q)
     for (int64_t c = c0; c < cols; ++c) {
       float acc = 0.0f;
-      for (int64_t r = 0; r < rows; ++r) acc += a[q * lda + r] * m[r * ld + c];
-      out[q * ldo + c] = acc;
+      for (int64_t r = 0; r < rows; ++r) acc += a[q * aq + r * ar] * m[r * ld + c];
+      out[q * ldo + c] = kAdd ? out[q * ldo + c] + acc : acc;
     }
 }
 
 // rows_times_matrix for nq <= kRows rows (the last block of a matrix may be short).
-inline void block_times_matrix(int nq, float* out, int64_t ldo, const float* a, int64_t lda, const float* m,
-                               int64_t ld, int64_t rows, int64_t cols) {
-  if (nq == kRows) return rows_times_matrix<kRows>(out, ldo, a, lda, m, ld, rows, cols);
-  for (int q = 0; q < nq; ++q) rows_times_matrix<1>(out + q * ldo, ldo, a + q * lda, lda, m, ld, rows, cols);
+template <bool kAdd = false>
+inline void block_times_matrix(int nq, float* out, int64_t ldo, const float* a, int64_t aq, int64_t ar,
+                               const float* m, int64_t ld, int64_t rows, int64_t cols) {
+  if (nq == kRows) return rows_times_matrix<kRows, kAdd>(out, ldo, a, aq, ar, m, ld, rows, cols);
+  for (int q = 0; q < nq; ++q) rows_times_matrix<1, kAdd>(out + q * ldo, ldo, a + q * aq, aq, ar, m, ld, rows, cols);
 }
 
 inline int64_t round_up(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 
-// dst (cols, ld_dst) = src (rows, cols)^T for the first rows of src (row stride ld_src).
-inline void transpose(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+// Columns of a transposed (D, S) head: S rounded up, plus one vector so that a block of columns starting
+// anywhere below S may run 16 past S (those columns are zero and never used).
+inline int64_t transposed_ld(int64_t S) { return round_up(S) + kVec; }
+
+// dst (cols, ld_dst) = src (rows, cols)^T, zero in the padding columns rows .. ld_dst.
+inline void transpose(float* dst, int64_t ld_dst, const float* src, int64_t rows, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * cols + c];
+    for (int64_t r = rows; r < ld_dst; ++r) dst[c * ld_dst + r] = 0.0f;
+  }
 }
 
-// Keys query i may see: j < visible(i).
-inline int64_t visible(int64_t i, int64_t T, int64_t S, bool causal) {
-  if (!causal) return S;
-  const int64_t n = S - T + i + 1;
-  return n < 0 ? 0 : (n > S ? S : n);
+// The keys each query sees: keys [lo, hi) of query (b, i), at lo[b * T + i], hi[b * T + i]. check_doc[b]:
+// the range may hold keys of another document (a document in several runs), to be masked one by one.
+struct KeyRanges {
+  std::vector<int64_t> lo, hi;
+  std::vector<char> check_doc;
+};
+
+KeyRanges key_ranges(int64_t B, int64_t T, int64_t S, bool causal, int64_t window, const int64_t* doc) {
+  KeyRanges r{std::vector<int64_t>(B * T), std::vector<int64_t>(B * T), std::vector<char>(B, 0)};
+  std::vector<int64_t> run_lo(doc ? S : 0), run_hi(doc ? S : 0), run_ids;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* d = doc ? doc + b * S : nullptr;
+    if (d) {  // the run of equal ids around each position; is any id in two runs?
+      run_ids.clear();
+      for (int64_t j = 0; j < S; ++j) {
+        const bool starts = j == 0 || d[j] != d[j - 1];
+        run_lo[j] = starts ? j : run_lo[j - 1];
+        if (starts) run_ids.push_back(d[j]);
+      }
+      for (int64_t j = S - 1; j >= 0; --j) run_hi[j] = (j == S - 1 || d[j] != d[j + 1]) ? j + 1 : run_hi[j + 1];
+      std::sort(run_ids.begin(), run_ids.end());
+      r.check_doc[b] = std::adjacent_find(run_ids.begin(), run_ids.end()) != run_ids.end();
+    }
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t p = S - T + i;
+      int64_t lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0, hi = causal ? p + 1 : S;
+      if (d && !r.check_doc[b]) {
+        lo = std::max(lo, run_lo[p]);
+        hi = std::min(hi, run_hi[p]);
+      }
+      r.lo[b * T + i] = lo;
+      r.hi[b * T + i] = hi;
+    }
+  }
+  return r;
 }
 
-// First query that sees key j (the transpose of visible).
-inline int64_t first_query(int64_t j, int64_t T, int64_t S, bool causal) {
-  if (!causal) return 0;
-  const int64_t i = j - (S - T);
-  return i < 0 ? 0 : i;
+// The union [lo, hi) of the key ranges of nq consecutive queries (empty: lo >= hi).
+struct Span {
+  int64_t lo, hi;
+};
+inline Span span_of(const int64_t* lo, const int64_t* hi, int nq) {
+  Span s{lo[0], hi[0]};
+  for (int r = 1; r < nq; ++r) {
+    s.lo = std::min(s.lo, lo[r]);
+    s.hi = std::max(s.hi, hi[r]);
+  }
+  return s;
 }
 
-// Rows i0 .. i0 + nq of P = exp(scale q k^T - lse) into p (row stride Sp), each computed up to n_max =
-// visible(i0 + nq - 1) and zero from its own visible(i) on. kt: K transposed (D, Sp), zero beyond S.
-// With lse == nullptr the rows are normalised here and their logsumexp written to lse_out (forward).
-inline void probabilities(float* p, int64_t Sp, const float* q, const float* kt, int64_t D, int64_t i0, int nq,
-                          int64_t T, int64_t S, bool causal, float scale, const float* lse, float* lse_out) {
-  const int64_t n_max = visible(i0 + nq - 1, T, S, causal);
-  block_times_matrix(nq, p, Sp, q, D, kt, Sp, D, round_up(n_max));
+// Rows of P = exp(scale q k^T - lse) for keys [c0, c1) into p (p[r * ldp + j - c0]) for nq queries whose key
+// ranges are lo[r], hi[r] (each row zero outside its own range, and, when doc != null, on keys of another
+// document than doc_q[r]); columns up to `width` of each row are written (zeros beyond c1).
+// kt: K^T (D, ldk) zero-padded. With lse == nullptr (the forward), [c0, c1) must hold every row's range:
+// the rows are normalised here and their logsumexp written to lse_out.
+inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, int64_t D, const float* kt,
+                          int64_t ldk, int64_t c0, int64_t c1, const int64_t* lo, const int64_t* hi, int nq,
+                          const int64_t* doc, const int64_t* doc_q, float scale, const float* lse, float* lse_out) {
+  block_times_matrix(nq, p, ldp, q, D, 1, kt + c0, ldk, D, round_up(c1 - c0));
   for (int r = 0; r < nq; ++r) {
-    float* pr = p + r * Sp;
-    const int64_t n = visible(i0 + r, T, S, causal);
+    float* pr = p + r * ldp - c0;  // pr[j] for key j
+    const int64_t a = std::max(lo[r], c0), e = std::min(hi[r], c1);
     float m = -INFINITY;
+    if (doc != nullptr) {
+      const int64_t own = doc_q[r];
+      for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == own ? pr[j] : -INFINITY;
+    }
 #pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = a; j < e; ++j) {
       pr[j] *= scale;
       m = pr[j] > m ? pr[j] : m;
     }
     float l;
     if (lse != nullptr) {
       l = lse[r];
-    } else {  // forward: the logsumexp of the row
+    } else {  // forward: the logsumexp of the row (every row sees at least its own position)
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += fast_exp(pr[j] - m);
-      l = n > 0 ? m + logf(sum) : -INFINITY;  // no key visible: P = 0, o = 0
+      for (int64_t j = a; j < e; ++j) sum += fast_exp(pr[j] - m);
+      l = a < e ? m + logf(sum) : -INFINITY;
       lse_out[r] = l;
     }
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) pr[j] = fast_exp(pr[j] - l);
-    for (int64_t j = n; j < n_max; ++j) pr[j] = 0.0f;
+    for (int64_t j = a; j < e; ++j) pr[j] = fast_exp(pr[j] - l);
+    if (doc != nullptr)  // fast_exp(-inf) is ~1e-38, not 0
+      for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == doc_q[r] ? pr[j] : 0.0f;
+    for (int64_t j = c0; j < std::min(a, c0 + width); ++j) pr[j] = 0.0f;
+    for (int64_t j = std::max(e, c0); j < c0 + width; ++j) pr[j] = 0.0f;
   }
 }
 
-// Head (b, h) of t as a contiguous float32 (L, D) block: t's own memory when float32 with rows D apart,
-// else gathered (and widened) into buf, which then must hold L * D floats.
+// Rows [l0, l0 + n) of head (b, h) of t as contiguous float32 rows of D: t's own memory when float32 with
+// rows D apart, else gathered (and widened) into buf, which then must hold n * D floats.
 inline bool in_place(DType t, int64_t sl, int64_t D) { return t == DType::kFloat32 && sl == D; }
 
-inline const float* head_in(const Heads& t, int64_t b, int64_t h, int64_t L, int64_t D, float* buf) {
-  const int64_t base = b * t.sb + h * t.sh;
+inline const float* rows_in(const Heads& t, int64_t b, int64_t h, int64_t l0, int64_t n, int64_t D, float* buf) {
+  const int64_t base = b * t.sb + h * t.sh + l0 * t.sl;
   if (in_place(t.t, t.sl, D)) return static_cast<const float*>(t.p) + base;
-  for (int64_t l = 0; l < L; ++l) src_copy(Src{t.p, t.t}, base + l * t.sl, D, buf + l * D);
+  for (int64_t l = 0; l < n; ++l) src_copy(Src{t.p, t.t}, base + l * t.sl, D, buf + l * D);
   return buf;
 }
 
-// Where to compute head (b, h) of t: its memory when float32 with rows D apart, else buf; head_commit
-// then scatters (and narrows) buf into t.
-inline float* head_out(const HeadsOut& t, int64_t b, int64_t h, int64_t D, float* buf) {
-  return in_place(t.t, t.sl, D) ? static_cast<float*>(t.p) + b * t.sb + h * t.sh : buf;
+// Where to compute rows [l0, ...) of head (b, h) of t: its memory when float32 with rows D apart, else buf;
+// rows_commit then scatters (and narrows) n rows of buf into t.
+inline float* rows_out(const HeadsOut& t, int64_t b, int64_t h, int64_t l0, int64_t D, float* buf) {
+  return in_place(t.t, t.sl, D) ? static_cast<float*>(t.p) + b * t.sb + h * t.sh + l0 * t.sl : buf;
 }
 
-inline void head_commit(const HeadsOut& t, int64_t b, int64_t h, int64_t L, int64_t D, const float* buf) {
+inline void rows_commit(const HeadsOut& t, int64_t b, int64_t h, int64_t l0, int64_t n, int64_t D, const float* buf) {
   if (in_place(t.t, t.sl, D)) return;
-  for (int64_t l = 0; l < L; ++l) dst_write(Dst{t.p, t.t}, b * t.sb + h * t.sh + l * t.sl, buf + l * D, D);
+  for (int64_t l = 0; l < n; ++l) dst_write(Dst{t.p, t.t}, b * t.sb + h * t.sh + (l0 + l) * t.sl, buf + l * D, D);
 }
 
-// A scratch block of n floats for a head of t, empty when t is used in place.
-inline std::vector<float> head_buffer(DType t, int64_t sl, int64_t D, int64_t n) {
+// A scratch block of n floats for t, empty when t is used in place.
+inline std::vector<float> rows_buffer(DType t, int64_t sl, int64_t D, int64_t n) {
   return std::vector<float>(in_place(t, sl, D) ? 0 : n);
 }
 
 }  // namespace
 
 void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
-                   int64_t S, int64_t D, float scale, bool causal, int threads) {
-  const int64_t group = Hq / Hkv, Sp = round_up(S);
+                   int64_t S, int64_t D, float scale, bool causal, int64_t window, const int64_t* doc, int threads) {
+  const KeyRanges ranges = key_ranges(B, T, S, causal, window, doc);
+  const int64_t group = Hq / Hkv, ldk = transposed_ld(S), chunks = (T + kChunk - 1) / kChunk;
+  // Work items (batch, head, chunk of queries), in that order: consecutive items share a kv head, whose
+  // K^T (and gathered V) each thread keeps until its next item needs another one.
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
-    std::vector<float> kt(D * Sp), p(kRows * Sp);  // K^T (D, Sp) zero-padded, one block of P rows
-    std::vector<float> qb = head_buffer(q.t, q.sl, D, T * D), ob = head_buffer(o.t, o.sl, D, T * D);
-    std::vector<float> kb = head_buffer(k.t, k.sl, D, S * D), vb = head_buffer(v.t, v.sl, D, S * D);
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * Hq; ++bh) {
-      const int64_t b = bh / Hq, h = bh % Hq, kv = h / group;
-      const float* qh = head_in(q, b, h, T, D, qb.data());
-      const float* kh = head_in(k, b, kv, S, D, kb.data());
-      const float* vh = head_in(v, b, kv, S, D, vb.data());
-      float* oh = head_out(o, b, h, D, ob.data());
-      transpose(kt.data(), Sp, kh, D, S, D);
-      for (int64_t i = 0; i < T; i += kRows) {
-        const int nq = static_cast<int>(min_i64(kRows, T - i));
-        probabilities(p.data(), Sp, qh + i * D, kt.data(), D, i, nq, T, S, causal, scale, nullptr,
-                      lse + bh * T + i);
-        block_times_matrix(nq, oh + i * D, D, p.data(), Sp, vh, D, visible(i + nq - 1, T, S, causal), D);
+    std::vector<float> kt(D * ldk), p(kRows * ldk);
+    std::vector<float> kb = rows_buffer(k.t, k.sl, D, S * D), vb = rows_buffer(v.t, v.sl, D, S * D);
+    std::vector<float> qb = rows_buffer(q.t, q.sl, D, kChunk * D), ob = rows_buffer(o.t, o.sl, D, kChunk * D);
+    int64_t loaded = -1;  // b * Hkv + kv of the head in kt / vh
+    const float* vh = nullptr;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < B * Hq * chunks; ++item) {
+      const int64_t bh = item / chunks, b = bh / Hq, h = bh % Hq, kv = h / group;
+      const int64_t i0 = item % chunks * kChunk, n = min_i64(kChunk, T - i0);
+      if (loaded != b * Hkv + kv) {
+        transpose(kt.data(), ldk, rows_in(k, b, kv, 0, S, D, kb.data()), S, D);
+        vh = rows_in(v, b, kv, 0, S, D, vb.data());
+        loaded = b * Hkv + kv;
       }
-      head_commit(o, b, h, T, D, oh);
+      const float* qh = rows_in(q, b, h, i0, n, D, qb.data());
+      float* oh = rows_out(o, b, h, i0, D, ob.data());
+      const int64_t* lo = ranges.lo.data() + b * T + i0;
+      const int64_t* hi = ranges.hi.data() + b * T + i0;
+      const int64_t* d = doc && ranges.check_doc[b] ? doc + b * S : nullptr;
+      for (int64_t i = 0; i < n; i += kRows) {
+        const int nq = static_cast<int>(min_i64(kRows, n - i));
+        const Span s = span_of(lo + i, hi + i, nq);
+        if (s.lo >= s.hi) {  // no key for these queries (only with T or S = 0): o = 0
+          for (int64_t x = 0; x < nq * D; ++x) oh[i * D + x] = 0.0f;
+          for (int r = 0; r < nq; ++r) lse[bh * T + i0 + i + r] = -INFINITY;
+          continue;
+        }
+        probabilities(p.data(), ldk, s.hi - s.lo, qh + i * D, D, kt.data(), ldk, s.lo, s.hi, lo + i, hi + i, nq, d,
+                      d ? d + S - T + i0 + i : nullptr, scale, nullptr, lse + bh * T + i0 + i);
+        block_times_matrix(nq, oh + i * D, D, p.data(), ldk, 1, vh + s.lo * D, D, s.hi - s.lo, D);
+      }
+      rows_commit(o, b, h, i0, n, D, oh);
     }
   }
 }
 
 void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads dout, HeadsOut dq, HeadsOut dk,
                    HeadsOut dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale,
-                   bool causal, int threads) {
-  const int64_t group = Hq / Hkv, Sp = round_up(S);
-  // One (batch, kv head) per iteration: the query heads of its group all add into its dK and dV.
+                   bool causal, int64_t window, const int64_t* doc, int threads) {
+  const KeyRanges ranges = key_ranges(B, T, S, causal, window, doc);
+  const int64_t group = Hq / Hkv, ldk = transposed_ld(S);
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
-    // kt, vt (D, Sp) zero-padded; p, ds (T, Sp); pt, dst (S, T) zero where masked; rows (kRows, D)
-    std::vector<float> kt(D * Sp), vt(D * Sp), p(T * Sp), ds(T * Sp), pt(S * T), dst(S * T), rows(kRows * D);
-    std::vector<float> qb = head_buffer(q.t, q.sl, D, T * D), ob = head_buffer(o.t, o.sl, D, T * D);
-    std::vector<float> dob = head_buffer(dout.t, dout.sl, D, T * D), dqb = head_buffer(dq.t, dq.sl, D, T * D);
-    std::vector<float> kb = head_buffer(k.t, k.sl, D, S * D), vb = head_buffer(v.t, v.sl, D, S * D);
-    std::vector<float> dkb = head_buffer(dk.t, dk.sl, D, S * D), dvb = head_buffer(dv.t, dv.sl, D, S * D);
-#pragma omp for schedule(static)
+    // kt, vt (D, ldk); the P and dS tiles (kChunk, kTileLd); Dsum per query
+    std::vector<float> kt(D * ldk), vt(D * ldk), p(kChunk * kTileLd), ds(kChunk * kTileLd), dsum(T);
+    std::vector<float> qb = rows_buffer(q.t, q.sl, D, T * D), ob = rows_buffer(o.t, o.sl, D, T * D);
+    std::vector<float> dob = rows_buffer(dout.t, dout.sl, D, T * D), dqb = rows_buffer(dq.t, dq.sl, D, T * D);
+    std::vector<float> kb = rows_buffer(k.t, k.sl, D, S * D), vb = rows_buffer(v.t, v.sl, D, S * D);
+    std::vector<float> dkb = rows_buffer(dk.t, dk.sl, D, S * D), dvb = rows_buffer(dv.t, dv.sl, D, S * D);
+    Span blocks[kChunk / kRows];  // the key span of each block of queries in the current tile
+#pragma omp for schedule(dynamic)
     for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
       const int64_t b = bkv / Hkv, kv = bkv % Hkv;
-      const float* kh = head_in(k, b, kv, S, D, kb.data());
-      const float* vh = head_in(v, b, kv, S, D, vb.data());
-      float* dkh = head_out(dk, b, kv, D, dkb.data());
-      float* dvh = head_out(dv, b, kv, D, dvb.data());
-      transpose(kt.data(), Sp, kh, D, S, D);
-      transpose(vt.data(), Sp, vh, D, S, D);
+      const float* kh = rows_in(k, b, kv, 0, S, D, kb.data());
+      const float* vh = rows_in(v, b, kv, 0, S, D, vb.data());
+      float* dkh = rows_out(dk, b, kv, 0, D, dkb.data());
+      float* dvh = rows_out(dv, b, kv, 0, D, dvb.data());
+      transpose(kt.data(), ldk, kh, S, D);
+      transpose(vt.data(), ldk, vh, S, D);
       for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
+      const int64_t* lo_b = ranges.lo.data() + b * T;
+      const int64_t* hi_b = ranges.hi.data() + b * T;
+      const int64_t* d = doc && ranges.check_doc[b] ? doc + b * S : nullptr;
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = kv * group + g, bh = b * Hq + h;
-        const float* qh = head_in(q, b, h, T, D, qb.data());
-        const float* oh = head_in(o, b, h, T, D, ob.data());
-        const float* doh = head_in(dout, b, h, T, D, dob.data());
-        float* dqh = head_out(dq, b, h, D, dqb.data());
-        for (int64_t i = 0; i < T; i += kRows) {
-          const int nq = static_cast<int>(min_i64(kRows, T - i));
-          const int64_t n_max = visible(i + nq - 1, T, S, causal);
-          float* pi = p.data() + i * Sp;
-          float* dsi = ds.data() + i * Sp;
-          probabilities(pi, Sp, qh + i * D, kt.data(), D, i, nq, T, S, causal, scale, lse + bh * T + i, nullptr);
-          block_times_matrix(nq, dsi, Sp, doh + i * D, D, vt.data(), Sp, D, round_up(n_max));  // dP rows
-          for (int r = 0; r < nq; ++r) {
-            const float* dor = doh + (i + r) * D;
-            const float* orow = oh + (i + r) * D;
-            float dsum = 0.0f;
-#pragma omp simd reduction(+ : dsum)
-            for (int64_t d = 0; d < D; ++d) dsum += dor[d] * orow[d];
-            // dS scaled once here, so that dQ and dK need no further scaling; 0 where P is
-            float* dsr = dsi + r * Sp;
-            const float* pr = pi + r * Sp;
-#pragma omp simd
-            for (int64_t j = 0; j < n_max; ++j) dsr[j] = scale * pr[j] * (dsr[j] - dsum);
-          }
-          block_times_matrix(nq, dqh + i * D, D, dsi, Sp, kh, D, n_max, D);
-        }
-        head_commit(dq, b, h, T, D, dqh);
-        // P^T and dS^T, zero where masked: a block of keys reads from its first key's first query on
-        for (int64_t x = 0; x < S * T; ++x) pt[x] = dst[x] = 0.0f;
+        const float* qh = rows_in(q, b, h, 0, T, D, qb.data());
+        const float* oh = rows_in(o, b, h, 0, T, D, ob.data());
+        const float* doh = rows_in(dout, b, h, 0, T, D, dob.data());
+        float* dqh = rows_out(dq, b, h, 0, D, dqb.data());
         for (int64_t i = 0; i < T; ++i) {
-          const int64_t n = visible(i, T, S, causal);
-          for (int64_t j = 0; j < n; ++j) {
-            pt[j * T + i] = p[i * Sp + j];
-            dst[j * T + i] = ds[i * Sp + j];
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t x = 0; x < D; ++x) acc += doh[i * D + x] * oh[i * D + x];
+          dsum[i] = acc;
+        }
+        for (int64_t x = 0; x < T * D; ++x) dqh[x] = 0.0f;
+        for (int64_t i0 = 0; i0 < T; i0 += kChunk) {
+          const int64_t n = min_i64(kChunk, T - i0);
+          const Span chunk = span_of(lo_b + i0, hi_b + i0, static_cast<int>(n));
+          for (int64_t j0 = chunk.lo; j0 < chunk.hi; j0 += kTile) {
+            const int64_t j1 = min_i64(j0 + kTile, chunk.hi);
+            // P, dS and dQ for the tile's queries, kRows at a time; tile rows are zero outside their keys
+            for (int64_t i = 0; i < n; i += kRows) {
+              const int nq = static_cast<int>(min_i64(kRows, n - i));
+              const int64_t qi = i0 + i;
+              Span s = span_of(lo_b + qi, hi_b + qi, nq);
+              s = {std::max(s.lo, j0), std::min(s.hi, j1)};
+              blocks[i / kRows] = s;
+              float* pi = p.data() + i * kTileLd;
+              float* dsi = ds.data() + i * kTileLd;
+              if (s.lo >= s.hi) {
+                for (int r = 0; r < nq; ++r)
+                  for (int64_t j = 0; j < j1 - j0; ++j) pi[r * kTileLd + j] = dsi[r * kTileLd + j] = 0.0f;
+                continue;
+              }
+              probabilities(pi + (s.lo - j0), kTileLd, j1 - s.lo, qh + qi * D, D, kt.data(), ldk, s.lo, s.hi,
+                            lo_b + qi, hi_b + qi, nq, d, d ? d + S - T + qi : nullptr, scale, lse + bh * T + qi,
+                            nullptr);
+              for (int r = 0; r < nq; ++r)
+                for (int64_t j = 0; j < s.lo - j0; ++j) pi[r * kTileLd + j] = 0.0f;
+              block_times_matrix(nq, dsi + (s.lo - j0), kTileLd, doh + qi * D, D, 1, vt.data() + s.lo, ldk, D,
+                                 round_up(s.hi - s.lo));  // dP
+              for (int r = 0; r < nq; ++r) {
+                // dS, scaled once here so that dQ and dK need no further scaling; 0 where P is
+                float* dsr = dsi + r * kTileLd;
+                const float* pr = pi + r * kTileLd;
+                const float dsum_r = dsum[qi + r];
+                for (int64_t j = 0; j < s.lo - j0; ++j) dsr[j] = 0.0f;
+#pragma omp simd
+                for (int64_t j = s.lo - j0; j < s.hi - j0; ++j) dsr[j] = scale * pr[j] * (dsr[j] - dsum_r);
+                for (int64_t j = s.hi - j0; j < j1 - j0; ++j) dsr[j] = 0.0f;
+              }
+              block_times_matrix<true>(nq, dqh + qi * D, D, dsi + (s.lo - j0), kTileLd, 1, kh + s.lo * D, D,
+                                       s.hi - s.lo, D);
+            }
+            // dV and dK for the tile's keys, kRows at a time, over the query blocks whose spans reach them
+            const int n_blocks = static_cast<int>((n + kRows - 1) / kRows);
+            for (int64_t j = j0; j < j1; j += kRows) {
+              const int nk = static_cast<int>(min_i64(kRows, j1 - j));
+              int first = -1, last = -1;
+              for (int blk = 0; blk < n_blocks; ++blk)
+                if (blocks[blk].lo < j + nk && blocks[blk].hi > j && blocks[blk].lo < blocks[blk].hi) {
+                  first = first < 0 ? blk : first;
+                  last = blk;
+                }
+              if (first < 0) continue;
+              const int64_t r0 = first * kRows, r1 = min_i64((last + 1) * kRows, n);
+              // a(key, query) = P[query][key]: P^T read in place
+              block_times_matrix<true>(nk, dvh + j * D, D, p.data() + r0 * kTileLd + (j - j0), 1, kTileLd,
+                                       doh + (i0 + r0) * D, D, r1 - r0, D);
+              block_times_matrix<true>(nk, dkh + j * D, D, ds.data() + r0 * kTileLd + (j - j0), 1, kTileLd,
+                                       qh + (i0 + r0) * D, D, r1 - r0, D);
+            }
           }
         }
-        for (int64_t j = 0; j < S; j += kRows) {
-          const int nk = static_cast<int>(min_i64(kRows, S - j));
-          const int64_t i0 = first_query(j, T, S, causal);
-          if (i0 >= T) continue;
-          block_times_matrix(nk, rows.data(), D, pt.data() + j * T + i0, T, doh + i0 * D, D, T - i0, D);
-          for (int64_t x = 0; x < nk * D; ++x) dvh[j * D + x] += rows[x];
-          block_times_matrix(nk, rows.data(), D, dst.data() + j * T + i0, T, qh + i0 * D, D, T - i0, D);
-          for (int64_t x = 0; x < nk * D; ++x) dkh[j * D + x] += rows[x];
-        }
+        rows_commit(dq, b, h, 0, T, D, dqh);
       }
-      head_commit(dk, b, kv, S, D, dkh);
-      head_commit(dv, b, kv, S, D, dvh);
+      rows_commit(dk, b, kv, 0, S, D, dkh);
+      rows_commit(dv, b, kv, 0, S, D, dvh);
     }
   }
 }

@@ -100,17 +100,20 @@ struct KernelTable {
   // grads *= inv_scale in place; returns true if any element was inf or nan.
   bool (*unscale_check)(float* const* grads, const int64_t* sizes, int64_t n_tensors, float inv_scale, int threads);
 
-  // o = softmax(q k^T * scale + causal mask) v. q, o (B, Hq, T, D); k, v (B, Hkv, S, D), Hq % Hkv == 0;
-  // queries are the last T of the S positions. lse (B, Hq, T) contiguous float32 is saved for the
-  // backward (-inf for a query that sees no key). Each (b, head) holds a (T, S) score matrix in
-  // scratch: meant for small T * S. Computes in float32 (bfloat16 heads are widened on load).
+  // o = softmax(q k^T * scale + mask) v. q, o (B, Hq, T, D); k, v (B, Hkv, S, D), Hq % Hkv == 0; queries
+  // are the last T of the S positions. The mask (see pyllm.ops.reference.attention_mask): causal, a
+  // sliding window of `window` keys (0: none) and doc (B, S) document ids (null: none). lse (B, Hq, T)
+  // contiguous float32 is saved for the backward. Any T and S (scratch is O(S D) per thread); computes
+  // in float32 (bfloat16 heads are widened on load). Every query must see at least one key (true for
+  // any T <= S).
   void (*attention_fwd)(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B, int64_t Hq, int64_t Hkv,
-                        int64_t T, int64_t S, int64_t D, float scale, bool causal, int threads);
+                        int64_t T, int64_t S, int64_t D, float scale, bool causal, int64_t window,
+                        const int64_t* doc, int threads);
   // dq, dk, dv (overwritten) from dout and the forward's o and lse; dk/dv summed over each kv group.
   // The outputs must not overlap the inputs (they may be three views of one tensor).
   void (*attention_bwd)(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads dout, HeadsOut dq, HeadsOut dk,
                         HeadsOut dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale,
-                        bool causal, int threads);
+                        bool causal, int64_t window, const int64_t* doc, int threads);
 };
 
 // The table for this machine (chosen once, on first use).

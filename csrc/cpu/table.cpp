@@ -20,9 +20,9 @@ void adamw(float* const*, float* const*, const float* const*, float* const*, flo
            float, float, float, float, float, float, float, int);
 bool unscale_check(float* const*, const int64_t*, int64_t, float, int);
 void attention_fwd(Heads, Heads, Heads, HeadsOut, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
-                   bool, int);
+                   bool, int64_t, const int64_t*, int);
 void attention_bwd(Heads, Heads, Heads, Heads, const float*, Heads, HeadsOut, HeadsOut, HeadsOut, int64_t, int64_t,
-                   int64_t, int64_t, int64_t, int64_t, float, bool, int);
+                   int64_t, int64_t, int64_t, int64_t, float, bool, int64_t, const int64_t*, int);
 
 #define PYLLM_STR2(x) #x
 #define PYLLM_STR(x) PYLLM_STR2(x)

@@ -15,9 +15,9 @@ float32 only. The kernels index with int64, so there is no 32-bit size limit her
 memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except
 where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views, attention's heads).
 
-Attention is here for small heads only: each (batch, head) keeps its whole (T, S) score matrix in
-scratch, which beats PyTorch's flash-style CPU SDPA at the small models' shapes; above T * S = 384 * 384,
-with doc_ids or a sliding window, it raises Unsupported and SDPA (the reference) runs. It reads q, k, v
+Attention takes every mask of the reference (causal, document ids, sliding window) at any T and S
+(csrc/cpu/attention.cpp: O(S D) scratch per thread in the forward, fixed 64 x 256 tiles in the backward).
+It reads q, k, v
 through their strides (no copies of the model's head views) and, when they are the head views of one
 fused qkv projection, returns that projection's gradient in one tensor (see _fused_qkv).
 Not here, so the reference runs: matmul/linear (BLAS is the right tool) and the loss-scale update (a few
@@ -38,9 +38,6 @@ from .autograd_op import kernel_op
 from .kernel_autograd import (
     ptr,
     rows_and_width,
-    attention_bwd_fake,
-    attention_setup,
-    attention_backward,
     bias_gelu_fwd_fake,
     bias_gelu_bwd_fake,
     bias_gelu_setup,
@@ -634,12 +631,6 @@ def rope(q, k, cos, sin):
 
 # ----------------------------------------------------------------------------------- attention
 
-# Largest T * S sent to the C++ kernel: its backward keeps four (T, S) float matrices per thread (2.25 MiB
-# here, about L2's size). At 512 x 512 it lost to SDPA (fwd+bwd, one thread, commit feddd64, load ~0.5:
-# 0.83x at 1 x 4 heads x 512 x 32, 0.91x at D = 64) while still winning at 384 x 384 (1.19x, D = 32).
-_ATTENTION_MAX_SCORES = 384 * 384
-
-
 def _heads(t: Tensor) -> tuple[int, int, int, int, int]:
     """A (B, H, L, D) tensor with unit stride along D as the attention kernels take it: (address, dtype
     code, batch, head and row strides)."""
@@ -656,36 +647,55 @@ def _attention_out(like: Tensor, B: int, Hq: int, T: int, D: int) -> Tensor:
     return torch.empty_strided((B, Hq, T, D), (T * Hq * D, D, Hq * D, 1), dtype=like.dtype, device=like.device)
 
 
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], scale: float, causal: bool,
+                   window: int) -> tuple[Tensor, Tensor]:
     """Returns (o (B, Hq, T, D), lse (B, Hq, T) float32), lse saved for the backward. q, k, v may be strided
-    views (the kernel reads each head through its strides)."""
+    views (the kernel reads each head through its strides); doc_ids None or (B, S) contiguous int64;
+    window 0 for none."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     o, lse = _attention_out(q, B, Hq, T, D), q.new_empty((B, Hq, T), dtype=_F32)
     _C.cpu_attention_fwd(_heads(q), _heads(k), _heads(v), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, S, D, scale,
-                         causal, _threads())
+                         causal, window, ptr(doc_ids), _threads())
     return o, lse
 
 
-def _attention_fwd_fake(q, k, v, scale, causal):
+def _attention_fwd_fake(q, k, v, doc_ids, scale, causal, window):
     return _attention_out(q, *q.shape), q.new_empty(q.shape[:3], dtype=_F32)
 
 
-def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
-                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, doc_ids: Optional[Tensor],
+                   scale: float, causal: bool, window: int) -> tuple[Tensor, Tensor, Tensor]:
     do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     _C.cpu_attention_bwd(_heads(q), _heads(k), _heads(v), _heads(o), lse.data_ptr(), _heads(do), _heads(dq),
-                         _heads(dk), _heads(dv), B, Hq, Hkv, T, S, D, scale, causal, _threads())
+                         _heads(dk), _heads(dv), B, Hq, Hkv, T, S, D, scale, causal, window, ptr(doc_ids), _threads())
     return dq, dk, dv
 
 
-_attention = kernel_op("pyllm::attention_cpu", _attention_fwd, _attention_fwd_fake, attention_setup,
-                       attention_backward, bwd_name="pyllm::attention_bwd_cpu", bwd=_attention_bwd,
-                       bwd_fake=attention_bwd_fake)
+def _attention_bwd_fake(do, q, k, v, o, lse, doc_ids, scale, causal, window):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    # the inputs as given: under torch.compile they are FakeTensors here, whose data_ptr() raises, so the
+    # backward kernel wrapper makes them contiguous at run time
+    q, k, v, doc_ids, *ctx.options = inputs
+    ctx.save_for_backward(q, k, v, *output, doc_ids)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_backward(ctx, bwd, do, _dlse):
+    q, k, v, o, lse, doc_ids = ctx.saved_tensors
+    return *bwd(do, q, k, v, o, lse, doc_ids, *ctx.options), None, None, None, None
+
+
+_attention = kernel_op("pyllm::attention_cpu", _attention_fwd, _attention_fwd_fake, _attention_setup,
+                       _attention_backward, bwd_name="pyllm::attention_bwd_cpu", bwd=_attention_bwd,
+                       bwd_fake=_attention_bwd_fake)
 
 
 # The model computes q, k, v as head views of its fused projection: qkv (B, T, (Hq + 2 Hkv) D) viewed as
@@ -730,43 +740,45 @@ def _qkv_heads(qkv: Tensor, Hq: int, Hkv: int) -> tuple[tuple, tuple, tuple]:
     return tuple((start + e * h0 * D, code, T * W, D, W) for h0 in (0, Hq, Hq + Hkv))
 
 
-def _attention_qkv_fwd(qkv: Tensor, Hq: int, Hkv: int, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+def _attention_qkv_fwd(qkv: Tensor, doc_ids: Optional[Tensor], Hq: int, Hkv: int, scale: float, causal: bool,
+                       window: int) -> tuple[Tensor, Tensor]:
     B, T, D = _qkv_dims(qkv, Hq, Hkv)
     o, lse = _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
     _C.cpu_attention_fwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, T, D, scale, causal,
-                         _threads())
+                         window, ptr(doc_ids), _threads())
     return o, lse
 
 
-def _attention_qkv_fwd_fake(qkv, Hq, Hkv, scale, causal):
+def _attention_qkv_fwd_fake(qkv, doc_ids, Hq, Hkv, scale, causal, window):
     B, T, D = _qkv_dims(qkv, Hq, Hkv)
     return _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
 
 
-def _attention_qkv_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, Hq: int, Hkv: int, scale: float,
-                       causal: bool) -> Tensor:
+def _attention_qkv_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, doc_ids: Optional[Tensor], Hq: int,
+                       Hkv: int, scale: float, causal: bool, window: int) -> Tensor:
     """The gradient of qkv (B, T, (Hq + 2 Hkv) D): every element is written (dq, dk, dv side by side)."""
     do, o = _unit_last(do), _unit_last(o)
     B, T, D = _qkv_dims(qkv, Hq, Hkv)
     dqkv = torch.empty_like(qkv)
     _C.cpu_attention_bwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), _heads(do),
-                         *_qkv_heads(dqkv, Hq, Hkv), B, Hq, Hkv, T, T, D, scale, causal, _threads())
+                         *_qkv_heads(dqkv, Hq, Hkv), B, Hq, Hkv, T, T, D, scale, causal, window, ptr(doc_ids),
+                         _threads())
     return dqkv
 
 
-def _attention_qkv_bwd_fake(do, qkv, o, lse, Hq, Hkv, scale, causal):
+def _attention_qkv_bwd_fake(do, qkv, o, lse, doc_ids, Hq, Hkv, scale, causal, window):
     return torch.empty_like(qkv)
 
 
 def _attention_qkv_setup(ctx, inputs, output):
-    qkv, ctx.Hq, ctx.Hkv, ctx.scale, ctx.causal = inputs
-    ctx.save_for_backward(qkv, *output)
+    qkv, doc_ids, *ctx.options = inputs
+    ctx.save_for_backward(qkv, *output, doc_ids)
     ctx.mark_non_differentiable(output[1])
 
 
 def _attention_qkv_backward(ctx, bwd, do, _dlse):
-    qkv, o, lse = ctx.saved_tensors
-    return bwd(do, qkv, o, lse, ctx.Hq, ctx.Hkv, ctx.scale, ctx.causal), None, None, None, None
+    qkv, o, lse, doc_ids = ctx.saved_tensors
+    return bwd(do, qkv, o, lse, doc_ids, *ctx.options), None, None, None, None, None, None
 
 
 _attention_qkv = kernel_op("pyllm::attention_qkv_cpu", _attention_qkv_fwd, _attention_qkv_fwd_fake,
@@ -777,18 +789,15 @@ _attention_qkv = kernel_op("pyllm::attention_qkv_cpu", _attention_qkv_fwd, _atte
 @register("attention", "cpu")
 def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None):
     _require_rows_cpu("attention", q=q, k=k, v=v)
-    if doc_ids is not None or window is not None:
-        raise Unsupported("cpu backend: attention with doc_ids or a sliding window is not implemented")
-    T, S = q.shape[2], k.shape[2]
-    if T * S > _ATTENTION_MAX_SCORES:
-        raise Unsupported(f"cpu backend: attention with T x S = {T} x {S} above {_ATTENTION_MAX_SCORES} scores "
-                          f"(the kernel holds the whole score matrix; SDPA tiles it)")
     scale = float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    if doc_ids is not None:
+        doc_ids = doc_ids.to(torch.int64).contiguous()
+    options = (scale, bool(causal), int(window or 0))
     if not torch.compiler.is_compiling():  # dynamo cannot trace ._base; compiled graphs take the strided path
         qkv = _fused_qkv(q, k, v)
         if qkv is not None:
-            return _attention_qkv(qkv, q.shape[1], k.shape[1], scale, bool(causal))[0]
-    return _attention(q, k, v, scale, bool(causal))[0]
+            return _attention_qkv(qkv, doc_ids, q.shape[1], k.shape[1], *options)[0]
+    return _attention(q, k, v, doc_ids, *options)[0]
 
 
 # ------------------------------------------------------------------------ optimiser and scaling

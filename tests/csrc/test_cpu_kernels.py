@@ -268,21 +268,49 @@ def _adam_state(shapes, dtype):
     return params, grads, m, v
 
 
-# ---- attention (csrc/cpu/attention.cpp): the whole (T, S) score matrix of one (batch, head) in scratch;
-# queries are the last T of the S positions; 16-column blocks with a scalar tail (D = 24, S = 37 have one)
+# ---- attention (csrc/cpu/attention.cpp): forward per (batch, head, 64 queries), backward over 64 x 256
+# tiles per (batch, kv head); queries are the last T of the S positions; 16-column blocks with a scalar
+# tail (D = 24, 40 have one)
 
 @pytest.mark.parametrize("B,Hq,Hkv,T,S,D", [
-    (2, 4, 2, 37, 37, 32),   # primes, grouped-query 4/2
-    (1, 4, 1, 13, 40, 64),   # 4/1, T < S (a decode-like window of queries)
-    (2, 2, 2, 1, 19, 128),   # one query
-    (3, 2, 1, 16, 16, 24),   # D not a multiple of 16
-    (12, 4, 4, 64, 64, 32),  # nanoGPT's CPU run
+    (2, 4, 2, 37, 37, 32),    # primes, grouped-query 4/2
+    (1, 4, 1, 13, 40, 64),    # 4/1, T < S (a decode-like window of queries)
+    (2, 2, 2, 1, 19, 128),    # one query
+    (3, 2, 1, 16, 16, 24),    # D not a multiple of 16
+    (12, 4, 4, 64, 64, 32),   # nanoGPT's CPU run
+    (1, 2, 1, 300, 300, 32),  # several query chunks and key tiles
+    (2, 2, 1, 100, 613, 40),  # T < S over three key tiles
 ])
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention(B, Hq, Hkv, T, S, D, causal):
     q = torch.randn(B, Hq, T, D)
     k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
     _check("attention", [q, k, v], causal=causal)
+
+
+def _doc_ids(B, S, kind):
+    """Document ids (B, S): "runs" packed documents (each a contiguous run, one run of length 1 and one
+    longer than a key tile); "recurring" ids that come back in several runs (masked key by key)."""
+    if kind == "runs":
+        cuts = [1, 2, 40, 300, S]
+        return torch.tensor([[sum(j >= c for c in cuts[:-1]) + 7 * b for j in range(S)] for b in range(B)])
+    return torch.randint(0, 3, (B, S), generator=torch.Generator().manual_seed(B * S))
+
+
+@pytest.mark.parametrize("T,S", [(333, 333), (45, 333)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mask", ["runs", "recurring", "window", "runs+window"])
+def test_attention_with_documents_and_sliding_window(T, S, causal, mask):
+    # every mask of the reference (pyllm.ops.reference.attention_mask) computed by the kernel
+    q, k, v = torch.randn(2, 4, T, 32), torch.randn(2, 2, S, 32), torch.randn(2, 2, S, 32)
+    kwargs = {"causal": causal}
+    if "window" in mask:
+        kwargs["window"] = 37
+    if mask != "window":
+        kwargs["doc_ids"] = _doc_ids(2, S, mask.split("+")[0])
+    _check("attention", [q, k, v], **kwargs)
+    if T < S:
+        check("attention", "cpu", [q, k, v], torch.bfloat16, **kwargs)
 
 
 def test_attention_one_key_and_softmax_scale():
@@ -307,22 +335,26 @@ def _qkv_views(qkv, Hq, Hkv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,Hq,Hkv,T,D", [(2, 4, 4, 21, 32), (1, 4, 2, 13, 24), (3, 2, 1, 1, 64)])
-def test_attention_on_the_heads_of_a_fused_qkv(dtype, B, Hq, Hkv, T, D):
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,masks", [
+    (2, 4, 4, 21, 32, {}), (1, 4, 2, 13, 24, {}), (3, 2, 1, 1, 64, {}),
+    # packed documents (the model on shards and SFT packs) and a sliding window
+    (2, 4, 2, 70, 16, {"doc_ids": torch.tensor([[0] * 30 + [1] * 40, [5] * 69 + [6]]), "window": 50}),
+])
+def test_attention_on_the_heads_of_a_fused_qkv(dtype, B, Hq, Hkv, T, D, masks):
     # the model's call: the kernel reads q, k, v in place and its backward writes the gradient of the
     # whole projection at once (autograd's split/transpose/view backward never runs)
     W = (Hq + 2 * Hkv) * D
     qkv = torch.randn(B, T, W).to(dtype).requires_grad_()
-    out = ops.attention(*_qkv_views(qkv, Hq, Hkv), backend="cpu")
+    out = ops.attention(*_qkv_views(qkv, Hq, Hkv), backend="cpu", **masks)
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"  # qkv itself, not a view node
     assert out.transpose(1, 2).reshape(B, T, Hq * D).data_ptr() == out.data_ptr()  # (B, T, H, D) in memory
     do = torch.randn(out.shape, dtype=torch.float64)
     (grad,) = torch.autograd.grad(out, qkv, do.to(dtype))
     qkv64 = qkv.detach().double().requires_grad_()
-    truth = reference.attention(*_qkv_views(qkv64, Hq, Hkv))
+    truth = reference.attention(*_qkv_views(qkv64, Hq, Hkv), **masks)
     (grad64,) = torch.autograd.grad(truth, qkv64, do)
     ref_leaf = qkv.detach().requires_grad_()
-    ref = reference.attention(*_qkv_views(ref_leaf, Hq, Hkv))
+    ref = reference.attention(*_qkv_views(ref_leaf, Hq, Hkv), **masks)
     (ref_grad,) = torch.autograd.grad(ref, ref_leaf, do.to(dtype))
     assert out.dtype == grad.dtype == dtype
     assert_close(out, truth, ref.detach(), f"attention on fused qkv ({dtype})")
@@ -360,15 +392,17 @@ def test_attention_on_strided_views_with_t_below_s():
 def test_attention_threads_give_the_same_bits():
     # each (batch, head) forward and each (batch, kv head) backward is one thread's work: no reduction
     # across threads, so the thread count cannot change a bit (4/2 heads: the group's dK/dV sum included)
-    q, k, v = torch.randn(3, 4, 29, 32), torch.randn(3, 2, 29, 32), torch.randn(3, 2, 29, 32)
+    # (T = 150: three 64-query work items per head, handed out dynamically; documents and a window)
+    q, k, v = torch.randn(3, 4, 150, 32), torch.randn(3, 2, 150, 32), torch.randn(3, 2, 150, 32)
     do = torch.randn_like(q)
+    masks = {"doc_ids": _doc_ids(3, 150, "runs"), "window": 100}
     results = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = ops.attention(*leaves, backend="cpu")
+            out = ops.attention(*leaves, backend="cpu", **masks)
             results.append([out, *torch.autograd.grad(out, leaves, do)])
     finally:
         torch.set_num_threads(before)
@@ -413,31 +447,15 @@ def test_attention_custom_op_passes_opcheck():
     from pyllm.ops import cpu_backend as cb
     q = torch.randn(1, 2, 7, 16, requires_grad=True)
     k, v = torch.randn(1, 1, 9, 16, requires_grad=True), torch.randn(1, 1, 9, 16, requires_grad=True)
-    torch.library.opcheck(cb._attention.custom_op, (q, k, v, 0.25, True))
+    torch.library.opcheck(cb._attention.custom_op, (q, k, v, None, 0.25, True, 0))
+    docs = torch.tensor([[0] * 4 + [1] * 5])
+    torch.library.opcheck(cb._attention.custom_op, (q, k, v, docs, 0.25, False, 3))
 
 
-@pytest.mark.parametrize("case", ["doc_ids", "window", "too large", "float64"])
-def test_attention_refusals_are_errors_in_strict_mode(case):
-    q = torch.randn(1, 1, 8, 16)
-    kwargs, match = {}, "attention"
-    if case == "doc_ids":
-        kwargs, match = {"doc_ids": torch.zeros(1, 8, dtype=torch.long)}, "doc_ids"
-    elif case == "window":
-        kwargs, match = {"window": 4}, "sliding window"
-    elif case == "too large":
-        q, match = torch.randn(1, 1, 385, 16), "385 x 385"
-    else:
-        q, match = q.double(), "float32"
-    with pytest.raises(ops.BackendError, match=match):
-        ops.attention(q, q, q, backend="cpu", **kwargs)
-
-
-def test_attention_falls_back_to_the_reference_when_too_large(monkeypatch):
-    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
-    q = torch.randn(1, 1, 600, 16)
-    with pytest.warns(RuntimeWarning, match="backend 'cpu' not used"):
-        out = ops.attention(q, q, q, backend="cpu")
-    assert torch.equal(out, reference.attention(q, q, q))
+def test_attention_refuses_float64_in_strict_mode():
+    q = torch.randn(1, 1, 8, 16, dtype=torch.float64)
+    with pytest.raises(ops.BackendError, match="float32"):
+        ops.attention(q, q, q, backend="cpu")
 
 
 @pytest.mark.parametrize("with_master", [False, True])
@@ -681,9 +699,11 @@ def test_custom_ops_pass_opcheck_with_bf16():
     torch.library.opcheck(cb._softmax.custom_op, (x,))
     torch.library.opcheck(cb._cross_entropy.custom_op, (x, torch.tensor([0, 3, -100, 8]), -100, 0.1, 1e-4))
     qkv = torch.randn(2, 5, 4 * 8).to(BF16).requires_grad_()
-    torch.library.opcheck(cb._attention_qkv.custom_op, (qkv, 2, 1, 0.3, True))
+    docs = torch.tensor([[0, 0, 1, 1, 1], [2, 3, 3, 3, 3]])
+    torch.library.opcheck(cb._attention_qkv.custom_op, (qkv, None, 2, 1, 0.3, True, 0))
+    torch.library.opcheck(cb._attention_qkv.custom_op, (qkv, docs, 2, 1, 0.3, True, 2))
     q, k, v = _qkv_views(qkv, 2, 1)
-    torch.library.opcheck(cb._attention.custom_op, (q, k, v, 0.3, False))
+    torch.library.opcheck(cb._attention.custom_op, (q, k, v, docs, 0.3, False, 0))
 
 
 def test_float16_is_refused_in_strict_mode():
