@@ -58,6 +58,7 @@ pyllm::cpu::HeadsOut Out(const HeadsArg& a) {
 void bind_cpu(py::module_& m) {
   m.def("cpu_isa", [] { return kernels().isa; }, "Instruction set of the CPU kernels in use.");
   m.def("cpu_supported_isas", &pyllm::cpu::supported_isas, "Instruction sets this CPU can run.");
+  m.def("cpu_vendor", &pyllm::cpu::vendor, "Whose CPU this is: intel, amd or other.");
   m.def("cpu_select_isa", &pyllm::cpu::select_isa, "Use another supported instruction set (for tests).");
   m.def(
       "cpu_norm_fwd",

@@ -45,6 +45,15 @@ std::vector<std::string> supported_isas() {
   return isas;
 }
 
+std::string vendor() {
+#if defined(PYLLM_HAVE_X86_KERNELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return "intel";
+  if (__builtin_cpu_is("amd")) return "amd";
+#endif
+  return "other";
+}
+
 bool select_isa(const std::string& isa) {
   bool ok = false;
   for (const auto& s : supported_isas()) ok = ok || s == isa;

@@ -11,6 +11,8 @@ namespace cpu {
 
 // The instruction sets this machine can run ("base", then "avx2", "avx512" as supported).
 std::vector<std::string> supported_isas();
+// "intel", "amd" or "other": whose CPU this is (pyllm.ops.cpu_backend picks its GEMM library by it).
+std::string vendor();
 // Use one of them for every later call (false if unsupported): lets the tests run each variant the
 // test machine can execute. Not safe while kernels run on other threads; meant for tests.
 bool select_isa(const std::string& isa);

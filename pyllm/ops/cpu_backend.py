@@ -20,20 +20,25 @@ Attention takes every mask of the reference (causal, document ids, sliding windo
 It reads q, k, v
 through their strides (no copies of the model's head views) and, when they are the head views of one
 fused qkv projection, returns that projection's gradient in one tensor (see _fused_qkv).
-Not here, so the reference runs: matmul/linear (BLAS is the right tool) and the loss-scale update (a few
-scalars).
+linear (and linear_cross_entropy's GEMMs) in float32 run through oneDNN where the CPU has AVX-512 and is
+not Intel's (PyTorch's MKL runs its AVX2 code there), else through MKL: see "linear (GEMMs)" below.
+Not here, so the reference runs: matmul and the loss-scale update (a few scalars).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pyllm import _C  # an ImportError here marks the backend unavailable
 
+from . import reference
 from .autograd_op import kernel_op
 from .kernel_autograd import (
     ptr,
@@ -438,6 +443,109 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
     return reduce_cross_entropy(loss, target1d, ignore_index, reduction)
 
 
+# ------------------------------------------------------------------------------- linear (GEMMs)
+
+# PyTorch's float32 CPU GEMMs (F.linear, torch.mm) call MKL, which runs its AVX2 code on CPUs that are not
+# Intel's; oneDNN, also inside PyTorch, runs AVX-512 on any vendor. On this project's 2-core AMD EPYC
+# (AVX-512 with full-width FMA units: ~240 GFLOP/s fp32 per core in a register-only FMA loop) MKL reached
+# 93-104 GFLOP/s and oneDNN 175-239 on the forward, dX and dW GEMMs of the small models (one thread).
+# So where the CPU has AVX-512 and is not Intel's, this backend's float32 GEMMs go through oneDNN
+# (torch.ops.mkldnn._linear_pointwise, the op Inductor's CPU backend emits for linear layers), which reads
+# strided operands, so the transposed GEMMs of the backward need no copies; elsewhere through MKL.
+# PYLLM_CPU_GEMM=onednn or mkl forces one. Before its first use the oneDNN path is checked against MKL.
+# bfloat16 GEMMs (autocast, bf16 weights) already run in oneDNN inside F.linear.
+_onednn: Optional[bool] = None  # decided on first use (tests set it)
+
+
+def _use_onednn() -> bool:
+    global _onednn
+    if _onednn is None:
+        choice = os.environ.get("PYLLM_CPU_GEMM", "auto")
+        if choice not in ("auto", "onednn", "mkl"):
+            raise ValueError(f"PYLLM_CPU_GEMM={choice!r}: expected auto, onednn or mkl")
+        wanted = choice == "onednn" or (choice == "auto" and _C.cpu_isa() == "avx512" and _C.cpu_vendor() != "intel")
+        _onednn = wanted and _onednn_works()
+    return _onednn
+
+
+def _onednn_works() -> bool:
+    """oneDNN's linear agrees with MKL's on a small awkward problem, strided operands included (the op is
+    internal to PyTorch: if a release drops or changes it, MKL is used, with a warning)."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b, bias, u, v = (torch.randn(*s, generator=gen) for s in ((37, 53), (29, 53), (29,), (61, 37), (61, 29)))
+        column_major = lambda t: t.t().contiguous().t()  # noqa: E731
+        ok = all(torch.allclose(_onednn_nt(x, y, c), F.linear(x, y, c), rtol=1e-4, atol=1e-4)
+                 for x, y, c in ((a, b, bias), (column_major(a), b, None), (a, column_major(b), bias),
+                                 (u.t(), v.t(), None)))  # the last: the weight gradient's dy^T x
+        reason = "it disagrees with MKL on a test GEMM"
+    except Exception as e:  # noqa: BLE001 (any failure of an internal op means: do not use it)
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        warnings.warn(f"pyllm cpu backend: oneDNN GEMMs not used ({reason}); using MKL", RuntimeWarning)
+    return ok
+
+
+def _onednn_nt(a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def _gemm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a (M, K) @ b (N, K)^T + bias (N) in float32, any strides: oneDNN or MKL as chosen above."""
+    return _onednn_nt(a, b, bias) if _use_onednn() else F.linear(a, b, bias)
+
+
+def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _gemm_nt(x, weight, bias)
+
+
+def _linear_fwd_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool,
+                has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx = dy W, dweight = dy^T x, dbias = column sums of dy (empty where not needed); the transposes
+    are strided views that oneDNN reads in place."""
+    dx = _gemm_nt(dy, weight.t()) if need_dx else dy.new_empty(0)
+    dw = _gemm_nt(dy.t(), x.t()) if need_dw else dy.new_empty(0)
+    return dx, dw, (dy.sum(0) if has_bias else dy.new_empty(0))
+
+
+def _linear_bwd_fake(dy, x, weight, need_dx, need_dw, has_bias):
+    empty = dy.new_empty(0)
+    return (torch.empty_like(x) if need_dx else empty, torch.empty_like(weight) if need_dw else empty,
+            dy.new_empty(dy.shape[1]) if has_bias else empty)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, bwd, dy):
+    x, weight = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad
+    dx, dw, db = bwd(dy, x, weight, need_dx, need_dw, ctx.has_bias and need_db)
+    return (dx if need_dx else None), (dw if need_dw else None), (db if ctx.has_bias and need_db else None)
+
+
+_linear = kernel_op("pyllm::linear_cpu", _linear_fwd, _linear_fwd_fake, _linear_setup, _linear_backward,
+                    bwd_name="pyllm::linear_bwd_cpu", bwd=_linear_bwd, bwd_fake=_linear_bwd_fake)
+
+
+@register("linear", "cpu")
+def linear(x, weight, bias=None, *, activation=None):
+    _require_rows_cpu("linear", x=x, weight=weight, bias=bias)
+    if (x.dtype is not _F32 or weight.dtype is not _F32 or (bias is not None and bias.dtype is not _F32)
+            or torch.is_autocast_enabled("cpu") or not _use_onednn()):
+        return reference.linear(x, weight, bias, activation)  # MKL, or oneDNN's bf16 GEMM inside F.linear
+    K, N = x.shape[-1], weight.shape[0]
+    y = _linear(x.reshape(-1, K), weight, bias).view(*x.shape[:-1], N)
+    return y if activation is None else bias_gelu(y, None, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
 # ------------------------------------------------------------------ linear + cross-entropy (fused)
 
 # Logits per row chunk: 32 MB (8M floats, 16M bf16). Each chunk's weight-gradient GEMM reads and writes
@@ -454,9 +562,10 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
     """hidden (N, H), weight (V, H), target (N,) -> (loss (fp32 scalar, summed or averaged over counted rows),
     dhidden, dweight, dbias) with the gradients of that loss (empty when not with_grad).
 
-    Row chunks of logits are computed by BLAS, turned into loss and, in place, into dlogits by the C++
-    cross-entropy kernels while still in cache, and folded into the gradients by two more GEMMs: the
-    (N, V) logits never exist whole and the backward is only a scaling (the Liger-Kernel scheme).
+    Row chunks of logits are computed by oneDNN or BLAS (as linear's GEMMs), turned into loss and, in
+    place, into dlogits by the C++ cross-entropy kernels while still in cache, and folded into the
+    gradients by two more GEMMs: the (N, V) logits never exist whole and the backward is only a scaling
+    (the Liger-Kernel scheme).
     ``bf16``: the GEMMs and logits in bfloat16 (what bf16 autocast does to the reference's F.linear), the
     weight and bias gradients accumulated over the chunks in fp32, each gradient returned in its
     input's dtype."""
@@ -477,16 +586,19 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
         db.zero_()
     total = torch.zeros((), dtype=torch.float64)
     threads = _threads()
-    buffer = hidden.new_empty(chunk, vocab, dtype=compute)  # one chunk of logits, reused: the op's only O(V) scratch
+    onednn = compute == _F32 and _use_onednn()  # float32 GEMMs through oneDNN (see linear above), else BLAS
+    # one chunk of logits, reused: the op's only O(V) scratch (oneDNN allocates its own outputs)
+    buffer = hidden.new_empty(0 if onednn else chunk * vocab, dtype=compute)
     with torch.autocast("cpu", enabled=False):  # the dtypes are chosen above; out= needs them as they are
         for start in range(0, rows, chunk):
             h, t = hc[start:start + chunk], target[start:start + chunk]
             n = h.shape[0]
-            logits = buffer[:n]  # (n, V)
-            if bc is not None:
-                torch.addmm(bc, h, wc.t(), out=logits)
+            if onednn:
+                logits = _onednn_nt(h, wc, bc)  # (n, V)
+            elif bc is not None:
+                logits = torch.addmm(bc, h, wc.t(), out=buffer[:n * vocab].view(n, vocab))
             else:
-                torch.mm(h, wc.t(), out=logits)
+                logits = torch.mm(h, wc.t(), out=buffer[:n * vocab].view(n, vocab))
             loss, lse = logits.new_empty(n, dtype=_F32), logits.new_empty(n, dtype=_F32)
             _C.cpu_cross_entropy_fwd(_t(logits), t.data_ptr(), loss.data_ptr(), lse.data_ptr(), n, vocab,
                                      ignore_index, label_smoothing, z_loss, threads)
@@ -496,17 +608,19 @@ def _linear_cross_entropy_fwd(hidden: Tensor, weight: Tensor, bias: Optional[Ten
             # logits -> dlogits in place (each element is read before it is written)
             _C.cpu_cross_entropy_bwd(_t(logits), t.data_ptr(), lse.data_ptr(), _t(scale), 0, _t(logits), n, vocab,
                                      ignore_index, label_smoothing, z_loss, threads)
-            if dh.dtype == compute:
+            if onednn:
+                dh[start:start + n] = _onednn_nt(logits, wc.t(), None)
+            elif dh.dtype == compute:
                 torch.mm(logits, wc, out=dh[start:start + n])
             else:
                 dh[start:start + n] = torch.mm(logits, wc)
             # the first chunk writes the weight gradients, later ones add to them, in fp32
-            if compute == _F32 and start == 0:
+            if compute == _F32 and not onednn and start == 0:
                 torch.mm(logits.t(), h, out=dw)
-            elif compute == _F32:
+            elif compute == _F32 and not onednn:
                 dw.addmm_(logits.t(), h)
-            else:  # a bf16 GEMM (fp32 accumulation inside it), summed over the chunks in fp32
-                part = torch.mm(logits.t(), h)
+            else:  # a oneDNN or bf16 GEMM (fp32 accumulation inside it), summed over the chunks in fp32
+                part = _onednn_nt(logits.t(), h.t(), None) if onednn else torch.mm(logits.t(), h)
                 if start == 0:
                     dw.copy_(part)
                 else:

@@ -7,7 +7,6 @@ silent fallback to the reference fails instead of passing. Gradients use one sha
 
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -190,6 +189,79 @@ def test_cross_entropy_all_rows_ignored():
     _check("cross_entropy", [torch.randn(4, 10), torch.full((4,), -100)])
 
 
+# ---- linear (cpu_backend.linear): float32 GEMMs through oneDNN or MKL (chosen per machine); both are
+# forced here, whatever this machine would choose
+
+@pytest.fixture(params=["onednn", "mkl"])
+def gemm(request, monkeypatch):
+    from pyllm.ops import cpu_backend as cb
+
+    monkeypatch.setattr(cb, "_onednn", request.param == "onednn")
+    return request.param
+
+
+@pytest.mark.parametrize("x_shape,n_out,with_bias,activation", [
+    ((1, 1), 1, False, None), ((7, 13), 5, True, None), ((3, 11, 64), 33, False, "gelu_tanh"),
+    ((5, 1023), 129, True, "gelu"), ((2, 12, 64, 128), 384, True, None),  # nanoGPT's qkv projection
+])
+def test_linear(x_shape, n_out, with_bias, activation, gemm):
+    args = [torch.randn(x_shape), torch.randn(n_out, x_shape[-1]) * x_shape[-1] ** -0.5]
+    if with_bias:
+        args.append(torch.randn(n_out))
+    _check("linear", args, activation=activation)
+
+
+def test_linear_on_strided_operands_and_frozen_weight(gemm):
+    from pyllm.ops import cpu_backend as cb
+
+    x = torch.randn(40, 24).t()  # (24, 40), column-major
+    w = torch.randn(40, 17).t()  # (17, 40), column-major
+    _check("linear", [x, w, torch.randn(17)])
+    # only x needs a gradient: the weight-gradient GEMM is skipped, and x's gradient is still right
+    calls = []
+    real = cb._gemm_nt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cb, "_gemm_nt", lambda *a: calls.append(a[0].shape) or real(*a))
+        xl = x.detach().requires_grad_()
+        ops.linear(xl, w, backend="cpu").backward(torch.ones(24, 17))
+    # oneDNN: the forward and dx = dy W; MKL: the reference's F.linear (autograd skips dW the same way)
+    assert calls == ([(24, 40), (24, 17)] if gemm == "onednn" else [])
+    assert_close(xl.grad, torch.ones(24, 17).double() @ w.double(), torch.ones(24, 17) @ w, "linear dx, frozen w")
+
+
+def test_linear_custom_op_passes_opcheck(gemm):
+    from pyllm.ops import cpu_backend as cb
+
+    x, w, b = torch.randn(5, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True), torch.randn(3)
+    torch.library.opcheck(cb._linear.custom_op, (x, w, b.requires_grad_()))
+    torch.library.opcheck(cb._linear.custom_op, (x, w, None))
+
+
+def test_gemm_library_choice(monkeypatch):
+    from pyllm.ops import cpu_backend as cb
+
+    for value, expected in (("onednn", True), ("mkl", False),
+                            ("auto", pyllm._C.cpu_isa() == "avx512" and pyllm._C.cpu_vendor() != "intel")):
+        monkeypatch.setattr(cb, "_onednn", None)
+        monkeypatch.setenv("PYLLM_CPU_GEMM", value)
+        assert cb._use_onednn() is expected, value
+    monkeypatch.setattr(cb, "_onednn", None)
+    monkeypatch.setenv("PYLLM_CPU_GEMM", "blas")
+    with pytest.raises(ValueError, match="PYLLM_CPU_GEMM='blas': expected auto, onednn or mkl"):
+        cb._use_onednn()
+    # an internal op that fails (a PyTorch release without it) means MKL, with a warning
+    monkeypatch.setattr(cb, "_onednn", None)
+    monkeypatch.setenv("PYLLM_CPU_GEMM", "onednn")
+    monkeypatch.setattr(cb, "_onednn_nt", lambda *a: (_ for _ in ()).throw(RuntimeError("no such op")))
+    with pytest.warns(RuntimeWarning, match="oneDNN GEMMs not used .RuntimeError: no such op.; using MKL"):
+        assert cb._use_onednn() is False
+    # and one that gives wrong numbers too
+    monkeypatch.setattr(cb, "_onednn", None)
+    monkeypatch.setattr(cb, "_onednn_nt", lambda a, b, bias: torch.nn.functional.linear(a, b, bias) * 1.001)
+    with pytest.warns(RuntimeWarning, match="disagrees with MKL"):
+        assert cb._use_onednn() is False
+
+
 def _chunks_of_rows(monkeypatch, rows_per_chunk: int, vocab: int):
     """Make linear_cross_entropy's fp32 logits chunks hold rows_per_chunk rows of vocab (bf16: twice as many),
     so that small tests run its multi-chunk path (fp32 weight-gradient accumulation across chunks)."""
@@ -201,7 +273,7 @@ def _chunks_of_rows(monkeypatch, rows_per_chunk: int, vocab: int):
 @pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(1, 8, 2, False), (37, 64, 65, True), (9, 32, 50257, False),
                                                         (100, 16, 65537, True)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_cross_entropy(rows, hidden, vocab, with_bias, reduction, monkeypatch):
+def test_linear_cross_entropy(rows, hidden, vocab, with_bias, reduction, monkeypatch, gemm):
     if rows == 100:
         _chunks_of_rows(monkeypatch, 30, vocab)  # 4 row chunks: 30 + 30 + 30 + 10
     target = torch.randint(0, vocab, (rows,))
@@ -413,13 +485,10 @@ def test_attention_threads_give_the_same_bits():
 @pytest.mark.parametrize("name", ["tiny", "tiny_llama"])
 def test_tiny_model_trains_the_same_with_the_cpu_attention(name, monkeypatch):
     # a few SGD steps of a tiny GPT / grouped-query Llama on the cpu backend against the reference backend.
-    # The cpu backend has no matmul, so strict mode is off here (linear falls back); the spy shows that
-    # the C++ attention backward ran once per layer and step.
+    # Strict mode (the autouse fixture): every op of the model, linear included, runs on the cpu backend.
+    # The spy shows that the C++ attention backward ran once per layer and step.
     from pyllm.model import Transformer, preset
 
-    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
-    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    warnings.simplefilter("ignore", RuntimeWarning)
     calls = []
     real = pyllm._C.cpu_attention_bwd
     monkeypatch.setattr(pyllm._C, "cpu_attention_bwd", lambda *a: calls.append(1) or real(*a))
@@ -650,9 +719,6 @@ def test_bf16_autocast_training_runs_the_bf16_kernels(name, fused_loss, monkeypa
     # bf16 block output to the float32 residual stream
     from pyllm.model import Transformer, preset
 
-    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")  # no cpu matmul: linear falls back, as in the test above
-    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    warnings.simplefilter("ignore", RuntimeWarning)
     codes = []
     for kernel in ("cpu_norm_fwd", "cpu_bias_gelu_fwd", "cpu_swiglu_fwd", "cpu_cross_entropy_fwd", "cpu_rope"):
         real = getattr(pyllm._C, kernel)
