@@ -10,7 +10,7 @@ import torch
 
 from .harness import Case, Inputs, OpBench
 from .pytest_adapter import pytest_benchmark_test
-from .shapes import MODELS, TOKENS
+from .shapes import CPU_MODELS, MODELS, TOKENS
 
 
 class LinearBench(OpBench):
@@ -23,9 +23,14 @@ class LinearBench(OpBench):
             return [Case("small MLP up + GELU (64 tokens, 128->512)", {"M": 64, "K": 128, "N": 512, "activation": "gelu_tanh"})]
         models = {"cpu": ["gpt2-124M"], "gpu": ["gpt2-124M", "gpt2-350M"]}[suite]
         n = TOKENS[suite]
-        return [Case(f"{m} MLP up + GELU ({n} tokens, {MODELS[m].d_model}->{MODELS[m].d_ff})",
-                     {"M": n, "K": MODELS[m].d_model, "N": MODELS[m].d_ff, "activation": "gelu_tanh"})
-                for m in models]
+        cases = [Case(f"{m} MLP up + GELU ({n} tokens, {MODELS[m].d_model}->{MODELS[m].d_ff})",
+                      {"M": n, "K": MODELS[m].d_model, "N": MODELS[m].d_ff, "activation": "gelu_tanh"})
+                 for m in models]
+        if suite == "cpu":  # and the MLP up-projections of the small models the CPU trains
+            cases += [Case(f"{m} MLP up + GELU ({s.tokens} tokens, {s.model.d_model}->{s.model.d_ff})",
+                           {"M": s.tokens, "K": s.model.d_model, "N": s.model.d_ff, "activation": "gelu_tanh"})
+                      for m, s in CPU_MODELS.items() if s.model.mlp == "gelu"]
+        return cases
 
     def make_inputs(self, case, dtype, device):
         s = case.shape
