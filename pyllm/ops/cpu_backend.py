@@ -9,9 +9,9 @@ kernels do not take (not on the CPU, or a dtype the kernel lacks), so the dispat
 reference. The row ops (norms, bias_gelu, swiglu, softmax, cross_entropy) take float32 and bfloat16 in
 any mix, compute in float32 and give the output dtypes of the reference (torch's type promotion: a
 bfloat16 activation plus a float32 residual gives float32), which is what a CPU bf16 autocast run feeds
-them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin float32); linear_cross_entropy
-runs its GEMMs in bfloat16 under bf16 autocast or on bfloat16 inputs; AdamW and loss scaling take
-float32 only. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned
+them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin widened to float32);
+linear_cross_entropy runs its GEMMs in bfloat16 under bf16 autocast or on bfloat16 inputs; AdamW and
+loss scaling take float32 only. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned
 memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except
 where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views, attention's heads).
 
@@ -748,11 +748,11 @@ _rope = kernel_op("pyllm::rope_cpu", _rope_fwd, _rope_fwd_fake, _rope_setup, _ro
 
 @register("rope", "cpu")
 def rope(q, k, cos, sin):
-    _require_rows_cpu("rope", q=q, k=k)
-    _require_f32_cpu("rope", cos=cos, sin=sin)
+    _require_rows_cpu("rope", q=q, k=k, cos=cos, sin=sin)
     if cos.requires_grad or sin.requires_grad:
         raise Unsupported("cpu backend: rope has no gradient for cos/sin")
-    return _rope(q, k, cos, sin, False)
+    # the kernel takes float32 tables: bfloat16 ones widen exactly ((T, D/2), a small copy)
+    return _rope(q, k, cos.float(), sin.float(), False)
 
 
 # ----------------------------------------------------------------------------------- attention

@@ -670,6 +670,8 @@ def test_rope_bf16(batched_cs):
     theta = torch.rand(2, 5, 8) * 6 if batched_cs else torch.rand(5, 8) * 6
     _check_bf16("rope", [torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), theta.cos(), theta.sin()],
                 {2: F32, 3: F32}, n_grad=2)
+    # and all-bf16 (cos/sin tables stored in bf16, as the benchmark's bf16 cases pass them)
+    _check_bf16("rope", [torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), theta.cos(), theta.sin()], n_grad=2)
     qkv = torch.randn(2, 5, 8 * 16).to(BF16).requires_grad_()  # strided views of a fused projection
     q, k, _ = _qkv_views(qkv, 4, 2)
     qr, kr = ops.rope(q, k, theta.cos(), theta.sin(), backend="cpu")
