@@ -253,7 +253,7 @@ void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B,
       for (int64_t i = 0; i < n; i += kRows) {
         const int nq = static_cast<int>(min_i64(kRows, n - i));
         const Span s = span_of(lo + i, hi + i, nq);
-        if (s.lo >= s.hi) {  // no key for these queries (only with T or S = 0): o = 0
+        if (s.lo >= s.hi) {  // no key for these queries (not for T <= S: each query sees itself): o = 0
           for (int64_t x = 0; x < nq * D; ++x) oh[i * D + x] = 0.0f;
           for (int r = 0; r < nq; ++r) lse[bh * T + i0 + i + r] = -INFINITY;
           continue;

@@ -11,15 +11,16 @@ any mix, compute in float32 and give the output dtypes of the reference (torch's
 bfloat16 activation plus a float32 residual gives float32), which is what a CPU bf16 autocast run feeds
 them; attention and rope take float32 or bfloat16 q, k, v (rope's cos/sin widened to float32);
 linear_cross_entropy runs its GEMMs in bfloat16 under bf16 autocast or on bfloat16 inputs; AdamW and
-loss scaling take float32 only. The kernels index with int64, so there is no 32-bit size limit here; they read unaligned
-memory, so alignment is not required; inputs are made contiguous (a no-op for the model's tensors) except
-where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views, attention's heads).
+loss scaling take float32 only. The kernels index with int64, so there is no 32-bit size limit here;
+they read unaligned memory, so alignment is not required; inputs are made contiguous (a no-op for the
+model's tensors) except where a kernel reads strides itself (swiglu's chunked halves, rope's q/k views,
+attention's heads).
 
 Attention takes every mask of the reference (causal, document ids, sliding window) at any T and S
-(csrc/cpu/attention.cpp: O(S D) scratch per thread in the forward, fixed 64 x 256 tiles in the backward).
-It reads q, k, v
-through their strides (no copies of the model's head views) and, when they are the head views of one
-fused qkv projection, returns that projection's gradient in one tensor (see _fused_qkv).
+(csrc/cpu/attention.cpp: O(S D) scratch per thread in the forward, fixed 64 x 256 tiles in the
+backward). It reads q, k, v through their strides (no copies of the model's head views) and, when they
+are the head views of one fused qkv projection, returns that projection's gradient in one tensor (see
+_fused_qkv).
 linear (and linear_cross_entropy's GEMMs) in float32 run through oneDNN where the CPU has AVX-512 and is
 not Intel's (PyTorch's MKL runs its AVX2 code there), else through MKL: see "linear (GEMMs)" below.
 Not here, so the reference runs: matmul and the loss-scale update (a few scalars).
@@ -451,7 +452,8 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
 # 93-104 GFLOP/s and oneDNN 175-239 on the forward, dX and dW GEMMs of the small models (one thread).
 # So where the CPU has AVX-512 and is not Intel's, this backend's float32 GEMMs go through oneDNN
 # (torch.ops.mkldnn._linear_pointwise, the op Inductor's CPU backend emits for linear layers), which reads
-# strided operands, so the transposed GEMMs of the backward need no copies; elsewhere through MKL.
+# a transposed weight operand in place (a transposed left operand it copies: see _weight_grad);
+# elsewhere through MKL.
 # PYLLM_CPU_GEMM=onednn or mkl forces one. Before its first use the oneDNN path is checked against MKL.
 # bfloat16 GEMMs (autocast, bf16 weights) already run in oneDNN inside F.linear.
 _onednn: Optional[bool] = None  # decided on first use (tests set it)
