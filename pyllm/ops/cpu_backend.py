@@ -459,6 +459,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
 _onednn: Optional[bool] = None  # decided on first use (tests set it)
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided eagerly, a constant in the graph
 def _use_onednn() -> bool:
     global _onednn
     if _onednn is None:

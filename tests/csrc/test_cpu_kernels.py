@@ -237,6 +237,24 @@ def test_linear_custom_op_passes_opcheck(gemm):
     torch.library.opcheck(cb._linear.custom_op, (x, w, None))
 
 
+def test_gemm_library_chosen_while_torch_compile_traces(monkeypatch):
+    # the first linear of a process may be inside a compiled function: the choice (and its check GEMMs)
+    # runs eagerly, outside the graph (fullgraph would fail on a graph break)
+    from pyllm.ops import cpu_backend as cb
+
+    monkeypatch.setattr(cb, "_onednn", None)
+    x, w, b = torch.randn(6, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True), torch.randn(8)
+
+    def fn(x, w, b, backend="cpu"):
+        return ops.linear(x, w, b, activation="gelu_tanh", backend=backend).square().sum()
+
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, b)
+    out.backward()
+    assert cb._onednn is not None
+    truth = fn(x.detach().double(), w.detach().double(), b.double(), "torch")
+    assert_close(out.detach(), truth, fn(x, w, b, "torch").detach(), "compiled linear")
+
+
 def test_gemm_library_choice(monkeypatch):
     from pyllm.ops import cpu_backend as cb
 
