@@ -929,6 +929,10 @@ def test_every_instruction_set_variant(isa, each_isa):
     _check("rope", [torch.randn(2, 2, 5, 16), torch.randn(2, 1, 5, 16), theta.cos(), theta.sin()], n_grad=2)
     _check("attention", [torch.randn(2, 4, 21, 40), torch.randn(2, 2, 37, 40), torch.randn(2, 2, 37, 40)])
     check("attention", "cpu", [torch.randn(2, 4, 21, 40), torch.randn(2, 2, 37, 40), torch.randn(2, 2, 37, 40)], BF16)
+    # several query chunks and key tiles, packed documents (one recurring id) and a window
+    docs = torch.tensor([[0] * 100 + [1] * 170 + [0] * 30, [2] * 300])
+    _check("attention", [torch.randn(2, 2, 300, 24), torch.randn(2, 1, 300, 24), torch.randn(2, 1, 300, 24)],
+           doc_ids=docs, window=120)
     grads = [torch.randn(40000), torch.randn(3, 3)]
     grads[0][12345] = float("inf")
     found = torch.zeros(1)
