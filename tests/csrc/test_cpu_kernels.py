@@ -197,6 +197,7 @@ def gemm(request, monkeypatch):
     from pyllm.ops import cpu_backend as cb
 
     monkeypatch.setattr(cb, "_onednn", request.param == "onednn")
+    monkeypatch.setattr(cb, "_ONEDNN_MIN_MNK", 0)  # the tests' small GEMMs too
     return request.param
 
 
@@ -235,6 +236,23 @@ def test_linear_custom_op_passes_opcheck(gemm):
     x, w, b = torch.randn(5, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True), torch.randn(3)
     torch.library.opcheck(cb._linear.custom_op, (x, w, b.requires_grad_()))
     torch.library.opcheck(cb._linear.custom_op, (x, w, None))
+
+
+def test_small_gemms_stay_on_mkl(monkeypatch):
+    # below 2^20 multiply-adds oneDNN's fixed cost loses to MKL: such GEMMs (decoding steps) skip it
+    from pyllm.ops import cpu_backend as cb
+
+    monkeypatch.setattr(cb, "_onednn", True)
+    calls = []
+    real = cb._onednn_nt
+    monkeypatch.setattr(cb, "_onednn_nt", lambda a, b, bias: calls.append((a.shape[0], b.shape[0], a.shape[1]))
+                        or real(a, b, bias))
+    for M, N, K in ((8, 384, 128), (64, 512, 128)):
+        x, w = torch.randn(M, K, requires_grad=True), torch.randn(N, K, requires_grad=True)
+        ops.linear(x, w, backend="cpu").backward(torch.ones(M, N))
+        assert_close(x.grad, torch.ones(M, N).double() @ w.double(), torch.ones(M, N) @ w, f"dx {M}x{N}x{K}")
+    # 8 x 384 x 128 (393K) on MKL; 64 x 512 x 128 (4.2M): forward, dx and dW = dy^T x on oneDNN
+    assert calls == [(64, 512, 128), (64, 128, 512), (512, 128, 64)]
 
 
 def test_gemm_library_chosen_while_torch_compile_traces(monkeypatch):
