@@ -11,12 +11,14 @@
 // union of their key ranges (at most S floats per row in scratch, so any S fits), the softmax of each row
 // (its logsumexp lse saved for the backward), then o = P V. No online rescaling is needed: a block's rows
 // are complete before P V.
-// Backward (FlashAttention-2, Dao 2023, section 3.1.2), per (batch, kv head), over tiles of kChunk
-// queries x kTile keys: P = exp(s - lse) recomputed, then
+// Backward (FlashAttention-2, Dao 2023, section 3.1.2), over tiles of kChunk queries x kTile keys: P =
+// exp(s - lse) recomputed, then
 //   dV += P^T dO,  dP = dO V^T,  Dsum_i = dO_i . O_i,  dS = P * (dP - Dsum),  dQ += scale dS K,  dK += scale dS^T Q.
-// Scratch is two (kChunk, kTile) tiles whatever T and S; each (batch, kv head) is one thread's work, so the
-// query heads of a grouped-query group add into its dK and dV without a reduction across threads, and the
-// thread count never changes a bit.
+// Scratch is two (kChunk, kTile) tiles whatever T and S. With at least as many (batch, kv head)s as threads
+// each is one thread's work, in one pass (the query heads of a grouped-query group add into its dK and dV
+// without a reduction across threads); with fewer, two passes keep every thread busy: dK/dV per (batch,
+// kv head, key tile), then dQ per (batch, query head, query chunk), recomputing P and dS. Both use the same
+// tiles and sum in the same order, so the thread count never changes a bit.
 //
 // Every product is out[q][c] (+)= sum_r a(q, r) M[r, c] over a row-major M, for a block of kRows output
 // rows, with the output columns in 16-float register accumulators (broadcast-FMA over r; each load of M
@@ -267,109 +269,233 @@ void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B,
   }
 }
 
+namespace {
+
+// What the backward of one (batch, query head) reads, as float32 rows: its q, dO, Dsum and lse over T
+// queries, the key ranges of its batch (and document row, when keys are masked one by one), and its kv
+// head (K rows, K^T and V^T).
+struct BwdHead {
+  const float *q, *dout, *dsum, *lse;
+  const int64_t *lo, *hi, *doc;
+  const float *k, *kt, *vt;
+  int64_t T, S, D, ldk;
+  float scale;
+};
+
+// The key tiles of a chunk of queries whose keys span [lo, hi): [ja, jb) = [j0, j0 + kTile) clipped to the
+// span, j0 a multiple of kTile. Both backward schedules use exactly these tiles (and the order of their
+// sums), so they give the same bits.
+inline int64_t first_tile(const Span& s) { return s.lo / kTile * kTile; }
+
+// P and dS (scaled) of queries [i0, i0 + n) x keys [ja, jb) into the tiles p, ds (n rows of kTileLd, column
+// j - ja), zero outside each query's keys; blocks[] gets each kRows-query block's key span in the tile.
+void tile_p_ds(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb, float* p, float* ds,
+               Span* blocks) {
+  const int64_t D = hd.D, width = jb - ja;
+  for (int64_t i = 0; i < n; i += kRows) {
+    const int nq = static_cast<int>(min_i64(kRows, n - i));
+    const int64_t qi = i0 + i;
+    Span s = span_of(hd.lo + qi, hd.hi + qi, nq);
+    s = {std::max(s.lo, ja), std::min(s.hi, jb)};
+    blocks[i / kRows] = s;
+    float* pi = p + i * kTileLd;
+    float* dsi = ds + i * kTileLd;
+    if (s.lo >= s.hi) {
+      for (int r = 0; r < nq; ++r)
+        for (int64_t j = 0; j < width; ++j) pi[r * kTileLd + j] = dsi[r * kTileLd + j] = 0.0f;
+      continue;
+    }
+    probabilities(pi + (s.lo - ja), kTileLd, jb - s.lo, hd.q + qi * D, D, hd.kt, hd.ldk, s.lo, s.hi, hd.lo + qi,
+                  hd.hi + qi, nq, hd.doc, hd.doc ? hd.doc + hd.S - hd.T + qi : nullptr, hd.scale, hd.lse + qi,
+                  nullptr);
+    for (int r = 0; r < nq; ++r)
+      for (int64_t j = 0; j < s.lo - ja; ++j) pi[r * kTileLd + j] = 0.0f;
+    block_times_matrix(nq, dsi + (s.lo - ja), kTileLd, hd.dout + qi * D, D, 1, hd.vt + s.lo, hd.ldk, D,
+                       round_up(s.hi - s.lo));  // dP
+    for (int r = 0; r < nq; ++r) {
+      // dS, scaled once here so that dQ and dK need no further scaling; 0 where P is
+      float* dsr = dsi + r * kTileLd;
+      const float* pr = pi + r * kTileLd;
+      const float dsum_r = hd.dsum[qi + r];
+      for (int64_t j = 0; j < s.lo - ja; ++j) dsr[j] = 0.0f;
+#pragma omp simd
+      for (int64_t j = s.lo - ja; j < s.hi - ja; ++j) dsr[j] = hd.scale * pr[j] * (dsr[j] - dsum_r);
+      for (int64_t j = s.hi - ja; j < width; ++j) dsr[j] = 0.0f;
+    }
+  }
+}
+
+// dQ rows i0 .. i0 + n (dq: row i at dq + i * D) += dS K over each query block's span of the tile.
+void tile_dq(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, const float* ds, const Span* blocks, float* dq) {
+  for (int64_t i = 0; i < n; i += kRows) {
+    const Span s = blocks[i / kRows];
+    if (s.lo >= s.hi) continue;
+    block_times_matrix<true>(static_cast<int>(min_i64(kRows, n - i)), dq + (i0 + i) * hd.D, hd.D,
+                             ds + i * kTileLd + (s.lo - ja), kTileLd, 1, hd.k + s.lo * hd.D, hd.D, s.hi - s.lo, hd.D);
+  }
+}
+
+// dV += P^T dO and dK += dS^T Q for keys [ja, jb) (dk, dv: key j's row at + (j - ja) D), kRows keys at a
+// time, over the query blocks whose spans reach them; P^T and dS^T are read in place.
+void tile_dkv(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb, const float* p, const float* ds,
+              const Span* blocks, float* dk, float* dv) {
+  const int64_t D = hd.D;
+  const int n_blocks = static_cast<int>((n + kRows - 1) / kRows);
+  for (int64_t j = ja; j < jb; j += kRows) {
+    const int nk = static_cast<int>(min_i64(kRows, jb - j));
+    int first = -1, last = -1;
+    for (int blk = 0; blk < n_blocks; ++blk)
+      if (blocks[blk].lo < j + nk && blocks[blk].hi > j && blocks[blk].lo < blocks[blk].hi) {
+        first = first < 0 ? blk : first;
+        last = blk;
+      }
+    if (first < 0) continue;
+    const int64_t r0 = first * kRows, r1 = min_i64((last + 1) * kRows, n);
+    block_times_matrix<true>(nk, dv + (j - ja) * D, D, p + r0 * kTileLd + (j - ja), 1, kTileLd,
+                             hd.dout + (i0 + r0) * D, D, r1 - r0, D);
+    block_times_matrix<true>(nk, dk + (j - ja) * D, D, ds + r0 * kTileLd + (j - ja), 1, kTileLd,
+                             hd.q + (i0 + r0) * D, D, r1 - r0, D);
+  }
+}
+
+// Per-thread float32 copies of one kv head (K rows, K^T, V^T) and of one query head (q, o, dO rows and
+// Dsum), each reloaded only when a work item needs another head.
+struct BwdScratch {
+  std::vector<float> kt, vt, kb, vb, qb, ob, dob, dsum, p, ds;
+  int64_t kv_loaded = -1, q_loaded = -1;
+  const float *kh = nullptr, *vh = nullptr, *qh = nullptr, *doh = nullptr;
+
+  BwdScratch(const Heads& q, const Heads& k, const Heads& v, const Heads& o, const Heads& dout, int64_t T,
+             int64_t S, int64_t D, int64_t ldk)
+      : kt(D * ldk), vt(D * ldk), kb(rows_buffer(k.t, k.sl, D, S * D)), vb(rows_buffer(v.t, v.sl, D, S * D)),
+        qb(rows_buffer(q.t, q.sl, D, T * D)), ob(rows_buffer(o.t, o.sl, D, T * D)),
+        dob(rows_buffer(dout.t, dout.sl, D, T * D)), dsum(T), p(kChunk * kTileLd), ds(kChunk * kTileLd) {}
+
+  void load_kv(const Heads& k, const Heads& v, int64_t b, int64_t kv, int64_t Hkv, int64_t S, int64_t D,
+               int64_t ldk) {
+    if (kv_loaded == b * Hkv + kv) return;
+    kh = rows_in(k, b, kv, 0, S, D, kb.data());
+    vh = rows_in(v, b, kv, 0, S, D, vb.data());
+    transpose(kt.data(), ldk, kh, S, D);
+    transpose(vt.data(), ldk, vh, S, D);
+    kv_loaded = b * Hkv + kv;
+  }
+
+  void load_q(const Heads& q, const Heads& o, const Heads& dout, int64_t b, int64_t h, int64_t Hq, int64_t T,
+              int64_t D) {
+    if (q_loaded == b * Hq + h) return;
+    qh = rows_in(q, b, h, 0, T, D, qb.data());
+    const float* oh = rows_in(o, b, h, 0, T, D, ob.data());
+    doh = rows_in(dout, b, h, 0, T, D, dob.data());
+    for (int64_t i = 0; i < T; ++i) {
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t x = 0; x < D; ++x) acc += doh[i * D + x] * oh[i * D + x];
+      dsum[i] = acc;
+    }
+    q_loaded = b * Hq + h;
+  }
+};
+
+}  // namespace
+
 void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads dout, HeadsOut dq, HeadsOut dk,
                    HeadsOut dv, int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scale,
                    bool causal, int64_t window, const int64_t* doc, int threads) {
   const KeyRanges ranges = key_ranges(B, T, S, causal, window, doc);
-  const int64_t group = Hq / Hkv, ldk = transposed_ld(S);
-#pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
+  const int64_t group = Hq / Hkv, ldk = transposed_ld(S), chunks = (T + kChunk - 1) / kChunk;
+  const int64_t tiles = (S + kTile - 1) / kTile;
+  const bool parallel = B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK && threads > 1;
+  // One work item per (batch, kv head) when there are enough of them for the threads: the query heads of
+  // its group add into its dK and dV, and dQ is summed over the key tiles, all in one pass. With fewer
+  // (batch, kv head)s than threads, two passes: dK/dV per (batch, kv head, key tile), then dQ per
+  // (batch, query head, query chunk), recomputing P and dS (1.4x the FLOPs, all threads busy). The tiles
+  // and the order of every sum are the same either way: the thread count never changes a bit.
+  const bool one_pass = !parallel || B * Hkv >= threads;
+  auto head = [&](const BwdScratch& sc, int64_t b, int64_t h) {
+    return BwdHead{sc.qh, sc.doh, sc.dsum.data(), lse + (b * Hq + h) * T, ranges.lo.data() + b * T,
+                   ranges.hi.data() + b * T, doc && ranges.check_doc[b] ? doc + b * S : nullptr, sc.kh,
+                   sc.kt.data(), sc.vt.data(), T, S, D, ldk, scale};
+  };
+#pragma omp parallel num_threads(threads) if (parallel)
   {
-    // kt, vt (D, ldk); the P and dS tiles (kChunk, kTileLd); Dsum per query
-    std::vector<float> kt(D * ldk), vt(D * ldk), p(kChunk * kTileLd), ds(kChunk * kTileLd), dsum(T);
-    std::vector<float> qb = rows_buffer(q.t, q.sl, D, T * D), ob = rows_buffer(o.t, o.sl, D, T * D);
-    std::vector<float> dob = rows_buffer(dout.t, dout.sl, D, T * D), dqb = rows_buffer(dq.t, dq.sl, D, T * D);
-    std::vector<float> kb = rows_buffer(k.t, k.sl, D, S * D), vb = rows_buffer(v.t, v.sl, D, S * D);
-    std::vector<float> dkb = rows_buffer(dk.t, dk.sl, D, S * D), dvb = rows_buffer(dv.t, dv.sl, D, S * D);
+    BwdScratch sc(q, k, v, o, dout, T, S, D, ldk);
     Span blocks[kChunk / kRows];  // the key span of each block of queries in the current tile
+    std::vector<float> dkb = rows_buffer(dk.t, dk.sl, D, (one_pass ? S : kTile) * D);
+    std::vector<float> dvb = rows_buffer(dv.t, dv.sl, D, (one_pass ? S : kTile) * D);
+    std::vector<float> dqb = rows_buffer(dq.t, dq.sl, D, (one_pass ? T : kChunk) * D);
+    if (one_pass) {
 #pragma omp for schedule(dynamic)
-    for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
-      const int64_t b = bkv / Hkv, kv = bkv % Hkv;
-      const float* kh = rows_in(k, b, kv, 0, S, D, kb.data());
-      const float* vh = rows_in(v, b, kv, 0, S, D, vb.data());
-      float* dkh = rows_out(dk, b, kv, 0, D, dkb.data());
-      float* dvh = rows_out(dv, b, kv, 0, D, dvb.data());
-      transpose(kt.data(), ldk, kh, S, D);
-      transpose(vt.data(), ldk, vh, S, D);
-      for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
-      const int64_t* lo_b = ranges.lo.data() + b * T;
-      const int64_t* hi_b = ranges.hi.data() + b * T;
-      const int64_t* d = doc && ranges.check_doc[b] ? doc + b * S : nullptr;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kv * group + g, bh = b * Hq + h;
-        const float* qh = rows_in(q, b, h, 0, T, D, qb.data());
-        const float* oh = rows_in(o, b, h, 0, T, D, ob.data());
-        const float* doh = rows_in(dout, b, h, 0, T, D, dob.data());
-        float* dqh = rows_out(dq, b, h, 0, D, dqb.data());
-        for (int64_t i = 0; i < T; ++i) {
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t x = 0; x < D; ++x) acc += doh[i * D + x] * oh[i * D + x];
-          dsum[i] = acc;
-        }
-        for (int64_t x = 0; x < T * D; ++x) dqh[x] = 0.0f;
-        for (int64_t i0 = 0; i0 < T; i0 += kChunk) {
-          const int64_t n = min_i64(kChunk, T - i0);
-          const Span chunk = span_of(lo_b + i0, hi_b + i0, static_cast<int>(n));
-          for (int64_t j0 = chunk.lo; j0 < chunk.hi; j0 += kTile) {
-            const int64_t j1 = min_i64(j0 + kTile, chunk.hi);
-            // P, dS and dQ for the tile's queries, kRows at a time; tile rows are zero outside their keys
-            for (int64_t i = 0; i < n; i += kRows) {
-              const int nq = static_cast<int>(min_i64(kRows, n - i));
-              const int64_t qi = i0 + i;
-              Span s = span_of(lo_b + qi, hi_b + qi, nq);
-              s = {std::max(s.lo, j0), std::min(s.hi, j1)};
-              blocks[i / kRows] = s;
-              float* pi = p.data() + i * kTileLd;
-              float* dsi = ds.data() + i * kTileLd;
-              if (s.lo >= s.hi) {
-                for (int r = 0; r < nq; ++r)
-                  for (int64_t j = 0; j < j1 - j0; ++j) pi[r * kTileLd + j] = dsi[r * kTileLd + j] = 0.0f;
-                continue;
-              }
-              probabilities(pi + (s.lo - j0), kTileLd, j1 - s.lo, qh + qi * D, D, kt.data(), ldk, s.lo, s.hi,
-                            lo_b + qi, hi_b + qi, nq, d, d ? d + S - T + qi : nullptr, scale, lse + bh * T + qi,
-                            nullptr);
-              for (int r = 0; r < nq; ++r)
-                for (int64_t j = 0; j < s.lo - j0; ++j) pi[r * kTileLd + j] = 0.0f;
-              block_times_matrix(nq, dsi + (s.lo - j0), kTileLd, doh + qi * D, D, 1, vt.data() + s.lo, ldk, D,
-                                 round_up(s.hi - s.lo));  // dP
-              for (int r = 0; r < nq; ++r) {
-                // dS, scaled once here so that dQ and dK need no further scaling; 0 where P is
-                float* dsr = dsi + r * kTileLd;
-                const float* pr = pi + r * kTileLd;
-                const float dsum_r = dsum[qi + r];
-                for (int64_t j = 0; j < s.lo - j0; ++j) dsr[j] = 0.0f;
-#pragma omp simd
-                for (int64_t j = s.lo - j0; j < s.hi - j0; ++j) dsr[j] = scale * pr[j] * (dsr[j] - dsum_r);
-                for (int64_t j = s.hi - j0; j < j1 - j0; ++j) dsr[j] = 0.0f;
-              }
-              block_times_matrix<true>(nq, dqh + qi * D, D, dsi + (s.lo - j0), kTileLd, 1, kh + s.lo * D, D,
-                                       s.hi - s.lo, D);
-            }
-            // dV and dK for the tile's keys, kRows at a time, over the query blocks whose spans reach them
-            const int n_blocks = static_cast<int>((n + kRows - 1) / kRows);
-            for (int64_t j = j0; j < j1; j += kRows) {
-              const int nk = static_cast<int>(min_i64(kRows, j1 - j));
-              int first = -1, last = -1;
-              for (int blk = 0; blk < n_blocks; ++blk)
-                if (blocks[blk].lo < j + nk && blocks[blk].hi > j && blocks[blk].lo < blocks[blk].hi) {
-                  first = first < 0 ? blk : first;
-                  last = blk;
-                }
-              if (first < 0) continue;
-              const int64_t r0 = first * kRows, r1 = min_i64((last + 1) * kRows, n);
-              // a(key, query) = P[query][key]: P^T read in place
-              block_times_matrix<true>(nk, dvh + j * D, D, p.data() + r0 * kTileLd + (j - j0), 1, kTileLd,
-                                       doh + (i0 + r0) * D, D, r1 - r0, D);
-              block_times_matrix<true>(nk, dkh + j * D, D, ds.data() + r0 * kTileLd + (j - j0), 1, kTileLd,
-                                       qh + (i0 + r0) * D, D, r1 - r0, D);
+      for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
+        const int64_t b = bkv / Hkv, kv = bkv % Hkv;
+        sc.load_kv(k, v, b, kv, Hkv, S, D, ldk);
+        float* dkh = rows_out(dk, b, kv, 0, D, dkb.data());
+        float* dvh = rows_out(dv, b, kv, 0, D, dvb.data());
+        for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kv * group + g;
+          sc.load_q(q, o, dout, b, h, Hq, T, D);
+          const BwdHead hd = head(sc, b, h);
+          float* dqh = rows_out(dq, b, h, 0, D, dqb.data());
+          for (int64_t x = 0; x < T * D; ++x) dqh[x] = 0.0f;
+          for (int64_t i0 = 0; i0 < T; i0 += kChunk) {
+            const int64_t n = min_i64(kChunk, T - i0);
+            const Span chunk = span_of(hd.lo + i0, hd.hi + i0, static_cast<int>(n));
+            for (int64_t j0 = first_tile(chunk); j0 < chunk.hi; j0 += kTile) {
+              const int64_t ja = std::max(j0, chunk.lo), jb = min_i64(j0 + kTile, chunk.hi);
+              tile_p_ds(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks);
+              tile_dq(hd, i0, n, ja, sc.ds.data(), blocks, dqh);
+              tile_dkv(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks, dkh + ja * D, dvh + ja * D);
             }
           }
+          rows_commit(dq, b, h, 0, T, D, dqh);
         }
-        rows_commit(dq, b, h, 0, T, D, dqh);
+        rows_commit(dk, b, kv, 0, S, D, dkh);
+        rows_commit(dv, b, kv, 0, S, D, dvh);
       }
-      rows_commit(dk, b, kv, 0, S, D, dkh);
-      rows_commit(dv, b, kv, 0, S, D, dvh);
+    } else {
+#pragma omp for schedule(dynamic)
+      for (int64_t item = 0; item < B * Hkv * tiles; ++item) {  // dK, dV of one key tile
+        const int64_t bkv = item / tiles, b = bkv / Hkv, kv = bkv % Hkv;
+        const int64_t t0 = item % tiles * kTile, t1 = min_i64(t0 + kTile, S);
+        sc.load_kv(k, v, b, kv, Hkv, S, D, ldk);
+        float* dkt = rows_out(dk, b, kv, t0, D, dkb.data());
+        float* dvt = rows_out(dv, b, kv, t0, D, dvb.data());
+        for (int64_t x = 0; x < (t1 - t0) * D; ++x) dkt[x] = dvt[x] = 0.0f;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kv * group + g;
+          sc.load_q(q, o, dout, b, h, Hq, T, D);
+          const BwdHead hd = head(sc, b, h);
+          for (int64_t i0 = 0; i0 < T; i0 += kChunk) {
+            const int64_t n = min_i64(kChunk, T - i0);
+            const Span chunk = span_of(hd.lo + i0, hd.hi + i0, static_cast<int>(n));
+            const int64_t ja = std::max(t0, chunk.lo), jb = min_i64(t1, chunk.hi);
+            if (ja >= jb) continue;
+            tile_p_ds(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks);
+            tile_dkv(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks, dkt + (ja - t0) * D, dvt + (ja - t0) * D);
+          }
+        }
+        rows_commit(dk, b, kv, t0, t1 - t0, D, dkt);
+        rows_commit(dv, b, kv, t0, t1 - t0, D, dvt);
+      }
+#pragma omp for schedule(dynamic)
+      for (int64_t item = 0; item < B * Hq * chunks; ++item) {  // dQ of one query chunk
+        const int64_t bh = item / chunks, b = bh / Hq, h = bh % Hq;
+        const int64_t i0 = item % chunks * kChunk, n = min_i64(kChunk, T - i0);
+        sc.load_kv(k, v, b, h / group, Hkv, S, D, ldk);
+        sc.load_q(q, o, dout, b, h, Hq, T, D);
+        const BwdHead hd = head(sc, b, h);
+        // dq rows i0 .. i0 + n, addressed as row i at dqc + (i - i0) D
+        float* dqc = rows_out(dq, b, h, i0, D, dqb.data());
+        for (int64_t x = 0; x < n * D; ++x) dqc[x] = 0.0f;
+        const Span chunk = span_of(hd.lo + i0, hd.hi + i0, static_cast<int>(n));
+        for (int64_t j0 = first_tile(chunk); j0 < chunk.hi; j0 += kTile) {
+          const int64_t ja = std::max(j0, chunk.lo), jb = min_i64(j0 + kTile, chunk.hi);
+          tile_p_ds(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks);
+          tile_dq(hd, 0, n, ja, sc.ds.data(), blocks, dqc);
+        }
+        rows_commit(dq, b, h, i0, n, D, dqc);
+      }
     }
   }
 }

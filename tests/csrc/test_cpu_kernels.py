@@ -497,13 +497,20 @@ def test_attention_on_strided_views_with_t_below_s():
     check("attention", "cpu", [q, k, v], torch.bfloat16, causal=False)
 
 
-def test_attention_threads_give_the_same_bits():
-    # each (batch, head) forward and each (batch, kv head) backward is one thread's work: no reduction
-    # across threads, so the thread count cannot change a bit (4/2 heads: the group's dK/dV sum included)
-    # (T = 150: three 64-query work items per head, handed out dynamically; documents and a window)
-    q, k, v = torch.randn(3, 4, 150, 32), torch.randn(3, 2, 150, 32), torch.randn(3, 2, 150, 32)
+@pytest.mark.parametrize("B,Hkv,S", [(3, 2, 150), (1, 1, 600)])
+def test_attention_threads_give_the_same_bits(B, Hkv, S):
+    # Forward items write disjoint rows; the backward sums in one fixed order whether it runs in one pass
+    # per (batch, kv head) or, with fewer of those than threads, in two (dK/dV per key tile, then dQ per
+    # query chunk), so the thread count cannot change a bit. B=3, 2 kv heads: one pass at 1-3 threads;
+    # B=1, 1 kv head: one pass at 1 thread, two at 2 and 3 (600 keys: three key tiles). T = S: several
+    # 64-query items per head, handed out dynamically; 4/Hkv query heads: the group's dK/dV sum included;
+    # documents and a window.
+    q, k, v = torch.randn(B, 4, S, 32), torch.randn(B, Hkv, S, 32), torch.randn(B, Hkv, S, 32)
     do = torch.randn_like(q)
-    masks = {"doc_ids": _doc_ids(3, 150, "runs"), "window": 100}
+    if S < 300:
+        masks = {"doc_ids": _doc_ids(B, S, "runs"), "window": 100}
+    else:  # spans of up to 590 keys: sums over three key tiles, whose order matters
+        masks = {"doc_ids": torch.tensor([[0] * 5 + [1] * (S - 5)]), "window": 590}
     results = []
     before = torch.get_num_threads()
     try:
@@ -516,6 +523,8 @@ def test_attention_threads_give_the_same_bits():
         torch.set_num_threads(before)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    if S == 600:  # and both schedules are right
+        _check("attention", [q, k, v], **masks)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_llama"])
