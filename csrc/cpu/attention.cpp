@@ -223,30 +223,47 @@ inline std::vector<float> rows_buffer(DType t, int64_t sl, int64_t D, int64_t n)
   return std::vector<float>(in_place(t, sl, D) ? 0 : n);
 }
 
+// A thread's float32 copy of one kv head: its K and V rows (the tensors' own memory when float32 with rows
+// D apart), K^T and, for the backward, V^T ((D, ldk), zero-padded); reloaded only when a work item needs
+// another kv head.
+struct KvHead {
+  std::vector<float> kt, vt, kb, vb;
+  int64_t loaded = -1;  // b * Hkv + kv
+  const float *kh = nullptr, *vh = nullptr;
+
+  KvHead(const Heads& k, const Heads& v, int64_t S, int64_t D, int64_t ldk, bool with_vt)
+      : kt(D * ldk), vt(with_vt ? D * ldk : 0), kb(rows_buffer(k.t, k.sl, D, S * D)),
+        vb(rows_buffer(v.t, v.sl, D, S * D)) {}
+
+  void load(const Heads& k, const Heads& v, int64_t b, int64_t kv, int64_t Hkv, int64_t S, int64_t D,
+            int64_t ldk) {
+    if (loaded == b * Hkv + kv) return;
+    kh = rows_in(k, b, kv, 0, S, D, kb.data());
+    vh = rows_in(v, b, kv, 0, S, D, vb.data());
+    transpose(kt.data(), ldk, kh, S, D);
+    if (!vt.empty()) transpose(vt.data(), ldk, vh, S, D);
+    loaded = b * Hkv + kv;
+  }
+};
+
 }  // namespace
 
 void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
                    int64_t S, int64_t D, float scale, bool causal, int64_t window, const int64_t* doc, int threads) {
   const KeyRanges ranges = key_ranges(B, T, S, causal, window, doc);
   const int64_t group = Hq / Hkv, ldk = transposed_ld(S), chunks = (T + kChunk - 1) / kChunk;
-  // Work items (batch, head, chunk of queries), in that order: consecutive items share a kv head, whose
-  // K^T (and gathered V) each thread keeps until its next item needs another one.
+  // Work items (batch, head, chunk of queries), in that order: consecutive items share a kv head, which
+  // each thread keeps (KvHead) until its next item needs another one.
 #pragma omp parallel num_threads(threads) if (B * Hq * T * S * D >= PYLLM_MIN_PARALLEL_WORK)
   {
-    std::vector<float> kt(D * ldk), p(kRows * ldk);
-    std::vector<float> kb = rows_buffer(k.t, k.sl, D, S * D), vb = rows_buffer(v.t, v.sl, D, S * D);
+    KvHead kvh(k, v, S, D, ldk, false);
+    std::vector<float> p(kRows * ldk);
     std::vector<float> qb = rows_buffer(q.t, q.sl, D, kChunk * D), ob = rows_buffer(o.t, o.sl, D, kChunk * D);
-    int64_t loaded = -1;  // b * Hkv + kv of the head in kt / vh
-    const float* vh = nullptr;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < B * Hq * chunks; ++item) {
-      const int64_t bh = item / chunks, b = bh / Hq, h = bh % Hq, kv = h / group;
+      const int64_t bh = item / chunks, b = bh / Hq, h = bh % Hq;
       const int64_t i0 = item % chunks * kChunk, n = min_i64(kChunk, T - i0);
-      if (loaded != b * Hkv + kv) {
-        transpose(kt.data(), ldk, rows_in(k, b, kv, 0, S, D, kb.data()), S, D);
-        vh = rows_in(v, b, kv, 0, S, D, vb.data());
-        loaded = b * Hkv + kv;
-      }
+      kvh.load(k, v, b, h / group, Hkv, S, D, ldk);
       const float* qh = rows_in(q, b, h, i0, n, D, qb.data());
       float* oh = rows_out(o, b, h, i0, D, ob.data());
       const int64_t* lo = ranges.lo.data() + b * T + i0;
@@ -260,9 +277,9 @@ void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B,
           for (int r = 0; r < nq; ++r) lse[bh * T + i0 + i + r] = -INFINITY;
           continue;
         }
-        probabilities(p.data(), ldk, s.hi - s.lo, qh + i * D, D, kt.data(), ldk, s.lo, s.hi, lo + i, hi + i, nq, d,
-                      d ? d + S - T + i0 + i : nullptr, scale, nullptr, lse + bh * T + i0 + i);
-        block_times_matrix(nq, oh + i * D, D, p.data(), ldk, 1, vh + s.lo * D, D, s.hi - s.lo, D);
+        probabilities(p.data(), ldk, s.hi - s.lo, qh + i * D, D, kvh.kt.data(), ldk, s.lo, s.hi, lo + i, hi + i,
+                      nq, d, d ? d + S - T + i0 + i : nullptr, scale, nullptr, lse + bh * T + i0 + i);
+        block_times_matrix(nq, oh + i * D, D, p.data(), ldk, 1, kvh.vh + s.lo * D, D, s.hi - s.lo, D);
       }
       rows_commit(o, b, h, i0, n, D, oh);
     }
@@ -358,28 +375,18 @@ void tile_dkv(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb, 
   }
 }
 
-// Per-thread float32 copies of one kv head (K rows, K^T, V^T) and of one query head (q, o, dO rows and
-// Dsum), each reloaded only when a work item needs another head.
+// A thread's backward scratch: its kv head (KvHead, with V^T), a float32 copy of one query head (q, o, dO
+// rows and Dsum, reloaded only when a work item needs another head) and the P and dS tiles.
 struct BwdScratch {
-  std::vector<float> kt, vt, kb, vb, qb, ob, dob, dsum, p, ds;
-  int64_t kv_loaded = -1, q_loaded = -1;
-  const float *kh = nullptr, *vh = nullptr, *qh = nullptr, *doh = nullptr;
+  KvHead kv;
+  std::vector<float> qb, ob, dob, dsum, p, ds;
+  int64_t q_loaded = -1;
+  const float *qh = nullptr, *doh = nullptr;
 
   BwdScratch(const Heads& q, const Heads& k, const Heads& v, const Heads& o, const Heads& dout, int64_t T,
              int64_t S, int64_t D, int64_t ldk)
-      : kt(D * ldk), vt(D * ldk), kb(rows_buffer(k.t, k.sl, D, S * D)), vb(rows_buffer(v.t, v.sl, D, S * D)),
-        qb(rows_buffer(q.t, q.sl, D, T * D)), ob(rows_buffer(o.t, o.sl, D, T * D)),
+      : kv(k, v, S, D, ldk, true), qb(rows_buffer(q.t, q.sl, D, T * D)), ob(rows_buffer(o.t, o.sl, D, T * D)),
         dob(rows_buffer(dout.t, dout.sl, D, T * D)), dsum(T), p(kChunk * kTileLd), ds(kChunk * kTileLd) {}
-
-  void load_kv(const Heads& k, const Heads& v, int64_t b, int64_t kv, int64_t Hkv, int64_t S, int64_t D,
-               int64_t ldk) {
-    if (kv_loaded == b * Hkv + kv) return;
-    kh = rows_in(k, b, kv, 0, S, D, kb.data());
-    vh = rows_in(v, b, kv, 0, S, D, vb.data());
-    transpose(kt.data(), ldk, kh, S, D);
-    transpose(vt.data(), ldk, vh, S, D);
-    kv_loaded = b * Hkv + kv;
-  }
 
   void load_q(const Heads& q, const Heads& o, const Heads& dout, int64_t b, int64_t h, int64_t Hq, int64_t T,
               int64_t D) {
@@ -414,8 +421,8 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
   const bool one_pass = !parallel || B * Hkv >= threads;
   auto head = [&](const BwdScratch& sc, int64_t b, int64_t h) {
     return BwdHead{sc.qh, sc.doh, sc.dsum.data(), lse + (b * Hq + h) * T, ranges.lo.data() + b * T,
-                   ranges.hi.data() + b * T, doc && ranges.check_doc[b] ? doc + b * S : nullptr, sc.kh,
-                   sc.kt.data(), sc.vt.data(), T, S, D, ldk, scale};
+                   ranges.hi.data() + b * T, doc && ranges.check_doc[b] ? doc + b * S : nullptr, sc.kv.kh,
+                   sc.kv.kt.data(), sc.kv.vt.data(), T, S, D, ldk, scale};
   };
 #pragma omp parallel num_threads(threads) if (parallel)
   {
@@ -428,7 +435,7 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
 #pragma omp for schedule(dynamic)
       for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
         const int64_t b = bkv / Hkv, kv = bkv % Hkv;
-        sc.load_kv(k, v, b, kv, Hkv, S, D, ldk);
+        sc.kv.load(k, v, b, kv, Hkv, S, D, ldk);
         float* dkh = rows_out(dk, b, kv, 0, D, dkb.data());
         float* dvh = rows_out(dv, b, kv, 0, D, dvb.data());
         for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
@@ -458,7 +465,7 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
       for (int64_t item = 0; item < B * Hkv * tiles; ++item) {  // dK, dV of one key tile
         const int64_t bkv = item / tiles, b = bkv / Hkv, kv = bkv % Hkv;
         const int64_t t0 = item % tiles * kTile, t1 = min_i64(t0 + kTile, S);
-        sc.load_kv(k, v, b, kv, Hkv, S, D, ldk);
+        sc.kv.load(k, v, b, kv, Hkv, S, D, ldk);
         float* dkt = rows_out(dk, b, kv, t0, D, dkb.data());
         float* dvt = rows_out(dv, b, kv, t0, D, dvb.data());
         for (int64_t x = 0; x < (t1 - t0) * D; ++x) dkt[x] = dvt[x] = 0.0f;
@@ -482,7 +489,7 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
       for (int64_t item = 0; item < B * Hq * chunks; ++item) {  // dQ of one query chunk
         const int64_t bh = item / chunks, b = bh / Hq, h = bh % Hq;
         const int64_t i0 = item % chunks * kChunk, n = min_i64(kChunk, T - i0);
-        sc.load_kv(k, v, b, h / group, Hkv, S, D, ldk);
+        sc.kv.load(k, v, b, h / group, Hkv, S, D, ldk);
         sc.load_q(q, o, dout, b, h, Hq, T, D);
         const BwdHead hd = head(sc, b, h);
         // dq rows i0 .. i0 + n, addressed as row i at dqc + (i - i0) D
