@@ -24,7 +24,7 @@ import torch.nn as nn
 from pyllm.model import ModelConfig
 from pyllm.model.flops import flops_per_token
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, host_memory
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import TrainConfig
 from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb
@@ -67,6 +67,8 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif self.device.type == "cpu" and cfg.keep_host_memory:
+            host_memory.keep_freed_memory()
         self.mode = distributed.resolve_mode(cfg.distributed, self.dist.world_size)
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
         self.low_dtype = LOW_DTYPES.get(cfg.precision)
