@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pyllm.train import host_memory
+
 from . import harness, machine, render, results
 
 OPS = ("attention", "layer_norm", "rms_norm", "bias_gelu", "swiglu", "rope", "softmax", "matmul", "linear",
@@ -60,8 +62,15 @@ def run(args) -> int:
         # on a shared machine, OpenMP threads waiting on each other at barriers turn every preemption
         # into a stall: one thread per process gives repeatable CPU numbers there
         torch.set_num_threads(args.threads)
+    # The trainer's allocator setting (pyllm/train/host_memory.py) for every provider alike: with glibc's
+    # defaults a CPU fwd+bwd of MB-sized tensors mostly times pages being unmapped and faulted back in
+    # (layer_norm 1024 x 768 fp32 fwd+bwd, one thread: eager 1.50 ms, pyllm-cpu 0.35-2.30 ms; kept: 0.50 and
+    # 0.33-0.35 ms). Recorded with the results; --default-malloc measures without it.
+    kept = device == "cpu" and not args.default_malloc and host_memory.keep_freed_memory()
     out = Path(args.out) if args.out else results.default_path(device)
     info = machine.describe(device)
+    if device == "cpu":
+        info["host_memory"] = "kept" if kept else "allocator default"
     log = results.ResultLog(out, info)
     print(f"device: {info['device_name']}; torch {info['torch']}, triton {info['triton']}; commit "
           f"{(info['commit'] or '?')[:12]}{' (dirty)' if info['dirty'] else ''}; suite {suite}; results -> {out}")
@@ -145,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip (op, case, dtype) already in the results file for this commit, device and suite")
     parser.add_argument("--time-limit", type=float, help="minutes; no new case starts after this")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); recorded")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="CPU: leave glibc's malloc settings as they are (default: keep freed memory, as the "
+                             "trainer does); recorded")
     parser.add_argument("--no-render", action="store_true", help="do not re-render the Markdown and plots")
     parser.add_argument("--results", nargs="*", help="render: results files (default: results/*.jsonl)")
     args = parser.parse_args(argv)

@@ -1,6 +1,15 @@
-"""Lets ``pytest benchmarks/`` collect the ``bench_<op>.py`` files (pytest collects test_*.py by default)."""
+"""Lets ``pytest benchmarks/`` collect the ``bench_<op>.py`` files (pytest collects test_*.py by default),
+and runs them under the runner's CPU allocator setting (see ``--default-malloc`` in __main__.py)."""
 
 import pytest
+import torch
+
+from pyllm.train import host_memory
+
+
+def pytest_configure(config):
+    if not torch.cuda.is_available():
+        host_memory.keep_freed_memory()  # as `python -m benchmarks` and the trainer do on a CPU
 
 
 def pytest_collect_file(file_path, parent):

@@ -171,6 +171,7 @@ def render_file(path: str | Path) -> list[Path]:
                   f"{' with uncommitted changes' if m.get('dirty') else ''}",
                   f"- torch {m['torch']}, triton {m.get('triton')}, python {m['python']}, {m['torch_threads']} threads"
                   + (f", load average {m['load_avg_1m']} at start" if m.get("load_avg_1m") is not None else "")
+                  + (f", host memory {m['host_memory']}" if m.get("host_memory") else "")
                   + (f", CUDA {m.get('cuda')}, driver {m.get('driver')}" if m.get("cuda") else "")]
         if calib:
             lines.append(f"- measured ceilings: copy {calib['copy_gbps']:.1f} GB/s; matmul "
