@@ -148,6 +148,12 @@ void bind_cpu(py::module_& m) {
       },
       kNoGil);
   m.def(
+      "cpu_transpose",
+      [](Addr src, int64_t ld_src, Addr dst, int64_t ld_dst, int64_t rows, int64_t cols, int threads) {
+        kernels().transpose(P<const float>(src), ld_src, P<float>(dst), ld_dst, rows, cols, threads);
+      },
+      kNoGil);
+  m.def(
       "cpu_unscale_check",
       [](Addr grads, Addr sizes, int64_t n_tensors, float inv_scale, int threads) {
         return kernels().unscale_check(P<float* const>(grads), P<const int64_t>(sizes), n_tensors, inv_scale,

@@ -100,6 +100,10 @@ struct KernelTable {
   // grads *= inv_scale in place; returns true if any element was inf or nan.
   bool (*unscale_check)(float* const* grads, const int64_t* sizes, int64_t n_tensors, float inv_scale, int threads);
 
+  // dst (cols x rows, row stride ld_dst) = src^T for src (rows x cols, row stride ld_src); float32.
+  void (*transpose)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols,
+                    int threads);
+
   // o = softmax(q k^T * scale + mask) v. q, o (B, Hq, T, D); k, v (B, Hkv, S, D), Hq % Hkv == 0; queries
   // are the last T of the S positions. The mask (see pyllm.ops.reference.attention_mask): causal, a
   // sliding window of `window` keys (0: none) and doc (B, S) document ids (null: none). lse (B, Hq, T)

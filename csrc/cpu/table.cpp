@@ -19,6 +19,7 @@ void rope(Src, const int64_t*, const float*, const float*, int64_t, Dst, int64_t
 void adamw(float* const*, float* const*, const float* const*, float* const*, float* const*, const int64_t*, int64_t,
            float, float, float, float, float, float, float, int);
 bool unscale_check(float* const*, const int64_t*, int64_t, float, int);
+void transpose(const float*, int64_t, float*, int64_t, int64_t, int64_t, int);
 void attention_fwd(Heads, Heads, Heads, HeadsOut, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float,
                    bool, int64_t, const int64_t*, int);
 void attention_bwd(Heads, Heads, Heads, Heads, const float*, Heads, HeadsOut, HeadsOut, HeadsOut, int64_t, int64_t,
@@ -30,8 +31,8 @@ void attention_bwd(Heads, Heads, Heads, Heads, const float*, Heads, HeadsOut, He
 KernelTable make_table() {
   return KernelTable{PYLLM_STR(PYLLM_ISA), norm_fwd,    norm_bwd,    bias_gelu_fwd,     bias_gelu_bwd,
                      swiglu_fwd,           swiglu_bwd,  softmax_fwd, softmax_bwd,       cross_entropy_fwd,
-                     cross_entropy_bwd,    rope,        adamw,       unscale_check,     attention_fwd,
-                     attention_bwd};
+                     cross_entropy_bwd,    rope,        adamw,       unscale_check,     transpose,
+                     attention_fwd,        attention_bwd};
 }
 
 PYLLM_CPU_NS_END

@@ -510,6 +510,18 @@ def _gemm_nt(a: Tensor, b: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return F.linear(a, b, bias)
 
 
+def _transposed(t: Tensor) -> Tensor:
+    """t^T as a new contiguous tensor: the C++ transpose for a 2-D float32 t with unit column stride
+    (768 x 128: ~12 us vs ~60 us for PyTorch's strided copy, one thread, this AMD EPYC), else PyTorch."""
+    if t.dim() != 2 or t.dtype is not _F32 or t.stride(1) != 1 or not t.is_cpu:
+        return t.t().contiguous()
+    rows, cols = t.shape
+    out = t.new_empty((cols, rows))
+    if t.numel():
+        _C.cpu_transpose(t.data_ptr(), t.stride(0), out.data_ptr(), rows, rows, cols, _threads())
+    return out
+
+
 def _weight_grad(dy: Tensor, x: Tensor) -> Tensor:
     """dy^T x (N, K) for dy (M, N), x (M, K). oneDNN copies a transposed left operand to row-major inside,
     so when copying x^T and the (K, N) result is less than copying dy^T, it computes (x^T dy)^T instead:
@@ -519,8 +531,8 @@ def _weight_grad(dy: Tensor, x: Tensor) -> Tensor:
     if not _on_onednn(M, N, K):
         return dy.t() @ x  # MKL takes transposed operands as they are
     if M * K + K * N < M * N:
-        return _onednn_nt(x.t().contiguous(), dy.t(), None).t().contiguous()
-    return _onednn_nt(dy.t(), x.t(), None)
+        return _transposed(_onednn_nt(_transposed(x), dy.t(), None))
+    return _onednn_nt(_transposed(dy), x.t(), None)
 
 
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -974,3 +974,30 @@ def test_every_instruction_set_variant(isa, each_isa):
     ops.adamw_step(*ref, backend="torch", **hp)
     for k, t, r in zip(kern[0], truth[0], ref[0]):
         assert_close(k, t, r, f"adamw ({isa})")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transpose_is_exact(isa, threads, each_isa):
+    # the linear backward's transposing copies (cpu_backend._transposed): awkward shapes around the 8 x 8
+    # register blocks and 64 x 64 tiles, a strided source (row stride above its width), one big enough to
+    # split over threads; exact equality with PyTorch's copy
+    from pyllm.ops import cpu_backend as cb
+
+    if isa not in pyllm._C.cpu_supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    assert each_isa(isa)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, cols in [(1, 1), (1, 9), (9, 1), (7, 13), (8, 8), (9, 17), (64, 64), (65, 130), (130, 65),
+                           (768, 128), (513, 257)]:
+            t = torch.randn(rows, cols)
+            assert torch.equal(cb._transposed(t), t.t().contiguous()), (rows, cols)
+            wide = torch.randn(rows, cols + 5)[:, 2:cols + 2]  # row stride cols + 5
+            got = cb._transposed(wide)
+            assert got.is_contiguous() and torch.equal(got, wide.t().contiguous()), (rows, cols, "strided")
+        empty = cb._transposed(torch.randn(0, 4))
+        assert empty.shape == (4, 0)
+    finally:
+        torch.set_num_threads(old)
