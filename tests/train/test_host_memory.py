@@ -19,11 +19,11 @@ SCRIPT = textwrap.dedent("""
     from train.helpers import make_trainer, tiny_model
 
     def faults_per_step(keep):
-        # activations of 512 tokens x width 128 (256 KiB per float32 tensor): above glibc's default
+        # activations of 1024 tokens x width 256 (1 MiB per float32 tensor): far above glibc's default
         # mmap threshold (128 KiB), so without the setting each is mapped and unmapped every step
-        trainer = make_trainer(tempfile.mkdtemp(), model=tiny_model(d_model=128, n_head=4, max_seq_len=64),
-                               seq_len=64, batch_size=8, keep_host_memory=keep)
-        for _ in range(3):
+        trainer = make_trainer(tempfile.mkdtemp(), model=tiny_model(d_model=256, n_head=4, max_seq_len=128),
+                               seq_len=128, batch_size=8, keep_host_memory=keep)
+        for _ in range(10):  # the heap grows to the step's working set during the first steps
             trainer.train_step(1e-3)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(10):
@@ -44,9 +44,10 @@ def test_kept_host_memory_stops_per_step_page_faults(tmp_path):
                          timeout=300, env={**__import__("os").environ, "PYLLM_CUDA": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
     faults = json.loads(out.stdout.strip().splitlines()[-1])
-    # glibc's default: the step's large buffers are unmapped on free and faulted in again (hundreds of
-    # faults per step); kept: only the rare growth of the heap
-    assert faults["default"] > 100, faults
+    # glibc's default: the step's large buffers are unmapped on free and faulted in again (thousands of
+    # faults per step: 4,000-5,000 here); kept: what is left is not the tensors' (a few dozen per step on
+    # some machines: Python's own arenas, which it maps itself)
+    assert faults["default"] > 1000, faults
     assert faults["kept"] < faults["default"] / 10, faults
 
 
