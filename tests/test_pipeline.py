@@ -155,3 +155,24 @@ def test_smoke_preset_end_to_end(tmp_path):
     # a second run finds every stage cached and only rewrites the report
     again = pipeline.Pipeline(cfg, log=lambda s: None).run()
     assert all(again[n].seconds == records[n].seconds for n in records)
+
+
+def test_cpu_peak_is_not_below_the_rate_the_cpu_backend_trains_at():
+    # MFU on a CPU is judged against measured_matmul_tflops; the cpu backend's fp32 GEMMs may run in a
+    # faster library than PyTorch's matmul (oneDNN vs MKL on AVX-512 CPUs not made by Intel), and a peak
+    # measured on the slower one put the default pipeline's pretraining MFU at 120%. Same GEMM, fastest
+    # of 30 repetitions on both sides (robust to a loaded machine), 20% slack.
+    import time
+
+    import torch
+
+    from pyllm import ops
+
+    peak = pipeline.measured_matmul_tflops("cpu", "fp32")
+    x, w = torch.randn(512, 512), torch.randn(512, 512)
+    best = float("inf")
+    for _ in range(33):
+        t0 = time.perf_counter()
+        ops.linear(x, w, backend="cpu")
+        best = min(best, time.perf_counter() - t0)
+    assert peak >= 0.8 * 2 * 512**3 / best / 1e12
