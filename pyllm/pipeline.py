@@ -118,8 +118,8 @@ samples those from it on."""
 
 
 def default(**overrides) -> PipelineConfig:
-    """The README's run: 5-6 min on an otherwise idle 2-core AVX-512 CPU (300ab8e), about 8 where PyTorch's
-    fp32 GEMMs are the ones in use (before the oneDNN path, d487976)."""
+    """The README's run: about 5 min on an otherwise idle 2-core AVX-512 CPU (4 min 39-49 s at e7e8b09 and
+    ff83d76), about 8 where PyTorch's fp32 GEMMs are the ones in use (before the oneDNN path, d487976)."""
     return PipelineConfig(**_merge(dict(
         out_dir="runs/pipeline",
         data={"max_documents": 2000, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
