@@ -66,7 +66,9 @@ def run(args) -> int:
     # defaults a CPU fwd+bwd of MB-sized tensors mostly times pages being unmapped and faulted back in
     # (layer_norm 1024 x 768 fp32 fwd+bwd, one thread: eager 1.50 ms, pyllm-cpu 0.35-2.30 ms; kept: 0.50 and
     # 0.33-0.35 ms). Recorded with the results; --default-malloc measures without it.
-    kept = device == "cpu" and not args.default_malloc and host_memory.keep_freed_memory()
+    # (what is recorded is the process's state: an earlier caller in the same process may have set it)
+    kept = device == "cpu" and ((not args.default_malloc and host_memory.keep_freed_memory())
+                                or host_memory.in_effect())
     out = Path(args.out) if args.out else results.default_path(device)
     info = machine.describe(device)
     if device == "cpu":

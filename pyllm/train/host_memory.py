@@ -50,3 +50,8 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success
     _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def in_effect() -> bool:
+    """Whether keep_freed_memory() has taken effect in this process (it cannot be undone)."""
+    return _applied

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from benchmarks import results
 from benchmarks.__main__ import main
+from pyllm.train import host_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +20,10 @@ def test_short_run_appends_resumes_and_renders(tmp_path, capsys):
     assert {r["provider"] for r in recs} == {"torch eager", "pyllm-cpu"}
     eager = next(r for r in recs if r["provider"] == "torch eager")
     assert eager["status"] == "ok" and eager["machine"]["torch_threads"] == 1 and eager["shape"] == {"rows": 64, "cols": 512}
-    assert (tmp_path / "cpu.md").exists()
+    # freed host memory kept for every provider (glibc), and said so in the record and the rendered header
+    kept = "kept" if host_memory.glibc() else "allocator default"
+    assert eager["machine"]["host_memory"] == kept and host_memory.in_effect() == (kept == "kept")
+    assert (tmp_path / "cpu.md").exists() and f"host memory {kept}" in (tmp_path / "cpu.md").read_text()
     assert main(args + ["--resume"]) == 0  # everything measured already: nothing new but the calibration
     again = [r for r in results.read(out) if r["kind"] == "op"]
     assert len(again) == len(recs)
