@@ -24,7 +24,9 @@ inline void transpose_columns(const float* src, int64_t ld_src, float* dst, int6
 #if defined(__AVX2__)
   const int64_t cb_end = c0 + (c1 - c0) / kBlock * kBlock;  // columns covered by whole 8 x 8 blocks
   for (; r + kBlock <= rows; r += kBlock) {
-    for (int64_t c = c0; c < cb_end; c += kBlock) transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    for (int64_t c = c0; c < cb_end; c += kBlock) {
+      transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    }
     for (int64_t c = cb_end; c < c1; ++c) {
       for (int64_t rr = r; rr < r + kBlock; ++rr) dst[c * ld_dst + rr] = src[rr * ld_src + c];
     }

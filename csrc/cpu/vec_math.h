@@ -202,8 +202,9 @@ class RowBuffers {
  public:
   RowBuffers(bool needed, int slots, int64_t n)
       : stride_(stride(n)),
-        p_(needed && n > 0 ? static_cast<float*>(aligned_alloc(64, static_cast<size_t>(slots) * stride_ * sizeof(float)))
-                           : nullptr) {}
+        p_(needed && n > 0
+               ? static_cast<float*>(aligned_alloc(64, static_cast<size_t>(slots) * stride_ * sizeof(float)))
+               : nullptr) {}
   ~RowBuffers() { free(p_); }
   RowBuffers(const RowBuffers&) = delete;
   RowBuffers& operator=(const RowBuffers&) = delete;
