@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pyllm.train.config import cpu_has_native_bf16
+from pyllm.train.metrics import half_matmul_emulated, peak_matmul_candidates
 
 from .timing import DTYPES, dtype_context, time_fn
 
@@ -98,18 +98,10 @@ def calibrate(device: str, dtypes: list[str], budget_s: float = 0.5) -> dict:
     size = 8192 if cuda else 512
     for name in dtypes:
         dtype = DTYPES[name]
-        # CPU half-precision matmul without native units is orders of magnitude slower than fp32: keep it small
-        slow = not cuda and dtype in (torch.float16, torch.bfloat16) and not (
-            dtype == torch.bfloat16 and cpu_has_native_bf16())
-        size_d = 128 if slow else size
+        size_d = 128 if half_matmul_emulated(dtype, device) else size
         a = torch.randn(size_d, size_d, device=device, dtype=dtype)
         b = torch.randn(size_d, size_d, device=device, dtype=dtype)
-        gemms = [lambda: a @ b]
-        if not cuda and dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            # PyTorch's fp32 CPU matmul is MKL, which runs AVX2 code on CPUs not made by Intel; oneDNN (the
-            # cpu backend's GEMM there) reaches the AVX-512 peak: the ceiling is the faster of the two
-            gemms.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-        with dtype_context(name):
-            best_ms = min(time_fn(g, device, **reps)["min_ms"] for g in gemms)
+        with dtype_context(name):  # the ceiling: the fastest of the GEMMs a provider may be using
+            best_ms = min(time_fn(g, device, **reps)["min_ms"] for g in peak_matmul_candidates(a, b))
         out["matmul_tflops"][name] = 2 * size_d**3 / best_ms / 1e9
     return out

@@ -346,23 +346,14 @@ def measured_matmul_tflops(device: str, precision: str) -> float:
     measurement taken while another stage's workers wind down reads several times too low)."""
     import torch
 
-    from pyllm.train.config import cpu_has_native_bf16
+    from pyllm.train.metrics import half_matmul_emulated, peak_matmul_candidates
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # many short repetitions after a warm-up, the fastest kept: on a shared CPU a long one is preempted;
-    # half precision without native CPU units is orders of magnitude slower: keep that one small
-    native = precision == "fp32" or (precision == "bf16" and cpu_has_native_bf16())
-    n = 4096 if device == "cuda" else (512 if native else 128)
+    # many short repetitions after a warm-up, the fastest kept: on a shared CPU a long one is preempted
+    n = 4096 if device == "cuda" else (128 if half_matmul_emulated(dtype, device) else 512)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    gemms = [lambda: a @ b]
-    if device == "cpu" and precision == "fp32" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        # PyTorch's fp32 matmul is MKL, which runs its AVX2 code on CPUs not made by Intel; the cpu
-        # backend's fp32 GEMMs run in oneDNN there, at the AVX-512 rate (pyllm/ops/cpu_backend.py): the
-        # peak is the faster of the two (against MKL alone the default pipeline's pretraining showed an
-        # MFU of 120%)
-        gemms.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for gemm in gemms:
+    for gemm in peak_matmul_candidates(a, b):
         for _ in range(3):
             gemm()
         for _ in range(30):

@@ -31,6 +31,27 @@ def device_peak_flops(device: torch.device, precision: str, override_tflops: flo
     return peak_flops(torch.cuda.get_device_name(device), precision)
 
 
+def half_matmul_emulated(dtype: torch.dtype, device: str) -> bool:
+    """A half-precision matmul this device has no units for (a CPU's fp16, or bf16 without AVX512-BF16/AMX):
+    orders of magnitude slower than fp32, so its peak is probed at a small size."""
+    from .config import cpu_has_native_bf16
+
+    return (device != "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and not (dtype == torch.bfloat16 and cpu_has_native_bf16()))
+
+
+def peak_matmul_candidates(a: torch.Tensor, b: torch.Tensor) -> list[Callable[[], torch.Tensor]]:
+    """The products whose fastest repetition is a device's measured matmul peak for a's dtype (the MFU and
+    roofline denominators where no data-sheet figure applies): a @ b, and for float32 on a CPU also
+    oneDNN's linear. PyTorch's fp32 CPU matmul is MKL, which runs its AVX2 code on CPUs not made by
+    Intel, while the cpu backend's fp32 GEMMs run in oneDNN there (pyllm/ops/cpu_backend.py, "linear
+    (GEMMs)"): against MKL alone the default pipeline's pretraining showed an MFU of 120%."""
+    gemms = [lambda: a @ b]
+    if not a.is_cuda and a.dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        gemms.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    return gemms
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
