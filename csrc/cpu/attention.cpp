@@ -97,22 +97,10 @@ inline int64_t round_up(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 // anywhere below S may run 16 past S (those columns are zero and never used).
 inline int64_t transposed_ld(int64_t S) { return round_up(S) + kVec; }
 
-// dst (cols, ld_dst) = src (rows, cols)^T, zero in the padding columns rows .. ld_dst. 8 x 8 blocks through
-// registers where the ISA has AVX2 (at nanoGPT's heads, 64 x 32 per work item, the scalar loop was a
-// measurable part of the forward), scalar at the edges.
+// dst (cols, ld_dst) = src (rows, cols)^T, zero in the padding columns rows .. ld_dst.
 inline void transpose(float* dst, int64_t ld_dst, const float* src, int64_t rows, int64_t cols) {
-  int64_t r0 = 0;
-#if defined(__AVX2__)
-  const int64_t c8 = cols / 8 * 8;
-  for (; r0 + 8 <= rows; r0 += 8) {
-    for (int64_t c = 0; c < c8; c += 8) transpose8x8(src + r0 * cols + c, cols, dst + c * ld_dst + r0, ld_dst);
-    for (int64_t c = c8; c < cols; ++c) {
-      for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ld_dst + r] = src[r * cols + c];
-    }
-  }
-#endif
+  transpose_columns(src, cols, dst, ld_dst, rows, 0, cols);
   for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t r = r0; r < rows; ++r) dst[c * ld_dst + r] = src[r * cols + c];
     for (int64_t r = rows; r < ld_dst; ++r) dst[c * ld_dst + r] = 0.0f;
   }
 }

@@ -10,32 +10,7 @@ PYLLM_CPU_NS_BEGIN
 
 namespace {
 
-constexpr int64_t kGroup = 16;
-
-#if defined(__AVX2__)
-constexpr int64_t kBlock = 8;
-#endif
-
-// Columns [c0, c1) of src (at most kGroup: whole 64-byte lines of each source row), every row: the
-// destination rows c0..c1 are written front to back, kGroup sequential streams.
-inline void transpose_columns(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t c0,
-                              int64_t c1) {
-  int64_t r = 0;
-#if defined(__AVX2__)
-  const int64_t cb_end = c0 + (c1 - c0) / kBlock * kBlock;  // columns covered by whole 8 x 8 blocks
-  for (; r + kBlock <= rows; r += kBlock) {
-    for (int64_t c = c0; c < cb_end; c += kBlock) {
-      transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
-    }
-    for (int64_t c = cb_end; c < c1; ++c) {
-      for (int64_t rr = r; rr < r + kBlock; ++rr) dst[c * ld_dst + rr] = src[rr * ld_src + c];
-    }
-  }
-#endif
-  for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t rr = r; rr < rows; ++rr) dst[c * ld_dst + rr] = src[rr * ld_src + c];
-  }
-}
+constexpr int64_t kGroup = 16;  // source columns per thread's share: whole 64-byte lines of each source row
 
 }  // namespace
 

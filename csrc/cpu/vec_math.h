@@ -86,7 +86,7 @@ inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #if defined(__AVX2__)
 // An 8 x 8 float32 transpose through registers: dst rows 0..7 (stride ld_dst) = columns 0..7 of src rows
-// 0..7 (stride ld_src). Used by transpose.cpp and by the attention's K^T / V^T copies.
+// 0..7 (stride ld_src).
 inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   const __m256 r0 = _mm256_loadu_ps(src + 0 * ld_src), r1 = _mm256_loadu_ps(src + 1 * ld_src);
   const __m256 r2 = _mm256_loadu_ps(src + 2 * ld_src), r3 = _mm256_loadu_ps(src + 3 * ld_src);
@@ -117,6 +117,27 @@ inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t l
   _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
 #endif
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for every row r < rows and columns c0 <= c < c1, swept down
+// the rows so that the destination rows c0..c1 are written front to back as sequential streams; 8 x 8
+// register blocks (transpose8x8) where the ISA has AVX2, scalar at the edges. transpose.cpp runs it per
+// group of 16 columns and thread; the attention uses it for its K^T and V^T copies.
+inline void transpose_columns(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows,
+                              int64_t c0, int64_t c1) {
+  int64_t r = 0;
+#if defined(__AVX2__)
+  const int64_t cb_end = c0 + (c1 - c0) / 8 * 8;  // columns covered by whole 8 x 8 blocks
+  for (; r + 8 <= rows; r += 8) {
+    for (int64_t c = c0; c < cb_end; c += 8) transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    for (int64_t c = cb_end; c < c1; ++c) {
+      for (int64_t rr = r; rr < r + 8; ++rr) dst[c * ld_dst + rr] = src[rr * ld_src + c];
+    }
+  }
+#endif
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t rr = r; rr < rows; ++rr) dst[c * ld_dst + rr] = src[rr * ld_src + c];
+  }
+}
 
 // ---- bfloat16 storage. The row kernels read and write float32 or bfloat16 tensors (Src/Dst in
 // kernels.h) and compute in float32: a bfloat16 row is widened into a per-thread float buffer, computed
