@@ -35,17 +35,19 @@ template <bool kTanh>
 void bias_gelu_fwd_impl(Src x, Src bias, Dst y, int64_t rows, int64_t n, int threads) {
   RowBuffers params(is_bf16(bias), 1, n);
   const float* b = bias.p ? src_row(bias, 0, n, params[0]) : nullptr;
-  for_each_row(rows, n, threads, is_bf16(x) || is_bf16(y), 2, [&](int64_t r, const RowBuffers& buf) {
-    const float* xr = src_row(x, r * n, n, buf[0]);
-    float* yr = dst_row(y, r * n, buf[1]);
+  for_each_span(rows, n, threads, is_bf16(x) || is_bf16(y), 2, [&](int64_t r, int64_t c, int64_t len,
+                                                                   const RowBuffers& buf) {
+    const float* xr = src_row(x, r * n + c, len, buf[0]);
+    float* yr = dst_row(y, r * n + c, buf[1]);
     if (b) {
+      const float* bc = b + c;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i] + b[i]);
+      for (int64_t i = 0; i < len; ++i) yr[i] = gelu<kTanh>(xr[i] + bc[i]);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = gelu<kTanh>(xr[i]);
+      for (int64_t i = 0; i < len; ++i) yr[i] = gelu<kTanh>(xr[i]);
     }
-    dst_commit(y, r * n, yr, n);
+    dst_commit(y, r * n + c, yr, len);
   });
 }
 
@@ -64,24 +66,30 @@ void bias_gelu_bwd_impl(Src dy, Src x, Src bias, Dst dx, Dst dbias, int64_t rows
     tid = omp_get_thread_num();
 #endif
     float* db = partial ? partial + static_cast<int64_t>(tid) * n : nullptr;
-    RowBuffers buf(widen, 3, n);
+    const int64_t span = widen ? min_i64(n, kSpan) : n;  // as for_each_span: widened buffers stay in L1
+    RowBuffers buf(widen, 3, span);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = src_row(x, r * n, n, buf[0]);
-      const float* dyr = src_row(dy, r * n, n, buf[1]);
-      float* dxr = dst_row(dx, r * n, buf[2]);
-      if (b) {
+      for (int64_t c = 0; c < n; c += span) {
+        const int64_t len = min_i64(span, n - c);
+        const float* xr = src_row(x, r * n + c, len, buf[0]);
+        const float* dyr = src_row(dy, r * n + c, len, buf[1]);
+        float* dxr = dst_row(dx, r * n + c, buf[2]);
+        if (b) {
+          const float* bc = b + c;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i] + b[i]);
-      } else {
+          for (int64_t i = 0; i < len; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i] + bc[i]);
+        } else {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i]);
+          for (int64_t i = 0; i < len; ++i) dxr[i] = dyr[i] * gelu_grad<kTanh>(xr[i]);
+        }
+        if (db) {
+          float* dbc = db + c;
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) dbc[i] += dxr[i];
+        }
+        dst_commit(dx, r * n + c, dxr, len);
       }
-      if (db) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) db[i] += dxr[i];
-      }
-      dst_commit(dx, r * n, dxr, n);
     }
   }
   if (partial) {
@@ -104,13 +112,13 @@ void bias_gelu_bwd(Src dy, Src x, Src bias, Dst dx, Dst dbias, int64_t rows, int
 void swiglu_fwd(Src gate, Src up, Dst y, int64_t rows, int64_t n, int64_t gate_stride, int64_t up_stride,
                 int threads) {
   const bool widen = is_bf16(gate) || is_bf16(up) || is_bf16(y);
-  for_each_row(rows, n, threads, widen, 3, [&](int64_t r, const RowBuffers& buf) {
-    const float* g = src_row(gate, r * gate_stride, n, buf[0]);
-    const float* u = src_row(up, r * up_stride, n, buf[1]);
-    float* yr = dst_row(y, r * n, buf[2]);
+  for_each_span(rows, n, threads, widen, 3, [&](int64_t r, int64_t c, int64_t len, const RowBuffers& buf) {
+    const float* g = src_row(gate, r * gate_stride + c, len, buf[0]);
+    const float* u = src_row(up, r * up_stride + c, len, buf[1]);
+    float* yr = dst_row(y, r * n + c, buf[2]);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) yr[i] = g[i] * fast_sigmoid(g[i]) * u[i];
-    dst_commit(y, r * n, yr, n);
+    for (int64_t i = 0; i < len; ++i) yr[i] = g[i] * fast_sigmoid(g[i]) * u[i];
+    dst_commit(y, r * n + c, yr, len);
   });
 }
 
@@ -118,20 +126,20 @@ void swiglu_fwd(Src gate, Src up, Dst y, int64_t rows, int64_t n, int64_t gate_s
 void swiglu_bwd(Src dy, Src gate, Src up, Dst dgate, Dst dup, int64_t rows, int64_t n, int64_t gate_stride,
                 int64_t up_stride, int64_t grad_stride, int threads) {
   const bool widen = is_bf16(dy) || is_bf16(gate) || is_bf16(up) || is_bf16(dgate) || is_bf16(dup);
-  for_each_row(rows, n, threads, widen, 5, [&](int64_t r, const RowBuffers& buf) {
-    const float* g = src_row(gate, r * gate_stride, n, buf[0]);
-    const float* u = src_row(up, r * up_stride, n, buf[1]);
-    const float* d = src_row(dy, r * n, n, buf[2]);
-    float* dg = dst_row(dgate, r * grad_stride, buf[3]);
-    float* du = dst_row(dup, r * grad_stride, buf[4]);
+  for_each_span(rows, n, threads, widen, 5, [&](int64_t r, int64_t c, int64_t len, const RowBuffers& buf) {
+    const float* g = src_row(gate, r * gate_stride + c, len, buf[0]);
+    const float* u = src_row(up, r * up_stride + c, len, buf[1]);
+    const float* d = src_row(dy, r * n + c, len, buf[2]);
+    float* dg = dst_row(dgate, r * grad_stride + c, buf[3]);
+    float* du = dst_row(dup, r * grad_stride + c, buf[4]);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < len; ++i) {
       const float s = fast_sigmoid(g[i]);
       du[i] = d[i] * g[i] * s;
       dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
     }
-    dst_commit(dgate, r * grad_stride, dg, n);
-    dst_commit(dup, r * grad_stride, du, n);
+    dst_commit(dgate, r * grad_stride + c, dg, len);
+    dst_commit(dup, r * grad_stride + c, du, len);
   });
 }
 

@@ -100,24 +100,24 @@ void cross_entropy_bwd(Src logits, const int64_t* target, const float* lse_in, S
                        float z_loss, int threads) {
   const float smooth = label_smoothing / static_cast<float>(vocab);
   const bool widen = is_bf16(logits) || is_bf16(dlogits);
-  for_each_row(rows, vocab, threads, widen, 2, [&](int64_t r, const RowBuffers& buf) {
+  for_each_span(rows, vocab, threads, widen, 2, [&](int64_t r, int64_t c, int64_t len, const RowBuffers& buf) {
     const int64_t t = target[r];
-    float* dx = dst_row(dlogits, r * vocab, buf[1]);
+    float* dx = dst_row(dlogits, r * vocab + c, buf[1]);
     if (t == ignore_index) {
 #pragma omp simd
-      for (int64_t i = 0; i < vocab; ++i) dx[i] = 0.0f;
-      dst_commit(dlogits, r * vocab, dx, vocab);
+      for (int64_t i = 0; i < len; ++i) dx[i] = 0.0f;
+      dst_commit(dlogits, r * vocab + c, dx, len);
       return;
     }
-    const float* x = src_row(logits, r * vocab, vocab, buf[0]);
+    const float* x = src_row(logits, r * vocab + c, len, buf[0]);
     const float g = src_at(grad, r * grad_stride);
     const float lse = lse_in[r];
     const float pscale = g * (1.0f + 2.0f * z_loss * lse);
     const float shift = g * smooth;
 #pragma omp simd
-    for (int64_t i = 0; i < vocab; ++i) dx[i] = pscale * fast_exp(x[i] - lse) - shift;
-    dx[t] -= g * (1.0f - label_smoothing);
-    dst_commit(dlogits, r * vocab, dx, vocab);
+    for (int64_t i = 0; i < len; ++i) dx[i] = pscale * fast_exp(x[i] - lse) - shift;
+    if (t >= c && t < c + len) dx[t - c] -= g * (1.0f - label_smoothing);
+    dst_commit(dlogits, r * vocab + c, dx, len);
   });
 }
 

@@ -683,7 +683,8 @@ def test_norms_bf16(rows, n, mix):
     _check_bf16("rms_norm", [x, w], {1: F32} if mix == "autocast" else None)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 5, 512)])
+# (3, 2500): bf16 rows wider than vec_math.h's kSpan (1024) are widened span by span, the last one partial
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 5, 512), (3, 2500)])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_bias_gelu_bf16(shape, approximate):
     x, b = torch.randn(shape) * 3, torch.randn(shape[-1])
@@ -692,7 +693,7 @@ def test_bias_gelu_bf16(shape, approximate):
     _check_bf16("bias_gelu", [x, b], {1: F32}, approximate=approximate)  # a float32 bias: float32 output
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 129)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 2500)])
 def test_swiglu_bf16(shape):
     g, u = torch.randn(shape) * 3, torch.randn(shape)
     _check_bf16("swiglu", [g, u])
@@ -736,6 +737,8 @@ def test_cross_entropy_bf16(rows, vocab):
     logits = torch.randn(rows, vocab) * 4
     target = torch.randint(0, vocab, (rows,))
     target[::3] = -100
+    if vocab > 1024:  # targets at both sides of a span's edge (kSpan 1024) and in the last column
+        target[[1, 2, 4]] = torch.tensor([1023, 1024, vocab - 1])
     _check_bf16("cross_entropy", [logits, target])
     _check_bf16("cross_entropy", [logits, target], label_smoothing=0.1, z_loss=1e-4, reduction="none")
 
@@ -946,6 +949,9 @@ def test_every_instruction_set_variant(isa, each_isa):
     _check_bf16("layer_norm", [x, w, b], {1: F32, 2: F32, "residual": F32}, residual=torch.randn(7, 257))
     _check_bf16("bias_gelu", [x], approximate="none")
     _check_bf16("swiglu", [x, torch.randn(7, 257)])
+    wide = torch.randn(3, 1100) * 3  # bf16 rows over kSpan columns: two spans
+    _check_bf16("swiglu", [wide, torch.randn(3, 1100)])
+    _check_bf16("bias_gelu", [wide, torch.randn(1100)], approximate="tanh")
     _check_bf16("cross_entropy", [torch.randn(9, 1031) * 3, torch.randint(0, 1031, (9,))])
     _check_bf16("rope", [torch.randn(2, 2, 5, 16), torch.randn(2, 1, 5, 16), theta0.cos(), theta0.sin()],
                 {2: F32, 3: F32}, n_grad=2)
