@@ -141,13 +141,18 @@ def default(**overrides) -> PipelineConfig:
         dpo={"seq_len": 96, "max_heldout": 150, "sft_coef": 1.0,
              "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-5}},
         # GRPO on the prompts SFT never saw, with Dr. GRPO advantages (r - group mean, not divided by the
-        # group's std, which inflates groups that are all but unanimous): 600 steps of 64 samples, one pass
-        # over each rollout of 64 prompts x 8. Measured: rollout reward 0.59 -> ~0.71, held-out greedy
-        # accuracy 0.61 -> 0.67 (+1.7 standard errors on 150 prompts); 1000 steps gave 0.60 and lr 5e-4
-        # collapsed: the gain is a few points, so RL and eval score every held-out prompt (574 of them; one
-        # s.e. ~0.02): on them, greedy 0.615 -> 0.666 (+2.5 s.e.), sampled reward 0.587 -> 0.641 (+2.7).
+        # group's std, which inflates groups that are all but unanimous): steps of 64 samples, one pass over
+        # each rollout of 64 prompts x 8, every held-out prompt scored (574; one s.e. of a rate ~0.02).
+        # Measured at 3e4e91e from two SFT models (this preset's, run with the avx512 kernels and oneDNN
+        # GEMMs and with the avx2 kernels and MKL, as on an AVX2-only machine), GRPO seeds 0-4, change in
+        # the held-out sampled reward (4 sampling seeds each): 600 steps at the GRPO default kl_coef 0.04
+        # -0.010 .. +0.032 (mean +0.005 over 5 runs; the avx2 pipeline failed its check, 0.620 -> 0.611),
+        # at kl_coef 0.01 +0.002 .. +0.046 (mean +0.021 over 9; greedy -0.002 .. +0.065); 1200 steps at
+        # kl_coef 0.01 +0.030 .. +0.066 (mean +0.048 over 4; greedy +0.028 .. +0.075, KL 1.38-1.68 nats).
+        # lr 3e-4 fell (-0.058) and lr 5e-4 collapsed.
         rl_cfg={"seq_len": 96, "max_heldout": 600, "skip_train": RL_PROMPTS_FROM, "scale_rewards": False, "epochs": 1,
-                "train": {"max_steps": 600, "batch_size": 64, "lr": 2e-4, "min_lr": 2e-4, "warmup_steps": 0}},
+                "kl_coef": 0.01,
+                "train": {"max_steps": 1200, "batch_size": 64, "lr": 2e-4, "min_lr": 2e-4, "warmup_steps": 0}},
         eval={"limit": 100, "heldout": 600, "samples": 6, "max_new_tokens": 8},
     ), overrides))
 
@@ -519,7 +524,8 @@ def _kl_to_reference(model, reference, template, prompts: list[str], max_new: in
     from pyllm.post.packing import Encoded
     from pyllm.post.sequences import collate, generate_responses, response_logprobs, sequence_logprob
 
-    p_ids, r_ids, _, _ = generate_responses(model, template, prompts, max_new_tokens=max_new, temperature=1.0, seed=seed)
+    p_ids, r_ids, _, _ = generate_responses(model, template, prompts, max_new_tokens=max_new, temperature=1.0,
+                                            seed=seed)
     encoded = [Encoded(tuple(p) + tuple(r), (False,) * len(p) + (True,) * len(r)) for p, r in zip(p_ids, r_ids) if r]
     if not encoded:
         return 0.0

@@ -81,7 +81,8 @@ def grpo(cfg: GRPOConfig) -> dict:
                                        "reward": batch["rollout_reward"]}
 
     def measure(m):
-        return heldout_metrics(m, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed)
+        return heldout_metrics(m, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed,
+                               cfg.heldout_samples)
 
     policy.eval()
     before = measure(policy)

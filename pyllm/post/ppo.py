@@ -107,7 +107,8 @@ def ppo(cfg: PPOConfig) -> dict:
                                        "kl_ref": batch["rollout_kl"], "kl_coef": batch["rollout_kl_coef"]}
 
     def measure(m: PolicyWithValue):
-        return heldout_metrics(m.policy, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed)
+        return heldout_metrics(m.policy, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed,
+                               cfg.heldout_samples)
 
     model.eval()
     before = measure(model)

@@ -12,7 +12,7 @@ from pyllm.model.config import ModelConfig
 from pyllm.post.chat import ChatTemplate
 from pyllm.post.grpo import GRPOConfig, grpo
 from pyllm.post.ppo import PPOConfig, ppo
-from pyllm.post.rollout import Rollout, RolloutBatches, rl_setup, sample
+from pyllm.post.rollout import Rollout, RolloutBatches, heldout_metrics, make_reward_fn, rl_setup, sample
 from pyllm.post.sequences import generate_responses, response_logprobs
 from pyllm.tokenizer import ByteTokenizer
 from pyllm.train import CheckpointError, TrainConfig, Trainer
@@ -38,6 +38,25 @@ def test_response_logprobs_are_the_sampling_logprobs(temperature):
         got = logp[i][mask[i] > 0]
         assert len(got) == len(r_ids[i]) == len(expected)
         torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_heldout_sampled_reward_and_kl_average_over_the_samples_per_prompt():
+    # heldout_metrics(samples=k): the sampled reward and KL are the means of k one-sample measurements with
+    # seeds seed .. seed + k - 1 (greedy accuracy does not sample)
+    tok = ByteTokenizer()
+    template = ChatTemplate(tok)
+    torch.manual_seed(0)
+    policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **MODEL)).eval()
+    reference = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **MODEL)).eval()
+    examples = rl_setup(GRPOConfig(data="builtin:add", max_heldout=12, train={"model": MODEL}))[5]
+    # a reward in (0, 1) per response (the checker would give 0 to every answer of an untrained model)
+    reward = make_reward_fn(lambda p, r: (len(r) % 5) / 4, template, 64, "cpu")
+    ones = [heldout_metrics(policy, reference, template, examples, reward, 6, seed=s) for s in (7, 8, 9)]
+    three = heldout_metrics(policy, reference, template, examples, reward, 6, seed=7, samples=3)
+    assert len({m["sampled_reward"] for m in ones}) > 1  # the seeds give different samples
+    for key in ("sampled_reward", "kl_to_ref"):
+        assert three[key] == pytest.approx(sum(m[key] for m in ones) / 3, rel=1e-6)
+    assert three["accuracy"] == ones[0]["accuracy"] and three["mean_reward"] == ones[0]["mean_reward"]
 
 
 def test_rollout_batches_state_round_trips_mid_rollout():
