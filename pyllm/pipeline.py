@@ -118,8 +118,9 @@ samples those from it on."""
 
 
 def default(**overrides) -> PipelineConfig:
-    """The README's run: about 5 min on an otherwise idle 2-core AVX-512 CPU (4 min 39-49 s at e7e8b09 and
-    ff83d76), about 8 where PyTorch's fp32 GEMMs are the ones in use (before the oneDNN path, d487976)."""
+    """The README's run: about 5.5 min on an otherwise idle 2-core AVX-512 CPU (5 min 26 s at b9f5627), about
+    8 where PyTorch's fp32 GEMMs and the avx2 kernels are the ones in use (7 min 7 s at 3e4e91e with 600
+    GRPO steps of the 1200 now; 8 min 15 s at d487976, before the oneDNN path)."""
     return PipelineConfig(**_merge(dict(
         out_dir="runs/pipeline",
         data={"max_documents": 2000, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
