@@ -149,7 +149,7 @@ def default(**overrides) -> PipelineConfig:
         # the held-out sampled reward (4 sampling seeds each): 600 steps at the GRPO default kl_coef 0.04
         # -0.010 .. +0.032 (mean +0.005 over 5 runs; the avx2 pipeline failed its check, 0.620 -> 0.611),
         # at kl_coef 0.01 +0.002 .. +0.046 (mean +0.021 over 9; greedy -0.002 .. +0.065); 1200 steps at
-        # kl_coef 0.01 +0.030 .. +0.066 (mean +0.048 over 4; greedy +0.028 .. +0.075, KL 1.38-1.68 nats).
+        # kl_coef 0.01 +0.030 .. +0.066 (mean +0.046 over 8; greedy +0.027 .. +0.075, KL 1.28-1.68 nats).
         # lr 3e-4 fell (-0.058) and lr 5e-4 collapsed.
         rl_cfg={"seq_len": 96, "max_heldout": 600, "skip_train": RL_PROMPTS_FROM, "scale_rewards": False, "epochs": 1,
                 "kl_coef": 0.01,
