@@ -1,4 +1,6 @@
 // Picks the kernel table for this CPU once, from its features. Compiled with baseline flags only.
+#include <stdlib.h>
+
 #include "dispatch.h"
 
 namespace pyllm {
@@ -21,14 +23,25 @@ Features detect() {
   return f;
 }
 
+KernelTable make_table(const std::string& isa) {
+#if defined(PYLLM_HAVE_X86_KERNELS)
+  if (isa == "avx512") return avx512::make_table();
+  if (isa == "avx2") return avx2::make_table();
+#endif
+  return base::make_table();
+}
+
+// The best supported instruction set, or PYLLM_CPU_ISA's when this CPU supports it (how an AVX2-only
+// machine's numerics and speed are reproduced on a newer one; the Python cpu backend refuses a value that
+// was not honoured, naming it).
 KernelTable& active() {
   static KernelTable table = [] {
-#if defined(PYLLM_HAVE_X86_KERNELS)
-    const Features f = detect();
-    return f.avx512 ? avx512::make_table() : f.avx2 ? avx2::make_table() : base::make_table();
-#else
-    return base::make_table();
-#endif
+    const std::vector<std::string> isas = supported_isas();
+    const char* wanted = getenv("PYLLM_CPU_ISA");
+    for (const auto& s : isas) {
+      if (wanted && s == wanted) return make_table(s);
+    }
+    return make_table(isas.back());
   }();
   return table;
 }
@@ -57,13 +70,8 @@ std::string vendor() {
 bool select_isa(const std::string& isa) {
   bool ok = false;
   for (const auto& s : supported_isas()) ok = ok || s == isa;
-  if (!ok) return false;
-#if defined(PYLLM_HAVE_X86_KERNELS)
-  if (isa == "avx512") active() = avx512::make_table();
-  if (isa == "avx2") active() = avx2::make_table();
-#endif
-  if (isa == "base") active() = base::make_table();
-  return true;
+  if (ok) active() = make_table(isa);
+  return ok;
 }
 
 }  // namespace cpu

@@ -7,6 +7,8 @@ silent fallback to the reference fails instead of passing. Gradients use one sha
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -864,6 +866,22 @@ def test_cuda_kernels_were_compiled_when_nvcc_exists():
 
 def test_cpu_isa_is_reported():
     assert pyllm._C.cpu_isa() in ("avx512", "avx2", "base")
+
+
+def test_cpu_isa_from_the_environment():
+    # PYLLM_CPU_ISA picks the kernel table when the process starts (how an AVX2 machine is reproduced on a
+    # newer one); a value this CPU cannot run leaves the cpu backend unavailable with a reason naming it
+    code = ("import pyllm._C as C; from pyllm.ops import registry; "
+            "print(C.cpu_isa()); print(registry.backends()['cpu'])")
+    for isa in pyllm._C.cpu_supported_isas() + ["avx9"]:
+        env = {**os.environ, "PYLLM_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        got_isa, status = out.stdout.splitlines()
+        if isa == "avx9":
+            assert got_isa == pyllm._C.cpu_supported_isas()[-1]
+            assert status.startswith("unavailable") and "PYLLM_CPU_ISA='avx9'" in status
+        else:
+            assert (got_isa, status) == (isa, "available")
 
 
 @pytest.mark.parametrize("rows,hidden,vocab,with_bias", [(37, 64, 65, True), (100, 16, 65537, False),
