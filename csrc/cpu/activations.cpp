@@ -66,7 +66,7 @@ void bias_gelu_bwd_impl(Src dy, Src x, Src bias, Dst dx, Dst dbias, int64_t rows
     tid = omp_get_thread_num();
 #endif
     float* db = partial ? partial + static_cast<int64_t>(tid) * n : nullptr;
-    const int64_t span = widen ? min_i64(n, kSpan) : n;  // as for_each_span: widened buffers stay in L1
+    const int64_t span = span_length(n, widen);  // spans as for_each_span's (the dbias partials need tid)
     RowBuffers buf(widen, 3, span);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {

@@ -256,6 +256,9 @@ inline void for_each_row(int64_t rows, int64_t n, int threads, bool widen, int s
 // Columns per span of an elementwise kernel's widened rows: 3-5 float buffers of this size stay in L1.
 constexpr int64_t kSpan = 1024;
 
+// The span length for rows of n columns: the whole row when nothing is widened, else at most kSpan.
+inline int64_t span_length(int64_t n, bool widen) { return widen ? min_i64(n, kSpan) : n; }
+
 // body(r, c, len, buf) for each row r < rows and each span of columns [c, c + len) of that row: the whole
 // row when nothing is widened (float32 computes in place), else spans of at most kSpan columns, so that
 // an elementwise kernel's widened buffers stay in L1 instead of streaming rows of n floats through L2
@@ -263,7 +266,7 @@ constexpr int64_t kSpan = 1024;
 // thread's RowBuffers of `slots` spans, allocated only when `widen`.
 template <class Body>
 inline void for_each_span(int64_t rows, int64_t n, int threads, bool widen, int slots, Body body) {
-  const int64_t span = widen ? min_i64(n, kSpan) : n;
+  const int64_t span = span_length(n, widen);
 #pragma omp parallel num_threads(threads) if (rows * n >= PYLLM_MIN_PARALLEL_WORK)
   {
     RowBuffers buf(widen, slots, span);
