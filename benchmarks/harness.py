@@ -224,11 +224,17 @@ def timed_call(bench: OpBench, fn: Callable, inputs: Inputs, mode: str, upstream
     if mode == "fwd" or not bench.differentiable:
         return lambda: bench.call(fn, inputs)
     wrt = [inputs.args[i] for i in inputs.grad_args]
+    cast = {}  # the upstream gradients in each output's dtype, converted once: not part of what is timed
+
+    def in_dtype(i: int, u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if (i, dtype) not in cast:
+            cast[(i, dtype)] = u.to(dtype)
+        return cast[(i, dtype)]
 
     def backward_of(outs):
-        diff = [(o, u) for o, u in zip(outs, upstream) if o.requires_grad]
-        return torch.autograd.grad([o for o, _ in diff], wrt, [u.to(o.dtype) for o, u in diff],
-                                   retain_graph=True, allow_unused=True)
+        diff = [(o, in_dtype(i, u, o.dtype)) for i, (o, u) in enumerate(zip(outs, upstream)) if o.requires_grad]
+        return torch.autograd.grad([o for o, _ in diff], wrt, [u for _, u in diff], retain_graph=True,
+                                   allow_unused=True)
 
     if mode == "bwd":
         outs = bench.outputs(bench.call(fn, inputs), inputs)

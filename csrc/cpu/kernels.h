@@ -2,9 +2,9 @@
 //
 // Every kernel source in csrc/cpu is compiled once per instruction set (see CMakeLists.txt): into
 // namespace pyllm::cpu::avx512 (AVX-512 F/DQ/BW/VL), pyllm::cpu::avx2 (AVX2 + FMA) and pyllm::cpu::base
-// (the compiler's baseline flags). dispatch.cpp picks one table at run time from the CPU's features, so the extension never
-// executes an instruction the machine lacks. Sizes are int64; rows are contiguous unless a stride is
-// given. `threads` is the thread count to use (the Python side passes torch.get_num_threads()).
+// (the compiler's baseline flags). dispatch.cpp picks one table at run time from the CPU's features, so
+// the extension never executes an instruction the machine lacks. Sizes are int64; rows are contiguous
+// unless a stride is given. `threads` is the thread count to use (the Python side passes torch.get_num_threads()).
 //
 // The row kernels (norms, activations, softmax, cross-entropy) take their tensors as Src/Dst: float32 or
 // bfloat16 per tensor, so mixed-precision callers (a bfloat16 activation added to a float32 residual
