@@ -68,6 +68,10 @@ def nanogpt_command(checkout: Path, text: str, work: Path, steps: int, eval_inte
            "--dataset=bench", "--dtype=float32", f"--eval_interval={eval_interval}", "--out_dir=out"]
 
 
+# Variables that narrow PyTorch's, MKL's, oneDNN's and pyllm's CPU kernels to an instruction set.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "PYLLM_CPU_ISA")
+
+
 def nanogpt_result(stdout: str, eval_interval: int, wall: float) -> dict:
     step_ms = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", stdout)}
     val = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", stdout)}
@@ -162,7 +166,9 @@ def main(argv=None) -> int:
               "text_chars": len(text), "dtype": {"nanoGPT": "fp32", "pyllm": pyllm_precision}, "shape": "B12 T64 L4 H4 d128",
               "pyllm_compile": a.pyllm_compile, "concurrent": not a.sequential, "pyllm_args": a.pyllm_arg, "results": rows,
               "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
-              "val_loss_delta": rows[1]["val_loss"] - rows[0]["val_loss"]}
+              "val_loss_delta": rows[1]["val_loss"] - rows[0]["val_loss"],
+              # how an AVX2-only machine is reproduced on a larger one (csrc/README.md); both runs inherit these
+              "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
     for r in rows:
         print(f"{r['name']:<8} {r['tokens_per_s']:9.0f} tok/s (p25-p75 {r['tokens_per_s_p25_p75'][0]:.0f}-"
               f"{r['tokens_per_s_p25_p75'][1]:.0f})  val loss {r['val_loss']:.4f} @ step {r['val_step']}  "

@@ -21,8 +21,8 @@ Attention takes every mask of the reference (causal, document ids, sliding windo
 backward). It reads q, k, v through their strides (no copies of the model's head views) and, when they
 are the head views of one fused qkv projection, returns that projection's gradient in one tensor (see
 _fused_qkv).
-linear (and linear_cross_entropy's GEMMs) in float32 run through oneDNN where the CPU has AVX-512 and is
-not Intel's (PyTorch's MKL runs its AVX2 code there), else through MKL: see "linear (GEMMs)" below.
+linear (and linear_cross_entropy's GEMMs) in float32 run through oneDNN where the CPU is not Intel's and has
+AVX2 or AVX-512 (PyTorch's MKL runs its generic AVX2 code there), else through MKL: see "linear (GEMMs)" below.
 Not here, so the reference runs: matmul and the loss-scale update (a few scalars).
 """
 
@@ -456,10 +456,13 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
 # Intel's; oneDNN, also inside PyTorch, runs AVX-512 on any vendor. On this project's 2-core AMD EPYC
 # (AVX-512 with full-width FMA units: ~240 GFLOP/s fp32 per core in a register-only FMA loop) MKL reached
 # 93-104 GFLOP/s and oneDNN 175-239 on the forward, dX and dW GEMMs of the small models (one thread).
-# So where the CPU has AVX-512 and is not Intel's, this backend's float32 GEMMs go through oneDNN
-# (torch.ops.mkldnn._linear_pointwise, the op Inductor's CPU backend emits for linear layers), which reads
-# a transposed weight operand in place (a transposed left operand it copies: see _weight_grad);
-# elsewhere through MKL.
+# With AVX2 only (run as such a CPU runs it: ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2,
+# ONEDNN_MAX_CPU_ISA=AVX2), oneDNN was still ~15% faster on the forward and dX GEMMs of nanoGPT's model
+# (768 x 128 x 384: 644 vs 761 us) and equal on dW; whole fp32 steps 6-8% faster (in-process A/B, 1 and
+# 2 threads). So where the CPU is not Intel's and has AVX2 or AVX-512, this backend's float32 GEMMs go
+# through oneDNN (torch.ops.mkldnn._linear_pointwise, the op Inductor's CPU backend emits for linear
+# layers), which reads a transposed weight operand in place (a transposed left operand it copies: see
+# _weight_grad); on Intel's CPUs (MKL's home) and without AVX2, through MKL.
 # PYLLM_CPU_GEMM=onednn or mkl forces one. Before its first use the oneDNN path is checked against MKL.
 # bfloat16 GEMMs (autocast, bf16 weights) already run in oneDNN inside F.linear.
 _onednn: Optional[bool] = None  # decided on first use (tests set it)
@@ -472,7 +475,7 @@ def _use_onednn() -> bool:
         choice = os.environ.get("PYLLM_CPU_GEMM", "auto")
         if choice not in ("auto", "onednn", "mkl"):
             raise ValueError(f"PYLLM_CPU_GEMM={choice!r}: expected auto, onednn or mkl")
-        wanted = choice == "onednn" or (choice == "auto" and _C.cpu_isa() == "avx512" and _C.cpu_vendor() != "intel")
+        wanted = choice == "onednn" or (choice == "auto" and _C.cpu_isa() != "base" and _C.cpu_vendor() != "intel")
         _onednn = wanted and _onednn_works()
     return _onednn
 
