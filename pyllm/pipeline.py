@@ -118,9 +118,9 @@ samples those from it on."""
 
 
 def default(**overrides) -> PipelineConfig:
-    """The README's run: about 5.5 min on an otherwise idle 2-core AVX-512 CPU (5 min 26 s at b9f5627), about
-    8 where PyTorch's fp32 GEMMs and the avx2 kernels are the ones in use (7 min 7 s at 3e4e91e with 600
-    GRPO steps of the 1200 now; 8 min 15 s at d487976, before the oneDNN path)."""
+    """The README's run: about 5.5-6 min on an otherwise idle 2-core AVX-512 CPU (5 min 26 s at b9f5627, 6 min
+    1 s at d561513), about 9 on a 2-core AVX2-only one (run as such a CPU runs it: 8 min 18 s at cfd0489,
+    8 min 59 s at d561513)."""
     return PipelineConfig(**_merge(dict(
         out_dir="runs/pipeline",
         data={"max_documents": 2000, "tokenizer": {"vocab_size": 2048}, "shards": {"val_fraction": 0.05}},
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="smoke (~1 min CPU), default (~5 min on a 2-core CPU), gpu, gpu_large")
+                        help="smoke (~1 min CPU), default (~6-9 min on a 2-core CPU), gpu, gpu_large")
     parser.add_argument("--out-dir", help="where the stages and the report go (default: the preset's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
