@@ -23,6 +23,13 @@ Features detect() {
   return f;
 }
 
+bool supported(const std::string& isa) {
+  for (const auto& s : supported_isas()) {
+    if (s == isa) return true;
+  }
+  return false;
+}
+
 KernelTable make_table(const std::string& isa) {
 #if defined(PYLLM_HAVE_X86_KERNELS)
   if (isa == "avx512") return avx512::make_table();
@@ -36,12 +43,8 @@ KernelTable make_table(const std::string& isa) {
 // was not honoured, naming it).
 KernelTable& active() {
   static KernelTable table = [] {
-    const std::vector<std::string> isas = supported_isas();
     const char* wanted = getenv("PYLLM_CPU_ISA");
-    for (const auto& s : isas) {
-      if (wanted && s == wanted) return make_table(s);
-    }
-    return make_table(isas.back());
+    return make_table(wanted && supported(wanted) ? std::string(wanted) : supported_isas().back());
   }();
   return table;
 }
@@ -68,10 +71,9 @@ std::string vendor() {
 }
 
 bool select_isa(const std::string& isa) {
-  bool ok = false;
-  for (const auto& s : supported_isas()) ok = ok || s == isa;
-  if (ok) active() = make_table(isa);
-  return ok;
+  if (!supported(isa)) return false;
+  active() = make_table(isa);
+  return true;
 }
 
 }  // namespace cpu

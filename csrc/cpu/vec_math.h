@@ -229,9 +229,6 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
 }
 
-// v rounded to the nearest bfloat16, as a float (what storing v in a bfloat16 tensor and reading it back gives).
-inline float round_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
-
 inline bool is_bf16(const pyllm::cpu::Src& s) { return s.p && s.t == pyllm::DType::kBFloat16; }
 inline bool is_bf16(const pyllm::cpu::Dst& d) { return d.p && d.t == pyllm::DType::kBFloat16; }
 

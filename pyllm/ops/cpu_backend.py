@@ -40,7 +40,7 @@ from torch import Tensor
 from pyllm import _C  # an ImportError here marks the backend unavailable
 
 # PYLLM_CPU_ISA=base|avx2|avx512 picks the kernels' instruction set (csrc/cpu/dispatch.cpp reads it; with
-# avx2 the fp32 GEMMs also take MKL, as on an AVX2-only machine); one this CPU cannot run is refused here.
+# base the fp32 GEMMs also take MKL, see _use_onednn); one this CPU cannot run is refused here.
 _ISA_WANTED = os.environ.get("PYLLM_CPU_ISA")
 if _ISA_WANTED and _C.cpu_isa() != _ISA_WANTED:
     raise ValueError(f"PYLLM_CPU_ISA={_ISA_WANTED!r}: this CPU runs the {', '.join(_C.cpu_supported_isas())} kernels")
