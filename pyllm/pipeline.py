@@ -472,6 +472,7 @@ def run_eval(cfg: PipelineConfig, directory: Path, checkpoints: dict[str, str], 
     from pyllm.model import load_model
     from pyllm.post.chat import ChatTemplate
     from pyllm.post.datasets import split, task_examples, task_reward
+    from pyllm.post.rollout import sample, sampled_kl
     from pyllm.post.sequences import generate_responses
     from pyllm.tokenizer import load_tokenizer
 
@@ -497,7 +498,9 @@ def run_eval(cfg: PipelineConfig, directory: Path, checkpoints: dict[str, str], 
             if judge is not None:
                 row["reward"] = judge.scores(prompts, greedy).mean().item()
             if reference is not None and name not in ("pretrain",):
-                row["kl_to_sft"] = _kl_to_reference(model, reference, template, prompts, max_new)
+                # the estimator RL's held-out KL uses, on one response per prompt (seed 0)
+                sampled, _ = sample(model, template, prompts, max_new_tokens=max_new, temperature=1.0, seed=0)
+                row["kl_to_sft"] = sampled_kl(model, reference, sampled)
         results[name] = row
         samples[name] = dict(zip(prompts[:settings.get("samples", 4)], greedy))
         del model
@@ -517,24 +520,6 @@ def _reward_judge(rm: StageRecord | None, device: str):
     directory = rm.summary["model_dir"]
     model = RewardModel.load(directory, device=device).eval()
     return RewardModelJudge(model, ChatTemplate(load_tokenizer(directory)), model.body.cfg.max_seq_len)
-
-
-def _kl_to_reference(model, reference, template, prompts: list[str], max_new: int, seed: int = 0) -> float:
-    """KL(policy || reference) per response, estimated on responses sampled from the policy at
-    temperature 1: the mean over samples of sum_t log p(y_t) - log p_ref(y_t) (Schulman's k1)."""
-    from pyllm.post.packing import Encoded
-    from pyllm.post.sequences import collate, generate_responses, response_logprobs, sequence_logprob
-
-    p_ids, r_ids, _, _ = generate_responses(model, template, prompts, max_new_tokens=max_new, temperature=1.0,
-                                            seed=seed)
-    encoded = [Encoded(tuple(p) + tuple(r), (False,) * len(p) + (True,) * len(r)) for p, r in zip(p_ids, r_ids) if r]
-    if not encoded:
-        return 0.0
-    device = model.head_weight.device
-    batch = collate(encoded, template.tokenizer.pad_id, device)
-    logp, mask = response_logprobs(model, batch["tokens"], batch["train"])
-    ref_logp, _ = response_logprobs(reference, batch["tokens"], batch["train"])
-    return (sequence_logprob(logp, mask) - sequence_logprob(ref_logp, mask)).mean().item()
 
 
 # ---------------------------------------------------------------------------------------------- CLI

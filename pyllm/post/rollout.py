@@ -160,11 +160,19 @@ def heldout_metrics(policy, reference, template: ChatTemplate, examples: list[Ex
         sampled, texts = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
                                 seed=seed + k)
         sampled_rewards += reward_fn(prompts, texts)
-        logp, mask = response_logprobs(policy, sampled["input_ids"], sampled["train"])
-        ref_logp, _ = response_logprobs(reference, sampled["input_ids"], sampled["train"])
-        kls.append(((logp - ref_logp) * mask).sum(1).mean().item())
+        kls.append(sampled_kl(policy, reference, sampled))
     return {"accuracy": accuracy, "mean_reward": sum(rewards) / len(rewards),
             "sampled_reward": sum(sampled_rewards) / len(sampled_rewards), "kl_to_ref": sum(kls) / len(kls)}
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, sampled: dict[str, torch.Tensor]) -> float:
+    """KL(policy || reference) per response, estimated on responses sampled from the policy (a batch from
+    ``sample``): the mean over responses of sum_t log pi(y_t) - log ref(y_t) (Schulman's k1 estimator; an
+    empty response counts as 0)."""
+    logp, mask = response_logprobs(policy, sampled["input_ids"], sampled["train"])
+    ref_logp, _ = response_logprobs(reference, sampled["input_ids"], sampled["train"])
+    return ((logp - ref_logp) * mask).sum(1).mean().item()
 
 
 @dataclass

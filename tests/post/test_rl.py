@@ -12,8 +12,10 @@ from pyllm.model.config import ModelConfig
 from pyllm.post.chat import ChatTemplate
 from pyllm.post.grpo import GRPOConfig, grpo
 from pyllm.post.ppo import PPOConfig, ppo
-from pyllm.post.rollout import Rollout, RolloutBatches, heldout_metrics, make_reward_fn, rl_setup, sample
-from pyllm.post.sequences import generate_responses, response_logprobs
+from pyllm.post.packing import Encoded
+from pyllm.post.rollout import (Rollout, RolloutBatches, heldout_metrics, make_reward_fn, rl_setup, sample,
+                                 sampled_kl)
+from pyllm.post.sequences import collate, generate_responses, response_logprobs
 from pyllm.tokenizer import ByteTokenizer
 from pyllm.train import CheckpointError, TrainConfig, Trainer
 from pyllm.train.checkpoint import step_dir_name
@@ -40,14 +42,38 @@ def test_response_logprobs_are_the_sampling_logprobs(temperature):
         torch.testing.assert_close(got, torch.tensor(expected), atol=1e-5, rtol=1e-5)
 
 
+def _policy_and_reference():
+    """A byte tokenizer, its chat template and two differently initialised tiny models."""
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    models = [Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **MODEL)).eval() for _ in range(2)]
+    return tok, ChatTemplate(tok), *models
+
+
+def test_sampled_kl_is_the_mean_over_responses_of_their_log_ratio():
+    # KL(policy || reference) per response (what RL's held-out KL and the pipeline's eval table report):
+    # the policy's sampling log-probs minus the reference's, each response scored alone (no padding), summed
+    # per response and averaged; against itself the policy gives exactly 0
+    tok, template, policy, reference = _policy_and_reference()
+    prompts = ["1+2=", "sort 98765", "reverse abcdefghij", "x"]
+    p_ids, r_ids, _, gen_logp = generate_responses(policy, template, prompts, max_new_tokens=6, temperature=1.0,
+                                                   seed=5)
+    batch, _ = sample(policy, template, prompts, max_new_tokens=6, temperature=1.0, seed=5)
+    per_response = []
+    for p, r, lp in zip(p_ids, r_ids, gen_logp):
+        one = collate([Encoded(tuple(p + r), (False,) * len(p) + (True,) * len(r))], tok.pad_id, "cpu")
+        with torch.no_grad():
+            ref_logp, mask = response_logprobs(reference, one["tokens"], one["train"])
+        per_response.append(sum(lp) - (ref_logp * mask).sum().item())
+    assert len({round(k, 3) for k in per_response}) > 1
+    assert sampled_kl(policy, reference, batch) == pytest.approx(sum(per_response) / len(prompts), abs=1e-4)
+    assert sampled_kl(policy, policy, batch) == 0.0
+
+
 def test_heldout_sampled_reward_and_kl_average_over_the_samples_per_prompt():
     # heldout_metrics(samples=k): the sampled reward and KL are the means of k one-sample measurements with
     # seeds seed .. seed + k - 1 (greedy accuracy does not sample)
-    tok = ByteTokenizer()
-    template = ChatTemplate(tok)
-    torch.manual_seed(0)
-    policy = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **MODEL)).eval()
-    reference = Transformer(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=64, **MODEL)).eval()
+    tok, template, policy, reference = _policy_and_reference()
     examples = rl_setup(GRPOConfig(data="builtin:add", max_heldout=12, train={"model": MODEL}))[5]
     # a reward in (0, 1) per response (the checker would give 0 to every answer of an untrained model)
     reward = make_reward_fn(lambda p, r: (len(r) % 5) / 4, template, 64, "cpu")
