@@ -86,6 +86,12 @@ def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
     """LayerNorm over the last dim. With ``residual``: returns (LN(x + residual), x + residual)."""
     if residual is not None:
         x = x + residual
+    # F.layer_norm takes weight and bias in x's dtype, or in float32 with a lower-precision x; any other mix
+    # (a float32 x + residual with bfloat16 weights) gets them widened to the promoted dtype, which is exact
+    params = weight.dtype if bias is None else torch.promote_types(weight.dtype, bias.dtype)
+    dtype = torch.promote_types(x.dtype, params)
+    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        weight, bias = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
     out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     return (out, x) if residual is not None else out
 

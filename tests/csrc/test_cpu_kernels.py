@@ -675,9 +675,15 @@ def _check_bf16(op, inputs, dtypes=None, **kwargs):
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (17, 127), (64, 768)])
-@pytest.mark.parametrize("mix", ["bf16", "autocast"])  # all bf16 / bf16 x with f32 residual and parameters
+# all bf16 / bf16 x with f32 residual and parameters / bf16 x and parameters with an f32 residual (h and the
+# output f32: the reference widens the bf16 parameters, F.layer_norm refusing that mix as it is)
+@pytest.mark.parametrize("mix", ["bf16", "autocast", "f32_residual"])
 def test_norms_bf16(rows, n, mix):
     x, w, b, r = torch.randn(rows, n) * 3 + 1, torch.randn(n), torch.randn(n), torch.randn(rows, n)
+    if mix == "f32_residual":
+        _check_bf16("layer_norm", [x, w, b], {"residual": F32}, residual=r)
+        _check_bf16("rms_norm", [x, w], {"residual": F32}, residual=r)
+        return
     params = {1: F32, 2: F32, "residual": F32} if mix == "autocast" else None
     _check_bf16("layer_norm", [x, w, b], params, residual=r)
     _check_bf16("layer_norm", [x, w, b], {1: F32, 2: F32} if mix == "autocast" else None)

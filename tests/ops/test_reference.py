@@ -90,6 +90,22 @@ def test_layer_norm_formula_and_residual():
     torch.testing.assert_close(ref.layer_norm(s, w, None), (s - mean) / torch.sqrt(var + 1e-5) * w)
 
 
+@pytest.mark.parametrize("x_dtype,param_dtypes", [(torch.float32, (torch.bfloat16, torch.bfloat16)),
+                                                   (torch.float32, (torch.bfloat16, None)),
+                                                   (torch.bfloat16, (torch.float32, torch.bfloat16))])
+def test_layer_norm_takes_any_mix_of_float32_and_bfloat16(x_dtype, param_dtypes):
+    # F.layer_norm alone refuses these mixes ("mixed dtype (CPU)"); the reference widens the parameters,
+    # keeping x's dtype for the output, so it equals the computation on the widened parameters
+    x = torch.randn(4, 9).to(x_dtype)
+    w = torch.randn(9).to(param_dtypes[0])
+    b = torch.randn(9).to(param_dtypes[1]) if param_dtypes[1] is not None else None
+    out = ref.layer_norm(x, w, b)
+    wide = torch.float32
+    expected = F.layer_norm(x, (9,), w.to(wide), b.to(wide) if b is not None else None)
+    assert out.dtype == x_dtype
+    torch.testing.assert_close(out, expected)
+
+
 def test_rms_norm_formula_and_residual():
     x, r, w = rand(4, 13), rand(4, 13), rand(13)
     s = x + r
