@@ -158,7 +158,8 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
     """activation(x @ weight^T + bias); weight (N, K) as in nn.Linear; activation None|"gelu"|"gelu_tanh"."""
     if not (floats_on(x, weight, bias) and x.ndim and weight.ndim == 2 and weight.shape[1] == x.shape[-1]
             and (activation is None or activation == "gelu" or activation == "gelu_tanh")
-            and (bias is None or bias.shape == weight.shape[:1])):
+            and (bias is None or bias.shape == weight.shape[:1])
+            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)):
         _check_linear(x, weight, bias, activation)
     return dispatch("linear", x.device, backend, x, weight, bias, activation=activation)
 
@@ -173,6 +174,15 @@ def _check_linear(x, weight, bias, activation):
     if bias is not None:
         validate.tensor("linear", "bias", bias, ndim=1, like=x)
         validate.shape("linear", "bias", bias, weight.shape[:1], "(N, the rows of weight)")
+    _check_gemm_dtypes("linear", x, "x", weight, bias)
+
+
+def _check_gemm_dtypes(op, x, x_name, weight, bias):
+    """Outside autocast (which casts them to its dtype) a GEMM's operands must share one dtype."""
+    if not torch.is_autocast_enabled(x.device.type):
+        validate.same_dtype(op, "weight", weight, x, x_name)
+        if bias is not None:
+            validate.same_dtype(op, "bias", bias, x, x_name)
 
 
 def _check_ce(op, rows_shape, target, ignore_index, label_smoothing, z_loss, reduction, like):
@@ -208,7 +218,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     """cross_entropy(hidden @ weight^T + bias, target) without materialising all logits (in the kernel
     backends). hidden (..., H), weight (V, H), target (...)."""
     if not (floats_on(hidden, weight, bias) and hidden.ndim and weight.ndim == 2
-            and weight.shape[1] == hidden.shape[-1] and (bias is None or bias.shape == weight.shape[:1])):
+            and weight.shape[1] == hidden.shape[-1] and (bias is None or bias.shape == weight.shape[:1])
+            and weight.dtype == hidden.dtype and (bias is None or bias.dtype == hidden.dtype)):
         validate.tensor("linear_cross_entropy", "hidden", hidden, min_ndim=1)
         validate.tensor("linear_cross_entropy", "weight", weight, ndim=2, like=hidden)
         if weight.shape[1] != hidden.shape[-1]:
@@ -217,6 +228,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
         if bias is not None:
             validate.tensor("linear_cross_entropy", "bias", bias, ndim=1, like=hidden)
             validate.shape("linear_cross_entropy", "bias", bias, weight.shape[:1], "(V)")
+        _check_gemm_dtypes("linear_cross_entropy", hidden, "hidden", weight, bias)
     _check_ce("linear_cross_entropy", hidden.shape[:-1], target, ignore_index, label_smoothing, z_loss,
               reduction, hidden)
     loss = dispatch("linear_cross_entropy", hidden.device, backend, hidden, weight, target, bias,

@@ -90,6 +90,15 @@ CASES = {
                                     "'target' is on meta"),
     "linear_cross_entropy bias": (lambda: ops.linear_cross_entropy(t(2, 4), t(9, 4), ids[0, :2], t(8)), ValueError,
                                   r"'bias' has shape \(8,\), expected \(9,\)"),
+    # outside autocast a GEMM's operands share one dtype (F.linear raised "expected m1 and m2 to have the
+    # same dtype" from inside; the cpu backend's linear_cross_entropy computed the mix)
+    "linear weight dtype": (lambda: ops.linear(t(2, 3), t(4, 3, dtype=torch.bfloat16)), TypeError,
+                            "'weight' has dtype bfloat16, expected float32 \\(the dtype of 'x'\\)"),
+    "linear bias dtype": (lambda: ops.linear(t(2, 3), t(4, 3), t(4, dtype=torch.bfloat16)), TypeError,
+                          "'bias' has dtype bfloat16"),
+    "linear_cross_entropy weight dtype": (lambda: ops.linear_cross_entropy(t(2, 4), t(9, 4, dtype=torch.bfloat16),
+                                                                           ids[0, :2]), TypeError,
+                                          "'weight' has dtype bfloat16, expected float32 \\(the dtype of 'hidden'\\)"),
 }
 
 
@@ -100,3 +109,12 @@ def test_bad_input_names_the_argument(case):
         fn()
     text = str(info.value)
     assert text.startswith("pyllm.ops.") and "\n" not in text
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gemm_operands_of_two_dtypes_are_taken_under_autocast(backend):
+    # autocast casts both operands to its dtype, so the dtype check above applies outside it only
+    x, w, target = t(3, 4), t(5, 4, dtype=torch.bfloat16), torch.tensor([0, 4, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.linear(x, w, backend=backend).dtype == torch.bfloat16
+        assert torch.isfinite(ops.linear_cross_entropy(x, w, target, backend=backend))
