@@ -164,7 +164,7 @@ def _ce_bwd_op(x2: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g_rows
 
 @_ce_bwd_op.register_fake
 def _(x2, target, lse, g_rows, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(x2)
+    return x2.new_empty(x2.shape)  # row-major, as cross_entropy_bwd allocates it
 
 
 def _ce_setup(ctx, inputs, output):
@@ -205,7 +205,9 @@ def _linear_ce_pass(h2, weight, target, bias, ignore_index, label_smoothing, z_l
     loss = torch.empty(M, device=h2.device, dtype=torch.float32)
     lse = torch.empty(M, device=h2.device, dtype=torch.float32)
     grads = g_rows is not None
-    dh = torch.empty_like(h2) if grads else h2.new_empty(0)  # (distinct empties: custom-op outputs never alias)
+    # dh row-major whatever h2's strides (empty_like would copy a column-major h2's, and _scale_cast_op reads
+    # its input as one flat array); distinct empties: custom-op outputs never alias
+    dh = h2.new_empty(h2.shape) if grads else h2.new_empty(0)
     dw = torch.zeros((V, H), device=h2.device, dtype=torch.float32) if grads else h2.new_empty(0, dtype=torch.float32)
     db = torch.zeros(V, device=h2.device, dtype=torch.float32) if grads and bias is not None else \
         h2.new_empty(0, dtype=torch.float32)
@@ -239,6 +241,7 @@ def _scale_cast_op(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torc
     """(x * g) in ``dtype``, g a 1-element device tensor: one pass, and no second fp32 copy of the
     (V, H) weight gradient at the peak of the backward."""
     y = torch.empty(x.shape, device=x.device, dtype=dtype)
+    x = x.contiguous()  # the kernel reads x as one flat array, in y's (row-major) order
     n = x.numel()
     if n:
         block = 1024 if launch.INTERPRET else 4096

@@ -124,6 +124,12 @@ def unsupported_reason(*tensors: torch.Tensor | None) -> str | None:
     return None
 
 
+def _promoted(x: torch.Tensor, other: torch.Tensor | None) -> torch.dtype:
+    """The reference's output dtype (x + bias, silu(gate) * up promote: bf16 activations with a float32
+    bias give float32)."""
+    return x.dtype if other is None else torch.promote_types(x.dtype, other.dtype)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (M, N) with unit column stride; a strided view (e.g. a column half) stays a view."""
     t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
@@ -138,7 +144,7 @@ def gelu_fwd(x, bias, exact: bool):
     N = x.shape[-1]
     x2 = _rows(x)
     M = x2.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=_promoted(x, bias))
     if M and N:
         _gelu_fwd_kernel[_grid(M, N)](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), M, N,
                                       HAS_BIAS=bias is not None, EXACT=exact)
@@ -163,7 +169,7 @@ def swiglu_fwd(gate, up):
     N = gate.shape[-1]
     g2, u2 = _rows(gate), _rows(up)
     M = g2.shape[0]
-    y = torch.empty((M, N), device=gate.device, dtype=gate.dtype)
+    y = torch.empty((M, N), device=gate.device, dtype=_promoted(gate, up))
     if M and N:
         _swiglu_fwd_kernel[_grid(M, N)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), M, N)
     return y.view(gate.shape)
@@ -191,7 +197,7 @@ def _gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], exact: bool) -> torc
 
 @_gelu_op.register_fake
 def _(x, bias, exact):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape, dtype=_promoted(x, bias))
 
 
 @torch.library.custom_op("pyllm::bias_gelu_triton_bwd", mutates_args=())
@@ -228,7 +234,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+    return gate.new_empty(gate.shape, dtype=_promoted(gate, up))
 
 
 @torch.library.custom_op("pyllm::swiglu_triton_bwd", mutates_args=())

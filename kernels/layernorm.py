@@ -142,13 +142,19 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _out_dtype(x, weight, rms: bool) -> torch.dtype:
+    """The reference's output dtype: LayerNorm keeps x's (F.layer_norm), RMSNorm's ``normed * weight``
+    promotes with the weight's (a float32 weight on bf16 activations gives float32)."""
+    return torch.promote_types(x.dtype, weight.dtype) if rms else x.dtype
+
+
 def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     """Returns (y, h, mean, rstd): h = x + residual (an empty tensor without residual), mean empty for RMS."""
     N = x.shape[-1]
     x2 = _rows(x, N)
     M = x2.shape[0]
     r2 = _rows(residual, N) if residual is not None else None
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=_out_dtype(x, weight, rms))
     h = torch.empty((M, N), device=x.device, dtype=x.dtype) if residual is not None else x.new_empty(0)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     mean = torch.empty(0 if rms else M, device=x.device, dtype=torch.float32)
@@ -209,9 +215,9 @@ def _norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 @_norm_op.register_fake
 def _(x, weight, bias, residual, eps, rms):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return (torch.empty_like(x), h, x.new_empty(0 if rms else M, dtype=torch.float32),
-            x.new_empty(M, dtype=torch.float32))
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)  # row-major, as layernorm_fwd's
+    return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, rms)), h,
+            x.new_empty(0 if rms else M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 
 @torch.library.custom_op("pyllm::layer_norm_triton_bwd", mutates_args=())
@@ -224,7 +230,7 @@ def _norm_bwd_op(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, 
 @_norm_bwd_op.register_fake
 def _(dy, dh, h, weight, mean, rstd, has_bias, rms):
     db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
-    return torch.empty_like(h), torch.empty_like(weight), db
+    return h.new_empty(h.shape), torch.empty_like(weight), db
 
 
 def _setup_context(ctx, inputs, output):

@@ -29,6 +29,17 @@ def kernel_dtypes():
     return [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
+def low_precision_dtypes():
+    """The 16-bit dtypes of kernel_dtypes()."""
+    return [d for d in kernel_dtypes() if d != torch.float32]
+
+
+def widened(t, like):
+    """``t`` in float32 beside a 16-bit ``like`` (what autocast hands a kernel: 16-bit activations, float32
+    parameters), in float64 beside a float64 one (the truth run), differentiably."""
+    return t.to(torch.promote_types(like.dtype, torch.float32))
+
+
 @pytest.fixture
 def strict_backend(monkeypatch):
     monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")

@@ -71,6 +71,16 @@ def test_linear_cross_entropy(dtype, reduction, bias):
     check_op(_lce(reduction=reduction, label_smoothing=0.1, z_loss=1e-3), [h, w, t, b], dtype)
 
 
+def test_linear_cross_entropy_column_major_hidden():
+    # hidden as a transposed view: its gradient was allocated with hidden's strides and then read as one
+    # flat array by the scaling pass, so it came back in transposed order
+    h = torch.randn(6, 16, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(33, 16, dtype=torch.float64, device=DEVICE) * 0.5
+    t = torch.randint(0, 33, (6,), device=DEVICE)
+    op = lambda h, w, t, backend: ops.linear_cross_entropy(h.t().contiguous().t(), w, t, backend=backend)  # noqa: E731
+    check_op(op, [h, w, t], torch.float32)
+
+
 def test_linear_cross_entropy_no_grad():
     h, w = torch.randn(9, 16, device=DEVICE), torch.randn(33, 16, device=DEVICE)
     t = torch.randint(0, 33, (9,), device=DEVICE)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pyllm import ops
-from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
+from kernel_checks import (DEVICE, check_op, kernel_dtypes, low_precision_dtypes, requires_gpu,  # noqa: F401
+                           strict_backend, widened)
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
 
@@ -25,6 +26,15 @@ def test_bias_gelu(dtype, approximate, shape, bias):
 @pytest.mark.parametrize("shape", [(1,), (2, 3, 67), (70, 131)])
 def test_swiglu(dtype, shape):
     check_op(lambda g, u, backend: ops.swiglu(g, u, backend=backend), [_randn(*shape), _randn(*shape)], dtype)
+
+
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
+def test_pointwise_with_float32_operands_give_float32(dtype):
+    # 16-bit activations with a float32 bias / up (autocast's mix): the reference's type promotion gives a
+    # float32 output; the kernels wrote the activation's dtype
+    x, b = _randn(7, 33), _randn(33)
+    check_op(lambda x, b, backend: ops.bias_gelu(x, widened(b, x), backend=backend), [x, b], dtype)
+    check_op(lambda g, u, backend: ops.swiglu(g, widened(u, g), backend=backend), [x, _randn(7, 33)], dtype)
 
 
 def test_swiglu_strided_halves():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pyllm import ops
-from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
+from kernel_checks import (DEVICE, check_op, kernel_dtypes, low_precision_dtypes, requires_gpu,  # noqa: F401
+                           strict_backend, widened)
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
 
@@ -31,6 +32,16 @@ def test_layer_norm(dtype, shape, residual):
 def test_rms_norm(dtype, shape, residual):
     x, w, _, r = _inputs(shape, residual, bias=False)
     check_op(lambda x, w, r, backend: ops.rms_norm(x, w, residual=r, backend=backend), [x, w, r], dtype)
+
+
+@pytest.mark.parametrize("dtype", low_precision_dtypes())
+def test_norms_with_float32_parameters(dtype):
+    # 16-bit activations with float32 parameters (autocast's mix): LayerNorm's output keeps x's dtype,
+    # RMSNorm's promotes with the weight's (float32); its kernel wrote x's dtype
+    x, w, b, r = _inputs((3, 37), residual=True, bias=True)
+    check_op(lambda x, w, b, r, backend: ops.layer_norm(x, widened(w, x), widened(b, x), residual=r, backend=backend),
+             [x, w, b, r], dtype)
+    check_op(lambda x, w, r, backend: ops.rms_norm(x, widened(w, x), residual=r, backend=backend), [x, w, r], dtype)
 
 
 def test_layer_norm_no_bias():
