@@ -116,7 +116,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.cfg.mlp == "gelu":
-            h = ops.bias_gelu(ops.linear(x, self.fc.weight), self.fc.bias, approximate=self.cfg.gelu_approximate)
+            h, bias = ops.linear(x, self.fc.weight), self.fc.bias
+            # fc's bias in the GEMM output's dtype, as nn.Linear adds it under autocast: a float32 bias on bf16
+            # activations would promote the whole (tokens, d_ff) activation to float32
+            if bias is not None and bias.dtype != h.dtype:
+                bias = bias.to(h.dtype)
+            h = ops.bias_gelu(h, bias, approximate=self.cfg.gelu_approximate)
         else:
             gate, up = ops.linear(x, self.fc.weight).chunk(2, dim=-1)
             h = ops.swiglu(gate, up)

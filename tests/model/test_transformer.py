@@ -187,3 +187,28 @@ def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch):
     assert sdpa[-1] == (torch.float32, torch.float32, torch.float32, False) and len(sdpa) == 3 * 2
     assert logits.dtype == torch.bfloat16  # the head matmul still ran in bf16
     assert abs(low.item() - ref.item()) / ref.item() < 2e-2  # bf16 unit roundoff 3.9e-3, a few layers deep
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_mlp_activation_stays_in_the_autocast_dtype(monkeypatch, backend):
+    """fc's float32 bias joins the bf16 GEMM output in bf16, as nn.Linear adds its bias under autocast, so the
+    (tokens, d_ff) GELU activation is bf16 rather than promoted to float32; without autocast all is float32."""
+    from pyllm import ops
+
+    seen, real = [], ops.bias_gelu
+
+    def spy(x, bias=None, **kw):
+        y = real(x, bias, **kw)
+        seen.append((x.dtype, bias.dtype, y.dtype))
+        return y
+
+    monkeypatch.setattr(ops, "bias_gelu", spy)
+    model = small_model("gpt2", backend=backend)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.loss(idx, idx).backward()
+    assert seen == [(torch.bfloat16,) * 3] * 2
+    assert model.blocks[0].mlp.fc.bias.grad.dtype == torch.float32  # the parameter's gradient stays float32
+    seen.clear()
+    model.loss(idx, idx)
+    assert seen == [(torch.float32,) * 3] * 2
