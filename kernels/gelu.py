@@ -156,13 +156,15 @@ def gelu_bwd(dy, x, bias, exact: bool):
     N = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
     M = x2.shape[0]
-    dx = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    # d(x + bias) in the sum's dtype: with a bias wider than x (16-bit x, float32 bias) the bias gradient is
+    # summed from it before it is rounded to x's dtype, as the reference's autograd does
+    dx = torch.empty((M, N), device=x.device, dtype=_promoted(x, bias))
     if M and N:
         _gelu_bwd_kernel[_grid(M, N)](dy2, x2, bias if bias is not None else x2, dx, dy2.stride(0), x2.stride(0),
                                       dx.stride(0), M, N, HAS_BIAS=bias is not None, EXACT=exact)
     # Second pass: the bias gradient is the column sum of dx, accumulated in fp32.
     dbias = dx.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else dx.new_empty(0)
-    return dx.view(x.shape), dbias
+    return dx.to(x.dtype).view(x.shape), dbias
 
 
 def swiglu_fwd(gate, up):
