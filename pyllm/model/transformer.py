@@ -143,6 +143,13 @@ class Block(nn.Module):
         return delta, residual
 
 
+def _on_backend(backend: str, block, *args):
+    """``block(*args)`` with its ops on ``backend``: what activation checkpointing runs, so that the recompute
+    in the backward (outside the forward's ``use_backend``) runs the same kernels as the forward did."""
+    with ops.use_backend(backend):
+        return block(*args)
+
+
 class Transformer(nn.Module):
     """GPT-2 / Llama style decoder. ``forward(idx)`` gives logits (B, T, V); ``loss(idx, targets)`` the
     mean next-token loss; ``hidden(idx)`` the final normed hidden states (B, T, d) for heads (value,
@@ -210,9 +217,12 @@ class Transformer(nn.Module):
         rope_cs = self._rope(positions) if cfg.pos == "rope" else None
         delta, residual = self.dropout(x), None
         with self._backend():
+            # a checkpointed block is recomputed during the backward, outside this context: it names the backend
+            backend = ops.requested_backend()
             for block in self.blocks:
                 if cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
-                    delta, residual = checkpoint(block, delta, residual, rope_cs, doc_ids, cache, use_reentrant=False)
+                    delta, residual = checkpoint(_on_backend, backend, block, delta, residual, rope_cs, doc_ids, cache,
+                                                 use_reentrant=False)
                 else:
                     delta, residual = block(delta, residual, rope_cs, doc_ids, cache)
             h, _ = self.norm_f(delta, residual)
