@@ -8,10 +8,10 @@ token, not once per head. Inputs are read through their (B, H, T) strides: q/k m
 projection, no copy. The rotation is orthogonal, so the backward is the same kernel with sin negated
 (``BACKWARD``); cos/sin are treated as constants (no gradient), as they are buffers in the model.
 
-In place: when no gradient is needed (inference, KV-cache decode) the result is written over q and
-k themselves (``rope_`` / the backend under no-grad), saving the two output allocations and half the
-memory traffic; with autograd the op is out of place (the inputs are needed for nothing else, but an
-in-place op on a view of a tensor saved by autograd would invalidate it).
+Always out of place, as on the op's other backends. An in-place rotation under no-grad (``rope_``,
+removed) saved two output allocations but changed the caller's q and k on this backend only, and left
+views made under no-grad unusable once grad mode was back on (PyTorch refuses a no-grad view whose base
+was modified in place): found by fuzzing the backends with random layouts.
 
 Limits: even head dim up to 512; the head dim must be contiguous (stride 1).
 """
@@ -139,17 +139,7 @@ def _rope_backward(ctx, dq, dk):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-@torch.library.custom_op("pyllm::rope_triton_", mutates_args=("q", "k"))
-def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    rope_apply(q, k, cos, sin, q, k)
-
 
 def rope(q, k, cos, sin):
     """(q_rot, k_rot) out of place (differentiable)."""
     return _rope_op(q, k, cos, sin, False)
-
-
-def rope_(q, k, cos, sin):
-    """Rotate q and k in place (no autograd); returns (q, k). Their head dim must be contiguous."""
-    _rope_inplace_op(q, k, cos, sin)
-    return q, k

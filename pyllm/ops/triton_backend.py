@@ -3,8 +3,7 @@
 Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests them);
 any other case raises ``Unsupported`` so the dispatcher falls back to the reference. Each
 implementation here only checks what its kernel cannot take, then calls the kernel module's entry
-point directly (no copies beyond what the kernel launcher itself needs). Under no-grad, ``rope``
-rotates q and k in place and returns them (the KV-cache decode path; see kernels/rope.py).
+point directly (no copies beyond what the kernel launcher itself needs).
 """
 
 from __future__ import annotations
@@ -55,9 +54,6 @@ def swiglu(gate, up):
 @register("rope", "triton")
 def rope(q, k, cos, sin):
     _require(launch.runnable_reason(q, k, cos, sin) or rope_kernel.unsupported_reason(q, k, cos, sin))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, cos, sin))
-    if not needs_grad and q.stride(-1) == 1 and k.stride(-1) == 1:
-        return rope_kernel.rope_(q, k, cos, sin)  # inference: rotate q, k in place (kernels/rope.py)
     return rope_kernel.rope(q, k, cos, sin)
 
 

@@ -128,3 +128,24 @@ def test_kernel_on_strided_inputs(case, backend, monkeypatch):
         assert_close(o.detach(), t.detach(), r.detach(), f"{case} output {i} ({backend})")
     for i, (g, t, r) in enumerate(zip(grads, truth_grads, ref_grads)):
         assert_close(g, t, r, f"{case} gradient {i} ({backend})")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_rope_leaves_its_inputs_alone_under_no_grad(backend):
+    # the op is out of place on every backend: the Triton one rotated q and k in place under no-grad, so a
+    # caller's q changed on that backend only, and no-grad views of tensors needing grad became unusable
+    if not backends()[backend] == "available":
+        pytest.skip(f"{backend} backend {backends()[backend]}")
+    if backend == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    device = "cpu" if backend == "cpu" else "cuda" if HAS_CUDA else "cpu"
+    q, k = (torch.randn(2, h, 5, 8, device=device, requires_grad=True) for h in (4, 2))
+    theta = torch.rand(5, 4, device=device)
+    with torch.no_grad():
+        qv, kv = heads(q), heads(k)  # views made under no-grad
+        before = qv.clone(), kv.clone()
+        out = ops.rope(qv, kv, theta.cos(), theta.sin(), backend=backend)
+        ref = ops.rope(before[0], before[1], theta.cos(), theta.sin(), backend="torch")
+    assert torch.equal(qv, before[0]) and torch.equal(kv, before[1])
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o * 1.0, r)  # usable with grad mode on
