@@ -5,7 +5,7 @@ torch.library custom ops (forward, backward, fake implementations, autograd) tha
     attention.py      FlashAttention-2 forward/backward (causal, GQA, decode alignment, packed docs, window)
     layernorm.py      LayerNorm and RMSNorm with fused residual add
     gelu.py           bias + GELU (tanh, exact) and SwiGLU
-    rope.py           rotary embedding of q and k in one launch (in place under no-grad)
+    rope.py           rotary embedding of q and k in one launch
     softmax.py        row softmax (single block or online two-sweep)
     matmul.py         tiled matmul with grouped ordering, autotune, epilogues, persistent launch; linear
     cross_entropy.py  large-vocabulary cross-entropy and chunked linear + cross-entropy
