@@ -120,10 +120,12 @@ def test_kernel_on_strided_inputs(case, backend, monkeypatch):
     device = "cpu" if backend == "cpu" else "cuda" if HAS_CUDA else "cpu"  # triton: the interpreter on the CPU
     monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")  # a fallback to the reference would pass without testing
     inputs, fn = CASES[case]
+    # the CUDA GEMM and attention kernels take 16-bit inputs only (tensor cores)
+    dtype = torch.float16 if backend == "cuda" and op in ("linear", "attention") else torch.float32
     torch.manual_seed(0)
     truth, truth_grads, upstream = _run(fn, inputs, F64, "torch", None, device)
-    ref, ref_grads, _ = _run(fn, inputs, torch.float32, "torch", upstream, device)
-    out, grads, _ = _run(fn, inputs, torch.float32, backend, upstream, device)
+    ref, ref_grads, _ = _run(fn, inputs, dtype, "torch", upstream, device)
+    out, grads, _ = _run(fn, inputs, dtype, backend, upstream, device)
     for i, (o, t, r) in enumerate(zip(out, truth, ref)):
         assert_close(o.detach(), t.detach(), r.detach(), f"{case} output {i} ({backend})")
     for i, (g, t, r) in enumerate(zip(grads, truth_grads, ref_grads)):
