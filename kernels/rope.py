@@ -139,7 +139,6 @@ def _rope_backward(ctx, dq, dk):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
-
 def rope(q, k, cos, sin):
     """(q_rot, k_rot) out of place (differentiable)."""
     return _rope_op(q, k, cos, sin, False)
