@@ -39,7 +39,9 @@ _AWS_SECRET_KEY = re.compile(
     r"(?i)(aws_?secret_?(?:access_?)?key\W{0,4}?[\s=:]\s*['\"]?)([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])")
 _GITHUB_TOKEN = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{82})\b")
 _SLACK_TOKEN = re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b")
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24})(?![\w(-])")
+# the local part cannot start with a dot (so "...name@host" redacts name@host), and the domain cannot run
+# into another "@" (so "a@b.com.c@d.com" is two addresses, not "a@b.com.c" and a leftover "@d.com")
+_EMAIL = re.compile(r"(?<![\w+-])[A-Za-z0-9_%+-][A-Za-z0-9._%+-]*@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24})(?![\w(@-])")
 _CARD = re.compile(r"(?<![\w.,-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)")
 _SSN = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|\.\d)")
 _PHONE_NA = re.compile(r"(?<![\w.+/-])(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w/-]|\.\d)")
@@ -123,15 +125,25 @@ class PIIRedactor:
         if kind not in self.cfg.types:
             return text
 
-        def replace(m: re.Match) -> str:
-            if accept is not None and not accept(m):
-                return m.group(0)
+        def placeholder(m: re.Match) -> str:
             self.counts[kind] += 1
             if group:  # redact only the secret, keep the name in front of it
                 return m.group(0)[: m.start(group) - m.start(0)] + f"<{kind}>"
             return f"<{kind}>"
 
-        return pattern.sub(replace, text)
+        if accept is None:
+            return pattern.sub(placeholder, text)
+        # A rejected candidate must not hide a later one that starts inside it (re.sub would resume after its
+        # end): "(555) 123-4567 4111 1111 1111 1111" first offers "123-4567 4111 1111 1111" to the card check,
+        # and the card starts at its 8th digit. So after a rejection the search resumes one character on.
+        out, pos, done = [], 0, 0
+        while (m := pattern.search(text, pos)) is not None:
+            if accept(m):
+                out += [text[done:m.start()], placeholder(m)]
+                pos = done = m.end() if m.end() > m.start() else m.end() + 1
+            else:
+                pos = m.start() + 1
+        return "".join(out) + text[done:]
 
     def redact(self, text: str) -> str:
         if not self.cfg.enabled:

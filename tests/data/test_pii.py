@@ -69,3 +69,30 @@ def test_types_can_be_switched_off_and_private_ips_opted_in():
 def test_luhn():
     assert luhn_valid("4111111111111111") and luhn_valid("378282246310005")
     assert not luhn_valid("4111111111111112")
+
+
+@pytest.mark.parametrize("text,expected", [
+    # a candidate rejected by its check (here 19 digits that are no card) must not hide one starting inside it
+    ("+1 (555) 123-4567 4111 1111 1111 1111", "<PHONE> <CREDIT_CARD>"),
+    ("tel 555-123-4567 4111 1111 1111 1111.", "tel <PHONE> <CREDIT_CARD>."),
+    # a local part cannot start with a dot, a domain cannot run into another address
+    ("jane@acme.com...joe@acme.com", "<EMAIL>...<EMAIL>"),
+    ("jane@acme.com.joe@acme.com", "<EMAIL>.<EMAIL>"),
+])
+def test_pii_next_to_other_pii_is_redacted(text, expected):
+    # each of these left an address or a card number that a second pass then found
+    assert redact(text)[0] == expected
+
+
+def test_redaction_is_idempotent():
+    # a second pass finds nothing the first left: random glued sequences of PII and look-alikes (found by a
+    # fuzz: 75 of 20,000 such texts changed on a second pass before the two fixes above)
+    import random
+
+    parts = ["a", " ", "\n", ".", "-", "@", "1", "9", "é", "中", "4111 1111 1111 1111", "192.168.0.1", "81.2.69.160",
+             "::1", "foo@bar.com", "+1 (555) 123-4567", "415-555-0199", "123-45-6789", "http://x.y/z?q=1", "..."]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 40)))
+        once = redact(text)[0]
+        assert redact(once)[0] == once, text
