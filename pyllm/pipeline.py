@@ -119,7 +119,7 @@ samples those from it on."""
 
 def default(**overrides) -> PipelineConfig:
     """The README's run: about 5-6 min on an otherwise idle 2-core AVX-512 CPU (5 min 26 s at b9f5627, 6 min
-    1 s at d561513, 4 min 42 s at bb6f448), about 9 on a 2-core AVX2-only one (run as such a CPU runs it:
+    1 s at d561513, 4 min 42 s at bb6f448 and f004124), about 9 on a 2-core AVX2-only one (run as such a CPU runs it:
     8 min 18 s at cfd0489, 8 min 59 s at d561513)."""
     return PipelineConfig(**_merge(dict(
         out_dir="runs/pipeline",
