@@ -34,12 +34,6 @@ def low_precision_dtypes():
     return [d for d in kernel_dtypes() if d != torch.float32]
 
 
-def widened(t, like):
-    """``t`` in float32 beside a 16-bit ``like`` (what autocast hands a kernel: 16-bit activations, float32
-    parameters), in float64 beside a float64 one (the truth run), differentiably."""
-    return t.to(torch.promote_types(like.dtype, torch.float32))
-
-
 @pytest.fixture
 def strict_backend(monkeypatch):
     monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
@@ -49,11 +43,11 @@ def _as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def _run(op, inputs, dtype, backend, grads, kwargs, upstream):
+def _run(op, inputs, dtype, backend, grads, kwargs, upstream, dtypes=None):
     args = []
-    for t in inputs:
+    for i, t in enumerate(inputs):
         if torch.is_tensor(t) and t.is_floating_point():
-            t = t.detach().to(dtype).requires_grad_(grads)
+            t = t.detach().to((dtypes or {}).get(i, dtype)).requires_grad_(grads)
         args.append(t)
     outs = _as_tuple(op(*args, backend=backend, **kwargs))
     if not grads:
@@ -65,16 +59,19 @@ def _run(op, inputs, dtype, backend, grads, kwargs, upstream):
     return outs, tuple(a.grad for a in args if torch.is_tensor(a) and a.requires_grad), upstream
 
 
-def check_op(op, inputs, dtype, *, grads=True, truth_dtype=torch.float64, **kwargs):
+def check_op(op, inputs, dtype, *, grads=True, truth_dtype=torch.float64, dtypes=None, **kwargs):
     """Compare ``op(*inputs, backend="triton", **kwargs)`` in ``dtype`` to the reference (see module doc).
-    ``inputs``: tensors (floating ones are cast per run; integer ones are passed as they are) or None."""
+    ``inputs``: tensors (floating ones are cast per run; integer ones are passed as they are) or None.
+    ``dtypes``: {input index: dtype} overriding ``dtype`` in the reference and kernel runs (mixed precision,
+    e.g. 16-bit activations with float32 parameters as autocast hands them over); the truth stays float64."""
     if grads:
         truth, truth_g, up = _run(op, inputs, truth_dtype, "torch", True, kwargs, None)
-        ref, ref_g, _ = _run(op, inputs, dtype, "torch", True, kwargs, up)
-        ker, ker_g, _ = _run(op, inputs, dtype, "triton", True, kwargs, up)
+        ref, ref_g, _ = _run(op, inputs, dtype, "torch", True, kwargs, up, dtypes)
+        ker, ker_g, _ = _run(op, inputs, dtype, "triton", True, kwargs, up, dtypes)
     else:
-        (truth, _), (ref, _), (ker, _) = (_run(op, inputs, d, b, False, kwargs, None)
-                                          for d, b in ((truth_dtype, "torch"), (dtype, "torch"), (dtype, "triton")))
+        (truth, _), (ref, _), (ker, _) = (_run(op, inputs, d, b, False, kwargs, None, m) for d, b, m in
+                                          ((truth_dtype, "torch", None), (dtype, "torch", dtypes),
+                                           (dtype, "triton", dtypes)))
         truth_g = ref_g = ker_g = ()
     for i, (k, t, r) in enumerate(zip(ker, truth, ref)):
         assert k.dtype == r.dtype, f"output {i}: dtype {k.dtype} != reference {r.dtype}"

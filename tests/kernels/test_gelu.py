@@ -5,8 +5,7 @@ import torch
 
 from pyllm import ops
 from kernel_checks import (DEVICE, check_op, kernel_dtypes, low_precision_dtypes, requires_gpu,  # noqa: F401
-                           strict_backend, widened)
-from pyllm.ops.tolerance import assert_close
+                           strict_backend)
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
 
@@ -31,32 +30,17 @@ def test_swiglu(dtype, shape):
 
 @pytest.mark.parametrize("dtype", low_precision_dtypes())
 @pytest.mark.parametrize("rows", [1, 7])
-def test_pointwise_with_float32_operands_give_float32(dtype, rows):
+def test_pointwise_with_float32_operands(dtype, rows):
     # 16-bit activations with a float32 bias / up (autocast's mix): the reference's type promotion gives a
-    # float32 output (the kernels wrote the activation's dtype)
-    x = _randn(rows, 33)
-    check_op(lambda x, b, backend: ops.bias_gelu(x, widened(b, x), backend=backend), [x, _randn(33)], dtype)
-    check_op(lambda g, u, backend: ops.swiglu(g, widened(u, g), backend=backend), [x, _randn(rows, 33)], dtype)
-
-
-@pytest.mark.parametrize("dtype", low_precision_dtypes())
-@pytest.mark.parametrize("rows", [1, 7])
-def test_float32_bias_gradient_is_summed_before_rounding(dtype, rows):
-    # a float32 bias leaf on 16-bit x: its gradient is the float32 column sum of d(x + bias), as the reference's
-    # autograd gives it; the kernel summed the gradient already rounded to x's dtype (fp16: 11-17x the bound
-    # here). x holds multiples of 1/8, exact in 16 bits, so the reference's error is float32's.
+    # float32 output (the kernels wrote the activation's dtype), and the float32 bias gradient is the float32
+    # column sum of d(x + bias) (the kernel summed the gradient already rounded to x's dtype: fp16 11-17x the
+    # bound here). x holds multiples of 1/8, exact in 16 bits, so the reference's own error is float32's and a
+    # 16-bit rounding of the bias gradient cannot hide in it.
     x = torch.randint(-24, 25, (rows, 33), generator=torch.Generator().manual_seed(rows)).double().to(DEVICE) / 8
-    b, dy = _randn(33), _randn(rows, 33)
-    grads = {}
-    for name, dt, backend in (("truth", torch.float64, "torch"), ("ref", dtype, "torch"), ("kernel", dtype, "triton")):
-        xx = x.to(dt, copy=True).requires_grad_()
-        bb = b.to(torch.promote_types(dt, torch.float32), copy=True).requires_grad_()
-        y = ops.bias_gelu(xx, bb, backend=backend)
-        assert y.dtype == bb.dtype
-        y.backward(dy.to(y.dtype))
-        grads[name] = (xx.grad, bb.grad)
-    for i, what in enumerate(("x", "bias")):
-        assert_close(grads["kernel"][i], grads["truth"][i], grads["ref"][i], f"gradient of {what}")
+    check_op(lambda x, b, backend: ops.bias_gelu(x, b, backend=backend), [x, _randn(33)], dtype,
+             dtypes={1: torch.float32})
+    check_op(lambda g, u, backend: ops.swiglu(g, u, backend=backend), [x, _randn(rows, 33)], dtype,
+             dtypes={1: torch.float32})
 
 
 def test_swiglu_strided_halves():
