@@ -131,16 +131,15 @@ class PIIRedactor:
                 return m.group(0)[: m.start(group) - m.start(0)] + f"<{kind}>"
             return f"<{kind}>"
 
-        if accept is None:
-            return pattern.sub(placeholder, text)
         # A rejected candidate must not hide a later one that starts inside it (re.sub would resume after its
         # end): "(555) 123-4567 4111 1111 1111 1111" first offers "123-4567 4111 1111 1111" to the card check,
         # and the card starts at its 8th digit. So after a rejection the search resumes one character on.
         out, pos, done = [], 0, 0
         while (m := pattern.search(text, pos)) is not None:
-            if accept(m):
+            if accept is None or accept(m):
                 out += [text[done:m.start()], placeholder(m)]
-                pos = done = m.end() if m.end() > m.start() else m.end() + 1
+                done = m.end()
+                pos = done if m.end() > m.start() else done + 1  # (an empty match must not stall the search)
             else:
                 pos = m.start() + 1
         return "".join(out) + text[done:]
