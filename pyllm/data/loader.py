@@ -4,8 +4,10 @@ Each shard of the chosen split is cut into windows of ``seq_len + 1`` tokens at 
 (inputs are the first ``seq_len``, targets the last ``seq_len``); windows never cross shards. An epoch
 is a permutation of all windows drawn from ``(seed, epoch)``; rank ``r`` of ``world_size`` takes every
 ``world_size``-th window of it (truncated so every rank gets the same count and the ranks stay in
-step), ``batch_size`` at a time. The state is just (epoch, step), so ``load_state_dict`` resumes at the
-exact next batch. Shards are memory-mapped: nothing is read before it is needed.
+step), ``batch_size`` at a time, so after n batches the ranks together have read the first
+n x batch_size x world_size windows of the permutation. The state is (epoch, that count), so
+``load_state_dict`` resumes at the exact next window, also with another batch size or number of ranks
+(``layout_free``). Shards are memory-mapped: nothing is read before it is needed.
 
 ``doc_ids`` (B, T) numbers the documents inside each row (from the ``.idx`` offsets) so attention can
 stay within a document (``Transformer(doc_ids=...)``).
@@ -91,17 +93,26 @@ class ShardLoader:
         while True:
             yield self.next_batch()
 
+    layout_free = True  # the state is the same on every rank and holds for any batch size and world size
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "split": self.split, "seq_len": self.seq_len,
-                "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "windows": self.step * self.batch_size * self.world_size, "seed": self.seed,
+                "split": self.split, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "split", "seq_len", "batch_size"):
+        for key in ("seed", "split", "seq_len"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"ShardLoader state has {key}={state[key]!r} but this loader has "
-                                 f"{getattr(self, key)!r}; resume with the same settings")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+                                 f"{getattr(self, key)!r}; resume with the same {key}")
+        # states written before the count was global hold (step, batch_size, world_size)
+        windows = state.get("windows", int(state.get("step", 0)) * state.get("batch_size", self.batch_size)
+                            * state.get("world_size", self.world_size))
+        per_step = self.batch_size * self.world_size
+        if windows % per_step:
+            raise ValueError(f"ShardLoader state: {windows} windows read in epoch {state['epoch']} is not a whole "
+                             f"number of batches of {self.batch_size} x {self.world_size} rank(s); resume with a "
+                             "batch size x world size that divides it")
+        self.epoch, self.step = int(state["epoch"]), windows // per_step
 
     @property
     def tokens_per_epoch(self) -> int:

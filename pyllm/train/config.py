@@ -113,7 +113,8 @@ class TrainConfig:
     eval_every: int = 250
     """Steps between evaluations (and at the end); 0 disables periodic evaluation."""
     eval_batches: int = 20
-    """Validation batches per evaluation (train(cfg)'s built-in eval)."""
+    """Validation batches per evaluation (train(cfg)'s built-in eval), each of one micro-batch of sequences
+    (as nanoGPT's eval_iters): a run resumed with another micro_batch_size evaluates another set."""
     best_metric: str = "val_loss"
     """Evaluation metric (lower is better) that picks the "best" checkpoint, among the checkpoints written
     at evaluation steps (make ckpt_every a multiple of eval_every)."""

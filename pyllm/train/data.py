@@ -7,8 +7,9 @@ A batch source has ``next_batch() -> {"input_ids": (B, T) int64, "targets": (B, 
 Sampling is nanoGPT's (a random window of T + 1 tokens per sequence) made resumable and layout-free:
 the run's sequences are numbered globally, in the order micro-batch, rank, row, and the start of
 sequence i comes from a generator seeded by (seed, i // CHUNK). So a run with 4 accumulation steps of
-1 sequence sees the same sequences as one step of 4, and 2 ranks of 2 the same as 1 rank of 4;
-resuming needs only the micro-batch count.
+1 sequence sees the same sequences as one step of 4, and 2 ranks of 2 the same as 1 rank of 4.
+The state is the number of sequences drawn by all ranks together, so a run can resume with another
+micro-batch size or number of processes and still continue with the next sequence (``layout_free``).
 """
 
 from __future__ import annotations
@@ -124,11 +125,24 @@ class RandomWindows:
         self.position += 1
         return {"input_ids": w[:, :-1], "targets": w[:, 1:]}
 
+    layout_free = True  # the state is the same on every rank and holds for any micro-batch and world size
+
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"sequences": self.position * self.batch_size * self.world_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        if state.get("seed", self.seed) != self.seed:
+            raise DataError(f"the saved data position is for seed={state['seed']}, this run has seed={self.seed}; "
+                            "resume with the same seed or start in another out_dir")
+        if "sequences" not in state:  # written before the count was global: micro-batches of the same layout
+            self.position = int(state["position"])
+            return
+        per_step = self.batch_size * self.world_size
+        if state["sequences"] % per_step:
+            raise DataError(f"the saved data position ({state['sequences']} sequences drawn) is not a whole number "
+                            f"of this run's micro-batches of {self.batch_size} x {self.world_size} rank(s); "
+                            "resume with a micro_batch_size x world_size that divides it")
+        self.position = state["sequences"] // per_step
 
 
 def fixed_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, seed: int, rank: int = 0,

@@ -53,7 +53,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 class Trainer:
     """Train ``model`` on ``batches`` (next_batch() -> dict of tensors; state_dict/load_state_dict, whose
-    tensors the checkpoint keeps in state.safetensors and hands back as tensors).
+    tensors the checkpoint keeps in state.safetensors and hands back as tensors). A source whose
+    ``layout_free`` is True keeps the same state on every rank and loads it for any micro-batch size and
+    number of processes (RandomWindows, ShardLoader): a run may resume on another number of processes.
 
     ``loss_fn(model, batch) -> (loss, metrics)`` defaults to the language-model loss; ``eval_fn(model)
     -> dict`` runs every ``cfg.eval_every`` steps and at the end (in eval mode, without gradients).
@@ -300,11 +302,17 @@ class Trainer:
                                   f"master_weights setting?); use the same settings or another out_dir") from None
         meta = manifest["meta"]
         data_states = meta["data"]
-        if len(data_states) != self.dist.world_size and len(data_states) > 1:
-            raise CheckpointError(f"checkpoint {path} was written by {len(data_states)} ranks, this run has "
-                                  f"{self.dist.world_size}; resume with the same number of processes")
-        own_state = data_states[min(self.dist.rank, len(data_states) - 1)]
-        self.batches.load_state_dict(checkpoint.from_json(own_state, state_t, path))
+        if len(data_states) != self.dist.world_size and not getattr(self.batches, "layout_free", False):
+            raise CheckpointError(f"checkpoint {path} was written by {len(data_states)} rank(s), this run has "
+                                  f"{self.dist.world_size}, and its batch source ({type(self.batches).__name__}) "
+                                  "keeps a state per rank; resume with the same number of processes")
+        own_state = data_states[self.dist.rank] if len(data_states) == self.dist.world_size else data_states[0]
+        try:
+            self.batches.load_state_dict(checkpoint.from_json(own_state, state_t, path))
+        except CheckpointError:
+            raise
+        except ValueError as e:  # a data position this run cannot continue from (other seed, sizes)
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
         torch.set_rng_state(state_t["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in state_t:
             torch.cuda.set_rng_state(state_t["rng.cuda"], self.device)

@@ -162,6 +162,31 @@ def test_loader_deterministic_sharded_and_resumable(packed):
         ShardLoader(out, seq_len=16, batch_size=2, seed=3).load_state_dict(state)
 
 
+def test_loader_resumes_with_another_batch_size_and_world_size(packed):
+    """2 ranks x 2 windows for 3 batches have read the permutation's first 12 windows; 1 rank of 4 (or 3
+    ranks of 1) resumed from either rank's state reads the next ones, as an uninterrupted 1 x 4 run does."""
+    out, _ = packed
+    make = lambda **kw: ShardLoader(out, seq_len=32, seed=3, **{"batch_size": 4, **kw})  # noqa: E731
+    whole = make()
+    reference = [whole.next_batch()["input_ids"] for _ in range(5)]
+    ranks = [make(batch_size=2, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        for _ in range(3):
+            r.next_batch()
+    states = [json.loads(json.dumps(r.state_dict())) for r in ranks]
+    assert states[0] == states[1]
+    resumed = make()
+    resumed.load_state_dict(states[1])
+    assert torch.equal(resumed.next_batch()["input_ids"], reference[3])
+    thirds = [make(batch_size=1, rank=r, world_size=3) for r in range(3)]
+    for t in thirds:
+        t.load_state_dict(states[0])
+    got = torch.cat([t.next_batch()["input_ids"] for t in thirds] + [t.next_batch()["input_ids"] for t in thirds])
+    assert torch.equal(got[:4], reference[3]) and torch.equal(got[4:], reference[4][:2])
+    with pytest.raises(ValueError, match="12 windows read in epoch 0 is not a whole number of batches of 5 x 1"):
+        make(batch_size=5).load_state_dict(states[0])
+
+
 def test_val_split_and_errors(packed, tmp_path):
     out, _ = packed
     val = ShardLoader(out, seq_len=32, batch_size=2, split="val")

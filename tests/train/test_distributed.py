@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from pyllm.train import CheckpointError
 
 from .helpers import losses, make_trainer, tiny_model, val_eval
 
@@ -100,3 +103,15 @@ def test_two_processes_match_one(tmp_path):
         for k, v in one.model.state_dict().items():
             torch.testing.assert_close(torch.tensor(two["weights"][k]), v, rtol=1e-4, atol=1e-5, msg=f"{mode} {k}")
         assert (tmp_path / mode / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    # one process resumes the two processes' step-2 checkpoint: the same sequences and losses as the one-process
+    # run (RandomWindows' state is a global count); a batch source with a state per rank is refused
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_00000004")
+    per_rank = make_trainer(resumed_dir, batch_size=4, micro_batch_size=4, max_steps=4)
+    per_rank.batches = _RankTensorState(per_rank.batches, 0)
+    with pytest.raises(CheckpointError, match="written by 2 rank.*this run has 1.*_RankTensorState"):
+        per_rank.resume()
+    resumed = make_trainer(resumed_dir, batch_size=4, micro_batch_size=4, max_steps=4).fit()
+    assert resumed["resumed_from"] == 2
+    np.testing.assert_allclose(losses(resumed), losses(summary)[2:], rtol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -134,6 +135,58 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, precision):
         assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"])
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+class _Recording:
+    """A batch source that records the first token of every sequence it serves."""
+
+    def __init__(self, inner, seen: list):
+        self.inner, self.seen, self.layout_free = inner, seen, getattr(inner, "layout_free", False)
+
+    def next_batch(self):
+        batch = self.inner.next_batch()
+        self.seen.extend(batch["input_ids"][:, 0].tolist())
+        return batch
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_resume_with_another_micro_batch_size_continues_with_the_next_sequences(tmp_path):
+    """Checkpointed at step 2 with 1 micro-batch of 4 per step, resumed with 2 of 2 (and 4 of 1): the
+    sequences after the checkpoint are those of the uninterrupted run, not a replay of the last step's
+    (the data position was once a micro-batch count), and the losses agree up to summation order."""
+    kw = dict(batch_size=4, max_steps=4, ckpt_every=2)
+    whole_seen: list = []
+    whole = make_trainer(tmp_path / "whole", micro_batch_size=4, **kw)
+    whole.batches = _Recording(whole.batches, whole_seen)
+    reference = whole.fit()["history"]
+    first = make_trainer(tmp_path / "part", micro_batch_size=4, **{**kw, "max_steps": 2})
+    first.batches = _Recording(first.batches, [])
+    first.fit()
+    for micro in (2, 1):
+        out = tmp_path / f"micro{micro}"
+        shutil.copytree(tmp_path / "part", out)
+        seen: list = []
+        resumed = make_trainer(out, micro_batch_size=micro, **kw)
+        resumed.batches = _Recording(resumed.batches, seen)
+        history = resumed.fit()["history"]
+        assert seen == whole_seen[8:], micro
+        np.testing.assert_allclose(losses({"history": history}), losses({"history": reference[2:]}), rtol=1e-5)
+
+
+def test_resume_with_a_data_position_this_run_cannot_take_is_a_one_line_error(tmp_path):
+    make_trainer(tmp_path, batch_size=4, max_steps=1).fit()  # 4 sequences drawn
+    cases = [(dict(seed=7), "seed=1337, this run has seed=7"),
+             (dict(batch_size=3, micro_batch_size=3), "4 sequences drawn.* micro-batches of 3 x 1")]
+    for overrides, message in cases:
+        t = make_trainer(tmp_path, max_steps=2, **overrides)
+        with pytest.raises(CheckpointError, match=f"checkpoint .*step_00000001: .*{message}") as e:
+            t.fit()
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
