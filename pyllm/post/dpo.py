@@ -23,7 +23,8 @@ from .lora import BaseModelView
 from .losses import DPO_VARIANTS, dpo_loss
 from .reward import PairBatches, encode_pairs, load_preferences
 from .sequences import collate, response_logprobs, sequence_logprob
-from .stage import StageConfig, add_lora, device_of, export, final_metrics, load_start, run_trainer, write_summary
+from .stage import (StageConfig, add_lora, data_parallel, device_of, export, final_metrics, load_start,
+                    micro_batch, run_trainer, write_summary)
 
 
 @dataclass
@@ -143,7 +144,8 @@ def dpo(cfg: DPOConfig) -> dict:
 
     before = measure(policy)
     params = add_lora(cfg, policy)
-    batches = PairBatches(chosen, rejected, cfg.train_config().micro_batch(), pad, cfg.seed)
+    info = data_parallel(cfg)
+    batches = PairBatches(chosen, rejected, micro_batch(cfg), pad, cfg.seed, info.rank, info.world_size)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, policy)
     summary = {"stage": "dpo", "data": cfg.data, "variant": cfg.variant, "beta": cfg.beta,

@@ -16,7 +16,7 @@ import torch
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import add_lora, export, final_metrics, run_trainer, write_summary
+from .stage import add_lora, export, final_metrics, micro_batch, run_trainer, write_summary
 
 
 @dataclass
@@ -55,12 +55,13 @@ class GRPOConfig(RLConfig):
 def grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
     policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
+    n_prompts = cfg.prompts_per_process()
 
     @torch.no_grad()
     def make_rollout(round_: int) -> Rollout:
         seed = rollout_seed(cfg.seed, round_)
         rng = random.Random(seed)
-        chosen = rng.sample(prompts, min(cfg.prompts_per_rollout, len(prompts)))
+        chosen = rng.sample(prompts, min(n_prompts, len(prompts)))
         group = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups
         batch, texts = sample(policy, template, group, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=seed)
@@ -87,7 +88,7 @@ def grpo(cfg: GRPOConfig) -> dict:
     policy.eval()
     before = measure(policy)
     params = add_lora(cfg, policy)
-    batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed)
+    batches = RolloutBatches(make_rollout, micro_batch(cfg), cfg.epochs, cfg.seed)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, policy)
     summary = {"stage": "grpo", "data": cfg.data, "reward": str(cfg.reward), "group_size": cfg.group_size,

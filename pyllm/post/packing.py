@@ -97,32 +97,31 @@ def pack(examples: list[Encoded], seq_len: int, pad_id: int) -> dict[str, torch.
     return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids, "positions": positions}
 
 
-class PackedBatches:
-    """Batch source for the Trainer over packed rows: shuffled each epoch (seeded), resumable.
+class ShuffledOrder:
+    """Item ids 0..n-1 as one endless stream, in a new seeded permutation every epoch (``salt`` keeps two
+    sources with the same seed apart). ``take(k)`` returns the next k ids. Its state (epoch, index into the
+    epoch's permutation) counts the ids drawn by all data-parallel ranks together, so it is the same on
+    every rank and holds for any batch size and number of ranks."""
 
-    ``next_batch()`` -> {"input_ids", "targets", "doc_ids", "positions"} each (batch_size, seq_len)."""
-
-    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int = 0):
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.n = rows["input_ids"].shape[0]
+    def __init__(self, n: int, seed: int, salt: int):
+        self.n, self.seed, self.salt = n, seed, salt
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
         order = list(range(self.n))
-        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        random.Random(self.seed * self.salt + self.epoch).shuffle(order)
         return order
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        take = []
-        while len(take) < self.batch_size:
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
             if self.index >= self.n:
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self._permutation()
-            take.append(self._order[self.index])
+            out.append(self._order[self.index])
             self.index += 1
-        idx = torch.tensor(take)
-        return {k: v[idx] for k, v in self.rows.items()}
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
@@ -130,6 +129,55 @@ class PackedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
         self._order = self._permutation()
+
+
+class RankBatches:
+    """A batch source over ``ShuffledOrder``: each step the ranks together draw ``batch_size`` x
+    ``world_size`` ids and rank r keeps the r-th ``batch_size`` of them (one rank: the next batch_size).
+    Subclasses turn ids into tensors (``collate``)."""
+
+    layout_free = True  # resumable with another batch size or number of ranks (see ShuffledOrder)
+
+    def __init__(self, n: int, batch_size: int, seed: int, salt: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"{type(self).__name__}: rank={rank} must be in [0, world_size={world_size})")
+        self.order = ShuffledOrder(n, seed, salt)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def next_ids(self) -> list[int]:
+        ids = self.order.take(self.batch_size * self.world_size)
+        return ids[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.collate(self.next_ids())
+
+    def collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+
+class PackedBatches(RankBatches):
+    """Batch source for the Trainer over packed rows: shuffled each epoch (seeded), resumable, split over
+    data-parallel ranks.
+
+    ``next_batch()`` -> {"input_ids", "targets", "doc_ids", "positions"} each (batch_size, seq_len), and
+    ``loss_weight``: the number of trained targets, over which the SFT loss is a mean (the Trainer then
+    averages over every trained token of a step, however it is split into micro-batches and ranks)."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.rows = rows
+        super().__init__(rows["input_ids"].shape[0], batch_size, seed, 100003, rank, world_size)
+
+    def collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.tensor(ids)
+        batch = {k: v[idx] for k, v in self.rows.items()}
+        return {**batch, "loss_weight": int((batch["targets"] != IGNORE).sum())}
 
 
 class ReplayBatches:
@@ -142,11 +190,13 @@ class ReplayBatches:
     def __init__(self, packed: PackedBatches, text):
         # text: a pyllm.data.loader.ShardLoader (next_batch -> input_ids, targets, doc_ids (n_replay, T))
         self.packed, self.text = packed, text
+        self.layout_free = packed.layout_free and getattr(text, "layout_free", False)
         self.replay = torch.tensor([False] * packed.batch_size + [True] * text.batch_size)
         self.positions = torch.arange(text.seq_len).expand(text.batch_size, -1)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         rows, text = self.packed.next_batch(), self.text.next_batch()
+        del rows["loss_weight"]  # the mixed loss is a sum of two means (below): the micro-batches weigh alike
         if text["input_ids"].shape[1] != rows["input_ids"].shape[1]:
             raise ValueError(f"ReplayBatches: text windows of {text['input_ids'].shape[1]} tokens but packed rows "
                              f"of {rows['input_ids'].shape[1]}; build both with the same seq_len")

@@ -18,7 +18,8 @@ from .heads import PolicyWithValue
 from .losses import AdaptiveKLController, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import add_lora, export, final_metrics, run_trainer, write_summary
+from .stage import (add_lora, data_parallel, export, final_metrics, mean_over_processes, micro_batch,
+                    run_trainer, write_summary)
 
 
 @dataclass
@@ -68,6 +69,8 @@ def _forward(model: PolicyWithValue, tokens, temperature: float = 1.0):
 def ppo(cfg: PPOConfig) -> dict:
     """Run PPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
     policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
+    n_prompts = cfg.prompts_per_process()
+    world_size = data_parallel(cfg).world_size
     model = PolicyWithValue(policy, cfg.shared_value_trunk).to(policy.head_weight.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
@@ -75,7 +78,7 @@ def ppo(cfg: PPOConfig) -> dict:
     def make_rollout(round_: int) -> Rollout:
         seed = rollout_seed(cfg.seed, round_)
         rng = random.Random(seed)
-        chosen = rng.sample(prompts, min(cfg.prompts_per_rollout, len(prompts)))
+        chosen = rng.sample(prompts, min(n_prompts, len(prompts)))
         batch, texts = sample(policy, template, chosen, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=seed)
         scores = torch.tensor(reward_fn(chosen, texts), dtype=torch.float32)
@@ -93,7 +96,8 @@ def ppo(cfg: PPOConfig) -> dict:
         adv = masked_whiten(adv, mask)
         seq_kl = kl.sum(1).mean().item()
         stats = {"reward": scores.mean().item(), "kl": seq_kl, "kl_coef": kl_ctl.coef}
-        kl_ctl.update(seq_kl, len(chosen))
+        # the controller sees every process's rollout, so its coefficient stays the same on all of them
+        kl_ctl.update(mean_over_processes(cfg, seq_kl), len(chosen) * world_size)
         return Rollout({**batch, "old_logp": old_logp, "old_values": values, "advantages": adv,
                         "returns": returns}, stats)
 
@@ -113,7 +117,7 @@ def ppo(cfg: PPOConfig) -> dict:
     model.eval()
     before = measure(model)
     params = add_lora(cfg, policy, model)
-    batches = RolloutBatches(make_rollout, cfg.train_config().micro_batch(), cfg.epochs, cfg.seed,
+    batches = RolloutBatches(make_rollout, micro_batch(cfg), cfg.epochs, cfg.seed,
                              stateful={"kl_controller": kl_ctl})
     train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, model)

@@ -7,7 +7,6 @@ r(chosen) > r(rejected)) and the mean margin r(chosen) - r(rejected).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from .heads import RewardModel
 from .judge import DEFAULT_PRINCIPLE, judge_from_spec, relabel
 from .lora import merge_lora
 from .losses import bradley_terry_loss
-from .packing import encode_examples
+from .packing import RankBatches, encode_examples
 from .sequences import collate
-from .stage import StageConfig, add_lora, device_of, final_metrics, load_start, run_trainer, write_summary
+from .stage import (StageConfig, add_lora, data_parallel, device_of, final_metrics, load_start, micro_batch,
+                    on_main, run_trainer, write_summary)
 
 
 @dataclass
@@ -42,37 +42,18 @@ class RewardConfig(StageConfig):
         return {"lr": 1e-3, "min_lr": 1e-4, "max_steps": 200, "batch_size": 16}
 
 
-class PairBatches:
-    """Shuffled, resumable pair batches: {"input_ids" (2B, L), "train", "attention"}: chosen rows, then rejected."""
+class PairBatches(RankBatches):
+    """Shuffled, resumable pair batches, split over data-parallel ranks: {"input_ids" (2B, L), "train",
+    "attention"}: chosen rows, then rejected; "index" (B,): the pairs' ids."""
 
-    def __init__(self, chosen, rejected, batch_size: int, pad_id: int, seed: int = 0):
-        self.chosen, self.rejected, self.batch_size, self.pad_id, self.seed = chosen, rejected, batch_size, pad_id, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation()
+    def __init__(self, chosen, rejected, batch_size: int, pad_id: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.chosen, self.rejected, self.pad_id = chosen, rejected, pad_id
+        super().__init__(len(chosen), batch_size, seed, 7919, rank, world_size)
 
-    def _permutation(self):
-        order = list(range(len(self.chosen)))
-        random.Random(self.seed * 7919 + self.epoch).shuffle(order)
-        return order
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        take = []
-        while len(take) < self.batch_size:
-            if self.index >= len(self._order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._permutation()
-            take.append(self._order[self.index])
-            self.index += 1
-        b = collate([self.chosen[i] for i in take] + [self.rejected[i] for i in take], self.pad_id)
-        return {"input_ids": b["tokens"], "train": b["train"], "attention": b["attention"],
-                "index": torch.tensor(take)}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self.seed = state["epoch"], state["index"], state["seed"]
-        self._order = self._permutation()
+    def collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        b = collate([self.chosen[i] for i in ids] + [self.rejected[i] for i in ids], self.pad_id)
+        return {"input_ids": b["tokens"], "train": b["train"], "attention": b["attention"], "index": torch.tensor(ids)}
 
 
 def encode_pairs(template, pairs: list[Pair], seq_len: int):
@@ -123,7 +104,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     train_pairs, heldout_pairs, judge_report = load_preferences(cfg, template, device_of(cfg), cfg.judge)
     chosen, rejected = encode_pairs(template, train_pairs, cfg.seq_len)
     h_chosen, h_rejected = encode_pairs(template, heldout_pairs, cfg.seq_len)
-    batches = PairBatches(chosen, rejected, cfg.train_config().micro_batch(), tokenizer.pad_id, cfg.seed)
+    info = data_parallel(cfg)
+    batches = PairBatches(chosen, rejected, micro_batch(cfg), tokenizer.pad_id, cfg.seed, info.rank, info.world_size)
     margin = cfg.margin or None
 
     def loss_fn(model: RewardModel, batch):
@@ -141,7 +123,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     train = run_trainer(cfg, rm, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, rm)
     merge_lora(rm.body)
-    model_dir = str(rm.save(Path(cfg.out_dir) / "final", tokenizer))
+    model_dir = Path(cfg.out_dir) / "final"
+    on_main(cfg, lambda: rm.save(model_dir, tokenizer))
     summary = {"stage": "rm", "data": cfg.data, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),
-               "before": before, "after": after, **judge_report, **params, "train": train, "model_dir": model_dir}
+               "before": before, "after": after, **judge_report, **params, "train": train, "model_dir": str(model_dir)}
     return write_summary(cfg, summary)

@@ -31,7 +31,7 @@ from .judge import RewardModelJudge, load_python_function
 from .lora import BaseModelView
 from .packing import Encoded
 from .sequences import collate, generate_responses, response_logprobs
-from .stage import StageConfig, device_of, load_start
+from .stage import StageConfig, data_parallel, device_of, load_start
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -219,11 +219,21 @@ class RLConfig(StageConfig):
     def samples_per_rollout(self) -> int:
         return self.prompts_per_rollout
 
-    def check_minibatch(self) -> None:
-        mb = self.train_config().micro_batch()
-        if self.samples_per_rollout() % mb:
-            raise ValueError(f"{type(self).__name__}: a rollout of {self.samples_per_rollout()} samples is not a "
-                             f"multiple of the minibatch ({mb}); change train['batch_size'] or the rollout size")
+    def check_minibatch(self, world_size: int = 1) -> None:
+        """The rollout splits evenly over ``world_size`` processes, and each share into minibatches."""
+        if self.prompts_per_rollout % world_size:
+            raise ValueError(f"{type(self).__name__}: prompts_per_rollout={self.prompts_per_rollout} does not split "
+                             f"evenly over {world_size} processes; make it a multiple of {world_size}")
+        samples, mb = self.samples_per_rollout() // world_size, self.train_config().micro_batch(world_size)
+        if samples % mb:
+            raise ValueError(f"{type(self).__name__}: a rollout of {samples} samples per process is not a multiple "
+                             f"of the minibatch ({mb}); change train['batch_size'] or the rollout size")
+
+    def prompts_per_process(self) -> int:
+        """This process's share of each rollout's prompts (all of them in one process)."""
+        world_size = data_parallel(self).world_size
+        self.check_minibatch(world_size)
+        return self.prompts_per_rollout // world_size
 
 
 def rl_setup(cfg: RLConfig):

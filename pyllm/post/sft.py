@@ -22,7 +22,8 @@ from pyllm.train.run import val_loss_fn
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
 from .packing import PackedBatches, ReplayBatches, encode_examples, pack
 from .sequences import completion_loss, exact_match_rate
-from .stage import StageConfig, add_lora, export, final_metrics, load_start, run_trainer, write_summary
+from .stage import (StageConfig, add_lora, data_parallel, export, final_metrics, load_start, micro_batch,
+                    run_trainer, write_summary)
 
 
 @dataclass
@@ -54,9 +55,9 @@ class SFTConfig(StageConfig):
                              "(no manifest.json); give the data stage's shards/")
         super().__post_init__()
 
-    def replay_rows(self) -> int:
+    def replay_rows(self, world_size: int = 1) -> int:
         """Rows of pretraining text in each micro-batch (the rest are packed SFT rows)."""
-        micro = self.train_config().micro_batch()
+        micro = self.train_config().micro_batch(world_size)
         n = round(self.pretrain_mix * micro)
         if self.pretrain_mix > 0 and not 1 <= n < micro:
             raise ValueError(f"SFTConfig: pretrain_mix={self.pretrain_mix} of a micro-batch of {micro} rows gives "
@@ -90,7 +91,9 @@ def _text_replay(cfg: SFTConfig, tokenizer_dir: str | None):
     """The ShardLoader of replayed pretraining windows; the shards must use the model's tokenizer."""
     from pyllm.data.loader import ShardLoader
 
-    loader = ShardLoader(cfg.pretrain_data, cfg.seq_len, cfg.replay_rows(), seed=cfg.seed)
+    info = data_parallel(cfg)
+    loader = ShardLoader(cfg.pretrain_data, cfg.seq_len, cfg.replay_rows(info.world_size), seed=cfg.seed,
+                         rank=info.rank, world_size=info.world_size)
     ours = Path(tokenizer_dir, "tokenizer.json") if tokenizer_dir else None
     if ours is None or not ours.exists() or \
             hashlib.sha256(ours.read_bytes()).hexdigest() != loader.manifest.get("tokenizer_sha256"):
@@ -121,8 +124,9 @@ def sft(cfg: SFTConfig) -> dict:
     train_enc = encode_examples(template, train_items, cfg.seq_len)
     heldout_enc = encode_examples(template, heldout_items, cfg.seq_len)
     rows = pack(train_enc, cfg.seq_len, tokenizer.pad_id)
-    n_replay = cfg.replay_rows()
-    batches = PackedBatches(rows, cfg.train_config().micro_batch() - n_replay, seed=cfg.seed)
+    info = data_parallel(cfg)
+    n_replay = cfg.replay_rows(info.world_size)
+    batches = PackedBatches(rows, micro_batch(cfg) - n_replay, cfg.seed, info.rank, info.world_size)
     loss_fn = sft_loss
     if text is not None:
         batches, loss_fn = ReplayBatches(batches, text), replay_loss(cfg.pretrain_mix)

@@ -4,6 +4,10 @@ A stage is ``config dataclass -> function -> summary dict``. The summary holds t
 before and after training, the Trainer's own summary (steps, tokens/s, time) and where the model went.
 Training goes through ``pyllm.train.Trainer`` with the stage's ``loss_fn``, batch source and
 ``eval_fn``: precision, clipping, the LR schedule, checkpoints and logging are the Trainer's.
+
+Under ``torchrun`` a stage is data-parallel (DDP): ``train['batch_size']`` is the global batch, each
+process draws its own share of it (``RankBatches``; RL: its share of each rollout's prompts), held-out
+metrics are computed on every process alike, and process 0 alone writes the model and summary.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from pyllm.model import Transformer, load_model, save_model
 from pyllm.tokenizer import ByteTokenizer, load_tokenizer
+from pyllm.train import distributed
 from pyllm.train.config import TrainConfig
 from pyllm.train.trainer import Trainer, resolve_device
 
@@ -115,8 +120,31 @@ def add_lora(cfg: StageConfig, model: Transformer, whole: torch.nn.Module | None
     return {"trainable_params": trainable, "total_params": total, "lora_rank": cfg.lora_rank}
 
 
+def data_parallel(cfg: StageConfig) -> distributed.DistInfo:
+    """This process's rank among torchrun's processes (it joins their group; alone: rank 0 of 1)."""
+    info = distributed.setup_for(cfg.train_config().device)
+    if info.world_size > 1 and cfg.train_config().distributed == "fsdp":
+        raise ValueError(f"{type(cfg).__name__}: post-training stages run data-parallel with DDP "
+                         "(train['distributed'] 'auto' or 'ddp'); FSDP is for pretraining")
+    return info
+
+
+def micro_batch(cfg: StageConfig) -> int:
+    """Rows (pairs, samples) per forward pass on this process."""
+    return cfg.train_config().micro_batch(data_parallel(cfg).world_size)
+
+
+def mean_over_processes(cfg: StageConfig, value: float) -> float:
+    """The mean of ``value`` over the data-parallel processes (itself in one process)."""
+    info = data_parallel(cfg)
+    if info.world_size == 1:
+        return value
+    return distributed.all_reduce_(torch.tensor([value], dtype=torch.float64, device=device_of(cfg)), "avg",
+                                   info).item()
+
+
 def device_of(cfg: StageConfig) -> torch.device:
-    return resolve_device(cfg.train_config().device, 0)
+    return resolve_device(cfg.train_config().device, data_parallel(cfg).local_rank)
 
 
 def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eval_fn=None) -> dict:
@@ -133,16 +161,29 @@ def final_metrics(train: dict, measure, model: torch.nn.Module) -> dict:
     return measure(model)
 
 
+def on_main(cfg: StageConfig, write) -> None:
+    """``write()`` on process 0 only, then every process waits for it (files the next step may read)."""
+    info = data_parallel(cfg)
+    if info.is_main:
+        write()
+    distributed.barrier(info)
+
+
 def export(cfg: StageConfig, model: Transformer, tokenizer) -> str:
     """Merge LoRA adapters (if any) and write ``<out_dir>/final`` in the inter-stage format."""
-    merge_lora(model)
-    return str(save_model(model, Path(cfg.out_dir) / "final", tokenizer))
+    merge_lora(model)  # on every process: their weights stay equal
+    directory = Path(cfg.out_dir) / "final"
+    on_main(cfg, lambda: save_model(model, directory, tokenizer))
+    return str(directory)
 
 
 def write_summary(cfg: StageConfig, summary: dict) -> dict:
     """Write ``<out_dir>/post_summary.json`` (history excluded) and return the summary."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "post_summary.json").write_text(json.dumps(
-        {k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    def write():
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "post_summary.json").write_text(json.dumps(
+            {k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+
+    on_main(cfg, write)
     return summary

@@ -42,6 +42,11 @@ def setup(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
+def setup_for(device: str) -> DistInfo:
+    """``setup`` for a TrainConfig's device name ("auto", "cpu", "cuda", "cuda:N"): NCCL for CUDA, else gloo."""
+    return setup("cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def resolve_mode(mode: str, world_size: int) -> str:
     if mode == "auto":
         return "ddp" if world_size > 1 else "none"

@@ -67,8 +67,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train a model as ``cfg`` says; returns the Trainer's summary plus ``model_dir``."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    info = distributed.setup("cuda" if cfg.device.startswith("cuda") or
-                             (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    info = distributed.setup_for(cfg.device)
     tokenizer, batches, val_batches = build_data(cfg, info.rank, info.world_size)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_config(tokenizer.vocab_size))

@@ -57,6 +57,10 @@ class Trainer:
     ``layout_free`` is True keeps the same state on every rank and loads it for any micro-batch size and
     number of processes (RandomWindows, ShardLoader): a run may resume on another number of processes.
 
+    A batch may carry ``loss_weight``, the number of items its loss is a mean over (SFT's trained tokens):
+    the step's loss is then the mean over all items of all its micro-batches and ranks, not the mean of
+    the micro-batches' means (which depends on how the batch is split when the counts differ).
+
     ``loss_fn(model, batch) -> (loss, metrics)`` defaults to the language-model loss; ``eval_fn(model)
     -> dict`` runs every ``cfg.eval_every`` steps and at the end (in eval mode, without gradients).
     """
@@ -64,8 +68,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, batches, loss_fn: LossFn | None = None,
                  eval_fn: Callable[[nn.Module], dict] | None = None):
         self.cfg, self.batches, self.eval_fn = cfg, batches, eval_fn
-        self.dist = distributed.setup("cuda" if cfg.device.startswith("cuda") or
-                                      (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.dist = distributed.setup_for(cfg.device)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -106,20 +109,22 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict = {}
         tokens = 0
-        for micro in range(self.grad_accum):
-            batch = self._to_device(self.batches.next_batch())
+        batches = [self._to_device(self.batches.next_batch()) for _ in range(self.grad_accum)]
+        shares = self._loss_shares(batches)
+        for micro, batch in enumerate(batches):
             last = micro == self.grad_accum - 1
             with distributed.no_sync(self.wrapped, self.mode, skip_sync=not last):
                 with self.autocast():
                     loss, metrics = self.forward(batch)
-                scaled = loss.float() / self.grad_accum
+                scaled = loss.float() / self.grad_accum if shares is None else loss.float() * shares[micro]
                 if self.scaler is not None:
                     scaled = self.scaler.scale_loss(scaled)
                 scaled.backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float() if shares is None else loss.detach().float() * shares[micro]
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
             tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+        mean_loss = loss_sum / self.grad_accum if shares is None else loss_sum
         grads = self.optimizer.grads()
         found_inf = None
         if self.scaler is not None:
@@ -130,7 +135,23 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad()
-        return loss_sum / self.grad_accum, grad_norm, metric_sums, tokens
+        return mean_loss, grad_norm, metric_sums, tokens
+
+    def _loss_shares(self, batches: list[dict]) -> list[torch.Tensor] | None:
+        """Weights of the micro-batches' losses in the step's loss when the batches carry ``loss_weight``
+        (how many items, e.g. trained tokens, the loss function averages over): w_i x world_size / (sum of
+        w over every micro-batch of every rank), so the step's gradient is the mean over all those items,
+        whatever the accumulation and number of processes (DDP/FSDP average over ranks). None: the plain
+        mean of the micro-batch losses (equal weights)."""
+        has = ["loss_weight" in b for b in batches]
+        if not any(has):
+            return None
+        if not all(has):
+            raise ValueError("some micro-batches carry loss_weight and some do not; a batch source must give it "
+                             "always or never")
+        local = torch.tensor([float(b["loss_weight"]) for b in batches], dtype=torch.float64, device=self.device)
+        total = distributed.all_reduce_(local.sum(), "sum", self.dist).clamp(min=1.0)
+        return list((local * self.dist.world_size / total).float().unbind())
 
     @torch.no_grad()
     def _clip_(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -163,10 +184,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss, grad_norm, metric_sums, tokens = self.train_step(lr_at(cfg, self.step))
                 self.step += 1
-                window_tokens += tokens * self.dist.world_size
+                window_tokens += tokens  # this rank's; _record sums them over ranks
                 final = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or final:
-                    record = self._record(loss, grad_norm, metric_sums)  # reads back: the step has finished
+                    # reads back (the step has finished); window_tokens becomes the count of all ranks
+                    record, window_tokens = self._record(loss, grad_norm, metric_sums, window_tokens)
                     window_time += time.perf_counter() - t0
                     record["tokens_per_s"] = window_tokens / window_time
                     if flops_tok and peak:
@@ -217,18 +239,22 @@ class Trainer:
         value = distributed.all_reduce_(total, "sum", self.dist).item()
         return None if math.isnan(value) else value
 
-    def _record(self, loss, grad_norm, metric_sums: dict) -> dict:
-        """Host values of one step's statistics, averaged over ranks (one sync)."""
-        stats = torch.stack([loss, grad_norm])
+    def _record(self, loss, grad_norm, metric_sums: dict, tokens: int) -> tuple[dict, int]:
+        """Host values of one step's statistics (the loss function's metrics too), averaged over ranks, and
+        ``tokens`` summed over ranks (one sync; float64, so a single process reads back exactly what it
+        computed)."""
+        names = list(metric_sums)
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                             for v in (loss, grad_norm, tokens, *(metric_sums[k] for k in names))])
         distributed.all_reduce_(stats, "avg", self.dist)  # grad_norm is already equal on every rank
-        loss_v, norm_v = stats.tolist()
+        loss_v, norm_v, tokens_v, *metric_v = stats.tolist()
         record = {"loss": loss_v, "lr": lr_at(self.cfg, self.step - 1), "grad_norm": norm_v}
-        for k, v in metric_sums.items():
-            record[k] = (v.item() if torch.is_tensor(v) else v) / self.grad_accum
+        for k, v in zip(names, metric_v):
+            record[k] = v / self.grad_accum
         if self.scaler is not None:
             record["loss_scale"] = self.scaler.scale.item()
             record["skipped_steps"] = int(self.scaler.skipped.item())
-        return record
+        return record, round(tokens_v * self.dist.world_size)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
