@@ -27,7 +27,8 @@ def parse_args(argv):
     p.add_argument("--tasks", default="", help=f"comma-separated built-in tasks ({', '.join(BUILTIN_TASKS)}) "
                                                "and/or task files (.yaml/.yml/.json)")
     p.add_argument("--text", action="append", default=[],
-                   help="text file to score (perplexity, bits-per-byte); repeatable; one document per file")
+                   help="text file (or folder of them) to score (perplexity, bits-per-byte); repeatable; one "
+                        "document per file")
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     p.add_argument("--num-fewshot", type=int, help="override each task's number of few-shot examples")
     p.add_argument("--batch-size", type=int, default=16)
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pyllm.model import load_model
     from pyllm.tokenizer import load_tokenizer
+    from pyllm.train.data import read_documents
 
     try:
         model = load_model(args.model, device=args.device, dtype=_DTYPES[args.dtype])
@@ -53,8 +55,8 @@ def main(argv: list[str]) -> int:
         results = run_tasks(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
                             batch_size=args.batch_size, progress=True)
         for path in args.text:
-            text = Path(path).read_text(encoding="utf-8")
-            results[f"text:{Path(path).name}"] = perplexity(model, tokenizer, [text], batch_size=args.batch_size)
+            docs = read_documents(path)  # a file, or a folder's text files; errors name the file
+            results[f"text:{Path(path).name}"] = perplexity(model, tokenizer, docs, batch_size=args.batch_size)
     except (TaskError, FileNotFoundError, ValueError) as e:
         print(f"pyllm eval: {e}", file=sys.stderr)
         return 2

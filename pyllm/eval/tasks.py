@@ -188,8 +188,12 @@ def read_jsonl(path: Path) -> list[tuple[dict, str]]:
     """(object, "file:line") for each non-blank line of a JSONL file."""
     if not path.exists():
         raise TaskError(f"{path}: data file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path}: not UTF-8 text (byte {e.start})") from None
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -252,8 +256,10 @@ def load_task(path: str | Path, **overrides) -> Task:
     if not path.exists():
         raise TaskError(f"{path}: task file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix in (".yaml", ".yml") \
-            else json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise TaskError(f"{path}: cannot parse task file ({e})") from None
     if not isinstance(raw, dict):

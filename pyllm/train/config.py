@@ -176,6 +176,10 @@ class TrainConfig:
         for key in self.model:
             if key not in model_fields:
                 raise ConfigError(f"TrainConfig: unknown model field {key!r}{_suggest(key, model_fields)}")
+        try:  # the model the overrides describe (any vocabulary: the tokenizer sets it later)
+            self.model_config(vocab_size=256)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"TrainConfig: model: {e}") from None
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per rank per optimiser step; a one-line error if the sizes do not divide."""

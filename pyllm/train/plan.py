@@ -94,9 +94,12 @@ def make_plan(*, params: float | None = None, tokens: float | None = None, flops
               precision: str = "bf16", peak_tflops: float | None = None, power_w: float | None = None,
               price: float | None = None, carbon_intensity: float = 0.4, vocab_size: int = 50257,
               seq_len: int = 1024) -> Plan:
-    given = [k for k, v in (("params", params), ("tokens", tokens), ("flops", flops), ("hours", hours)) if v]
+    budgets = (("params", params), ("tokens", tokens), ("flops", flops), ("hours", hours))
+    given = [k for k, v in budgets if v is not None]
     if len(given) != 1:
         raise PlanError(f"give exactly one of --params, --tokens, --flops, --hours (got {', '.join(given) or 'none'})")
+    if not next(v for _, v in budgets if v is not None) > 0:
+        raise PlanError(f"--{given[0]} must be positive")
     if device not in DEVICES and peak_tflops is None:
         raise PlanError(f"unknown device {device!r}; use one of {', '.join(DEVICES)} or give --peak-tflops")
     if not 0 < mfu <= 1 or gpus < 1:
@@ -155,9 +158,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     try:
-        plan = make_plan(params=parse_count(a.params) if a.params else None,
-                         tokens=parse_count(a.tokens) if a.tokens else None,
-                         flops=parse_count(a.flops) if a.flops else None, hours=a.hours, device=a.device,
+        plan = make_plan(params=parse_count(a.params) if a.params is not None else None,
+                         tokens=parse_count(a.tokens) if a.tokens is not None else None,
+                         flops=parse_count(a.flops) if a.flops is not None else None, hours=a.hours, device=a.device,
                          gpus=a.gpus, mfu=a.mfu, precision=a.precision, peak_tflops=a.peak_tflops,
                          power_w=a.power_w, price=a.price, carbon_intensity=a.carbon_intensity,
                          vocab_size=a.vocab_size, seq_len=a.seq_len)

@@ -26,7 +26,7 @@ from pyllm.model.flops import flops_per_token
 
 from . import checkpoint, distributed, host_memory
 from .checkpoint import CheckpointError, CheckpointManager
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb
 from .optimizer import AdamW
 from .scaler import LossScaler
@@ -90,6 +90,11 @@ class Trainer:
         self.scaler = (LossScaler(cfg.init_scale, cfg.growth_factor, cfg.backoff_factor, cfg.growth_interval,
                                   self.device) if cfg.precision == "fp16" else None)
         self.out_dir = Path(cfg.out_dir)
+        if self.dist.is_main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"TrainConfig: out_dir={cfg.out_dir!r} cannot be created ({e.strerror})") from None
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
         self.step = 0
         self.best = math.inf

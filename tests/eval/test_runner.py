@@ -63,6 +63,12 @@ def test_cli_writes_json_and_markdown(tmp_path, tok, capsys):
     # bad input: one line naming the problem, exit code 2
     rc = eval_main(["--model", str(tmp_path / "m"), "--tasks", "nonsense", "--out", str(tmp_path / "x.json")])
     assert rc == 2 and "task 'nonsense' is neither a built-in task" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for text, message in (("latin1.txt", "data file '{}' is not UTF-8 text (byte 3)"),
+                          ("missing.txt", "data path '{}' does not exist")):
+        rc = eval_main(["--model", str(tmp_path / "m"), "--text", str(tmp_path / text),
+                        "--out", str(tmp_path / "x.json")])
+        assert rc == 2 and capsys.readouterr().err == f"pyllm eval: {message.format(tmp_path / text)}\n"
 
 
 def _worker(rank, world_size, store, task, out_dir):

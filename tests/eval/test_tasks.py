@@ -61,6 +61,12 @@ def test_bad_task_file(tmp_path):
     path.write_text(text)
     with pytest.raises(TaskError, match=r"items.jsonl:2: invalid JSON"):
         load_task(path)
+    (tmp_path / "items.jsonl").write_bytes(b'{"q": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(TaskError, match=r"items.jsonl: not UTF-8 text \(byte 10\)"):
+        load_task(path)
+    path.write_bytes(text.encode() + b"# \xff\n")
+    with pytest.raises(TaskError, match=r"t.yaml: not UTF-8 text"):
+        load_task(path)
     with pytest.raises(TaskError, match="task file not found"):
         load_task(tmp_path / "missing.yaml")
 

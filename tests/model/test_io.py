@@ -40,6 +40,9 @@ def test_tied_head_saved_once(tmp_path):
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{\n "pyllm_model": {"n_layer": 2,}\n}')
+    with pytest.raises(ValueError, match="config.json: not valid JSON \\(line 2: Expecting property name"):
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2}))
     with pytest.raises(ValueError, match="neither field 'pyllm_model' \\(pyllm\\) nor 'model_type'"):
         load_model(tmp_path)

@@ -83,11 +83,14 @@ def test_no_weight_decay_on_norms_biases_embeddings(tmp_path):
     (["--data", "{tmp}/nothing"], "data folder '{tmp}/nothing' has no text files"),
     (["--lr_max", "1"], "unknown config key 'lr_max'; did you mean 'lr'?"),
     (["--preset", "smoke", "--batch_size", "7", "--micro_batch_size", "2"], "TrainConfig: batch_size=7 is not divisible"),
+    (["--model.n_head", "3"], "TrainConfig: model: ModelConfig: d_model=128 must be a positive multiple of n_head=3"),
+    (["--model.norm", "batchnorm"], "TrainConfig: model: ModelConfig: norm='batchnorm': use 'layernorm' or 'rmsnorm'"),
+    (["--out_dir", "{tmp}/empty.txt/run"], "TrainConfig: out_dir='{tmp}/empty.txt/run' cannot be created"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "nothing").mkdir()
-    args = [a.format(tmp=tmp_path) for a in args] + ["--out_dir", str(tmp_path / "run"), "--progress", "false"]
+    args = ["--out_dir", str(tmp_path / "run"), "--progress", "false"] + [a.format(tmp=tmp_path) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("pyllm train: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1

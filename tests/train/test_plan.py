@@ -29,3 +29,5 @@ def test_bad_plans(capsys):
         make_plan(params=1e6, tokens=1e9)
     assert main(["--params", "10M", "--device", "tpu9"]) == 2
     assert capsys.readouterr().err.startswith("pyllm plan: error: unknown device 'tpu9'")
+    assert main(["--params", "0"]) == 2  # a zero budget is a bad budget, not a missing one
+    assert capsys.readouterr().err.startswith("pyllm plan: error: --params must be positive")
