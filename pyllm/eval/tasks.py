@@ -193,7 +193,7 @@ def read_jsonl(path: Path) -> list[tuple[dict, str]]:
     except UnicodeDecodeError as e:
         raise TaskError(f"{path}: not UTF-8 text (byte {e.start})") from None
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

@@ -71,7 +71,11 @@ class ChatTemplate:
     @classmethod
     def from_file(cls, tokenizer, path: str | Path) -> "ChatTemplate":
         path = Path(path)
-        return cls(tokenizer, path.read_text(), origin=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: chat template is not UTF-8 text (byte {e.start})") from None
+        return cls(tokenizer, text, origin=str(path))
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         for i, m in enumerate(messages):

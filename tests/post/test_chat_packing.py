@@ -51,6 +51,9 @@ def test_user_template_and_template_errors(tmp_path):
     broken.write_text("line one\n{% for m in messages %}")
     with pytest.raises(ValueError, match=r"broken.jinja:2: chat template syntax error"):
         ChatTemplate.from_file(TOK, broken)
+    broken.write_bytes(b"{{ caf\xe9 }}")
+    with pytest.raises(ValueError, match=r"broken.jinja: chat template is not UTF-8 text \(byte 6\)"):
+        ChatTemplate.from_file(TOK, broken)
 
 
 def test_bad_jsonl_rows_name_file_and_line(tmp_path):
@@ -64,6 +67,12 @@ def test_bad_jsonl_rows_name_file_and_line(tmp_path):
     p.write_text('{"prompt": "p", "chosen": "a", "rejected": 3}\n')
     with pytest.raises(DataError, match=r"prefs.jsonl:1: field 'rejected' must be a non-empty string"):
         load_pairs(p)
+    p.write_bytes(b'{"prompt": "caf\xe9", "completion": "ok"}\n')
+    with pytest.raises(DataError, match=r"prefs.jsonl: not UTF-8 text \(byte 15\)"):
+        load_examples(p)
+    # a raw line or paragraph separator inside a JSON string is valid JSON (not a line break of the file)
+    p.write_text('{"prompt": "a\u2028b", "completion": "c\u2029d"}\n', encoding="utf-8")
+    assert [(e.prompt, e.completion) for e in load_examples(p)] == [("a\u2028b", "c\u2029d")]
     p.write_text('{"prompt": "short", "completion": "ok"}\n{"prompt": "' + "x" * 100 + '", "completion": "ok"}\n')
     with pytest.raises(DataError, match=r"prefs.jsonl:2: example is \d+ tokens, longer than the context \(64\)"):
         encode_examples(ChatTemplate(TOK), load_examples(p), 64)

@@ -98,3 +98,8 @@ def test_cli_runs_a_stage_and_reports_bad_input(tmp_path, capsys):
     assert "beta=-1.0 must be positive" in capsys.readouterr().err
     assert main(["dpo", "--lrr", "1"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
+    for args, message in ((["--kl_target", "0"], "kl_target=0.0 must be positive (or None"),
+                          (["--lam", "1.5"], "gamma=1.0 and lam=1.5 must be in [0, 1]"),
+                          (["--kl_horizon", "0"], "kl_horizon=0 must be positive")):
+        assert main(["ppo", *args]) == 2
+        assert f"PPOConfig: {message}" in capsys.readouterr().err
