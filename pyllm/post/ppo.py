@@ -50,11 +50,13 @@ class PPOConfig(RLConfig):
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
 
     def __post_init__(self):
-        checks = [(self.kl_target is None or self.kl_target > 0, f"kl_target={self.kl_target} must be positive "
-                   "(or None: a fixed kl_coef)"), (self.kl_horizon > 0, f"kl_horizon={self.kl_horizon} must be positive"),
+        checks = [(self.kl_target is None or self.kl_target > 0,
+                   f"kl_target={self.kl_target} must be positive (or None: a fixed kl_coef)"),
+                  (self.kl_horizon > 0, f"kl_horizon={self.kl_horizon} must be positive"),
                   (self.value_clip > 0, f"value_clip={self.value_clip} must be positive"),
                   (self.vf_coef >= 0, f"vf_coef={self.vf_coef} must be >= 0"),
-                  (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma={self.gamma} and lam={self.lam} must be in [0, 1]")]
+                  (0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
+                   f"gamma={self.gamma} and lam={self.lam} must be in [0, 1]")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"PPOConfig: {msg}")
