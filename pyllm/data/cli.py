@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +39,15 @@ def config_from_args(args: argparse.Namespace):
 
     cfg = DataConfig()
     if args.config:
-        with open(args.config) as f:
-            cfg = DataConfig.from_dict(json.load(f))
+        try:
+            raw = json.loads(Path(args.config).read_text(encoding="utf-8"))
+            cfg = DataConfig.from_dict(raw)
+        except FileNotFoundError:
+            raise ValueError(f"{args.config}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.config}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except (ValueError, TypeError) as e:  # a field DataConfig refuses (UnicodeDecodeError too)
+            raise ValueError(f"{args.config}: {e}") from None
     top = {"inputs": args.inputs or None, "out_dir": args.out, "text_field": args.text_field,
            "max_documents": args.max_documents, "workers": args.workers, "engine": args.engine,
            "ray_address": args.ray_address}

@@ -20,6 +20,8 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -90,18 +92,26 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
         """Build from a (JSON) dict; nested sections are dicts of their own config's fields."""
-        unknown = set(d) - {f.name for f in fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"a DataConfig must be a JSON object of its fields, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ValueError(f"DataConfig has no field(s) {sorted(unknown)}")
+            hints = [f"{k!r} is a field of section {s!r}: {{{s!r}: {{{k!r}: ...}}}}" for k in unknown
+                     for s, section in _SECTIONS.items() if k in {f.name for f in fields(section)}]
+            raise ValueError(f"DataConfig has no field(s) {unknown}" + (f"; {'; '.join(hints)}" if hints else ""))
         kwargs = {}
         for k, v in d.items():
-            if k in _SECTIONS and isinstance(v, dict):
+            if k in _SECTIONS:
                 section = _SECTIONS[k]
+                if not isinstance(v, dict):
+                    raise ValueError(f"DataConfig section {k!r} must be a JSON object of {section.__name__} fields")
                 bad = set(v) - {f.name for f in fields(section)}
                 if bad:
                     raise ValueError(f"{k} has no field(s) {sorted(bad)}")
+                _check_json_types(section, v, f"{k}.")
                 v = section(**v)
             kwargs[k] = v
+        _check_json_types(cls, {k: v for k, v in kwargs.items() if k not in _SECTIONS}, "")
         return cls(**kwargs)
 
     def output_config(self) -> dict:
@@ -111,6 +121,35 @@ class DataConfig:
             d.pop(k)
         d["shards"].pop("batch_documents")
         return d
+
+
+def _fits(value, typ) -> bool:
+    """Whether a JSON value can stand for a field annotated ``typ`` (int for float; a list for a tuple)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if typ is type(None):
+        return value is None
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ in (int, float):
+        return isinstance(value, (int, float) if typ is float else int) and not isinstance(value, bool)
+    if typ is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _check_json_types(cls, values: dict, prefix: str) -> None:
+    """A one-line ValueError naming the first field whose JSON value has the wrong type."""
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        if not _fits(v, hints[k]):
+            want = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k]).replace("typing.", "")
+            raise ValueError(f"{prefix}{k}={v!r}: expected {want}")
 
 
 _SECTIONS = {"clean": CleanConfig, "quality": QualityConfig, "classifier": ClassifierConfig,

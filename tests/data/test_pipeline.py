@@ -128,6 +128,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         DataConfig(tokenizer=TokenizerConfig(vocab_size=10))
     with pytest.raises(ValueError, match="no field"):
         DataConfig.from_dict({"dedup": {"bandz": 4}})
+    # a --config file: every problem is one line naming the file and the field
+    cfg = tmp_path / "data.json"
+    cases = [('{"tokenizer": {"vocab_size": 300,}}',
+              "not valid JSON (line 1: Expecting property name enclosed in double quotes)"),
+             ('{"vocab_size": 300}', "DataConfig has no field(s) ['vocab_size']; 'vocab_size' is a field of section "
+                                     "'tokenizer': {'tokenizer': {'vocab_size': ...}}"),
+             ('{"tokenizer": {"vocab_size": "big"}}', "tokenizer.vocab_size='big': expected int"),
+             ('{"pii": {"types": ["EMAIL", 3]}}', "pii.types=['EMAIL', 3]: expected tuple[str, ...]"),
+             ('{"quality": {"min_words": 2.5}}', "quality.min_words=2.5: expected int | None"),
+             ('{"workers": true}', "workers=True: expected int"),
+             ('{"shards": 5}', "DataConfig section 'shards' must be a JSON object of ShardConfig fields"),
+             ('[1]', "a DataConfig must be a JSON object of its fields, got list")]
+    for text, message in cases:
+        cfg.write_text(text)
+        assert cli_main(["--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"pyllm data: {cfg}: {message}\n", text
+    assert cli_main(["--config", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"pyllm data: {tmp_path / 'none.json'}: config file not found\n"
+    # JSON's string keys and lists stand for the int keys and tuples of the dataclasses
+    ok = DataConfig.from_dict({"quality": {"max_top_ngram_char_fraction": {"2": 0.1}}, "pii": {"types": ["EMAIL"]}})
+    assert ok.quality.max_top_ngram_char_fraction == {2: 0.1} and tuple(ok.pii.types) == ("EMAIL",)
 
 
 def test_cli_builtin_corpus_small(tmp_path, capsys):
