@@ -48,6 +48,14 @@ def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int,
         done += n
 
 
+def _exp(x: float) -> float:
+    """e^x, or inf past float range (a perplexity of an untrained or diverged model, not an error)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
@@ -89,9 +97,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, max_len: int | None = 
     nll = -logprob
     return {
         "bits_per_byte": nll / n_bytes / math.log(2),
-        "byte_perplexity": math.exp(nll / n_bytes),
-        "word_perplexity": math.exp(nll / n_words),
-        "token_perplexity": math.exp(nll / n_tokens),
+        "byte_perplexity": _exp(nll / n_bytes),
+        "word_perplexity": _exp(nll / n_words),
+        "token_perplexity": _exp(nll / n_tokens),
         "nll_per_token": nll / n_tokens,
         "tokens": int(n_tokens),
         "bytes": int(n_bytes),

@@ -6,7 +6,7 @@ import torch
 from pyllm.eval import Scorer, perplexity, rolling_windows
 from pyllm.tokenizer import CharTokenizer
 
-from .conftest import tiny_model, uniform_model
+from .conftest import constant_model, tiny_model, uniform_model
 
 
 def test_uniform_model_perplexity_is_vocab_size(tok):
@@ -20,6 +20,13 @@ def test_uniform_model_perplexity_is_vocab_size(tok):
     words = sum(len(t.split(" ")) for t in ["hello world, " * 12]) + 1 + 4  # lm-eval counts re.split(r"\s+")
     assert r["words"] == words
     assert r["word_perplexity"] == pytest.approx(math.exp(n_bytes * math.log(tok.vocab_size) / words), rel=1e-5)
+
+
+def test_perplexity_past_float_range_is_inf_not_an_error(tok):
+    """A model that gives the text's tokens ~e^-30 (an untrained or diverged one) has a word perplexity of
+    e^(30 x 60) for a 60-letter word: inf, while bits/byte stays a number (it raised OverflowError)."""
+    r = perplexity(constant_model(tok.vocab_size, favoured=[ord("z")]), tok, ["a" * 60])
+    assert r["word_perplexity"] == math.inf and 40 < r["bits_per_byte"] < 50
 
 
 def test_bits_per_byte_counts_utf8_bytes_not_tokens():
