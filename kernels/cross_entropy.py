@@ -103,10 +103,6 @@ def _block_v(V: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 512))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 def cross_entropy_fwd(x2, target, ignore_index: int, label_smoothing: float, z_loss: float, loss=None, lse=None):
     """x2 (M, V), target (M,) -> (loss per row (M,) fp32, lse (M,) fp32), optionally into given buffers."""
@@ -183,7 +179,7 @@ _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
     """Cross-entropy of logits (..., V) against target (...); same result as reference.cross_entropy."""
-    x2 = _rows(logits)
+    x2 = launch.rows(logits)
     t = target.reshape(-1)
     loss_rows, _ = _ce_op(x2, t, ignore_index, float(label_smoothing), float(z_loss))
     return _reduce(loss_rows, t, ignore_index, reduction)

@@ -19,7 +19,6 @@ Memory-bound: on an H100 the limit is HBM bandwidth; tiles of 1-4k elements with
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -124,16 +123,6 @@ def unsupported_reason(*tensors: torch.Tensor | None) -> str | None:
     return None
 
 
-def _promoted(x: torch.Tensor, other: torch.Tensor | None) -> torch.dtype:
-    """The reference's output dtype (x + bias, silu(gate) * up promote: bf16 activations with a float32
-    bias give float32)."""
-    return x.dtype if other is None else torch.promote_types(x.dtype, other.dtype)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with unit column stride; a strided view (e.g. a column half) stays a view."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def _grid(M, N):
@@ -142,9 +131,9 @@ def _grid(M, N):
 
 def gelu_fwd(x, bias, exact: bool):
     N = x.shape[-1]
-    x2 = _rows(x)
+    x2 = launch.rows(x)
     M = x2.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=_promoted(x, bias))
+    y = torch.empty((M, N), device=x.device, dtype=launch.promoted(x, bias))
     if M and N:
         _gelu_fwd_kernel[_grid(M, N)](x2, bias if bias is not None else x2, y, x2.stride(0), y.stride(0), M, N,
                                       HAS_BIAS=bias is not None, EXACT=exact)
@@ -154,11 +143,11 @@ def gelu_fwd(x, bias, exact: bool):
 def gelu_bwd(dy, x, bias, exact: bool):
     """(dx, dbias); dbias an empty tensor without bias."""
     N = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = launch.rows(x), launch.rows(dy)
     M = x2.shape[0]
     # d(x + bias) in the sum's dtype: with a bias wider than x (16-bit x, float32 bias) the bias gradient is
     # summed from it before it is rounded to x's dtype, as the reference's autograd does
-    dx = torch.empty((M, N), device=x.device, dtype=_promoted(x, bias))
+    dx = torch.empty((M, N), device=x.device, dtype=launch.promoted(x, bias))
     if M and N:
         _gelu_bwd_kernel[_grid(M, N)](dy2, x2, bias if bias is not None else x2, dx, dy2.stride(0), x2.stride(0),
                                       dx.stride(0), M, N, HAS_BIAS=bias is not None, EXACT=exact)
@@ -169,9 +158,9 @@ def gelu_bwd(dy, x, bias, exact: bool):
 
 def swiglu_fwd(gate, up):
     N = gate.shape[-1]
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = launch.rows(gate), launch.rows(up)
     M = g2.shape[0]
-    y = torch.empty((M, N), device=gate.device, dtype=_promoted(gate, up))
+    y = torch.empty((M, N), device=gate.device, dtype=launch.promoted(gate, up))
     if M and N:
         _swiglu_fwd_kernel[_grid(M, N)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), M, N)
     return y.view(gate.shape)
@@ -179,7 +168,7 @@ def swiglu_fwd(gate, up):
 
 def swiglu_bwd(dy, gate, up):
     N = gate.shape[-1]
-    g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
+    g2, u2, dy2 = launch.rows(gate), launch.rows(up), launch.rows(dy)
     M = g2.shape[0]
     dg = torch.empty((M, N), device=gate.device, dtype=gate.dtype)
     du = torch.empty((M, N), device=gate.device, dtype=up.dtype)
@@ -199,7 +188,7 @@ def _gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], exact: bool) -> torc
 
 @_gelu_op.register_fake
 def _(x, bias, exact):
-    return x.new_empty(x.shape, dtype=_promoted(x, bias))
+    return x.new_empty(x.shape, dtype=launch.promoted(x, bias))
 
 
 @torch.library.custom_op("pyllm::bias_gelu_triton_bwd", mutates_args=())
@@ -236,7 +225,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gate, up):
-    return gate.new_empty(gate.shape, dtype=_promoted(gate, up))
+    return gate.new_empty(gate.shape, dtype=launch.promoted(gate, up))
 
 
 @torch.library.custom_op("pyllm::swiglu_triton_bwd", mutates_args=())

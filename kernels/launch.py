@@ -1,4 +1,5 @@
-"""Launch policy shared by every kernel file: where kernels may run and which autotune configs to try.
+"""Launch policy shared by every kernel file: where kernels may run and which autotune configs to try,
+and the two layout rules their wrappers share (row views, the reference's output dtype).
 
 Triton compiles for CUDA devices; with TRITON_INTERPRET=1 it instead runs kernels in a NumPy
 interpreter on CPU tensors (how CI tests them). The interpreter is read once, here, at import -
@@ -12,6 +13,7 @@ config instead (``configs(full, interp)``).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -54,3 +56,15 @@ def num_warps_for(block: int) -> int:
     """Warps for a one-row-per-program kernel over ``block`` elements: ~8-16 elements a thread
     (16-byte vector loads for 16-bit types), between 1 and 16 warps."""
     return max(1, min(16, block // 256))
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with unit column stride; a strided view (e.g. a column half) stays a view."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def promoted(x: torch.Tensor, other: torch.Tensor | None) -> torch.dtype:
+    """The reference's output dtype for x combined elementwise with ``other`` (x + bias, silu(gate) * up,
+    normed * weight): type promotion, so bf16 activations with a float32 parameter give float32."""
+    return x.dtype if other is None else torch.promote_types(x.dtype, other.dtype)

@@ -26,7 +26,6 @@ implementations and ``register_autograd``, so torch.compile traces through them;
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -136,25 +135,16 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, residual: torch.Te
     return None
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(..., n) -> (rows, n) with a unit last stride (a view whenever the layout allows)."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), n)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _out_dtype(x, weight, rms: bool) -> torch.dtype:
-    """The reference's output dtype: LayerNorm keeps x's (F.layer_norm), RMSNorm's ``normed * weight``
-    promotes with the weight's (a float32 weight on bf16 activations gives float32)."""
-    return torch.promote_types(x.dtype, weight.dtype) if rms else x.dtype
 
 
 def layernorm_fwd(x, weight, bias, residual, eps: float, rms: bool):
     """Returns (y, h, mean, rstd): h = x + residual (an empty tensor without residual), mean empty for RMS."""
     N = x.shape[-1]
-    x2 = _rows(x, N)
+    x2 = launch.rows(x)
     M = x2.shape[0]
-    r2 = _rows(residual, N) if residual is not None else None
-    y = torch.empty((M, N), device=x.device, dtype=_out_dtype(x, weight, rms))
+    r2 = launch.rows(residual) if residual is not None else None
+    # the reference's dtype: F.layer_norm keeps x's; RMSNorm's normed * weight promotes with the weight's
+    y = torch.empty((M, N), device=x.device, dtype=launch.promoted(x, weight) if rms else x.dtype)
     h = torch.empty((M, N), device=x.device, dtype=x.dtype) if residual is not None else x.new_empty(0)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     mean = torch.empty(0 if rms else M, device=x.device, dtype=torch.float32)
@@ -174,8 +164,8 @@ def layernorm_bwd(dy, dh, h, weight, mean, rstd, has_bias: bool, rms: bool):
     """Gradients (dx, dweight, dbias) of layernorm_fwd; dx also is the residual's gradient. dbias is
     an empty tensor without bias. ``dh``: gradient of the new residual output, or None."""
     N = h.shape[-1]
-    h2, dy2 = _rows(h, N), _rows(dy, N)
-    dh2 = _rows(dh, N) if dh is not None else None
+    h2, dy2 = launch.rows(h), launch.rows(dy)
+    dh2 = launch.rows(dh) if dh is not None else None
     M = h2.shape[0]
     dx = torch.empty((M, N), device=h.device, dtype=h.dtype)
     BLOCK_M, BLOCK_N, warps = _tile(N)
@@ -216,7 +206,7 @@ def _norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def _(x, weight, bias, residual, eps, rms):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)  # row-major, as layernorm_fwd's
-    return (x.new_empty(x.shape, dtype=_out_dtype(x, weight, rms)), h,
+    return (x.new_empty(x.shape, dtype=launch.promoted(x, weight) if rms else x.dtype), h,
             x.new_empty(0 if rms else M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 

@@ -11,7 +11,6 @@ Limits: any row length (chunked); output in the input dtype.
 
 from __future__ import annotations
 
-import math
 import torch
 import triton
 import triton.language as tl
@@ -82,10 +81,6 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     return None
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
 
 def _block(N: int) -> tuple[bool, int]:
     """(single-block?, BLOCK_N) for a row of N."""
@@ -96,7 +91,7 @@ def _block(N: int) -> tuple[bool, int]:
 
 def softmax_fwd(x):
     N = x.shape[-1]
-    x2 = _rows(x)
+    x2 = launch.rows(x)
     M = x2.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     single, BLOCK_N = _block(N)
@@ -108,7 +103,7 @@ def softmax_fwd(x):
 
 def softmax_bwd(dy, y):
     N = y.shape[-1]
-    y2, dy2 = _rows(y), _rows(dy)
+    y2, dy2 = launch.rows(y), launch.rows(dy)
     M = y2.shape[0]
     dx = torch.empty((M, N), device=y.device, dtype=y.dtype)
     single, BLOCK_N = _block(N)
