@@ -174,10 +174,13 @@ class Trainer:
     def fit(self) -> dict:
         """Train to cfg.max_steps (resuming from out_dir when cfg.resume); returns the run summary."""
         cfg = self.cfg
-        if cfg.resume:
-            self.resume()
+        resumed = self.resume() if cfg.resume else None
         start_step = self.step
         log = MetricsLog(self.out_dir, self.dist.is_main, cfg.progress, cfg.tensorboard, cfg.max_steps, start_step)
+        if resumed is not None:
+            log.write(f"resumed from {resumed} at step {start_step}" + (
+                f", which is max_steps={cfg.max_steps} or more: nothing to train (raise max_steps to continue)"
+                if start_step >= cfg.max_steps else ""))
         energy = EnergyMeter(self.device)
         model_cfg = getattr(self.model, "cfg", None)  # a pyllm Transformer; wrappers with heads: no MFU
         flops_tok = flops_per_token(model_cfg, cfg.seq_len) if isinstance(model_cfg, ModelConfig) else None
@@ -309,15 +312,15 @@ class Trainer:
             self.ckpt.save(self.step, model_tensors, state, meta, is_best=is_best)
         distributed.barrier(self.dist)
 
-    def resume(self) -> bool:
-        """Load the newest valid checkpoint in out_dir (if any). True when one was loaded."""
+    def resume(self) -> Path | None:
+        """Load the newest valid checkpoint in out_dir (if any); returns its path (None: there was none)."""
         path = self.ckpt.latest_valid() if self.dist.is_main else None
         if self.dist.world_size > 1:
             box = [path]
             dist.broadcast_object_list(box, src=0)
             path = box[0]
         if path is None:
-            return False
+            return None
         model_t, state_t, manifest = checkpoint.load(path)
         own = self.model.state_dict()
         checkpoint.check_shapes(path, model_t, {k: tuple(v.shape) for k, v in own.items()})
@@ -352,7 +355,7 @@ class Trainer:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
         self.step = manifest["step"]
         self.best = meta["best"] if meta["best"] is not None else math.inf
-        return True
+        return path
 
     # ------------------------------------------------------------------------------------- export
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -189,6 +189,18 @@ def test_resume_with_a_data_position_this_run_cannot_take_is_a_one_line_error(tm
         assert "\n" not in str(e.value)
 
 
+def test_resume_says_where_it_resumed_and_when_nothing_is_left(tmp_path, capsys):
+    make_trainer(tmp_path, max_steps=2).fit()
+    capsys.readouterr()
+    ckpt = tmp_path / "checkpoints" / step_dir_name(2)
+    assert make_trainer(tmp_path, max_steps=3).fit()["steps"] == 3
+    assert capsys.readouterr().err.startswith(f"resumed from {ckpt} at step 2\n")
+    summary = make_trainer(tmp_path, max_steps=2).fit()  # the newest checkpoint is step 3 now
+    assert summary["steps"] == 3 and summary["tokens"] == 0
+    assert (f"resumed from {tmp_path / 'checkpoints' / step_dir_name(3)} at step 3, which is max_steps=2 or more: "
+            "nothing to train (raise max_steps to continue)") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_corrupted_checkpoint_is_named_and_skipped(tmp_path, damage):
     make_trainer(tmp_path, max_steps=6, ckpt_every=2, keep_last=3).fit()
