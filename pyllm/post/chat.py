@@ -3,7 +3,9 @@
 The template is Jinja (as in Hugging Face chat templates), rendered in a sandbox with ``messages`` (a
 list of {"role", "content"}) and ``add_generation_prompt``. Special tokens are written as their strings
 (``<|user|>``...); after rendering, every special string of the tokenizer becomes its id and the text
-between them is encoded as plain text. The assistant's tokens are marked by a
+between them is encoded as plain text. Message contents are always plain text: a special string (or a
+marker character) inside a message is escaped before rendering and encoded as the characters it is, so
+data cannot open or close turns (special-token injection). The assistant's tokens are marked by a
 ``{% generation %}...{% endgeneration %}`` block (the same tag HF uses for assistant masks): only those
 tokens get a loss. A template that renders no generation block has no assistant turn and is an error.
 """
@@ -31,6 +33,9 @@ are trained (so the model learns to stop)."""
 
 # Private-use code points mark the generation block in the rendered text; never produced by encode().
 _GEN_START, _GEN_END = "\ue000", "\ue001"
+# Escape character for message contents: _ESC + one code character stands for a special string or a
+# marker character of the content (see ChatTemplate._escape).
+_ESC = "\ue002"
 
 
 class _GenerationTag(Extension):
@@ -63,6 +68,12 @@ class ChatTemplate:
             raise ValueError(f"{origin}:{e.lineno}: chat template syntax error: {e.message}") from None
         specials = sorted(tokenizer.specials, key=len, reverse=True)  # longest first for the regex
         self._split = re.compile("(" + "|".join(map(re.escape, [*specials, _GEN_START, _GEN_END])) + ")")
+        # content escapes: _ESC + a private-use code character (no case, no whitespace: template filters such
+        # as upper or trim leave it alone) for the escape and marker characters and each special string
+        escaped = [_ESC, _GEN_START, _GEN_END, *specials]
+        self._escapes = {t: _ESC + chr(0xE010 + i) for i, t in enumerate(escaped)}
+        self._unescapes = {v[1]: k for k, v in self._escapes.items()}
+        self._find = re.compile("|".join(map(re.escape, escaped)))
         # a template that hard-codes special strings the tokenizer lacks would silently encode them as text
         for tok in set(re.findall(r"<\|[a-z_]+\|>", source)) - set(tokenizer.specials):
             raise ValueError(f"{origin}: chat template uses {tok!r}, which is not a special token of this "
@@ -77,11 +88,31 @@ class ChatTemplate:
             raise ValueError(f"{path}: chat template is not UTF-8 text (byte {e.start})") from None
         return cls(tokenizer, text, origin=str(path))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    @staticmethod
+    def _check(messages: list[dict]) -> None:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text (for reading; encode() and prompt_ids() render with escaped contents)."""
+        self._check(messages)
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+    def _escape(self, text: str) -> str:
+        """``text`` with every special string and marker character replaced by its escape."""
+        return self._find.sub(lambda m: self._escapes[m.group()], text)
+
+    def _unescape(self, text: str) -> str:
+        # an escape a template filter cut in two (content[:n]) stays as it is
+        return re.sub(re.escape(_ESC) + "(.)", lambda m: self._unescapes.get(m.group(1), m.group(0)), text,
+                      flags=re.S)
+
+    def _render_escaped(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The rendered conversation with its message contents escaped (their specials stay text)."""
+        self._check(messages)
+        escaped = [{**m, "content": self._escape(m["content"])} for m in messages]
+        return self.template.render(messages=escaped, add_generation_prompt=add_generation_prompt)
 
     def _tokenize(self, text: str) -> tuple[list[int], list[bool]]:
         ids, mask, inside = [], [], False
@@ -94,14 +125,14 @@ class ChatTemplate:
                 ids.append(self.tokenizer.specials[piece])
                 mask.append(inside)
             elif piece:
-                piece_ids = self.tokenizer.encode(piece)
+                piece_ids = self.tokenizer.encode(self._unescape(piece))
                 ids += piece_ids
                 mask += [inside] * len(piece_ids)
         return ids, mask
 
     def encode(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of the whole conversation and the mask of assistant (trained) tokens."""
-        ids, mask = self._tokenize(self.render(messages))
+        ids, mask = self._tokenize(self._render_escaped(messages))
         if not any(mask):
             raise ValueError(f"chat template {self.origin} rendered no assistant turn "
                              "(no non-empty {% generation %} block)")
@@ -109,7 +140,7 @@ class ChatTemplate:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Ids of ``messages`` plus the generation prompt (the assistant header)."""
-        return self._tokenize(self.render(messages, add_generation_prompt=True))[0]
+        return self._tokenize(self._render_escaped(messages, add_generation_prompt=True))[0]
 
     def encode_prompt_completion(self, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
         """A single-turn example: the user's ``prompt`` and the assistant's ``completion``."""
