@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -90,5 +91,6 @@ def main(argv: list[str]) -> int:
         return 2
     report = {k: summary[k] for k in ("stage", "before", "after", "model_dir") if k in summary}
     report["train_time_s"] = summary["train"].get("train_time_s")
-    print(json.dumps(report, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        print(json.dumps(report, indent=1))
     return 0
