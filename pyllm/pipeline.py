@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -550,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         bad = [s for s in force if s not in STAGES]
         if bad:
             raise ValueError(f"--force {bad}: stages are {', '.join(STAGES)}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would curate and write the same files
+            raise ValueError("runs in one process (not under torchrun); run `pyllm train` or a post-training "
+                             "stage under torchrun for data parallelism")
     except ValueError as e:
         print(f"pyllm pipeline: {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,10 @@ def test_config_errors_say_what_to_change(capsys):
         PipelineConfig(skip=("evals",))
     assert pipeline.main(["--preset", "smoke", "--force", "pretrian"]) == 2
     assert "--force ['pretrian']" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")  # under torchrun
+        assert pipeline.main(["--preset", "smoke"]) == 2
+    assert "runs in one process (not under torchrun)" in capsys.readouterr().err
 
 
 def test_preset_rl_settings_build_either_algorithm():
