@@ -113,8 +113,9 @@ class TrainConfig:
     eval_every: int = 250
     """Steps between evaluations (and at the end); 0 disables periodic evaluation."""
     eval_batches: int = 20
-    """Validation batches per evaluation (train(cfg)'s built-in eval), each of one micro-batch of sequences
-    (as nanoGPT's eval_iters): a run resumed with another micro_batch_size evaluates another set."""
+    """Validation batches of ``batch_size`` sequences per evaluation (train(cfg)'s built-in eval): the same
+    sequences whatever the micro-batch size and number of processes, evaluated in micro-batches shared out
+    over the processes. With micro-batches of the whole batch this is nanoGPT's eval_iters."""
     best_metric: str = "val_loss"
     """Evaluation metric (lower is better) that picks the "best" checkpoint, among the checkpoints written
     at evaluation steps (make ckpt_every a multiple of eval_every)."""

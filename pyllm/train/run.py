@@ -16,8 +16,11 @@ from .trainer import Trainer
 
 
 def build_data(cfg: TrainConfig, rank: int, world_size: int):
-    """(tokenizer, training batch source, validation batches) for cfg.data."""
+    """(tokenizer, training batch source, validation batches) for cfg.data. The validation set is the first
+    ``eval_batches`` x ``batch_size`` sequences of the validation split's seeded stream, in micro-batches:
+    the same sequences whatever the micro-batch size and number of processes."""
     micro = cfg.micro_batch(world_size)
+    n_val = cfg.eval_batches * cfg.batch_size // micro  # a multiple of world_size (batch_size divides)
     if cfg.data != data.BUILTIN and data.is_shard_dir(cfg.data):
         from pyllm.data.loader import ShardLoader
 
@@ -28,26 +31,31 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int):
             val_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, split="val")
         except (ValueError, FileNotFoundError) as e:
             raise data.DataError(str(e)) from None
-        return tokenizer, train_src, [val_src.next_batch() for _ in range(cfg.eval_batches)]
+        return tokenizer, train_src, [val_src.next_batch() for _ in range(n_val)]
     docs = data.read_documents(cfg.data)
     tokenizer = data.build_tokenizer(cfg.tokenizer, docs)
     tokens = data.tokenize_documents(tokenizer, docs)
     source = "built-in text" if cfg.data == data.BUILTIN else cfg.data
     train_tokens, val_tokens = data.split_tokens(tokens, cfg.val_fraction, cfg.seq_len, source)
     train_src = data.RandomWindows(train_tokens, cfg.seq_len, micro, cfg.seed, rank, world_size)
-    val_batches = data.fixed_batches(val_tokens, cfg.seq_len, micro, cfg.eval_batches, cfg.seed)
+    val_batches = data.fixed_batches(val_tokens, cfg.seq_len, micro, n_val, cfg.seed)
     return tokenizer, train_src, val_batches
 
 
-def val_loss_fn(val_batches: list[dict]):
-    """eval_fn: mean loss over the same validation batches at every call (identical on every rank)."""
+def val_loss_fn(val_batches: list[dict], rank: int = 0, world_size: int = 1):
+    """eval_fn: mean loss over the same validation batches (of equal size) at every call. With several
+    processes each evaluates every ``world_size``-th batch and the sums are all-reduced (every process calls
+    the model equally often when ``world_size`` divides the count, as FSDP needs)."""
+    if len(val_batches) % world_size:
+        raise ValueError(f"{len(val_batches)} validation batches do not split evenly over {world_size} processes")
 
     @torch.no_grad()
     def evaluate(model) -> dict:
         device = next(model.parameters()).device
         total = torch.zeros((), device=device)
-        for b in val_batches:
+        for b in val_batches[rank::world_size]:
             total += model.loss(b["input_ids"].to(device), b["targets"].to(device), doc_ids=b.get("doc_ids")).float()
+        distributed.all_reduce_(total, "sum", distributed.DistInfo(rank, world_size))
         return {"val_loss": (total / len(val_batches)).item()}
 
     return evaluate
@@ -71,7 +79,7 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer, batches, val_batches = build_data(cfg, info.rank, info.world_size)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_config(tokenizer.vocab_size))
-    trainer = Trainer(model, cfg, batches, eval_fn=val_loss_fn(val_batches))
+    trainer = Trainer(model, cfg, batches, eval_fn=val_loss_fn(val_batches, info.rank, info.world_size))
     summary = trainer.fit()
     model_dir = Path(cfg.out_dir) / "final"
     export(trainer, model_dir, tokenizer)

@@ -13,9 +13,12 @@ from pyllm.train.run import val_loss_fn
 TOKENS = tokenize_documents(ByteTokenizer(), [builtin_text()[:20000]])
 
 
+VAL_BATCHES = fixed_batches(TOKENS[-4000:], 16, 2, 2, seed=0)
+
+
 def val_eval():
     """eval_fn: validation loss on 2 fixed batches from the tail of the text."""
-    return val_loss_fn(fixed_batches(TOKENS[-4000:], 16, 2, 2, seed=0))
+    return val_loss_fn(VAL_BATCHES)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

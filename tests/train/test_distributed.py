@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyllm.train import CheckpointError
+from pyllm.train.run import val_loss_fn
 
-from .helpers import losses, make_trainer, tiny_model, val_eval
+from .helpers import VAL_BATCHES, losses, make_trainer, tiny_model, val_eval
 
 
 def _free_port() -> int:
@@ -52,6 +53,10 @@ def _train_and_resume(mode: str, rank: int, world_size: int, out_dir: str, kwarg
     else:
         assert isinstance(t.wrapped, torch.nn.parallel.DistributedDataParallel)
     summary = t.fit()
+    # validation shared out over the ranks (each evaluates every other batch) equals every rank doing all
+    whole = t.evaluate()["val_loss"]
+    t.eval_fn = val_loss_fn(VAL_BATCHES, rank, world_size)
+    assert t.evaluate()["val_loss"] == pytest.approx(whole, rel=1e-6)
     full = t.full_state_dict()
     # a fresh, differently initialised run resumes the step-4 checkpoint into its own shards
     again = make_trainer(out_dir, model=tiny_model(seed=5), rank=rank, world_size=world_size, distributed=mode,

@@ -31,6 +31,16 @@ def test_loss_falls_on_builtin_text(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
+def test_validation_set_does_not_depend_on_the_micro_batch_size(tmp_path):
+    """eval_batches counts batches of batch_size sequences: with micro-batches of 4 or of 1 the validation
+    loss is over the same 8 sequences (it was over eval_batches micro-batches: 8 or 2 sequences)."""
+    runs = [train(TrainConfig(data="builtin", tokenizer="byte", seq_len=16, batch_size=4, micro_batch_size=micro,
+                              max_steps=1, eval_batches=2, progress=False, out_dir=str(tmp_path / str(micro)),
+                              device="cpu", model={"n_layer": 1, "n_head": 2, "d_model": 32}))
+            for micro in (4, 1)]
+    assert runs[1]["eval"]["val_loss"] == pytest.approx(runs[0]["eval"]["val_loss"], rel=1e-6)
+
+
 def summary_vocab(out_dir) -> int:
     from pyllm.model import load_model
 
