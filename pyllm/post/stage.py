@@ -89,7 +89,7 @@ class StageConfig:
     def train_config(self) -> TrainConfig:
         base = {"seq_len": self.seq_len, "seed": self.seed, "out_dir": self.out_dir, "model": dict(TINY_MODEL),
                 "tokenizer": "byte", "weight_decay": 0.0, "warmup_steps": 10, "log_every": 10, "eval_every": 0,
-                "progress": False, **self.stage_defaults()}
+                **self.stage_defaults()}
         merged = {**base, **self.train}
         merged["model"] = {**base["model"], **self.train.get("model", {})}
         return TrainConfig(**merged)
