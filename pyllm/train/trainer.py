@@ -142,7 +142,7 @@ class Trainer:
         self.optimizer.zero_grad()
         return mean_loss, grad_norm, metric_sums, tokens
 
-    def _loss_shares(self, batches: list[dict]) -> list[torch.Tensor] | None:
+    def _loss_shares(self, batches: list[dict]) -> list[float] | list[torch.Tensor] | None:
         """Weights of the micro-batches' losses in the step's loss when the batches carry ``loss_weight``
         (how many items, e.g. trained tokens, the loss function averages over): w_i x world_size / (sum of
         w over every micro-batch of every rank), so the step's gradient is the mean over all those items,
@@ -154,7 +154,12 @@ class Trainer:
         if not all(has):
             raise ValueError("some micro-batches carry loss_weight and some do not; a batch source must give it "
                              "always or never")
-        local = torch.tensor([float(b["loss_weight"]) for b in batches], dtype=torch.float64, device=self.device)
+        weights = [float(b["loss_weight"]) for b in batches]
+        if self.dist.world_size == 1:  # host numbers: no copy to the device, which would wait for its queue
+            return [w / max(sum(weights), 1.0) for w in weights]
+        local = torch.tensor(weights, dtype=torch.float64)
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
         total = distributed.all_reduce_(local.sum(), "sum", self.dist).clamp(min=1.0)
         return list((local * self.dist.world_size / total).float().unbind())
 

@@ -27,8 +27,10 @@ def test_bf16_compiled_tracks_fp32_on_gpu(tmp_path):
 class _OnDevice:
     """Wraps a batch source so batches are already CUDA tensors (no host-to-device copy in the step)."""
 
-    def __init__(self, inner, batches=8):
+    def __init__(self, inner, batches=8, loss_weight=False):
         self.batches = [{k: v.cuda() for k, v in inner.next_batch().items()} for _ in range(batches)]
+        if loss_weight:  # as SFT's packed rows carry it: a host number (their trained-token count)
+            self.batches = [{**b, "loss_weight": 100 + i} for i, b in enumerate(self.batches)]
         self.i = 0
 
     def next_batch(self):
@@ -43,10 +45,11 @@ class _OnDevice:
 
 
 @requires_gpu
-def test_fp16_step_has_no_host_sync(tmp_path):
+@pytest.mark.parametrize("loss_weight", [False, True])
+def test_fp16_step_has_no_host_sync(tmp_path, loss_weight):
     t = make_trainer(tmp_path, model=tiny_model(), device="cuda", precision="fp16", master_weights=True,
                      micro_batch_size=2)
-    t.batches = _OnDevice(t.batches)
+    t.batches = _OnDevice(t.batches, loss_weight=loss_weight)
     t.train_step(1e-3)  # warm-up: lazy initialisation may synchronise once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
