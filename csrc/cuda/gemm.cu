@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemm_kernel(const T* __restrict__ 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / 4, warp_n = warp % 4;  // warp tile: rows warp_m*64, cols warp_n*32
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int k_tiles = (K + BK - 1) / BK;
+  const int k_tiles = K / BK + (K % BK != 0);  // not (K + BK - 1) / BK: that overflows for K near 2^31
 
   // 16-byte chunks: A and (N, K) B tiles are 128 rows x 4 chunks, a (K, N) B tile 32 rows x 16 chunks.
   auto load_stage = [&](int stage, int kt) {

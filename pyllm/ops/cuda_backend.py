@@ -341,6 +341,10 @@ def _check_gemm(op, a, b, bias, b_is_nk):
     _require(op, _HALF, a=a, b=b, bias=bias)
     if b.dtype != a.dtype or (bias is not None and bias.dtype != a.dtype):
         raise Unsupported(f"cuda backend: {op} needs one dtype for all operands")
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != a.dtype:
+        # F.linear would cast the operands to the autocast dtype and return that: the reference does it
+        raise Unsupported(f"cuda backend: {op} on {a.dtype} operands under {torch.get_autocast_dtype('cuda')} "
+                          "autocast")
     K = a.shape[-1]
     N = b.shape[0] if b_is_nk else b.shape[1]
     if K % 8 or N % 8:
@@ -396,7 +400,8 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     Hkv, S = k.shape[1], k.shape[2]
     # with no queries the kernel does not run, and keys/values get zero gradient, not uninitialised memory
     alloc = torch.zeros_like if B * Hq * T == 0 else torch.empty_like
-    dq, dk, dv = torch.empty_like(q), alloc(k), alloc(v)
+    dq = (torch.zeros_like if S == 0 else torch.empty_like)(q)  # no keys: the kernel returns before writing dq
+    dk, dv = alloc(k), alloc(v)
     work = torch.empty(_C.cuda_attention_bwd_workspace(B, Hq, T, D), device=q.device, dtype=torch.float32)
     _C.cuda_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(), do.data_ptr(),
                           dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), work.data_ptr(), B, Hq, Hkv, T, S, D, scale,
@@ -418,7 +423,8 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=
     if D not in (64, 128):
         raise Unsupported(f"cuda backend: attention head dim {D} (the kernel has 64 and 128)")
     _limit("attention", "batch x query heads of argument 'q' (grid y)", B * Hq, _GRID_Y_MAX)
-    _limit("attention", "the positions S of argument 'k'", k.shape[2])
+    # a key tile's start n0 + 64 must stay in int range
+    _limit("attention", "the positions S of argument 'k'", k.shape[2], _INT32_MAX - 64)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     return _attention(q, k, v, float(scale), bool(causal))[0]
 

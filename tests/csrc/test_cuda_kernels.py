@@ -241,6 +241,17 @@ def test_linear_on_3d_input_and_frozen_operands(dtype, activation):
                  "linear, frozen operands")
 
 
+def test_linear_under_autocast_of_the_other_half_dtype_returns_the_autocast_dtype():
+    """bf16 operands under fp16 autocast: F.linear casts them and returns fp16, so the kernel (which would
+    return bf16) must leave such a call to the reference."""
+    x, w = _randn(16, 64).to(torch.bfloat16), _randn(32, 64, scale=0.1).to(torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = ops.linear(x, w, backend="cuda")
+        ref = reference.linear(x, w)
+    assert out.dtype == ref.dtype == torch.float16
+    torch.testing.assert_close(out, ref)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_linear_with_empty_inner_dim_gives_the_activated_bias(dtype):
     x, w, b = torch.empty(3, 0, device=DEV, dtype=dtype), torch.empty(16, 0, device=DEV, dtype=dtype), _randn(16)
