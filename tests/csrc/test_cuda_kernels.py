@@ -13,6 +13,7 @@ import torch
 
 from pyllm import ops
 from pyllm.ops import reference
+from pyllm.ops.registry import BackendError
 from pyllm.ops.tolerance import assert_close, error_bound
 
 from csrc_checks import check
@@ -241,11 +242,14 @@ def test_linear_on_3d_input_and_frozen_operands(dtype, activation):
                  "linear, frozen operands")
 
 
-def test_linear_under_autocast_of_the_other_half_dtype_returns_the_autocast_dtype():
+def test_linear_under_autocast_of_the_other_half_dtype_returns_the_autocast_dtype(monkeypatch):
     """bf16 operands under fp16 autocast: F.linear casts them and returns fp16, so the kernel (which would
     return bf16) must leave such a call to the reference."""
     x, w = _randn(16, 64).to(torch.bfloat16), _randn(32, 64, scale=0.1).to(torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.float16):
+        with pytest.raises(BackendError, match="bfloat16 operands under torch.float16 autocast"):
+            ops.linear(x, w, backend="cuda")  # strict mode: the kernel refuses
+        monkeypatch.setenv("PYLLM_STRICT_BACKEND", "0")
         out = ops.linear(x, w, backend="cuda")
         ref = reference.linear(x, w)
     assert out.dtype == ref.dtype == torch.float16
