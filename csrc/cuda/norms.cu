@@ -41,6 +41,9 @@ template <int TPR>
 __device__ __forceinline__ Welford row_welford(Welford w, Welford* scratch) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) w = merge(w, shfl_xor(w, o));
+  // merge(a, b) and merge(b, a) may round apart, so the lanes can end a last bit apart: take lane 0's (the
+  // one stored for the backward) everywhere, so every element of the row is normalised by the same values
+  w = {__shfl_sync(0xffffffffu, w.mean, 0), __shfl_sync(0xffffffffu, w.m2, 0), w.count};
   if (TPR > 32) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) scratch[warp] = w;

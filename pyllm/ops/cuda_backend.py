@@ -154,7 +154,8 @@ def _check_norm(op, x, **others):
     _check_same_dtype(op, x, **others)
     rows, n = rows_and_width(x)
     _limit(op, "the last dim of argument 'x'", n, _NORM_MAX_WIDTH)
-    _limit(op, "the rows of argument 'x' (8 rows per block of the grid)", rows, 8 * _INT32_MAX)
+    # rows up to 1024 wide: 8 rows per block of the grid; wider: one block per row
+    _limit(op, "the rows of argument 'x'", rows, 8 * _INT32_MAX if n <= 1024 else _INT32_MAX)
 
 
 @register("layer_norm", "cuda")
@@ -207,13 +208,16 @@ def bias_gelu(x, bias=None, *, approximate="tanh"):
 
 def _strided_rows(t: Tensor) -> tuple[Tensor, int]:
     """(t, row stride) when t's rows are evenly strided with a contiguous last dim and an aligned base,
-    else (a contiguous copy, width)."""
-    ok = t.dim() >= 1 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-    for i in range(t.dim() - 2):
-        ok = ok and (t.shape[i] == 1 or t.stride(i) == t.stride(i + 1) * t.shape[i + 1])
-    if not ok:
-        t = _ready(t.contiguous())
-    return t, (t.stride(-2) if t.dim() >= 2 else t.shape[-1])
+    else (a contiguous copy, width). Evenly strided = the leading dims flatten to one without a copy (a
+    view), which also holds with size-1 dims of any stride (the stride test of each dim against the next
+    one did not: (2, 1, 3, n) with strides (S, S, n, 1) passed, and rows were read at r * n)."""
+    if t.dim() >= 1 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0:
+        try:
+            return t, t.view(math.prod(t.shape[:-1]), t.shape[-1]).stride(0)
+        except RuntimeError:  # not expressible with one row stride
+            pass
+    t = _ready(t.contiguous())
+    return t, t.shape[-1]
 
 
 def _swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
@@ -436,11 +440,18 @@ def _host_table(tensors: Sequence[Tensor]) -> Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
-def _device_scalar(value, device) -> tuple[float, int, Optional[Tensor]]:
-    """(host value, device ptr, keep-alive tensor): a CUDA tensor is read by the kernel, no sync."""
-    if torch.is_tensor(value) and value.device.type == "cuda":
-        t = value.reshape(-1)[:1].float().contiguous()
-        return 0.0, t.data_ptr(), t
+def _device_scalar(value, device, name: str = "scalar") -> tuple[float, int, Optional[Tensor]]:
+    """(host value, device ptr, keep-alive tensor): a CUDA tensor is read by the kernel, no sync. A tensor
+    on another device (a CPU flag with CUDA parameters, another GPU) would hand the kernel a pointer it
+    cannot read: Unsupported."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise Unsupported(f"cuda backend: '{name}' must hold one value, it has {value.numel()}")
+        if value.device.type == "cuda" and value.device == device:
+            t = value.reshape(1).float().contiguous()
+            return 0.0, t.data_ptr(), t
+        if value.device.type == "cuda":
+            raise Unsupported(f"cuda backend: '{name}' is on {value.device}, the tensors on {device}")
     return float(value), 0, None
 
 
@@ -460,9 +471,12 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, w
     _check_list("adamw_step", (torch.float32,), exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                 master_params=master_params)
     device = params[0].device
-    lr_value, lr_ptr, lr_keep = _device_scalar(lr, device)
-    step_value, step_ptr, step_keep = _device_scalar(step, device)
-    found = found_inf.reshape(-1)[:1].float().contiguous() if found_inf is not None else None
+    lr_value, lr_ptr, lr_keep = _device_scalar(lr, device, "lr")
+    step_value, step_ptr, step_keep = _device_scalar(step, device, "step")
+    if found_inf is not None and (found_inf.device != device or found_inf.numel() != 1):
+        raise Unsupported(f"cuda backend: adamw_step's 'found_inf' must be one value on {device} (the kernel reads "
+                          f"it there), got {found_inf.numel()} on {found_inf.device}")
+    found = found_inf.reshape(1).float().contiguous() if found_inf is not None else None
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):  # one launch sequence per (param, grad) dtype pair
         groups.setdefault((p.dtype, g.dtype), []).append(i)
@@ -486,7 +500,9 @@ def unscale_and_check_(grads, inv_scale, found_inf):
     _require("unscale_and_check_", (torch.float32,), found_inf=found_inf)
     if not found_inf.is_contiguous():
         raise Unsupported("cuda backend: 'found_inf' of unscale_and_check_ is not contiguous")
-    inv_value, inv_ptr, inv_keep = _device_scalar(inv_scale, found_inf.device)
+    if grads and found_inf.device != grads[0].device:
+        raise Unsupported(f"cuda backend: 'found_inf' is on {found_inf.device}, the gradients on {grads[0].device}")
+    inv_value, inv_ptr, inv_keep = _device_scalar(inv_scale, found_inf.device, "inv_scale")
     groups: dict[torch.dtype, list[Tensor]] = {}
     for g in grads:
         groups.setdefault(g.dtype, []).append(g)

@@ -165,6 +165,23 @@ def test_swiglu_on_strided_vectors(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_on_rows_behind_a_size_one_dim_of_any_stride(dtype):
+    """(2, 1, 3, 64) with strides (S, S, 64, 1), S not 3 x 64: the rows are not evenly strided, so they must
+    be copied (the old stride test skipped the size-1 dim and passed them; rows were read at r x 64)."""
+    base = _randn(2 * 400, scale=3).to(dtype)
+    gate = base.as_strided((2, 1, 3, 64), (400, 400, 64, 1))
+    _check_on_views("swiglu", [gate, _randn(2, 1, 3, 64).to(dtype)])
+
+
+def test_adamw_step_refuses_a_found_inf_it_cannot_read():
+    """A CPU flag, or several values, with CUDA parameters: the kernel would read a host pointer."""
+    params, grads, m, v = _adam_state([(5, 3)], torch.float32, 2)
+    for found_inf in (torch.zeros(1), torch.zeros(2, device=DEV)):
+        with pytest.raises(BackendError, match="'found_inf' must be one value on cuda"):
+            ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=found_inf, backend=BACKEND)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (7, 50257), (3, 65537), (5, 131072), (70001, 24)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy(dtype, rows, vocab, reduction):
