@@ -6,6 +6,7 @@ CMAKE_BUILD_PARALLEL_LEVEL sets the build jobs (default: the number of CPUs); CM
 PYLLM_PREBUILT=1 keeps an existing pyllm._C instead of building (.ci/gpu uses it).
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,15 @@ class CMakeBuild(build_ext):
         import pybind11  # a build requirement (pyproject.toml [build-system])
 
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        if os.environ.get("PYLLM_PREBUILT") == "1" and target.exists():
+        inplace = ROOT / self.get_ext_filename(ext.name)  # pyllm/_C.<abi>.so in the checkout
+        if os.environ.get("PYLLM_PREBUILT") == "1" and inplace.exists():
             # .ci/gpu sets this only when the module was built from the same csrc/ (a lent GPU machine
-            # starts bare each call; rebuilding the CUDA kernels there would cost minutes of device time)
-            print(f"PYLLM_PREBUILT=1: using {target.name} as it is")
+            # starts bare each call; rebuilding the CUDA kernels there would cost minutes of device time).
+            # An editable install builds into a temporary directory and copies from there: copy into it.
+            if inplace.resolve() != target:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(inplace, target)
+            print(f"PYLLM_PREBUILT=1: using {inplace.name} as it is")
             return
         out_dir = target.parent
         build_dir = Path(self.build_temp).resolve() / "cmake"

@@ -66,7 +66,8 @@ def describe(device: str) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "HEAD"),
+        # a copy of the working tree without .git (a lent GPU machine) says its commit in PYLLM_COMMIT
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("PYLLM_COMMIT"),
         # True when the checkout had uncommitted changes: the commit alone does not say what ran
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         # other work on the machine when the run started: a shared machine's timings are noisier
