@@ -452,6 +452,10 @@ def unsupported_reason(q, k, v, doc_ids) -> str | None:
         return f"head dim {D} > {MAX_HEAD_DIM}"
     if q.dtype == torch.float64:
         return "float64 is not supported by the Triton attention"
+    if q.is_cuda and q.dtype == torch.float32 and D > 128:
+        # every backward config needs more than an H100's 227 KiB of shared memory in fp32 at D 129-256
+        # (dK/dV 279-411 KB, dQ 270-410 KB, compiled for sm_90); the interpreter has no such limit
+        return f"float32 with head dim {D} > 128 (the backward's tiles exceed the GPU's shared memory)"
     if q.shape[0] * q.shape[1] > 65535:  # batch x heads is the grid's second axis (CUDA limit 65535)
         return f"batch x query heads = {q.shape[0] * q.shape[1]} > 65535"
     if max(t.shape[2] * t.stride(2) for t in (q, k, v)) >= 2 ** 31:

@@ -46,8 +46,9 @@ def _rotate_heads(X, O, sxh, sxt, soh, sot, H, t, t_ok, c, s, d, d_ok, HALF, BLO
 def _rope_fwd_kernel(Q, K, QO, KO, COS, SIN, T, HQ, HKV,
                      sqb, sqh, sqt, skb, skh, skt, sqob, sqoh, sqot, skob, skoh, skot, scb, sct, HALF,
                      BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # positions on the grid's first axis (up to 2^31 - 1 blocks), the batch on the second (CUDA: 65535)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(1).to(tl.int64)
     t_ok = t < T
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HALF
@@ -68,6 +69,8 @@ def unsupported_reason(q, k, cos, sin) -> str | None:
         return "float64 is not supported by the Triton RoPE"
     if k.dtype != q.dtype:
         return f"k dtype {k.dtype} != q dtype {q.dtype}"
+    if q.shape[0] > 65535:  # the batch is the grid's second axis (CUDA limit 65535)
+        return f"batch {q.shape[0]} > 65535"
     return None
 
 
@@ -91,7 +94,8 @@ def rope_apply(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
     BLOCK_T = max(1, min(triton.next_power_of_2(T), budget // (BLOCK_H * BLOCK_D), 64))
     if B * T == 0:
         return
-    _rope_fwd_kernel[(B, triton.cdiv(T, BLOCK_T))](
+    # (position blocks, batch): a long sequence has more position blocks than CUDA's 65535 on a second axis
+    _rope_fwd_kernel[(triton.cdiv(T, BLOCK_T), B)](
         q, k, q_out, k_out, cos, sin, T, HQ, HKV,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),

@@ -114,8 +114,8 @@ def instances(all_configs: bool, quick: bool = False):
     import triton.language as tl
     yield "adamw", "bf16 params, fp32 master", lambda: _compile(adamw._adamw_kernel, dict(
         P_DTYPE=tl.float32, G_DTYPE=tl.bfloat16, C_DTYPE=tl.bfloat16, HAS_COPY=True, LR_FROM_PTR=True,
-        STEP_FROM_PTR=True, HAS_FOUND=True, K=5, BLOCK=2048, CHUNK=65536),
-        pointers={"TABLE": "*i64", "LR": f32, "STEP": f32, "FOUND": f32}, num_warps=8)
+        BC_FROM_PTR=True, HAS_FOUND=True, K=5, BLOCK=2048, CHUNK=65536),
+        pointers={"TABLE": "*i64", "LR": f32, "BC": f32, "FOUND": f32}, num_warps=8)
     for label, info in _autotuned(matmul._matmul_kernel, dict(
             HAS_BIAS=True, ACTIVATION=2, STORE_PRE=False, ACCUMULATE=False, PRECISION=None), all_configs,
             pointers={"K": "i32"}):

@@ -67,6 +67,18 @@ def test_attention_gpu_decode_docs_window(dtype):
 
 
 @requires_gpu
+def test_attention_gpu_refuses_fp32_head_dims_its_backward_cannot_fit(monkeypatch):
+    """fp32 at head dim 129-256: every backward tile config needs more shared memory than an H100 has, so
+    the op is refused (strict mode) rather than failing at launch; bf16 at 256 and fp32 at 128 run."""
+    from pyllm.ops.registry import BackendError
+
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
+    with pytest.raises(BackendError, match="head dim 256 > 128"):
+        ops.attention(*(t.float() for t in _qkv(1, 2, 2, 64, 64, 256)), backend="triton")
+    check_op(_attn(), _qkv(1, 2, 2, 100, 100, 128), torch.float32)
+
+
+@requires_gpu
 def test_attention_backward_is_deterministic():
     q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in _qkv(2, 16, 4, 2048, 2048, 128))
     do = torch.randn_like(q)

@@ -70,3 +70,20 @@ def test_rope_gpu(dtype, Hq, Hkv, D):
     k = torch.randn(B, Hkv, T, D, dtype=torch.float64, device=DEVICE)
     cos, sin = _angles(B, T, D, False)
     check_op(lambda q, k, backend: _rope_op(q, k, cos.to(q.dtype), sin.to(q.dtype), backend), [q, k], dtype)
+
+
+@requires_gpu
+def test_rope_gpu_sequence_longer_than_a_grid_axis():
+    """Llama-3-8B's heads (32 x 128, GQA 8) at 131,072 positions: BLOCK_T is 1 there, so the position blocks
+    must be on the grid's first axis (CUDA allows 65535 on the second; the launch failed with the batch first)."""
+    T = 131072
+    q = torch.randn(1, 32, T, 128, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.randn(1, 8, T, 128, dtype=torch.bfloat16, device=DEVICE)
+    theta = torch.rand(T, 64, device=DEVICE)
+    cos, sin = theta.cos().to(q.dtype), theta.sin().to(q.dtype)
+    with torch.no_grad():
+        got = ops.rope(q, k, cos, sin, backend="triton")
+        want = ops.rope(q, k, cos, sin, backend="torch")
+    for g, w in zip(got, want):  # each side rounds its bf16 result once: within 2 bf16 ulps of |x| <= ~6
+        torch.testing.assert_close(g[:, :, -5:], w[:, :, -5:], rtol=1.6e-2, atol=3e-2)  # the grid's far end
+        torch.testing.assert_close(g, w, rtol=1.6e-2, atol=3e-2)
