@@ -98,9 +98,12 @@ class StageConfig:
 def load_start(cfg: StageConfig) -> tuple[Transformer, Any, ChatTemplate]:
     """(model on the training device, tokenizer, chat template) the stage starts from."""
     tcfg = cfg.train_config()
+    # the seed decides everything random from here on: a fresh model, the heads and LoRA adapters the stage
+    # adds (a reward model's head is random), dropout; it was set only for a fresh model, so a stage
+    # starting from a checkpoint depended on whatever the process had drawn before
+    torch.manual_seed(tcfg.seed)
     if cfg.model is None:
         tokenizer = ByteTokenizer()
-        torch.manual_seed(tcfg.seed)
         model = Transformer(tcfg.model_config(tokenizer.vocab_size))
     else:
         tokenizer = load_tokenizer(cfg.model)

@@ -35,6 +35,20 @@ def test_sft_resumes_and_exports(sft_dir, tmp_path):
     assert set(load_model(s["model_dir"]).state_dict()) == set(model.state_dict())
 
 
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_a_stage_from_a_checkpoint_is_reproducible_whatever_was_drawn_before(sft_dir, tmp_path, lora_rank):
+    """The reward head and LoRA adapters are random: the stage's seed decides them, not the random numbers the
+    process drew before (a pipeline, a test suite, a notebook). Two runs around other draws are equal."""
+    histories = []
+    for i in range(2):
+        torch.rand(5 + i)  # other work in the process
+        s = train_reward_model(RewardConfig(model=sft_dir, data="builtin:tasks", out_dir=str(tmp_path / str(i)),
+                                            seq_len=48, max_train=64, max_heldout=8, lora_rank=lora_rank,
+                                            train=quick(max_steps=3, batch_size=4)))
+        histories.append([h["loss"] for h in s["train"]["history"]])
+    assert histories[0] == histories[1]
+
+
 def test_reward_model_learns_task_preferences(sft_dir, tmp_path):
     s = train_reward_model(RewardConfig(model=sft_dir, data="builtin:tasks", out_dir=str(tmp_path), seq_len=48,
                                         max_train=400, max_heldout=64, margin=0.5, train=quick(max_steps=30, lr=3e-3, batch_size=8)))
