@@ -20,7 +20,8 @@ from .transformer import KVCache, Transformer
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None):
+                  top_p: float | None = None, generator: torch.Generator | None = None,
+                  batch_rows: tuple[int, torch.Tensor] | None = None):
     """Draw one token per row of ``logits`` (B, V). Returns (tokens (B,) int64, logprobs (B,) fp32).
 
     ``temperature`` 0 is greedy (argmax; top-k/top-p are then irrelevant). ``top_k`` keeps the k most
@@ -28,6 +29,10 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     (nucleus sampling, Holtzman et al. 2020). The log-probability returned is that of the token under
     softmax(logits / temperature), before top-k/top-p truncation: what a policy-gradient method
     (PPO, GRPO) recomputes for the same token in its training forward.
+
+    ``batch_rows=(n, rows)``: ``logits`` are rows ``rows`` of a batch of ``n``; the draw is made for the
+    whole batch (placeholder rows elsewhere) and these rows kept, so each row gets the random numbers it
+    would get there (``torch.multinomial`` draws row i's numbers by its place alone; tests/model check it).
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for fp64 models
     if temperature == 0:
@@ -45,7 +50,14 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         masked = masked.masked_fill(drop, float("-inf"))
-    tokens = torch.multinomial(torch.softmax(masked, dim=-1), 1, generator=generator).squeeze(1)
+    probs = torch.softmax(masked, dim=-1)
+    if batch_rows is None:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    else:
+        n, rows = batch_rows
+        whole = probs.new_ones(n, probs.shape[1])
+        whole[rows] = probs
+        tokens = torch.multinomial(whole, 1, generator=generator).squeeze(1)[rows]
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -74,15 +86,23 @@ def _check(model, prompts, max_new_tokens, temperature, top_k, top_p):
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
-             generator: torch.Generator | None = None, seed: int | None = None, return_logprobs: bool = False):
+             generator: torch.Generator | None = None, seed: int | None = None, return_logprobs: bool = False,
+             batch_rows: tuple[int, list[int]] | None = None):
     """Continue each prompt by up to ``max_new_tokens`` tokens. Returns the new tokens per prompt
     (list[list[int]], a row's stop token included); with ``return_logprobs``, (tokens, logprobs) where
     logprobs[i][j] is the log-probability of tokens[i][j] (see ``sample_tokens``).
 
     Sampling is reproducible with ``generator`` (a torch.Generator on the model's device) or ``seed``.
+    ``batch_rows=(n, rows)`` says that the prompts are rows ``rows`` of a batch of ``n`` prompts: each
+    samples with the random numbers it would get in that batch (same seed), so a batch generated in parts,
+    one per data-parallel process, gives the tokens it gives whole (up to rounding of the logits).
     The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    if batch_rows is not None and (len(batch_rows[1]) != len(prompts) or len(set(batch_rows[1])) != len(prompts)
+                                   or not all(0 <= r < batch_rows[0] for r in batch_rows[1])):
+        raise ValueError(f"generate: batch_rows must give {len(prompts)} distinct rows in [0, {batch_rows[0]}), "
+                         "one per prompt")
     if max_new_tokens == 0:
         empty = [[] for _ in prompts]
         return (empty, [[] for _ in prompts]) if return_logprobs else empty
@@ -101,6 +121,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     doc_ids = torch.cat([real.long(), torch.ones(B, max_new_tokens, dtype=torch.long, device=device)], dim=1) \
         if not bool(real.all()) else None
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    rows = None if batch_rows is None else (batch_rows[0], torch.tensor(batch_rows[1], device=device))
 
     out_tokens, out_logprobs = [], []
     was_training = model.training
@@ -113,7 +134,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         for step in range(max_new_tokens):
             logits = ops.linear(h[:, -1], weight, backend=model.cfg.backend)  # (B, V), last position only
             nxt, logprob = sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         generator=generator)
+                                         generator=generator, batch_rows=rows)
             out_tokens.append(torch.where(done, -1, nxt))  # -1 marks rows that had already stopped
             out_logprobs.append(logprob)
             done |= torch.isin(nxt, stops)

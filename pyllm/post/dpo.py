@@ -23,8 +23,8 @@ from .lora import BaseModelView
 from .losses import DPO_VARIANTS, dpo_loss
 from .reward import PairBatches, encode_pairs, load_preferences
 from .sequences import collate, response_logprobs, sequence_logprob
-from .stage import (StageConfig, add_lora, data_parallel, device_of, export, final_metrics, load_start,
-                    micro_batch, run_trainer, write_summary)
+from .stage import (StageConfig, add_lora, data_parallel, device_of, export, final_metrics, gather_shares,
+                    heldout_share, load_start, micro_batch, run_trainer, write_summary)
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _pair_logprobs(model, tokens, train, length_normalize):
 def reference_logprobs(model, chosen, rejected, pad_id, length_normalize, batch_size: int = 64):
     """Cached reference: (chosen (N,), rejected (N,)) sequence log-probs of every pair, in order."""
     device = model.head_weight.device
-    out_c, out_r = [], []
+    out_c, out_r = [torch.zeros(0, device=device)], [torch.zeros(0, device=device)]  # (none for no pairs)
     for s in range(0, len(chosen), batch_size):
         b = collate(chosen[s:s + batch_size] + rejected[s:s + batch_size], pad_id, device)
         c, r = _pair_logprobs(model, b["tokens"], b["train"], length_normalize)
@@ -88,14 +88,20 @@ def reference_logprobs(model, chosen, rejected, pad_id, length_normalize, batch_
 
 
 @torch.no_grad()
-def preference_metrics(model, chosen, rejected, ref_c, ref_r, pad_id, beta, length_normalize) -> dict:
+def preference_values(model, chosen, rejected, ref_c, ref_r, pad_id, beta, length_normalize) -> list[torch.Tensor]:
+    """Per pair (N,) each: the implicit-reward margin, 1 where the chosen response's implicit reward is the
+    higher, 1 where the policy gives the chosen response the higher log-prob per token."""
     pol_c, pol_r = reference_logprobs(model, chosen, rejected, pad_id, length_normalize)
     reward_c, reward_r = beta * (pol_c - ref_c.to(pol_c.device)), beta * (pol_r - ref_r.to(pol_r.device))
     # the policy's own preference is judged per token so that length does not decide it
     mean_c, mean_r = reference_logprobs(model, chosen, rejected, pad_id, True)
-    return {"reward_accuracy": (reward_c > reward_r).float().mean().item(),
-            "reward_margin": (reward_c - reward_r).mean().item(),
-            "logp_accuracy": (mean_c > mean_r).float().mean().item()}
+    return [reward_c - reward_r, (reward_c > reward_r).float(), (mean_c > mean_r).float()]
+
+
+def preference_metrics(margin, reward_win, logp_win) -> dict:
+    """Held-out DPO metrics from the ``preference_values`` of all pairs."""
+    return {"reward_accuracy": reward_win.float().mean().item(), "reward_margin": margin.mean().item(),
+            "logp_accuracy": logp_win.float().mean().item()}
 
 
 def dpo_objective(cfg: DPOConfig, logp, mask, ref_c, ref_r):
@@ -122,7 +128,9 @@ def dpo(cfg: DPOConfig) -> dict:
     chosen, rejected = encode_pairs(template, train_pairs, cfg.seq_len)
     h_chosen, h_rejected = encode_pairs(template, heldout_pairs, cfg.seq_len)
     pad = tokenizer.pad_id
-    h_ref = reference_logprobs(policy, h_chosen, h_rejected, pad, cfg.length_normalize)
+    info = data_parallel(cfg)
+    mine = heldout_share(h_chosen, info), heldout_share(h_rejected, info)  # the held-out pairs this process scores
+    h_ref = reference_logprobs(policy, *mine, pad, cfg.length_normalize)
     if cfg.precompute_ref:
         cached = reference_logprobs(policy, chosen, rejected, pad, cfg.length_normalize)
         reference = None
@@ -140,11 +148,11 @@ def dpo(cfg: DPOConfig) -> dict:
         return dpo_objective(cfg, logp, mask, ref_c, ref_r)
 
     def measure(m):
-        return preference_metrics(m, h_chosen, h_rejected, *h_ref, pad, cfg.beta, cfg.length_normalize)
+        values = preference_values(m, *mine, *h_ref, pad, cfg.beta, cfg.length_normalize)
+        return preference_metrics(*gather_shares(values, len(h_chosen), info, device))
 
     before = measure(policy)
     params = add_lora(cfg, policy)
-    info = data_parallel(cfg)
     batches = PairBatches(chosen, rejected, micro_batch(cfg), pad, cfg.seed, info.rank, info.world_size)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
     after = final_metrics(train, measure, policy)

@@ -16,7 +16,7 @@ import torch
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import add_lora, export, final_metrics, micro_batch, run_trainer, write_summary
+from .stage import add_lora, data_parallel, export, final_metrics, micro_batch, run_trainer, write_summary
 
 
 @dataclass
@@ -81,9 +81,11 @@ def grpo(cfg: GRPOConfig) -> dict:
         return pg + cfg.kl_coef * kl, {"clip_frac": clip_frac, "kl_ref": kl.detach(),
                                        "reward": batch["rollout_reward"]}
 
+    info = data_parallel(cfg)
+
     def measure(m):
         return heldout_metrics(m, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed,
-                               cfg.heldout_samples)
+                               cfg.heldout_samples, info)
 
     policy.eval()
     before = measure(policy)

@@ -80,7 +80,7 @@ def ppo(cfg: PPOConfig) -> dict:
     """Run PPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
     policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
     n_prompts = cfg.prompts_per_process()
-    world_size = data_parallel(cfg).world_size
+    info = data_parallel(cfg)
     model = PolicyWithValue(policy, cfg.shared_value_trunk).to(policy.head_weight.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
@@ -107,7 +107,7 @@ def ppo(cfg: PPOConfig) -> dict:
         seq_kl = kl.sum(1).mean().item()
         stats = {"reward": scores.mean().item(), "kl": seq_kl, "kl_coef": kl_ctl.coef}
         # the controller sees every process's rollout, so its coefficient stays the same on all of them
-        kl_ctl.update(mean_over_processes(cfg, seq_kl), len(chosen) * world_size)
+        kl_ctl.update(mean_over_processes(cfg, seq_kl), len(chosen) * info.world_size)
         return Rollout({**batch, "old_logp": old_logp, "old_values": values, "advantages": adv,
                         "returns": returns}, stats)
 
@@ -122,7 +122,7 @@ def ppo(cfg: PPOConfig) -> dict:
 
     def measure(m: PolicyWithValue):
         return heldout_metrics(m.policy, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed,
-                               cfg.heldout_samples)
+                               cfg.heldout_samples, info)
 
     model.eval()
     before = measure(model)

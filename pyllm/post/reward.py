@@ -19,8 +19,8 @@ from .lora import merge_lora
 from .losses import bradley_terry_loss
 from .packing import RankBatches, encode_examples
 from .sequences import collate
-from .stage import (StageConfig, add_lora, data_parallel, device_of, final_metrics, load_start, micro_batch,
-                    on_main, run_trainer, write_summary)
+from .stage import (StageConfig, add_lora, data_parallel, device_of, final_metrics, gather_shares, heldout_share,
+                    load_start, micro_batch, on_main, run_trainer, write_summary)
 
 
 @dataclass
@@ -85,16 +85,20 @@ def load_preferences(cfg: StageConfig, template, device, judge_spec: str | None)
 
 
 @torch.no_grad()
-def pairwise_accuracy(rm: RewardModel, chosen, rejected, pad_id: int, batch_size: int = 64) -> dict:
+def pairwise_margins(rm: RewardModel, chosen, rejected, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """r(chosen) - r(rejected) of each pair (N,)."""
     device = rm.head.proj.weight.device
-    correct, margins = [], []
+    margins = []
     for s in range(0, len(chosen), batch_size):
         c = collate(chosen[s:s + batch_size], pad_id, device)
         r = collate(rejected[s:s + batch_size], pad_id, device)
-        diff = rm(c["tokens"], c["attention"]) - rm(r["tokens"], r["attention"])
-        correct.append(diff > 0)
-        margins.append(diff)
-    return {"pairwise_accuracy": torch.cat(correct).float().mean().item(), "margin": torch.cat(margins).mean().item()}
+        margins.append(rm(c["tokens"], c["attention"]) - rm(r["tokens"], r["attention"]))
+    return torch.cat(margins) if margins else torch.zeros(0, device=device)
+
+
+def pairwise_metrics(margins: torch.Tensor) -> dict:
+    """Pairwise accuracy (share of pairs ranked right) and mean margin from the margins of all pairs."""
+    return {"pairwise_accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item()}
 
 
 def train_reward_model(cfg: RewardConfig) -> dict:
@@ -114,8 +118,12 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         loss, correct = bradley_terry_loss(scores[:B], scores[B:], margin)
         return loss.mean(), {"accuracy": correct.float().mean()}
 
+    mine = heldout_share(h_chosen, info), heldout_share(h_rejected, info)  # the held-out pairs this process scores
+    device = device_of(cfg)
+
     def measure(m):
-        return pairwise_accuracy(m, h_chosen, h_rejected, tokenizer.pad_id)
+        margins = pairwise_margins(m, *mine, tokenizer.pad_id)
+        return pairwise_metrics(*gather_shares([margins], len(h_chosen), info, device))
 
     rm.eval()
     before = measure(rm)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from pyllm.train.checkpoint import CheckpointError
+from pyllm.train.distributed import DistInfo
 
 from .chat import ChatTemplate
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split, task_reward
@@ -31,7 +32,7 @@ from .judge import RewardModelJudge, load_python_function
 from .lora import BaseModelView
 from .packing import Encoded
 from .sequences import collate, generate_responses, response_logprobs
-from .stage import StageConfig, data_parallel, device_of, load_start
+from .stage import StageConfig, data_parallel, device_of, gather_shares, heldout_share, load_start
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -135,11 +136,12 @@ def make_reward_fn(spec, template: ChatTemplate, seq_len: int, device) -> Reward
 
 @torch.no_grad()
 def sample(policy, template: ChatTemplate, prompts: list[str], *, max_new_tokens: int, temperature: float,
-           seed: int) -> tuple[dict[str, torch.Tensor], list[str]]:
+           seed: int, batch_rows: tuple[int, list[int]] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Generate one response per prompt -> ({"input_ids", "train", "attention"} (N, L) on the policy's
-    device, response texts)."""
+    device, response texts). ``batch_rows``: the prompts are these rows of a larger batch (see ``generate``)."""
     p_ids, r_ids, texts, _ = generate_responses(policy, template, prompts, max_new_tokens=max_new_tokens,
-                                                temperature=temperature, seed=seed, batch_size=len(prompts))
+                                                temperature=temperature, seed=seed, batch_size=len(prompts),
+                                                batch_rows=batch_rows)
     items = [Encoded(tuple(p + r), (False,) * len(p) + (True,) * len(r)) for p, r in zip(p_ids, r_ids)]
     b = collate(items, template.tokenizer.pad_id, policy.head_weight.device)
     return {"input_ids": b["tokens"], "train": b["train"], "attention": b["attention"]}, texts
@@ -147,32 +149,52 @@ def sample(policy, template: ChatTemplate, prompts: list[str], *, max_new_tokens
 
 @torch.no_grad()
 def heldout_metrics(policy, reference, template: ChatTemplate, examples: list[Example], reward_fn: RewardFn,
-                    max_new_tokens: int, seed: int = 0, samples: int = 1) -> dict:
+                    max_new_tokens: int, seed: int = 0, samples: int = 1, info: DistInfo | None = None) -> dict:
     """Greedy accuracy and mean reward on held-out prompts; on ``samples`` responses per prompt sampled at
     temperature 1 (what RL optimises; seeds seed .. seed + samples - 1) the mean reward and the
-    KL(policy || reference) per response (sum over tokens of log pi - log ref, averaged over responses)."""
-    prompts = [e.prompt for e in examples]
-    _, greedy = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-    rewards = reward_fn(prompts, greedy)
-    accuracy = sum(t.strip() == e.reference for t, e in zip(greedy, examples)) / len(examples)
-    sampled_rewards, kls = [], []
-    for k in range(samples):
-        sampled, texts = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                                seed=seed + k)
-        sampled_rewards += reward_fn(prompts, texts)
-        kls.append(sampled_kl(policy, reference, sampled))
-    return {"accuracy": accuracy, "mean_reward": sum(rewards) / len(rewards),
-            "sampled_reward": sum(sampled_rewards) / len(sampled_rewards), "kl_to_ref": sum(kls) / len(kls)}
+    KL(policy || reference) per response (sum over tokens of log pi - log ref, averaged over responses).
+
+    Data-parallel (``info``): each process generates for its ``heldout_share`` of the prompts and the
+    per-prompt values of all come back in their order (``gather_shares``), so every process returns what
+    one process returns for all prompts: a sampled response draws the random numbers it draws in the batch
+    of all prompts (``batch_rows``), whatever the number of processes."""
+    info = info or DistInfo()
+    mine = heldout_share(list(range(len(examples))), info)
+    whole = (len(examples), mine) if info.world_size > 1 else None
+    prompts = [examples[i].prompt for i in mine]
+    # per prompt: greedy answer right, its reward, then each sample's reward; then each sample's KL
+    columns, kls = [[], []] + [[] for _ in range(samples)], [torch.zeros(0)] * samples
+    if prompts:  # (a process has none when there are fewer prompts than processes)
+        _, greedy = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
+        columns[0] = [float(t.strip() == examples[i].reference) for t, i in zip(greedy, mine)]
+        columns[1] = reward_fn(prompts, greedy)
+        for k in range(samples):
+            sampled, texts = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
+                                    seed=seed + k, batch_rows=whole)
+            columns[2 + k], kls[k] = reward_fn(prompts, texts), response_kls(policy, reference, sampled)
+    device = policy.head_weight.device
+    values = gather_shares([torch.tensor(c, dtype=torch.float64, device=device) for c in columns] + kls,
+                           len(examples), info, device)
+    right, rewards, *sampled_rewards = [v.tolist() for v in values[:2 + samples]]
+    sampled_rewards = [r for per_sample in sampled_rewards for r in per_sample]
+    kl_means = [v.mean().item() for v in values[2 + samples:]]  # per sample: the mean over prompts
+    return {"accuracy": sum(right) / len(examples), "mean_reward": sum(rewards) / len(rewards),
+            "sampled_reward": sum(sampled_rewards) / len(sampled_rewards), "kl_to_ref": sum(kl_means) / samples}
 
 
 @torch.no_grad()
+def response_kls(policy, reference, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum_t log pi(y_t) - log ref(y_t) of each response (N,) of a batch from ``sample`` (0 when empty)."""
+    logp, mask = response_logprobs(policy, sampled["input_ids"], sampled["train"])
+    ref_logp, _ = response_logprobs(reference, sampled["input_ids"], sampled["train"])
+    return ((logp - ref_logp) * mask).sum(1)
+
+
 def sampled_kl(policy, reference, sampled: dict[str, torch.Tensor]) -> float:
     """KL(policy || reference) per response, estimated on responses sampled from the policy (a batch from
     ``sample``): the mean over responses of sum_t log pi(y_t) - log ref(y_t) (Schulman's k1 estimator; an
     empty response counts as 0)."""
-    logp, mask = response_logprobs(policy, sampled["input_ids"], sampled["train"])
-    ref_logp, _ = response_logprobs(reference, sampled["input_ids"], sampled["train"])
-    return ((logp - ref_logp) * mask).sum(1).mean().item()
+    return response_kls(policy, reference, sampled).mean().item()
 
 
 @dataclass

@@ -48,16 +48,21 @@ def sequence_logprob(logp: torch.Tensor, mask: torch.Tensor, length_normalize: b
 
 
 def generate_responses(model: Transformer, template: ChatTemplate, prompts: list[str], *, max_new_tokens: int,
-                       temperature: float = 0.0, seed: int | None = None, batch_size: int = 64):
+                       temperature: float = 0.0, seed: int | None = None, batch_size: int = 64,
+                       batch_rows: tuple[int, list[int]] | None = None):
     """Chat-formatted generation. -> (prompt ids, response ids incl. the end token, response texts,
-    response log-probs per token)."""
+    response log-probs per token). ``batch_rows``: see ``generate`` (the prompts must fit one batch)."""
+    if batch_rows is not None and len(prompts) > batch_size:
+        raise ValueError(f"generate_responses: batch_rows needs one batch, got {len(prompts)} prompts > "
+                         f"batch_size={batch_size}")
     tok = template.tokenizer
     stops = template.end_ids()
     p_ids, r_ids, texts, lps = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = [template.prompt_ids([{"role": "user", "content": p}]) for p in prompts[start:start + batch_size]]
         out, logprobs = generate(model, chunk, max_new_tokens, temperature=temperature, stop_tokens=stops,
-                                 seed=None if seed is None else seed + start, return_logprobs=True)
+                                 seed=None if seed is None else seed + start, return_logprobs=True,
+                                 batch_rows=batch_rows)
         for prompt, resp, lp in zip(chunk, out, logprobs):
             p_ids.append(prompt)
             r_ids.append(resp)
@@ -67,19 +72,17 @@ def generate_responses(model: Transformer, template: ChatTemplate, prompts: list
 
 
 @torch.no_grad()
-def exact_match_rate(model: Transformer, template: ChatTemplate, examples: list[Example], max_new_tokens: int = 8,
-                     batch_size: int = 64) -> float:
-    """Share of ``examples`` whose greedy response equals the right answer (``Example.reference``)."""
-    if not examples:
-        return float("nan")
+def exact_matches(model: Transformer, template: ChatTemplate, examples: list[Example], max_new_tokens: int = 8,
+                  batch_size: int = 64) -> int:
+    """How many of ``examples`` get a greedy response equal to the right answer (``Example.reference``)."""
     _, _, texts, _ = generate_responses(model, template, [e.prompt for e in examples],
                                         max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
-    return sum(exact_match(t, e.reference) for t, e in zip(texts, examples)) / len(examples)
+    return sum(exact_match(t, e.reference) for t, e in zip(texts, examples))
 
 
 @torch.no_grad()
-def completion_loss(model: Transformer, encoded: list[Encoded], pad_id: int, batch_size: int = 64) -> float:
-    """Mean negative log-likelihood per trained (completion) token over ``encoded``."""
+def completion_nll(model: Transformer, encoded: list[Encoded], pad_id: int, batch_size: int = 64):
+    """(summed negative log-likelihood, count) of the trained (completion) tokens of ``encoded``."""
     device = model.head_weight.device
     total, count = 0.0, 0.0
     for start in range(0, len(encoded), batch_size):
@@ -87,4 +90,4 @@ def completion_loss(model: Transformer, encoded: list[Encoded], pad_id: int, bat
         logp, mask = response_logprobs(model, b["tokens"], b["train"])
         total += float(-(logp * mask).sum())
         count += float(mask.sum())
-    return total / max(count, 1.0)
+    return total, count

@@ -21,9 +21,9 @@ from pyllm.train.run import val_loss_fn
 
 from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
 from .packing import PackedBatches, ReplayBatches, encode_examples, pack
-from .sequences import completion_loss, exact_match_rate
-from .stage import (StageConfig, add_lora, data_parallel, export, final_metrics, load_start, micro_batch,
-                    run_trainer, write_summary)
+from .sequences import completion_nll, exact_matches
+from .stage import (StageConfig, add_lora, data_parallel, device_of, export, final_metrics, heldout_share,
+                    load_start, micro_batch, run_trainer, sum_shares, write_summary)
 
 
 @dataclass
@@ -131,11 +131,19 @@ def sft(cfg: SFTConfig) -> dict:
     if text is not None:
         batches, loss_fn = ReplayBatches(batches, text), replay_loss(cfg.pretrain_mix)
     qa = [e for e in heldout_items if isinstance(e, Example)]  # single-turn items have a reference answer
-    text_val_loss = val_loss_fn(_text_val_batches(cfg)) if cfg.pretrain_data else None
+    text_val_loss = None
+    if cfg.pretrain_data:  # its batches are shared out when they split evenly over the processes
+        text_batches = _text_val_batches(cfg)
+        split_evenly = len(text_batches) % info.world_size == 0
+        text_val_loss = val_loss_fn(text_batches, *((info.rank, info.world_size) if split_evenly else (0, 1)))
+    # this process's share of the held-out examples; summed token losses, token and match counts are added
+    my_enc, my_qa, device = heldout_share(heldout_enc, info), heldout_share(qa, info), device_of(cfg)
 
     def measure(m) -> dict:
-        out = {"completion_loss": completion_loss(m, heldout_enc, tokenizer.pad_id),
-               "exact_match": exact_match_rate(m, template, qa, cfg.max_new_tokens)}
+        nll, tokens = completion_nll(m, my_enc, tokenizer.pad_id)
+        matches = exact_matches(m, template, my_qa, cfg.max_new_tokens)
+        nll, tokens, matches = sum_shares([nll, tokens, float(matches)], info, device)
+        out = {"completion_loss": nll / max(tokens, 1.0), "exact_match": matches / len(qa) if qa else float("nan")}
         if text_val_loss:  # what replay protects: next-token loss on held-out pretraining text
             out["text_loss"] = text_val_loss(m)["val_loss"]
         return out

@@ -6,8 +6,14 @@ Training goes through ``pyllm.train.Trainer`` with the stage's ``loss_fn``, batc
 ``eval_fn``: precision, clipping, the LR schedule, checkpoints and logging are the Trainer's.
 
 Under ``torchrun`` a stage is data-parallel (DDP): ``train['batch_size']`` is the global batch, each
-process draws its own share of it (``RankBatches``; RL: its share of each rollout's prompts), held-out
-metrics are computed on every process alike, and process 0 alone writes the model and summary.
+process draws its own share of it (``RankBatches``; RL: its share of each rollout's prompts), and process
+0 alone writes the model and summary. Held-out metrics are shared out too: process r evaluates the items
+r, r + world_size, ... (``heldout_share``), and the results come back together in one float64 all-reduce,
+as sums and counts (``sum_shares``) or as the per-item values of all items in their order
+(``gather_shares``), from which every process computes the metric as one process does. So every process
+reports what one process evaluating every item reports, up to rounding (an item's forward pass sits in
+another batch); sampled responses draw the random numbers they draw in the batch of all prompts
+(``generate``'s ``batch_rows``), so they do not depend on the number of processes either.
 """
 
 from __future__ import annotations
@@ -144,6 +150,32 @@ def mean_over_processes(cfg: StageConfig, value: float) -> float:
         return value
     return distributed.all_reduce_(torch.tensor([value], dtype=torch.float64, device=device_of(cfg)), "avg",
                                    info).item()
+
+
+def heldout_share(items: list, info: distributed.DistInfo) -> list:
+    """This process's share of the held-out ``items``: every world_size-th from its rank (all of them in one
+    process; none for the last processes when there are fewer items than processes)."""
+    return items[info.rank::info.world_size]
+
+
+def sum_shares(values: list[float], info: distributed.DistInfo, device) -> list[float]:
+    """Sums over processes of this process's sums over its ``heldout_share`` (``values`` itself in one
+    process), added in float64."""
+    if info.world_size == 1:
+        return values
+    return distributed.all_reduce_(torch.tensor(values, dtype=torch.float64, device=device), "sum", info).tolist()
+
+
+def gather_shares(columns: list[torch.Tensor], n: int, info: distributed.DistInfo, device) -> list[torch.Tensor]:
+    """Per-item values of all ``n`` held-out items, in their order, from every process's values of its
+    ``heldout_share`` (each column (n_r,) -> (n,)). One process: the columns themselves, untouched (same
+    values, dtype and layout); several: float64, exact (each item's value is added to zeros)."""
+    if info.world_size == 1:
+        return columns
+    full = torch.zeros(len(columns), n, dtype=torch.float64, device=device)
+    for row, column in zip(full, columns):
+        row[info.rank::info.world_size] = column.to(full)
+    return list(distributed.all_reduce_(full, "sum", info).unbind())
 
 
 def device_of(cfg: StageConfig) -> torch.device:

@@ -1,6 +1,7 @@
 """Generation: the cached, left-padded, batched path gives the logits of a plain forward over the
-whole sequence; batched equals one-by-one; greedy and seeded sampling are reproducible; stop tokens end
-their own row; top-k and top-p restrict the support."""
+whole sequence; batched equals one-by-one; greedy and seeded sampling are reproducible, and a batch
+sampled in parts (``batch_rows``) gives the whole batch's tokens; stop tokens end their own row; top-k and
+top-p restrict the support."""
 
 import math
 
@@ -52,6 +53,26 @@ def test_reproducible_with_seed_or_generator():
     a = generate(model, PROMPTS, 8, seed=3, top_k=20)
     assert a == generate(model, PROMPTS, 8, generator=torch.Generator().manual_seed(3), top_k=20)
     assert a != generate(model, PROMPTS, 8, seed=4, top_k=20)
+
+
+def test_rows_of_a_batch_sample_what_the_whole_batch_samples():
+    # a batch generated in parts (one per data-parallel process) with batch_rows: each row draws the random
+    # numbers it draws in the whole batch, so the parts give the whole batch's tokens, rows that stop early
+    # included; a part generated alone draws others
+    model = small_model("gpt2")
+    prompts = PROMPTS + [[3, 1], [7, 7, 7, 7], [2], [9, 8, 7]]
+    whole, whole_lp = generate(model, prompts, 8, seed=3, top_p=0.95, stop_tokens=[5, 6], return_logprobs=True)
+    assert len({len(row) for row in whole}) > 1  # some rows stopped early
+    for rows in ([0, 2, 4, 6], [1, 3, 5], [5, 0], [6]):
+        part, part_lp = generate(model, [prompts[r] for r in rows], 8, seed=3, top_p=0.95, stop_tokens=[5, 6],
+                                 return_logprobs=True, batch_rows=(len(prompts), rows))
+        assert part == [whole[r] for r in rows]
+        for got, r in zip(part_lp, rows):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(whole_lp[r]), rtol=1e-9, atol=1e-9)
+    alone = generate(model, [prompts[r] for r in (1, 3, 5)], 8, seed=3, top_p=0.95, stop_tokens=[5, 6])
+    assert alone != [whole[r] for r in (1, 3, 5)]
+    with pytest.raises(ValueError, match="batch_rows must give 2 distinct rows"):
+        generate(model, prompts[:2], 4, seed=3, batch_rows=(7, [1, 1]))
 
 
 def test_stop_tokens_end_only_their_row():
