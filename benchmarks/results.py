@@ -13,6 +13,8 @@ import json
 import uuid
 from pathlib import Path
 
+from pyllm.data.jsonl import read_json_lines
+
 SCHEMA = "pyllm-bench-v1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -53,13 +55,7 @@ def read(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, rec in read_json_lines(path):
         if rec.get("schema") != SCHEMA:
             raise ValueError(f"{path}:{i}: field 'schema' is {rec.get('schema')!r}, expected {SCHEMA!r}")
         records.append(rec)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pyllm.data.jsonl import read_json_lines
 from pyllm.train.config import build_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def pyllm_command(text_file: Path, out: Path, steps: int, eval_interval: int, ev
 
 
 def pyllm_result(out: Path, wall: float) -> dict:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [record for _, record in read_json_lines(out / "metrics.jsonl")]
     tokens_per_step = 12 * 64
     # the per-step records carry tokens/s of that step alone (log_every 1); evaluations are timed apart
     times = [tokens_per_step / r["tokens_per_s"] for r in records if "tokens_per_s" in r]

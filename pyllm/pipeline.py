@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyllm
+from pyllm.data.jsonl import read_json_lines
 
 STAGES = ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval", "report")
 
@@ -379,7 +380,7 @@ def _history(directory: Path) -> list[dict]:
     path = directory / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_json_lines(path)]
 
 
 def run_pretrain(cfg: PipelineConfig, directory: Path, data: dict) -> dict:

@@ -13,7 +13,6 @@ machine-garbled copies of it (words shuffled, characters scrambled, keyword spam
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .dedup import _splitmix64, word_hashes
+from .jsonl import read_json_lines
 
 
 @dataclass
@@ -108,19 +108,15 @@ class QualityClassifier:
 def load_examples(path: str | Path) -> tuple[list[str], list[int]]:
     """Texts and 0/1 labels from a JSONL file; a bad line is a one-line error naming file and line."""
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text, label = rec["text"], int(rec["label"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: expected {{\"text\": str, \"label\": 0|1}} ({e})") from None
-            if label not in (0, 1) or not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: 'label' must be 0 or 1 and 'text' a string")
-            texts.append(text)
-            labels.append(label)
+    for lineno, rec in read_json_lines(path):
+        try:
+            text, label = rec["text"], int(rec["label"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: expected {{\"text\": str, \"label\": 0|1}} ({e})") from None
+        if label not in (0, 1) or not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: 'label' must be 0 or 1 and 'text' a string")
+        texts.append(text)
+        labels.append(label)
     if len(set(labels)) < 2:
         raise ValueError(f"{path}: needs examples of both labels (0 = bad, 1 = good)")
     return texts, labels

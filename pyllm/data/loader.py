@@ -23,6 +23,19 @@ import torch
 from .shards import read_manifest
 
 
+def resume_step(count: int, batch_size: int, world_size: int, *, saved: str, batches: str, resize: str,
+                error: type[Exception] = ValueError) -> int:
+    """The step at which a layout-free batch source resumes: ``count`` sequences drawn by all ranks together
+    (its saved position) in steps of ``batch_size`` x ``world_size``. A count that is not a whole number of
+    steps raises ``error``: "<saved> is not a whole number of <batches> of B x W rank(s); resume with a
+    <resize> that divides it"."""
+    per_step = batch_size * world_size
+    if count % per_step:
+        raise error(f"{saved} is not a whole number of {batches} of {batch_size} x {world_size} rank(s); "
+                    f"resume with a {resize} that divides it")
+    return count // per_step
+
+
 class ShardLoader:
     def __init__(self, shard_dir: str | Path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, split: str = "train"):
@@ -107,12 +120,10 @@ class ShardLoader:
         # states written before the count was global hold (step, batch_size, world_size)
         windows = state.get("windows", int(state.get("step", 0)) * state.get("batch_size", self.batch_size)
                             * state.get("world_size", self.world_size))
-        per_step = self.batch_size * self.world_size
-        if windows % per_step:
-            raise ValueError(f"ShardLoader state: {windows} windows read in epoch {state['epoch']} is not a whole "
-                             f"number of batches of {self.batch_size} x {self.world_size} rank(s); resume with a "
-                             "batch size x world size that divides it")
-        self.epoch, self.step = int(state["epoch"]), windows // per_step
+        step = resume_step(windows, self.batch_size, self.world_size, batches="batches",
+                           saved=f"ShardLoader state: {windows} windows read in epoch {state['epoch']}",
+                           resize="batch size x world size")
+        self.epoch, self.step = int(state["epoch"]), step
 
     @property
     def tokens_per_epoch(self) -> int:

@@ -34,6 +34,7 @@ from .clean import CleanConfig, clean_document
 from .dedup import DedupConfig, Deduplicator, MinHasher, content_hash
 from .document import Document
 from .filters import QualityConfig, quality_check
+from .jsonl import read_json_lines
 from .parallel import ordered_map
 from .pii import PIIConfig, PIIRedactor
 from .shards import ShardConfig, pack_shards
@@ -311,10 +312,8 @@ def curate(cfg: DataConfig, out_file: Path) -> dict:
 
 def iter_curated(path: Path):
     """(id, text) of each curated document, streamed."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            yield rec["id"], rec["text"]
+    for _, rec in read_json_lines(path):
+        yield rec["id"], rec["text"]
 
 
 # ---- the whole pipeline -------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from pyllm.data.jsonl import JsonLinesError, read_json_lines
+
 KINDS = ("multiple_choice", "generation", "perplexity")
 NORMALIZERS = ("strip", "lower", "collapse_whitespace", "strip_punctuation", "last_number")
 
@@ -185,22 +187,14 @@ def _field(doc: dict, name: str, where: str, types):
 
 
 def read_jsonl(path: Path) -> list[tuple[dict, str]]:
-    """(object, "file:line") for each non-blank line of a JSONL file."""
+    """(object, "file:line") for each non-blank line of a JSONL file. A line may hold any JSON value:
+    ``make_item`` rejects one that is not an object, and only the items evaluated (``limit``) are checked."""
     if not path.exists():
         raise TaskError(f"{path}: data file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise TaskError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    out = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            out.append((json.loads(line), f"{path}:{lineno}"))
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    return out
+        return [(doc, f"{path}:{n}") for n, doc in read_json_lines(path, objects=False)]
+    except JsonLinesError as e:
+        raise TaskError(str(e)) from None
 
 
 class Task:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pyllm.data.jsonl import JsonLinesError, read_json_lines
+
 TASKS = ("add", "sort", "reverse")
 
 
@@ -90,21 +92,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), None, "file not found")
-    rows = []
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(str(path), None, f"not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), n, f"not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(str(path), n, f"expected a JSON object, got {type(obj).__name__}")
-        rows.append((n, obj))
+        rows = list(read_json_lines(path))
+    except JsonLinesError as e:
+        raise DataError(e.path, e.line, e.problem) from None
     if not rows:
         raise DataError(str(path), None, "no rows")
     return rows

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyllm.data.loader import resume_step
 from pyllm.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
@@ -137,12 +138,9 @@ class RandomWindows:
         if "sequences" not in state:  # written before the count was global: micro-batches of the same layout
             self.position = int(state["position"])
             return
-        per_step = self.batch_size * self.world_size
-        if state["sequences"] % per_step:
-            raise DataError(f"the saved data position ({state['sequences']} sequences drawn) is not a whole number "
-                            f"of this run's micro-batches of {self.batch_size} x {self.world_size} rank(s); "
-                            "resume with a micro_batch_size x world_size that divides it")
-        self.position = state["sequences"] // per_step
+        self.position = resume_step(state["sequences"], self.batch_size, self.world_size, error=DataError,
+                                    saved=f"the saved data position ({state['sequences']} sequences drawn)",
+                                    batches="this run's micro-batches", resize="micro_batch_size x world_size")
 
 
 def fixed_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int, seed: int, rank: int = 0,

@@ -59,12 +59,12 @@ def test_bad_task_file(tmp_path):
         load_task(path)
     (tmp_path / "items.jsonl").write_text('{"q": "x", "opts": ["a"], "label": 0}\n{not json\n')
     path.write_text(text)
-    with pytest.raises(TaskError, match=r"items.jsonl:2: invalid JSON"):
+    with pytest.raises(TaskError, match=r"items.jsonl:2: not valid JSON \(Expecting property name .* at column 2\)"):
         load_task(path)
     (tmp_path / "items.jsonl").write_text('{"q": "a\u2028b", "opts": ["x", "y"], "label": 0}\n', encoding="utf-8")
     assert load_task(path).items[0].prompt == "Q: a\u2028b\nA:"  # a line separator inside a JSON string
     (tmp_path / "items.jsonl").write_bytes(b'{"q": "caf\xe9"}\n')  # Latin-1, not UTF-8
-    with pytest.raises(TaskError, match=r"items.jsonl: not UTF-8 text \(byte 10\)"):
+    with pytest.raises(TaskError, match=r"items.jsonl:1: not UTF-8 text \(byte 10\)"):
         load_task(path)
     path.write_bytes(text.encode() + b"# \xff\n")
     with pytest.raises(TaskError, match=r"t.yaml: not UTF-8 text"):

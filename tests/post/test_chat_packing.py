@@ -89,7 +89,7 @@ def test_bad_jsonl_rows_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"prefs.jsonl:1: field 'rejected' must be a non-empty string"):
         load_pairs(p)
     p.write_bytes(b'{"prompt": "caf\xe9", "completion": "ok"}\n')
-    with pytest.raises(DataError, match=r"prefs.jsonl: not UTF-8 text \(byte 15\)"):
+    with pytest.raises(DataError, match=r"prefs.jsonl:1: not UTF-8 text \(byte 15\)"):
         load_examples(p)
     # a raw line or paragraph separator inside a JSON string is valid JSON (not a line break of the file)
     p.write_text('{"prompt": "a\u2028b", "completion": "c\u2029d"}\n', encoding="utf-8")
