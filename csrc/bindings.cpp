@@ -13,7 +13,7 @@
 
 #include "cpu/dispatch.h"
 #ifdef PYLLM_WITH_CUDA
-#include "cuda/launch.h"
+#include "cuda/bindings.h"
 #endif
 
 namespace py = pybind11;
@@ -180,37 +180,13 @@ void bind_cpu(py::module_& m) {
       kNoGil);
 }
 
-#ifdef PYLLM_WITH_CUDA
-// The launchers already take plain integers; bind them by name, releasing the GIL while they enqueue.
-void bind_cuda(py::module_& m) {
-  namespace c = pyllm::cuda;
-  m.def("cuda_norm_fwd", &c::norm_fwd, kNoGil);
-  m.def("cuda_norm_bwd_workspace", &c::norm_bwd_workspace);
-  m.def("cuda_norm_bwd", &c::norm_bwd, kNoGil);
-  m.def("cuda_bias_gelu_fwd", &c::bias_gelu_fwd, kNoGil);
-  m.def("cuda_bias_gelu_bwd_workspace", &c::bias_gelu_bwd_workspace);
-  m.def("cuda_bias_gelu_bwd", &c::bias_gelu_bwd, kNoGil);
-  m.def("cuda_swiglu_fwd", &c::swiglu_fwd, kNoGil);
-  m.def("cuda_swiglu_bwd", &c::swiglu_bwd, kNoGil);
-  m.def("cuda_cross_entropy_fwd", &c::cross_entropy_fwd, kNoGil);
-  m.def("cuda_cross_entropy_bwd", &c::cross_entropy_bwd, kNoGil);
-  m.def("cuda_unscale_check", &c::unscale_check, kNoGil);
-  m.def("cuda_adamw", &c::adamw, kNoGil);
-  m.def("cuda_gemm", &c::gemm, kNoGil);
-  m.def("cuda_attention_fwd", &c::attention_fwd, kNoGil);
-  m.def("cuda_attention_bwd_workspace", &c::attention_bwd_workspace);
-  m.def("cuda_attention_bwd", &c::attention_bwd, kNoGil);
-}
-#endif
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm C++/CUDA kernels (raw-pointer interface; use pyllm.ops, not this module directly)";
   bind_cpu(m);
 #ifdef PYLLM_WITH_CUDA
-  m.attr("has_cuda") = true;
-  bind_cuda(m);
+  pyllm::cuda::bind_cuda(m);
 #else
   m.attr("has_cuda") = false;
 #endif

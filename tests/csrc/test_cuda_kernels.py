@@ -2,11 +2,16 @@
 forward and backward, in float32/float16/bfloat16 (csrc_checks.check; PYLLM_STRICT_BACKEND=1).
 
 Every test here needs a CUDA device and a pyllm._C built with nvcc; on a machine without a GPU they
-are skipped (CI still compiles the kernels: a CUDA build error fails the install).
+are skipped (CI still compiles the kernels: a CUDA build error fails the install), unless
+PYLLM_CUDA_EMULATOR=1: then they run on the CPU over the CUDA emulator (tests/csrc/cuda_emulator: the
+kernels compiled as host C++, CPU tensors standing in for device memory; test_cuda_emulated.py runs a
+selection of them so in CI). What only a GPU can show is skipped there (`gpu_only`): other devices, the
+Triton cross-checks, tensors too large for the emulator's speed.
 """
 
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -18,13 +23,20 @@ from pyllm.ops.tolerance import assert_close, error_bound
 
 from csrc_checks import check
 
+EMULATED = os.environ.get("PYLLM_CUDA_EMULATOR") == "1"
+if EMULATED:
+    import cuda_emulator
+
+    cuda_emulator.install()
+
 HAS_CUDA = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-pytestmark = requires_gpu
+gpu_only = pytest.mark.skipif(EMULATED, reason="needs a real GPU (not run by the CUDA emulator)")
+pytestmark = [] if EMULATED else requires_gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF = [torch.float16, torch.bfloat16]
-DEV = "cuda"
+DEV = "cpu" if EMULATED else "cuda"
 BACKEND = "cuda"  # the backend under test
 
 
@@ -34,7 +46,7 @@ def _strict(monkeypatch):
 
 
 def _triton_has(op):
-    return "triton" in ops.ops_table().get(op, [])
+    return not EMULATED and "triton" in ops.ops_table().get(op, [])
 
 
 def _check(op, args, dtype, n_grad=None, **kwargs):
@@ -101,6 +113,7 @@ def test_bias_gelu(dtype, shape, approximate):
     _check("bias_gelu", [x], dtype, approximate=approximate)
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", HALF)
 def test_pointwise_beyond_the_grid_cap(dtype):
     """More elements than one pass of the capped grid (524280 blocks x 256 threads, one element each at
@@ -176,8 +189,9 @@ def test_swiglu_on_rows_behind_a_size_one_dim_of_any_stride(dtype):
 def test_adamw_step_refuses_a_found_inf_it_cannot_read():
     """A CPU flag, or several values, with CUDA parameters: the kernel would read a host pointer."""
     params, grads, m, v = _adam_state([(5, 3)], torch.float32, 2)
-    for found_inf in (torch.zeros(1), torch.zeros(2, device=DEV)):
-        with pytest.raises(BackendError, match="'found_inf' must be one value on cuda"):
+    host_flag = [] if EMULATED else [torch.zeros(1)]  # emulated, the parameters are on the CPU too
+    for found_inf in (*host_flag, torch.zeros(2, device=DEV)):
+        with pytest.raises(BackendError, match=f"'found_inf' must be one value on {DEV}"):
             ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=found_inf, backend=BACKEND)
 
 
@@ -259,6 +273,7 @@ def test_linear_on_3d_input_and_frozen_operands(dtype, activation):
                  "linear, frozen operands")
 
 
+@gpu_only  # autocast on the CUDA device
 def test_linear_under_autocast_of_the_other_half_dtype_returns_the_autocast_dtype(monkeypatch):
     """bf16 operands under fp16 autocast: F.linear casts them and returns fp16, so the kernel (which would
     return bf16) must leave such a call to the reference."""
@@ -362,6 +377,7 @@ def test_attention_opcheck_on_a_permuted_q():
     torch.library.opcheck(cb._attention.custom_op, (q.clone().requires_grad_(), q, q, 0.125, True))
 
 
+@gpu_only
 def test_memory_bound_ops_are_cross_checked_with_triton():
     """_check, test_adamw_step and test_unscale_and_check compare with Triton only where the triton
     backend is registered: fail loudly if it is not, instead of passing without the comparison."""
@@ -370,6 +386,7 @@ def test_memory_bound_ops_are_cross_checked_with_triton():
     assert not missing, f"no triton backend for {missing}: the CUDA-vs-Triton comparison would be skipped"
 
 
+@gpu_only
 def test_gemm_and_attention_are_cross_checked_with_triton():
     """_check compares with Triton only where the triton backend is registered: fail loudly if it is not."""
     missing = [op for op in ("matmul", "linear", "attention") if not _triton_has(op)]
@@ -385,7 +402,9 @@ def test_attention_with_doc_ids_is_refused():
 CHUNK = 65536  # multi_tensor.cu: kChunk elements per block, 320 blocks and 36 tensors per launch table
 # > 36 tensors, one tensor longer than a whole table (its chunks continue in the next table's slot 0),
 # sizes at chunk boundaries, an empty tensor
-MT_SHAPES = [(1,), (7, 13), (320 * CHUNK + 1000,), (CHUNK,), (CHUNK + 1,), (3, 5, 2), (0,)] + [(17,)] * 40
+# (emulated: 3 chunks instead of a table and a half, for speed; test_multi_tensor_table.py checks tables)
+LONG = (3 if EMULATED else 320) * CHUNK + 1000
+MT_SHAPES = [(1,), (7, 13), (LONG,), (CHUNK,), (CHUNK + 1,), (3, 5, 2), (0,)] + [(17,)] * 40
 
 
 def _adam_state(shapes, dtype, seed):
@@ -434,7 +453,7 @@ def test_adamw_step_skips_on_found_inf():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
-@pytest.mark.parametrize("backend", [BACKEND, "triton"])
+@pytest.mark.parametrize("backend", [BACKEND] + ([] if EMULATED else ["triton"]))
 @pytest.mark.parametrize("inv_scale_on_device", [False, True])
 def test_unscale_and_check(dtype, bad, backend, inv_scale_on_device):
     """Every element of every gradient scaled once (MT_SHAPES: table and chunk boundaries), found_inf set
@@ -455,6 +474,7 @@ def test_unscale_and_check(dtype, bad, backend, inv_scale_on_device):
         assert torch.equal(g[g.isfinite()], e[e.isfinite()])
 
 
+@gpu_only
 def test_non_cuda_tensor_is_refused():
     with pytest.raises(ops.BackendError, match="argument 'x'.*cpu"):
         ops.layer_norm(torch.randn(2, 4), torch.randn(4), backend=BACKEND)
@@ -481,6 +501,22 @@ def test_norm_width_beyond_int_indexing_is_refused():
     for op in ("layer_norm", "rms_norm"):
         with pytest.raises(ops.BackendError, match="last dim of argument 'x'"):
             getattr(ops, op)(x, w, backend=BACKEND)
+
+
+@pytest.mark.skipif(not EMULATED, reason="sets the emulated GPU's shared-memory limit")
+def test_attention_beyond_the_gpus_shared_memory_is_a_one_line_error():
+    """sm_86/89 allow 99 KB of shared memory per block: attention at D = 128 needs 110 KB (forward), D = 64
+    fits. The opt-in's failure once went unnoticed and the launch failed with a bare "invalid argument"."""
+    from pyllm.ops import cuda_backend as cb
+    q64, q128 = _randn(1, 1, 16, 64).half(), _randn(1, 1, 16, 128).half()
+    cb._C.set_shared_memory_optin(99 * 1024)
+    try:
+        assert ops.attention(q64, q64, q64, backend=BACKEND).shape == q64.shape
+        with pytest.raises(ValueError, match=r"attention_fwd \(head dim 128\) needs 112640 bytes of shared "
+                                             r"memory per block; this GPU allows 101376"):
+            ops.attention(q128, q128, q128, backend=BACKEND)
+    finally:
+        cb._C.set_shared_memory_optin(232448)
 
 
 def test_fp32_attention_is_refused():
