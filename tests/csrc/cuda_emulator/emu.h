@@ -379,8 +379,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
       th.sp = new_fiber_stack(th.stack);
     }
     run_block(b, reverse);
-    for (long t = 0; t < nt; ++t)  // a thread that returned left poisoned only its last frames, at the top
-      stacks[t].dirty = b.threads[t].wait == Wait::kDone ? 64 * 1024 : kStackBytes;
+    // A thread that returned left poisoned only its last two frames (thread_entry's, yield_to_scheduler's)
+    // at the top, where new_fiber_stack writes next; deeper stale poison is harmless, as every instrumented
+    // frame rewrites its own shadow on entry. One abandoned mid-kernel (a failed block): anything.
+    for (long t = 0; t < nt; ++t) stacks[t].dirty = b.threads[t].wait == Wait::kDone ? 4096 : kStackBytes;
   }
   if (errors.load()) {
     const std::string what = first_error;
