@@ -104,7 +104,10 @@ def build(out_root: Path | None = None, mutate: dict[str, tuple[str, str]] | Non
     if shutil.which("g++") is None:
         raise Unavailable("g++ not found")
     include = cuda_include()
-    import pybind11
+    try:
+        import pybind11
+    except ImportError:
+        raise Unavailable("pybind11 not installed (pip install -e '.[dev]')") from None
 
     mutate = dict(mutate or {})
 
