@@ -210,7 +210,9 @@ def install(module=None):
         raise RuntimeError(f"cuda_emulator: the cuda backend did not load over the emulator: {error}")
     import pyllm.ops.cuda_backend as cb
 
-    assert cb._C is module
+    if cb._C is not module:  # the backend was imported before, over the real pyllm._C
+        raise RuntimeError("cuda_emulator: pyllm.ops.cuda_backend was already loaded; install() must come first")
+
     def require(op, dtypes=tuple(cb._DTYPE_CODES), **tensors):  # the real one also demands a CUDA device
         for name, t in tensors.items():
             if t is not None and t.device.type != "cpu":
