@@ -63,12 +63,11 @@ def _static_shared(match: re.Match, counter: list[int]) -> str:
 def translate(source: str, name: str) -> str:
     """Host C++ for one .cu/.cuh file (see the module docstring)."""
     counter = [0]
-    source, n_dynamic = re.subn(
-        r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?((?:[\w:]+\s+)*?[\w:]+)\s+(\w+)\[\];",
-        r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_shared());", source)
-    source, n_static = re.subn(r"__shared__\s+([\w:<>]+)\s+([^;]+);", lambda m: _static_shared(m, counter), source)
-    source, n_launch = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.+?)>>>\(",
-                               lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, ", source, flags=re.S)
+    source = re.sub(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?((?:[\w:]+\s+)*?[\w:]+)\s+(\w+)\[\];",
+                    r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_shared());", source)
+    source = re.sub(r"__shared__\s+([\w:<>]+)\s+([^;]+);", lambda m: _static_shared(m, counter), source)
+    source = re.sub(r"([\w:]+(?:<[^<>;]*>)?)<<<(.+?)>>>\(", lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, ",
+                    source, flags=re.S)
     source, n_pack = re.subn(r"reinterpret_cast<(const )?Pack<T, W>\*>\(p\)", r"emu::vector_at<\1Pack<T, W>>(p)",
                              source)
     if name == "common.cuh" and n_pack != 2:
@@ -76,7 +75,6 @@ def translate(source: str, name: str) -> str:
                            f"found {n_pack}: update translate()")
     if "__shared__" in source or "<<<" in source:
         raise RuntimeError(f"cuda_emulator: {name} has a __shared__ or <<< that translate() did not rewrite")
-    del n_dynamic, n_static, n_launch
     return '#include "emu.h"\n' + source
 
 
@@ -93,8 +91,8 @@ def sanitizer_preload() -> str:
                     for lib in ("libasan.so", "libubsan.so"))
 
 
-def build(out_root: Path | None = None, mutate: dict[str, tuple[str, str]] | None = None, sanitize: bool = False,
-          verbose: bool = False) -> Path:
+def build(out_root: Path | None = None, mutate: dict[str, tuple[str, str]] | None = None,
+          sanitize: bool = False) -> Path:
     """Compile the emulated module (it and each object file cached by the hash of their inputs); returns
     its path. ``mutate`` {file name in csrc/cuda: (old, new)} plants a change in a source first (tests of
     the emulator).
@@ -157,8 +155,9 @@ def build(out_root: Path | None = None, mutate: dict[str, tuple[str, str]] | Non
         r = subprocess.run(["g++", *flags, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"cuda_emulator: compiling {name} failed:\n{r.stderr[-6000:]}")
-        shutil.copyfile(obj, cached.with_suffix(f".tmp{os.getpid()}"))
-        cached.with_suffix(f".tmp{os.getpid()}").rename(cached)
+        partial = cached.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(obj, partial)
+        partial.rename(cached)  # atomic: a concurrent build never links a half-written object
         return obj
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -173,8 +172,6 @@ def build(out_root: Path | None = None, mutate: dict[str, tuple[str, str]] | Non
         work.rename(out)  # atomic: a concurrent build of the same sources leaves one complete directory
     except OSError:
         shutil.rmtree(work, ignore_errors=True)
-    if verbose:
-        print(f"cuda_emulator: built {target}")
     return target
 
 

@@ -352,7 +352,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
     if (p == MAP_FAILED || mprotect(p, kGuardBytes, PROT_NONE)) throw std::bad_alloc();
     stacks.push_back({static_cast<char*>(p) + kGuardBytes, 0});
   }
-  for (long t = 0; t < nt; ++t) b.threads[t].stack = stacks[t].base;
+  for (long t = 0; t < nt; ++t) {  // what a thread keeps from block to block
+    Thread& th = b.threads[t];
+    th.blk = &b;
+    th.tid = make_uint3(unsigned(t % block.x), unsigned(t / block.x % block.y),
+                        unsigned(t / (long(block.x) * block.y)));
+    th.linear = int(t);
+    th.stack = stacks[t].base;
+  }
   for (long i = 0; i < total && !errors.load(); ++i) {
     b.idx = dim3(unsigned(i % grid.x), unsigned(i / grid.x % grid.y), unsigned(i / (long(grid.x) * grid.y)));
     b.warp_alive.assign(nt / 32, 32);
@@ -369,10 +376,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
 #endif
     for (long t = 0; t < nt; ++t) {
       Thread& th = b.threads[t];
-      th.blk = &b;
-      th.tid = make_uint3(unsigned(t % block.x), unsigned(t / block.x % block.y),
-                          unsigned(t / (long(block.x) * block.y)));
-      th.linear = int(t);
       th.wait = Wait::kNone;
       th.open.clear();
       th.committed.clear();
