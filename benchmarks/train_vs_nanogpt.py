@@ -161,7 +161,12 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     import torch
 
-    result = {"benchmark": "train_vs_nanogpt", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository's benchmarks package
+    from benchmarks.machine import cpu_identity, cpu_label
+
+    ident = cpu_identity()
+    result = {"benchmark": "train_vs_nanogpt",
+              "machine": f"{platform.machine()} {os.cpu_count()} cpus, {cpu_label(ident)}, {' '.join(ident['isa'])}",
               "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],
               "torch": torch.__version__, "commit": commit or "unknown (not a git checkout)", "threads": a.threads, "steps": a.steps,
               "text_chars": len(text), "dtype": {"nanoGPT": "fp32", "pyllm": pyllm_precision}, "shape": "B12 T64 L4 H4 d128",
