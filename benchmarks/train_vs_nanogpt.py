@@ -16,8 +16,11 @@ checkout is not modified; both programs run as subprocesses with the same thread
 the same time (on a shared machine, sequential runs see different loads; concurrent ones share it). Reported:
 tokens/s (median over per-step times, excluding the first ``--warmup`` steps and steps that include an
 evaluation), total wall time, and the validation loss at the last step (nanoGPT: ``--eval-iters``
-random batches; pyllm: the same number of fixed batches), plus the ratios. ``--out`` appends one JSON
-line with the machine, versions, commit and settings.
+random batches; pyllm: the same number of fixed batches), plus the ratios. ``--repeats N`` runs both N
+times (sequential runs in alternating order) and reports the median speedup with its range: on a shared
+VM either program's rate can drop by a quarter for a minute or more, so one sequential pair can mislead.
+``--out`` appends one JSON line with the machine (CPU family and vector extensions), versions, commit,
+settings and every run.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def nanogpt_data(text: str, data_dir: Path) -> None:
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
 
 
-def nanogpt_command(checkout: Path, text: str, work: Path, steps: int, eval_interval: int, eval_iters: int) -> list[str]:
+def nanogpt_command(checkout: Path, text: str, work: Path, steps: int, eval_interval: int,
+                    eval_iters: int) -> list[str]:
     """Prepare a work directory with nanoGPT's files and data; return its command line (run in ``work``)."""
     for name in ("train.py", "model.py", "configurator.py"):
         shutil.copy(checkout / name, work / name)
@@ -107,39 +111,14 @@ def summarise(name: str, r: dict, warmup: int) -> dict:
             "steps_timed": len(times)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nanogpt", required=True, type=Path, help="a nanoGPT checkout (with train.py, model.py)")
-    ap.add_argument("--text", required=True, type=Path, help="the training text (UTF-8)")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--eval-interval", type=int, default=250)
-    ap.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (both sides)")
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
-    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
-    ap.add_argument("--pyllm-compile", action="store_true", help="torch.compile pyllm's loss (nanoGPT stays at "
-                                                                "its CPU setting, --compile=False)")
-    ap.add_argument("--pyllm-arg", action="append", default=[], help="extra `pyllm train` argument (repeatable)")
-    ap.add_argument("--sequential", action="store_true", help="run one after the other (default: both at once, "
-                                                              "so that both see the same load on a shared machine)")
-    ap.add_argument("--out", type=Path, help="append the result as one JSON line to this file")
-    a = ap.parse_args(argv)
-    for path, what in ((a.nanogpt / "train.py", "nanoGPT checkout"), (a.text, "text file")):
-        if not path.is_file():
-            print(f"train_vs_nanogpt: {what} not found: {path}", file=sys.stderr)
-            return 2
-    text = a.text.read_text(encoding="utf-8")
-    extra = [s for arg in a.pyllm_arg for s in arg.split()]
-    pyllm_precision = build_config("shakespeare_char_cpu", parse_overrides(extra)).precision
-    env = dict(os.environ)
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
-    load_before = os.getloadavg()
+def run_once(a, text: str, extra: list[str], env: dict, order: tuple[str, str]) -> list[dict]:
+    """One run of both programs (in ``order`` when sequential, else at the same time): [nanoGPT row, pyllm row]."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         jobs = {"nanoGPT": (nanogpt_command(a.nanogpt, text, work, a.steps, a.eval_interval, a.eval_iters), work),
                 "pyllm": (pyllm_command(a.text, work / "pyllm", a.steps, a.eval_interval, a.eval_iters,
                                         a.pyllm_compile, extra), ROOT)}
-        groups = [[n] for n in jobs] if a.sequential else [list(jobs)]
+        groups = [[n] for n in order] if a.sequential else [list(order)]
         walls, outputs = {}, {}
         for names in groups:  # concurrently by default: both see the same machine load at the same time
             t0 = time.perf_counter()
@@ -157,21 +136,74 @@ def main(argv=None) -> int:
             outputs.update({n: (work / f"{n}.out").read_text() for n in names})
         nano = nanogpt_result(outputs["nanoGPT"], a.eval_interval, walls["nanoGPT"])
         ours = pyllm_result(work / "pyllm", walls["pyllm"])
-    rows = [summarise("nanoGPT", nano, a.warmup), summarise("pyllm", ours, a.warmup)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return [summarise("nanoGPT", nano, a.warmup), summarise("pyllm", ours, a.warmup)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nanogpt", required=True, type=Path, help="a nanoGPT checkout (with train.py, model.py)")
+    ap.add_argument("--text", required=True, type=Path, help="the training text (UTF-8)")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--eval-interval", type=int, default=250)
+    ap.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (both sides)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
+    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    ap.add_argument("--pyllm-compile", action="store_true", help="torch.compile pyllm's loss (nanoGPT stays at "
+                                                                "its CPU setting, --compile=False)")
+    ap.add_argument("--pyllm-arg", action="append", default=[], help="extra `pyllm train` argument (repeatable)")
+    ap.add_argument("--sequential", action="store_true", help="run one after the other (default: both at once, "
+                                                              "so that both see the same load on a shared machine)")
+    ap.add_argument("--repeats", type=int, default=1, help="run both programs this many times (sequential: in "
+                                                             "alternating order) and report the median speedup")
+    ap.add_argument("--out", type=Path, help="append the result as one JSON line to this file")
+    a = ap.parse_args(argv)
+    for path, what in ((a.nanogpt / "train.py", "nanoGPT checkout"), (a.text, "text file")):
+        if not path.is_file():
+            print(f"train_vs_nanogpt: {what} not found: {path}", file=sys.stderr)
+            return 2
+    if a.repeats < 1:
+        print(f"train_vs_nanogpt: --repeats {a.repeats}: expected at least 1", file=sys.stderr)
+        return 2
+    text = a.text.read_text(encoding="utf-8")
+    extra = [s for arg in a.pyllm_arg for s in arg.split()]
+    pyllm_precision = build_config("shakespeare_char_cpu", parse_overrides(extra)).precision
+    env = dict(os.environ)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    load_before = os.getloadavg()
+    runs = []
+    for rep in range(a.repeats):
+        # sequential repeats alternate the order (nanoGPT first, then pyllm first, ...), so a slow spell of a
+        # shared machine does not always fall on the same program
+        order = ("nanoGPT", "pyllm") if rep % 2 == 0 else ("pyllm", "nanoGPT")
+        rows = run_once(a, text, extra, env, order)
+        runs.append({"order": list(order) if a.sequential else "concurrent", "results": rows,
+                     "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]})
+        if a.repeats > 1:
+            print(f"run {rep + 1}/{a.repeats}: nanoGPT {rows[0]['tokens_per_s']:.0f}, "
+                  f"pyllm {rows[1]['tokens_per_s']:.0f} tok/s, {runs[-1]['speedup_tokens_per_s']:.2f}x", flush=True)
+    speedups = sorted(r["speedup_tokens_per_s"] for r in runs)
+    median_run = min(runs, key=lambda r: abs(r["speedup_tokens_per_s"] - statistics.median(speedups)))
+    rows = median_run["results"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     import torch
 
     sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository's benchmarks package
     from benchmarks.machine import cpu_identity, cpu_label
 
     ident = cpu_identity()
-    result = {"benchmark": "train_vs_nanogpt",
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus, {cpu_label(ident)}, {' '.join(ident['isa'])}",
+    machine = f"{platform.machine()} {os.cpu_count()} cpus, {cpu_label(ident)}, {' '.join(ident['isa'])}"
+    result = {"benchmark": "train_vs_nanogpt", "machine": machine,
               "load_avg_1m_before_after": [load_before[0], os.getloadavg()[0]],
-              "torch": torch.__version__, "commit": commit or "unknown (not a git checkout)", "threads": a.threads, "steps": a.steps,
-              "text_chars": len(text), "dtype": {"nanoGPT": "fp32", "pyllm": pyllm_precision}, "shape": "B12 T64 L4 H4 d128",
-              "pyllm_compile": a.pyllm_compile, "concurrent": not a.sequential, "pyllm_args": a.pyllm_arg, "results": rows,
-              "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"],
+              "torch": torch.__version__, "commit": commit or "unknown (not a git checkout)", "threads": a.threads,
+              "steps": a.steps, "text_chars": len(text), "dtype": {"nanoGPT": "fp32", "pyllm": pyllm_precision},
+              "shape": "B12 T64 L4 H4 d128", "pyllm_compile": a.pyllm_compile, "concurrent": not a.sequential,
+              "pyllm_args": a.pyllm_arg, "results": rows,
+              # the median over the repeats (the run whose speedup is nearest it gives "results"), their range, and
+              # every run: on a shared VM one program's rate can drop ~25% for a minute or more
+              "speedup_tokens_per_s": statistics.median(speedups), "speedup_range": [speedups[0], speedups[-1]],
+              "runs": runs,
               "val_loss_delta": rows[1]["val_loss"] - rows[0]["val_loss"],
               # how an AVX2-only machine is reproduced on a larger one (csrc/README.md); both runs inherit these
               "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
@@ -180,7 +212,9 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s_p25_p75'][1]:.0f})  val loss {r['val_loss']:.4f} @ step {r['val_step']}  "
               f"wall {r['wall_s']:.0f}s")
     print(f"precision nanoGPT fp32, pyllm {pyllm_precision}")
-    print(f"speedup {result['speedup_tokens_per_s']:.2f}x, val loss pyllm - nanoGPT = {result['val_loss_delta']:+.4f}")
+    spread = f" (median of {a.repeats} runs: {speedups[0]:.2f}-{speedups[-1]:.2f}x)" if a.repeats > 1 else ""
+    print(f"speedup {result['speedup_tokens_per_s']:.2f}x{spread}, "
+          f"val loss pyllm - nanoGPT = {result['val_loss_delta']:+.4f}")
     if a.out:
         with open(a.out, "a") as f:
             f.write(json.dumps(result) + "\n")
