@@ -1,7 +1,7 @@
 """Render a results file into Markdown tables and PNG plots (matplotlib, Agg backend).
 
-For each suite found in ``<name>.jsonl`` the latest session (same commit, device and suite; a GPU sweep
-may span several resumed runs) is rendered into ``<name>.md`` next to it, with plots under
+For each suite and device found in ``<name>.jsonl`` the latest session (same commit, device and suite; a
+GPU sweep may span several resumed runs) is rendered into ``<name>.md`` next to it, with plots under
 ``plots/``. Ratios are taken only between numbers of that one session: "x eager fp32" is the speedup
 over the unfused PyTorch reference in fp32 on the same shape and mode, "x compile" over torch.compile of
 the reference, "x best external" over the fastest external library measured.
@@ -24,25 +24,40 @@ _CORE = ("torch eager", "torch.compile", "pyllm-triton", "pyllm-cuda", "pyllm-cp
 _PYLLM = ("pyllm-triton", "pyllm-cuda", "pyllm-cpu")
 
 
-def latest_sessions(records: list[dict]) -> dict[str, list[dict]]:
-    """suite -> the records of its most recent session (later duplicates of a measurement win)."""
+def latest_sessions(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(suite, device) -> the records of the most recent session of that suite on that device (later
+    duplicates of a measurement win). One suite may have run on several devices: a lent VM's "AMD EPYC" has
+    been CPUs of two generations, and each keeps its latest tables."""
     by_session: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         by_session[results.session_key(r)].append(r)
-    latest: dict[str, tuple[str, tuple]] = {}
+    latest: dict[tuple[str, str], tuple[str, tuple]] = {}
     for key, recs in by_session.items():
-        suite, newest = key[2], max(r["time"] for r in recs)
-        if suite not in latest or newest > latest[suite][0]:
-            latest[suite] = (newest, key)
+        where, newest = (key[2], key[1]), max(r["time"] for r in recs)
+        if where not in latest or newest > latest[where][0]:
+            latest[where] = (newest, key)
     out = {}
-    for suite, (_, key) in latest.items():
+    # suites in SUITE_ORDER, and within a suite the most recently measured device first
+    order = sorted(latest, key=lambda w: (SUITE_ORDER.index(w[0]) if w[0] in SUITE_ORDER else len(SUITE_ORDER),
+                                          w[0], _negated(latest[w][0])))
+    for where in order:
+        key = latest[where][1]
         dedup = {}
         for r in sorted(by_session[key], key=lambda r: r["time"]):
             ident = (r.get("kind"), r.get("op"), r.get("case"), r.get("dtype"), r.get("mode"), r.get("provider"),
                      r.get("model"), r.get("backend"), r.get("precision"))
             dedup[ident] = r
-        out[suite] = list(dedup.values())
+        out[where] = list(dedup.values())
     return out
+
+
+def _negated(timestamp: str) -> tuple:
+    """A sort key that orders ISO timestamps newest first."""
+    return tuple(-ord(c) for c in timestamp)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
 def _ms(r: dict) -> str:
@@ -159,10 +174,15 @@ def render_file(path: str | Path) -> list[Path]:
     md = path.with_suffix(".md")
     written = [md]
     lines = [f"# Benchmark results: {path.name}", "",
-             f"Rendered from `{path.name}` by `python -m benchmarks render`; the latest session of each suite. "
+             f"Rendered from `{path.name}` by `python -m benchmarks render`; the latest session of each suite on "
+             "each device (most recent device first). "
              "Every number was measured on the machine named in its section.", ""]
-    for suite in [s for s in SUITE_ORDER if s in sessions] + [s for s in sessions if s not in SUITE_ORDER]:
-        recs = sessions[suite]
+    devices_of = defaultdict(int)
+    for suite, _ in sessions:
+        devices_of[suite] += 1
+    for (suite, device), recs in sessions.items():
+        # a suite measured on several devices: plot names carry the device too
+        tag = f"{suite}-{_slug(device or 'unknown')}" if devices_of[suite] > 1 else suite
         m = recs[0]["machine"]
         calib = next((r for r in reversed(recs) if r.get("kind") == "calibration"), None)
         when = sorted(r["time"] for r in recs)
@@ -186,7 +206,7 @@ def render_file(path: str | Path) -> list[Path]:
                 lines += train_section(op_recs)
                 continue
             lines += op_section(op, op_recs)
-            plot = plot_op(op, op_recs, path.parent / "plots" / f"{path.stem}-{suite}-{op}.png")
+            plot = plot_op(op, op_recs, path.parent / "plots" / f"{path.stem}-{tag}-{op}.png")
             if plot is not None:
                 written.append(plot)
                 lines += [f"![{op}](plots/{plot.name})", ""]

@@ -57,3 +57,26 @@ def test_render_takes_the_latest_session_and_ratios_within_it(tmp_path):
 
 def new_machine():
     return _rec("x", 1.0)["machine"]
+
+
+def test_each_device_keeps_its_latest_session_newest_device_first(tmp_path):
+    path = tmp_path / "cpu.jsonl"
+
+    def on(device, provider, median, time, commit):
+        r = _rec(provider, median, time=time, commit=commit)
+        r["machine"] = {**r["machine"], "device_name": device}
+        return r
+
+    recs = [on("Old CPU (2 cores)", "torch eager", 3.0, "2026-01-01T00:00:00+00:00", "a"),
+            on("Old CPU (2 cores)", "pyllm-cpu", 1.0, "2026-01-01T00:00:00+00:00", "a"),
+            on("New CPU (2 cores)", "torch eager", 8.0, "2026-02-01T00:00:00+00:00", "b"),
+            on("New CPU (2 cores)", "pyllm-cpu", 2.0, "2026-02-01T00:00:00+00:00", "b"),
+            on("Old CPU (2 cores)", "pyllm-cpu", 7.0, "2025-12-01T00:00:00+00:00", "z")]  # older session: not shown
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    render.render_file(path)
+    md = (tmp_path / "cpu.md").read_text()
+    new, old = md.index("## suite `short` on New CPU (2 cores)"), md.index("## suite `short` on Old CPU (2 cores)")
+    assert new < old  # the most recently measured device first
+    assert "| 4.00 |" in md[new:old] and "| 3.00 |" in md[old:] and "7.000" not in md  # x eager fp32 per device
+    assert (tmp_path / "plots" / "cpu-short-new-cpu-2-cores-softmax.png").exists()
+    assert (tmp_path / "plots" / "cpu-short-old-cpu-2-cores-softmax.png").exists()
