@@ -9,6 +9,7 @@ the reference, "x best external" over the fastest external library measured.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _negated(timestamp: str) -> tuple:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _ms(r: dict) -> str:
