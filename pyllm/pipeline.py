@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="smoke (~1 min CPU), default (~5-9 min on a 2-core CPU), gpu, gpu_large")
+                        help="smoke (~1 min CPU), default (~5-10 min on a 2-core CPU), gpu, gpu_large")
     parser.add_argument("--out-dir", help="where the stages and the report go (default: the preset's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
