@@ -51,8 +51,10 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     flags = set(fields.get("flags", "").split())
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
     out = {"name": name, "isa": isa}
-    if "cpu family" in fields:
+    try:  # x86 only: other architectures' cpuinfo has no such fields
         out.update(family=int(fields["cpu family"]), model=int(fields["model"]), stepping=int(fields["stepping"]))
+    except (KeyError, ValueError):
+        pass
     return out
 
 
@@ -80,10 +82,11 @@ def describe(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    cpu = cpu_identity()
     info = {
         "device_type": device,
-        "cpu": cpu_label(cpu_identity()),
-        "cpu_isa": cpu_identity()["isa"],
+        "cpu": cpu_label(cpu),
+        "cpu_isa": cpu["isa"],
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

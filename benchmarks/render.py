@@ -38,9 +38,9 @@ def latest_sessions(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
         if where not in latest or newest > latest[where][0]:
             latest[where] = (newest, key)
     out = {}
-    # suites in SUITE_ORDER, and within a suite the most recently measured device first
-    order = sorted(latest, key=lambda w: (SUITE_ORDER.index(w[0]) if w[0] in SUITE_ORDER else len(SUITE_ORDER),
-                                          w[0], _negated(latest[w][0])))
+    # suites in SUITE_ORDER, and within a suite the most recently measured device first (a stable sort)
+    order = sorted(latest, key=lambda w: latest[w][0], reverse=True)
+    order.sort(key=lambda w: (SUITE_ORDER.index(w[0]) if w[0] in SUITE_ORDER else len(SUITE_ORDER), w[0]))
     for where in order:
         key = latest[where][1]
         dedup = {}
@@ -50,11 +50,6 @@ def latest_sessions(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
             dedup[ident] = r
         out[where] = list(dedup.values())
     return out
-
-
-def _negated(timestamp: str) -> tuple:
-    """A sort key that orders ISO timestamps newest first."""
-    return tuple(-ord(c) for c in timestamp)
 
 
 def _slug(text: str) -> str:
