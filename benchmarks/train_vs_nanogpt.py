@@ -42,9 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from pyllm.data.jsonl import read_json_lines
-from pyllm.train.config import build_config, parse_overrides
+from pyllm.train.config import ConfigError, build_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class RunFailed(RuntimeError):
+    """nanoGPT or pyllm exited with an error."""
 
 
 def nanogpt_data(text: str, data_dir: Path) -> None:
@@ -124,15 +128,21 @@ def run_once(a, text: str, extra: list[str], env: dict, order: tuple[str, str]) 
             t0 = time.perf_counter()
             procs = {n: subprocess.Popen(jobs[n][0], cwd=jobs[n][1], env=env, stdout=open(work / f"{n}.out", "w"),
                                          stderr=open(work / f"{n}.err", "w")) for n in names}
-            while procs:
-                for n, proc in list(procs.items()):
-                    if proc.poll() is not None:
-                        walls[n] = time.perf_counter() - t0
-                        del procs[n]
-                        if proc.returncode:
-                            err = (work / f"{n}.err").read_text()
-                            raise RuntimeError(f"{n} failed ({proc.returncode}): {err[-2000:]}")
-                time.sleep(0.2)
+            try:
+                while procs:
+                    for n, proc in list(procs.items()):
+                        if proc.poll() is not None:
+                            walls[n] = time.perf_counter() - t0
+                            del procs[n]
+                            if proc.returncode:
+                                err = (work / f"{n}.err").read_text()
+                                raise RunFailed(f"{n} failed (exit {proc.returncode}); the end of its stderr:\n"
+                                                f"{err[-2000:]}")
+                    time.sleep(0.2)
+            finally:  # after a failure or an interrupt, the other program does not run on alone
+                for proc in procs.values():
+                    proc.kill()
+                    proc.wait()
             outputs.update({n: (work / f"{n}.out").read_text() for n in names})
         nano = nanogpt_result(outputs["nanoGPT"], a.eval_interval, walls["nanoGPT"])
         ours = pyllm_result(work / "pyllm", walls["pyllm"])
@@ -166,7 +176,11 @@ def main(argv=None) -> int:
         return 2
     text = a.text.read_text(encoding="utf-8")
     extra = [s for arg in a.pyllm_arg for s in arg.split()]
-    pyllm_precision = build_config("shakespeare_char_cpu", parse_overrides(extra)).precision
+    try:
+        pyllm_precision = build_config("shakespeare_char_cpu", parse_overrides(extra)).precision
+    except ConfigError as e:
+        print(f"train_vs_nanogpt: --pyllm-arg {' '.join(extra)}: {e}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
@@ -176,7 +190,11 @@ def main(argv=None) -> int:
         # sequential repeats alternate the order (nanoGPT first, then pyllm first, ...), so a slow spell of a
         # shared machine does not always fall on the same program
         order = ("nanoGPT", "pyllm") if rep % 2 == 0 else ("pyllm", "nanoGPT")
-        rows = run_once(a, text, extra, env, order)
+        try:
+            rows = run_once(a, text, extra, env, order)
+        except RunFailed as e:
+            print(f"train_vs_nanogpt: {e}", file=sys.stderr)
+            return 1
         runs.append({"order": list(order) if a.sequential else "concurrent", "results": rows,
                      "speedup_tokens_per_s": rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]})
         if a.repeats > 1:
