@@ -13,7 +13,8 @@ native bf16 dot products, else fp32. nanoGPT's train.py runs fp32 on a CPU whate
 nanoGPT's own files (train.py, model.py, configurator.py, config/) are copied into a temporary work
 directory beside its data (train.bin/val.bin/meta.pkl, its char-level format and 90/10 split), so the
 checkout is not modified; both programs run as subprocesses with the same thread count, by default at
-the same time (on a shared machine, sequential runs see different loads; concurrent ones share it). Reported:
+the same time with half the cores each (on a shared machine, sequential runs see different loads;
+concurrent ones share it; ``--sequential`` gives each every core, as the README's figures do). Reported:
 tokens/s (median over per-step times, excluding the first ``--warmup`` steps and steps that include an
 evaluation), total wall time, and the validation loss at the last step (nanoGPT: ``--eval-iters``
 random batches; pyllm: the same number of fixed batches), plus the ratios. ``--repeats N`` runs both N
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--eval-interval", type=int, default=250)
     ap.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (both sides)")
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset with "
+                                                               "--sequential, else half the cores each)")
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     ap.add_argument("--pyllm-compile", action="store_true", help="torch.compile pyllm's loss (nanoGPT stays at "
                                                                 "its CPU setting, --compile=False)")
@@ -182,6 +184,12 @@ def main(argv=None) -> int:
         print(f"train_vs_nanogpt: --pyllm-arg {' '.join(extra)}: {e}", file=sys.stderr)
         return 2
     env = dict(os.environ)
+    if a.threads is None and not a.sequential:
+        # both at once with every core each oversubscribes the machine (2 cores, 2 threads each: both fell
+        # to ~5.5k tok/s, a measurement of neither): at the same time, each gets half the cores
+        a.threads = max(1, (os.cpu_count() or 2) // 2)
+        print(f"train_vs_nanogpt: running both at once, {a.threads} thread(s) each (--threads to choose, "
+              "--sequential to give each every core)", file=sys.stderr)
     if a.threads:
         env["OMP_NUM_THREADS"] = str(a.threads)
     load_before = os.getloadavg()

@@ -41,3 +41,20 @@ def test_a_failing_program_is_named_with_its_stderr_and_the_other_is_stopped(tmp
     assert "nanoGPT failed (exit 3)" in err and "boom from nanoGPT" in err
     with pytest.raises(ProcessLookupError):  # pyllm's process was killed (and reaped), not left running
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_both_at_once_split_the_cores_unless_told(tmp_path, monkeypatch):
+    checkout, text = fake_checkout(tmp_path)
+    seen = []
+
+    def run_once(a, text, extra, env, order):
+        seen.append((a.sequential, env.get("OMP_NUM_THREADS")))
+        raise tvn.RunFailed("stop here")
+
+    monkeypatch.setattr(tvn, "run_once", run_once)
+    monkeypatch.setattr(tvn.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    base = ["--nanogpt", str(checkout), "--text", str(text)]
+    for extra in ([], ["--sequential"], ["--threads", "3"]):
+        assert tvn.main(base + extra) == 1
+    assert seen == [(False, "4"), (True, None), (False, "3")]
