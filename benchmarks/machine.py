@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pyllm.info import cpu_identity, cpu_label
 from pyllm.train.metrics import half_matmul_emulated, peak_matmul_candidates
 
 from .timing import DTYPES, dtype_context, time_fn
@@ -29,40 +30,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """The CPU as /proc/cpuinfo names it, with its family/model/stepping and vector extensions: a lent VM's
-    "AMD EPYC" has been a Zen 4 (family 25: 512-bit instructions on 256-bit units, ~107 GFLOP/s fp32 per core
-    in oneDNN) one day and a CPU twice as fast per core (~247) another, so the name alone does not say what
-    a figure was measured on."""
-    fields: dict = {}
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model", "stepping", "flags") and key not in fields:
-                fields[key] = value.strip()
-            if key == "flags":
-                break  # the first processor's block is enough
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
-    out = {"name": name, "isa": isa}
-    try:  # x86 only: other architectures' cpuinfo has no such fields
-        out.update(family=int(fields["cpu family"]), model=int(fields["model"]), stepping=int(fields["stepping"]))
-    except (KeyError, ValueError):
-        pass
-    return out
-
-
-def cpu_label(ident: dict) -> str:
-    """"AMD EPYC (family 25 model 17)": the name and, where known, the generation."""
-    if "family" not in ident:
-        return ident["name"]
-    return f"{ident['name']} (family {ident['family']} model {ident['model']})"
 
 
 def _nvidia_driver() -> str | None:

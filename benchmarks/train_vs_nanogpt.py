@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from pyllm.data.jsonl import read_json_lines
+from pyllm.info import cpu_identity, cpu_label
 from pyllm.train.config import ConfigError, build_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,9 +215,6 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     import torch
-
-    sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository's benchmarks package
-    from benchmarks.machine import cpu_identity, cpu_label
 
     ident = cpu_identity()
     machine = f"{platform.machine()} {os.cpu_count()} cpus, {cpu_label(ident)}, {' '.join(ident['isa'])}"

@@ -22,6 +22,7 @@ def test_info_reports_backends_and_ops(capsys):
     out = capsys.readouterr().out
     assert out.startswith("pyllm ")
     assert "torch   available" in out
+    assert "device: " in out and (" cores" in out or "CUDA" in out)  # the CPU with its core count, or the GPU
     for op in ("attention", "cross_entropy", "adamw_step"):
         assert op in out
 

@@ -1,6 +1,6 @@
-"""What a benchmark record says about the CPU it ran on."""
+"""The CPU as pyllm info and the benchmark records name it (pyllm.info.cpu_identity)."""
 
-from benchmarks.machine import cpu_identity, cpu_label
+from pyllm.info import cpu_identity, cpu_label
 
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
