@@ -509,14 +509,14 @@ def test_attention_beyond_the_gpus_shared_memory_is_a_one_line_error():
     fits. The opt-in's failure once went unnoticed and the launch failed with a bare "invalid argument"."""
     from pyllm.ops import cuda_backend as cb
     q64, q128 = _randn(1, 1, 16, 64).half(), _randn(1, 1, 16, 128).half()
-    cb._C.set_shared_memory_optin(99 * 1024)
+    previous = cb._C.set_shared_memory_optin(99 * 1024)
     try:
         assert ops.attention(q64, q64, q64, backend=BACKEND).shape == q64.shape
         with pytest.raises(ValueError, match=r"attention_fwd \(head dim 128\) needs 112640 bytes of shared "
                                              r"memory per block; this GPU allows 101376"):
             ops.attention(q128, q128, q128, backend=BACKEND)
     finally:
-        cb._C.set_shared_memory_optin(232448)
+        cb._C.set_shared_memory_optin(previous)
 
 
 def test_fp32_attention_is_refused():

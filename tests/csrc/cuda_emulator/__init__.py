@@ -1,7 +1,7 @@
 """Run csrc/cuda's kernels on the CPU: a test tool, so CI executes the CUDA code it can only compile.
 
 ``build()`` translates each csrc/cuda/*.cu into host C++ (the rewrites below), compiles it with g++ against
-the emulator's runtime (emu.h: one OS thread per CUDA thread, barriers, shuffles, checks; mma.h: WMMA on
+the emulator's runtime (emu.h: one fiber per CUDA thread, barriers, shuffles, checks; mma.h: WMMA on
 whole tiles; cuda/pipeline.cuh: cp.async that lands only at its wait) and links a Python module exposing
 the same ``cuda_*`` functions as ``pyllm._C`` (csrc/cuda/bindings.h). ``install()`` points pyllm's "cuda"
 backend at it, with CPU tensors standing in for device memory, in this process only.

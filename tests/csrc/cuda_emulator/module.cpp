@@ -39,6 +39,7 @@ emu_switch_context:
 PYBIND11_MODULE(_cuda_emulated, m) {
   m.doc() = "csrc/cuda's kernels run on the CPU by the emulator in tests/csrc/cuda_emulator (a test tool)";
   pyllm::cuda::bind_cuda(m);
-  m.def("set_shared_memory_optin", [](int bytes) { emu::optin_bytes = bytes; },
-        "the emulated GPU's per-block shared-memory limit (cudaDevAttrMaxSharedMemoryPerBlockOptin)");
+  m.def("set_shared_memory_optin", [](int bytes) { return emu::optin_bytes.exchange(bytes); },
+        "set the emulated GPU's per-block shared-memory limit (cudaDevAttrMaxSharedMemoryPerBlockOptin); "
+        "returns the previous one");
 }
