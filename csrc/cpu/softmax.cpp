@@ -6,6 +6,8 @@
 // The forward makes one pass for the max and one for sum(exp) and sum(x); only lse is saved, and the
 // backward recomputes p from it, so no (rows, V) probability tensor is ever stored. Logits, y and the
 // gradients may be float32 or bfloat16 (kernels.h); losses and lse are float32.
+#include <type_traits>
+
 #include "kernels.h"
 #include "vec_math.h"
 
@@ -24,44 +26,103 @@ inline float row_max(const float* x, int64_t n) {
   return m;
 }
 
-}  // namespace
-
-void softmax_fwd(Src x, Dst y, int64_t rows, int64_t n, int threads) {
-  for_each_row(rows, n, threads, is_bf16(x) || is_bf16(y), 2, [&](int64_t r, const RowBuffers& buf) {
-    const float* xr = src_row(x, r * n, n, buf[0]);
-    float* yr = dst_row(y, r * n, buf[1]);
-    const float m = row_max(xr, n);
-    double sum = 0.0;
-    for (int64_t start = 0; start < n; start += kBlock) {
-      const int64_t end = min_i64(start + kBlock, n);
-      float block = 0.0f;
-#pragma omp simd reduction(+ : block)
-      for (int64_t i = start; i < end; ++i) {
-        yr[i] = fast_exp(xr[i] - m);
-        block += yr[i];
-      }
-      sum += block;
-    }
-    const float inv = static_cast<float>(1.0 / sum);
+// The max of x[0..n) in L lanes (as row_sums: a tree over the lanes, not a scalar chain per row).
+template <class T>
+PYLLM_INLINE float row_max_typed(const T* __restrict x, int64_t n) {
+  constexpr int L = lanes<1, T>();
+  float acc[L];
+  for (int j = 0; j < L; ++j) acc[j] = -INFINITY;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) yr[i] *= inv;
-    dst_commit(y, r * n, yr, n);
-  });
+    for (int j = 0; j < L; ++j) {
+      const float v = load(x, i + j);
+      acc[j] = v > acc[j] ? v : acc[j];
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    const float v = load(x, i + j);
+    acc[j] = v > acc[j] ? v : acc[j];
+  }
+#pragma GCC unroll 8
+  for (int w = L / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int j = 0; j < w; ++j) acc[j] = acc[j + w] > acc[j] ? acc[j + w] : acc[j];
+  }
+  return acc[0];
 }
 
-void softmax_bwd(Src dy, Src y, Dst dx, int64_t rows, int64_t n, int threads) {
-  const bool widen = is_bf16(dy) || is_bf16(y) || is_bf16(dx);
-  for_each_row(rows, n, threads, widen, 3, [&](int64_t r, const RowBuffers& buf) {
-    const float* dyr = src_row(dy, r * n, n, buf[0]);
-    const float* yr = src_row(y, r * n, n, buf[1]);
-    float* dxr = dst_row(dx, r * n, buf[2]);
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t i = 0; i < n; ++i) dot += dyr[i] * yr[i];
+// e[i] = exp(x[i] - m) for i < n; returns their sum, in blocks of kBlock (each summed in lanes) added up
+// in double.
+template <class T>
+PYLLM_INLINE double exp_and_sum(const T* __restrict x, float m, float* __restrict e, int64_t n) {
+  constexpr int L = lanes<1, T>();
+  double sum = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = min_i64(kBlock, n - start);
+    const T* xs = x + start;
+    float* es = e + start;
+    sum += row_sums<1, L>(len, [&](int64_t i) { return Vals<1>{{es[i] = fast_exp_or_zero(load(xs, i) - m)}}; }).v[0];
+  }
+  return sum;
+}
+
+// sum(a[i] * b[i]) over i < n, in L lanes (row_sums' loop, written out: GCC left row_sums out of line
+// here, a call per row, which made the backward at 3072 x 64 slower than before).
+template <int L, class TA, class TB>
+PYLLM_INLINE float row_dot(const TA* __restrict a, const TB* __restrict b, int64_t n) {
+  float acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
-    dst_commit(dx, r * n, dxr, n);
-  });
+    for (int j = 0; j < L; ++j) acc[j] += load(a, i + j) * load(b, i + j);
+  }
+  for (int j = 0; i + j < n; ++j) acc[j] += load(a, i + j) * load(b, i + j);
+  return lane_tree<L>(acc);
+}
+
+}  // namespace
+
+// Per row: the max, then e = exp(x - max) and its sum, then y = e / sum. x is read in its own type and
+// converted in registers; e is written into y when y is float32, else into a float buffer (so that a
+// bfloat16 y is rounded once, from the float quotient, as the reference's is).
+void softmax_fwd(Src x, Dst y, int64_t rows, int64_t n, int threads) {
+  typed(x, [&](auto xp) { typed(y, [&](auto yp) {
+    using TY = std::remove_pointer_t<decltype(yp)>;
+    constexpr bool kFloatY = std::is_same_v<TY, float>;
+    for_each_row(rows, n, threads, !kFloatY, 1, [&](int64_t r, const RowBuffers& buf) {
+      const auto* xr = xp + r * n;
+      TY* yr = yp + r * n;
+      float* e = nullptr;
+      if constexpr (kFloatY) {
+        e = yr;
+      } else {
+        e = buf[0];
+      }
+      const float m = row_max_typed(xr, n);
+      const float inv = static_cast<float>(1.0 / exp_and_sum(xr, m, e, n));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(yr, i, e[i] * inv);
+    });
+  }); });
+}
+
+// dx = y * (dy - sum(dy * y)) per row, every operand read and written in its own type (no buffers).
+void softmax_bwd(Src dy, Src y, Dst dx, int64_t rows, int64_t n, int threads) {
+  typed(dy, [&](auto dyp) { typed(y, [&](auto yp) { typed(dx, [&](auto dxp) {
+    using TDY = std::remove_const_t<std::remove_pointer_t<decltype(dyp)>>;
+    using TYY = std::remove_const_t<std::remove_pointer_t<decltype(yp)>>;
+    constexpr int L = lanes<1, TDY, TYY>();
+    for_each_row(rows, n, threads, false, 0, [&](int64_t r, const RowBuffers&) {
+      const int64_t o = r * n;
+      const auto* __restrict a = dyp + o;
+      const auto* __restrict b = yp + o;
+      auto* __restrict out = dxp + o;
+      const float dot = row_dot<L>(a, b, n);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(out, i, load(b, i) * (load(a, i) - dot));
+    });
+  }); }); });
 }
 
 void cross_entropy_fwd(Src logits, const int64_t* target, float* loss, float* lse_out, int64_t rows, int64_t vocab,

@@ -147,9 +147,26 @@ def test_swiglu_fused_projection_path(layout):
     assert (type(first_input).__name__ != "SplitBackward0") == fused_path, type(first_input).__name__
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (5, 13), (3, 4, 1000)])
+# (2, 2500): rows summed in blocks of 1024 (softmax.cpp's kBlock), the last one partial
+@pytest.mark.parametrize("shape", [(1, 1), (5, 13), (3, 4, 1000), (2, 2500)])
 def test_softmax(shape):
     _check("softmax", [torch.randn(shape) * 4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_masked_scores_are_exactly_zero(dtype):
+    # a causal mask of -inf: the reference's probabilities there are exactly 0, and so must the kernel's be
+    # (its exp returned ~1e-38 below -87); their gradient is 0 too. A score 100 below its row's max gives
+    # e^-100, below float32's normal range: 0 or a denormal, within the tolerance either way.
+    mask = torch.ones(6, 37, dtype=torch.bool).triu(1)
+    x = (torch.randn(6, 37) * 4).masked_fill(mask, float("-inf"))
+    x[1, 0] = x[1, 1] - 100.0
+    x = x.to(dtype).requires_grad_()
+    y = ops.softmax(x, backend="cpu")
+    assert (y[mask] == 0).all(), "a masked score's probability is not 0"
+    assert_close(y, reference.softmax(x.detach().double()), reference.softmax(x.detach()), f"masked softmax ({dtype})")
+    y.backward(torch.randn_like(y))
+    assert (x.grad[mask] == 0).all()
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (7, 50257), (3, 65537)])
@@ -736,8 +753,9 @@ def test_rope_bf16(batched_cs):
     assert_close(kr, want[1], ref[1], "rope bf16 on qkv views (k)")
 
 
-def test_softmax_bf16():
-    _check_bf16("softmax", [torch.randn(5, 1000) * 4])
+@pytest.mark.parametrize("shape", [(3, 33), (5, 1000), (2, 2500)])
+def test_softmax_bf16(shape):
+    _check_bf16("softmax", [torch.randn(shape) * 4])
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 2), (13, 65), (5, 50257)])
