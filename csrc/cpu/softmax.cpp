@@ -5,7 +5,8 @@
 //   dloss/dx_j = p_j (1 + 2 z lse) - (1 - eps) [j == t] - eps / V,   p = softmax(x)
 // The forward makes one pass for the max and one for sum(exp) and sum(x); only lse is saved, and the
 // backward recomputes p from it, so no (rows, V) probability tensor is ever stored. Logits, y and the
-// gradients may be float32 or bfloat16 (kernels.h); losses and lse are float32.
+// gradients may be float32 or bfloat16 (kernels.h), read and written in their own type (bfloat16
+// converted in registers); losses and lse are float32.
 #include <type_traits>
 
 #include "kernels.h"
@@ -19,16 +20,9 @@ namespace {
 // the block length, not with the vocabulary size.
 constexpr int64_t kBlock = 1024;
 
-inline float row_max(const float* x, int64_t n) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
 // The max of x[0..n) in L lanes (as row_sums: a tree over the lanes, not a scalar chain per row).
 template <class T>
-PYLLM_INLINE float row_max_typed(const T* __restrict x, int64_t n) {
+PYLLM_INLINE float row_max(const T* __restrict x, int64_t n) {
   constexpr int L = lanes<1, T>();
   float acc[L];
   for (int j = 0; j < L; ++j) acc[j] = -INFINITY;
@@ -99,7 +93,7 @@ void softmax_fwd(Src x, Dst y, int64_t rows, int64_t n, int threads) {
       } else {
         e = buf[0];
       }
-      const float m = row_max_typed(xr, n);
+      const float m = row_max(xr, n);
       const float inv = static_cast<float>(1.0 / exp_and_sum(xr, m, e, n));
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) store(yr, i, e[i] * inv);
@@ -127,32 +121,36 @@ void softmax_bwd(Src dy, Src y, Dst dx, int64_t rows, int64_t n, int threads) {
 
 void cross_entropy_fwd(Src logits, const int64_t* target, float* loss, float* lse_out, int64_t rows, int64_t vocab,
                        int64_t ignore_index, float label_smoothing, float z_loss, int threads) {
-  for_each_row(rows, vocab, threads, is_bf16(logits), 1, [&](int64_t r, const RowBuffers& buf) {
-    const float* x = src_row(logits, r * vocab, vocab, buf[0]);
-    const float m = row_max(x, vocab);
-    double sum_exp = 0.0, sum_x = 0.0;
-    for (int64_t start = 0; start < vocab; start += kBlock) {
-      const int64_t end = min_i64(start + kBlock, vocab);
-      float block_exp = 0.0f, block_x = 0.0f;
-#pragma omp simd reduction(+ : block_exp, block_x)
-      for (int64_t i = start; i < end; ++i) {
-        block_exp += fast_exp(x[i] - m);
-        block_x += x[i];
+  typed(logits, [&](auto xp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    constexpr int L = lanes<2, T>();
+    for_each_row(rows, vocab, threads, false, 0, [&](int64_t r, const RowBuffers&) {
+      const T* x = xp + r * vocab;
+      const float m = row_max(x, vocab);
+      double sum_exp = 0.0, sum_x = 0.0;
+      for (int64_t start = 0; start < vocab; start += kBlock) {
+        const T* xs = x + start;
+        const Vals<2> block = row_sums<2, L>(min_i64(kBlock, vocab - start), [&](int64_t i) {
+          const float v = load(xs, i);
+          return Vals<2>{{fast_exp(v - m), v}};
+        });
+        sum_exp += block.v[0];
+        sum_x += block.v[1];
       }
-      sum_exp += block_exp;
-      sum_x += block_x;
-    }
-    const float lse = m + static_cast<float>(log(sum_exp));
-    lse_out[r] = lse;
-    const int64_t t = target[r];
-    if (t == ignore_index) {
-      loss[r] = 0.0f;
-      return;
-    }
-    float l = (1.0f - label_smoothing) * (lse - x[t]);
-    if (label_smoothing != 0.0f) l += label_smoothing * (lse - static_cast<float>(sum_x / static_cast<double>(vocab)));
-    if (z_loss != 0.0f) l += z_loss * lse * lse;
-    loss[r] = l;
+      const float lse = m + static_cast<float>(log(sum_exp));
+      lse_out[r] = lse;
+      const int64_t t = target[r];
+      if (t == ignore_index) {
+        loss[r] = 0.0f;
+        return;
+      }
+      float l = (1.0f - label_smoothing) * (lse - load(x, t));
+      if (label_smoothing != 0.0f) {
+        l += label_smoothing * (lse - static_cast<float>(sum_x / static_cast<double>(vocab)));
+      }
+      if (z_loss != 0.0f) l += z_loss * lse * lse;
+      loss[r] = l;
+    });
   });
 }
 
@@ -160,26 +158,27 @@ void cross_entropy_bwd(Src logits, const int64_t* target, const float* lse_in, S
                        Dst dlogits, int64_t rows, int64_t vocab, int64_t ignore_index, float label_smoothing,
                        float z_loss, int threads) {
   const float smooth = label_smoothing / static_cast<float>(vocab);
-  const bool widen = is_bf16(logits) || is_bf16(dlogits);
-  for_each_span(rows, vocab, threads, widen, 2, [&](int64_t r, int64_t c, int64_t len, const RowBuffers& buf) {
-    const int64_t t = target[r];
-    float* dx = dst_row(dlogits, r * vocab + c, buf[1]);
-    if (t == ignore_index) {
+  typed(logits, [&](auto xp) { typed(dlogits, [&](auto dxp) {
+    for_each_row(rows, vocab, threads, false, 0, [&](int64_t r, const RowBuffers&) {
+      const auto* x = xp + r * vocab;  // dlogits may be logits itself (in place): no __restrict
+      auto* dx = dxp + r * vocab;
+      const int64_t t = target[r];
+      if (t == ignore_index) {
 #pragma omp simd
-      for (int64_t i = 0; i < len; ++i) dx[i] = 0.0f;
-      dst_commit(dlogits, r * vocab + c, dx, len);
-      return;
-    }
-    const float* x = src_row(logits, r * vocab + c, len, buf[0]);
-    const float g = src_at(grad, r * grad_stride);
-    const float lse = lse_in[r];
-    const float pscale = g * (1.0f + 2.0f * z_loss * lse);
-    const float shift = g * smooth;
+        for (int64_t i = 0; i < vocab; ++i) store(dx, i, 0.0f);
+        return;
+      }
+      const float g = src_at(grad, r * grad_stride);
+      const float lse = lse_in[r];
+      const float pscale = g * (1.0f + 2.0f * z_loss * lse);
+      const float shift = g * smooth;
+      // the target's gradient, from its float value (a bfloat16 dlogits is rounded once, as the reference's)
+      const float dt = pscale * fast_exp(load(x, t) - lse) - shift - g * (1.0f - label_smoothing);
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dx[i] = pscale * fast_exp(x[i] - lse) - shift;
-    if (t >= c && t < c + len) dx[t - c] -= g * (1.0f - label_smoothing);
-    dst_commit(dlogits, r * vocab + c, dx, len);
-  });
+      for (int64_t i = 0; i < vocab; ++i) store(dx, i, pscale * fast_exp(load(x, i) - lse) - shift);
+      store(dx, t, dt);
+    });
+  }); });
 }
 
 PYLLM_CPU_NS_END
