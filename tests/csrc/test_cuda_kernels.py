@@ -4,8 +4,8 @@ forward and backward, in float32/float16/bfloat16 (csrc_checks.check; PYLLM_STRI
 Every test here needs a CUDA device and a pyllm._C built with nvcc; on a machine without a GPU they
 are skipped (CI still compiles the kernels: a CUDA build error fails the install), unless
 PYLLM_CUDA_EMULATOR=1: then they run on the CPU over the CUDA emulator (tests/csrc/cuda_emulator: the
-kernels compiled as host C++, CPU tensors standing in for device memory; test_cuda_emulated.py runs a
-selection of them so in CI). What only a GPU can show is skipped there (`gpu_only`): other devices, the
+kernels compiled as host C++, CPU tensors standing in for device memory; test_cuda_emulated.py runs
+them so in CI, all but the 70001-row cross-entropy). What only a GPU can show is skipped there (`gpu_only`): other devices, the
 Triton cross-checks, tensors too large for the emulator's speed.
 """
 
