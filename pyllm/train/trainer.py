@@ -27,7 +27,7 @@ from pyllm.model.flops import flops_per_token
 from . import checkpoint, distributed, host_memory
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, TrainConfig
-from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb
+from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb, warn_if_emulated
 from .optimizer import AdamW
 from .scaler import LossScaler
 from .schedule import lr_at
@@ -77,6 +77,8 @@ class Trainer:
         self.mode = distributed.resolve_mode(cfg.distributed, self.dist.world_size)
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
         self.low_dtype = LOW_DTYPES.get(cfg.precision)
+        if self.dist.is_main:
+            warn_if_emulated(cfg.precision, self.device)
 
         self.model = model.to(self.device)
         if cfg.master_weights:
