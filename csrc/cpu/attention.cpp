@@ -158,6 +158,28 @@ inline Span span_of(const int64_t* lo, const int64_t* hi, int nq) {
   return s;
 }
 
+// x[i] = exp(x[i] - m) for i < n, returning their sum (in vector lanes, written out as softmax.cpp's
+// row_dot: GCC may leave row_sums out of line).
+PYLLM_INLINE float exp_and_sum(float* __restrict x, float m, int64_t n) {
+  constexpr int L = 2 * kVecFloats;
+  float acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma omp simd
+    for (int l = 0; l < L; ++l) {
+      const float t = fast_exp(x[i + l] - m);
+      x[i + l] = t;
+      acc[l] += t;
+    }
+  }
+  for (int l = 0; i + l < n; ++l) {
+    const float t = fast_exp(x[i + l] - m);
+    x[i + l] = t;
+    acc[l] += t;
+  }
+  return lane_tree<L>(acc);
+}
+
 // Rows of P = exp(scale q k^T - lse) for keys [c0, c1) into p (p[r * ldp + j - c0]) for nq queries whose key
 // ranges are lo[r], hi[r] (each row zero outside its own range, and, when doc != null, on keys of another
 // document than doc_q[r]); columns up to `width` of each row are written (zeros beyond c1).
@@ -175,22 +197,16 @@ inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, 
       const int64_t own = doc_q[r];
       for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == own ? pr[j] : -INFINITY;
     }
-#pragma omp simd reduction(max : m)
-    for (int64_t j = a; j < e; ++j) {
-      pr[j] *= scale;
-      m = pr[j] > m ? pr[j] : m;
-    }
+#pragma omp simd
+    for (int64_t j = a; j < e; ++j) pr[j] *= scale;
     if (lse != nullptr) {
       const float l = lse[r];
 #pragma omp simd
       for (int64_t j = a; j < e; ++j) pr[j] = fast_exp(pr[j] - l);
     } else {  // forward: one exp per score, then the row scaled by 1 / sum; lse = m + log(sum) saved
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = a; j < e; ++j) {
-        pr[j] = fast_exp(pr[j] - m);
-        sum += pr[j];
-      }
+      // the max and the sum reduced in vector lanes (an `omp simd reduction` ends in a scalar chain per row)
+      if (a < e) m = row_max(pr + a, e - a);
+      const float sum = exp_and_sum(pr + a, m, e - a);
       const float inv = 1.0f / sum;  // sum >= 1: the row's maximum contributes exp(0)
 #pragma omp simd
       for (int64_t j = a; j < e; ++j) pr[j] *= inv;

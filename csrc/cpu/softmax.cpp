@@ -20,32 +20,6 @@ namespace {
 // the block length, not with the vocabulary size.
 constexpr int64_t kBlock = 1024;
 
-// The max of x[0..n) in L lanes (as row_sums: a tree over the lanes, not a scalar chain per row).
-template <class T>
-PYLLM_INLINE float row_max(const T* __restrict x, int64_t n) {
-  constexpr int L = lanes<1, T>();
-  float acc[L];
-  for (int j = 0; j < L; ++j) acc[j] = -INFINITY;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-#pragma omp simd
-    for (int j = 0; j < L; ++j) {
-      const float v = load(x, i + j);
-      acc[j] = v > acc[j] ? v : acc[j];
-    }
-  }
-  for (int j = 0; i + j < n; ++j) {
-    const float v = load(x, i + j);
-    acc[j] = v > acc[j] ? v : acc[j];
-  }
-#pragma GCC unroll 8
-  for (int w = L / 2; w > 0; w /= 2) {
-#pragma omp simd
-    for (int j = 0; j < w; ++j) acc[j] = acc[j + w] > acc[j] ? acc[j + w] : acc[j];
-  }
-  return acc[0];
-}
-
 // e[i] = exp(x[i] - m) for i < n; returns their sum, in blocks of kBlock (each summed in lanes) added up
 // in double.
 template <class T>

@@ -252,6 +252,32 @@ inline float store(uint16_t* p, int64_t i, float v) {
   return bf16_to_float(b);
 }
 
+// The max of x[0..n) in L lanes (as row_sums: a tree over the lanes, not a scalar chain per row).
+template <class T>
+PYLLM_INLINE float row_max(const T* __restrict x, int64_t n) {
+  constexpr int L = lanes<1, T>();
+  float acc[L];
+  for (int j = 0; j < L; ++j) acc[j] = -INFINITY;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      const float v = load(x, i + j);
+      acc[j] = v > acc[j] ? v : acc[j];
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    const float v = load(x, i + j);
+    acc[j] = v > acc[j] ? v : acc[j];
+  }
+#pragma GCC unroll 8
+  for (int w = L / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int j = 0; j < w; ++j) acc[j] = acc[j + w] > acc[j] ? acc[j + w] : acc[j];
+  }
+  return acc[0];
+}
+
 // f(p) with p the tensor's address as `const float*` or `const uint16_t*` (bfloat16 bits), as its dtype
 // says: a kernel templated on its operands' storage types is instantiated for each combination once.
 // An absent tensor (null) is passed as a null float pointer.
