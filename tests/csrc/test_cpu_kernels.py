@@ -446,6 +446,11 @@ def test_attention_one_key_and_softmax_scale():
         _check("attention", [q, k, v], causal=causal)  # S = 1: the one weight is 1
     q, k, v = torch.randn(1, 2, 33, 64) * 3, torch.randn(1, 2, 33, 64), torch.randn(1, 2, 33, 64)
     _check("attention", [q, k, v], causal=True, softmax_scale=0.3)
+    # the kernel applies the scale inside the exponential, exp(scale (s - max s)), which for a negative
+    # scale would subtract the wrong extreme and overflow (scores spread over ~1000 here): it scales those
+    # rows first; and 0 gives uniform weights
+    for scale in (-0.3, 0.0):
+        _check("attention", [q * 10, k, v], causal=False, softmax_scale=scale)
 
 
 def test_attention_on_transposed_views():
