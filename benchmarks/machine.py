@@ -32,6 +32,12 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def code_changed() -> bool:
+    """Uncommitted changes to tracked files other than the results (benchmarks/results/), which every run
+    appends to: a suite run in two parts (fp32, then bf16 with --resume) is still a run of its commit."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"))
+
+
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -62,7 +68,7 @@ def describe(device: str) -> dict:
         # a copy of the working tree without .git (a lent GPU machine) says its commit in PYLLM_COMMIT
         "commit": _git("rev-parse", "HEAD") or os.environ.get("PYLLM_COMMIT"),
         # True when the checkout had uncommitted changes: the commit alone does not say what ran
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": code_changed(),
         # other work on the machine when the run started: a shared machine's timings are noisier
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -43,3 +43,26 @@ def test_pytest_benchmark_form_collects_and_runs():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
+
+
+def test_appended_results_do_not_mark_the_code_as_changed(tmp_path, monkeypatch):
+    """A suite run in two parts (fp32, then bf16 with --resume) starts its second part with the results file
+    already appended to: that is not a change to the code measured (it made every such session "with
+    uncommitted changes"); a change to any other tracked file is."""
+    from benchmarks import machine
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n")
+    (tmp_path / "kernel.cpp").write_text("int x;\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    monkeypatch.setattr(machine, "REPO", tmp_path)
+    assert not machine.code_changed()
+    (tmp_path / "benchmarks" / "results" / "cpu.jsonl").write_text("{}\n{}\n")
+    assert not machine.code_changed()
+    (tmp_path / "kernel.cpp").write_text("int y;\n")
+    assert machine.code_changed()
