@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
 
 COMMANDS = {
     "info": ("pyllm.info", "show versions, devices and which op backends are available"),
@@ -29,6 +33,24 @@ def usage() -> str:
     return "usage: pyllm <command> [options]\n\ncommands:\n" + "\n".join(lines)
 
 
+def warning_formatter(command: str):
+    """warnings.formatwarning for the command line: pyllm's own warnings as one line a user reads,
+    "pyllm train: warning: <message>", instead of Python's "<path>:<line>: RuntimeWarning: <message>"
+    followed by a source line; warnings from other packages keep Python's format (their origin helps)."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        try:
+            ours = Path(filename).resolve().is_relative_to(PACKAGE)
+        except (OSError, ValueError):
+            ours = False
+        if ours:
+            return f"pyllm {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -38,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"pyllm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    # post-training stages share one module; it learns which stage from the command name
-    result = module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest)
+    previous, warnings.formatwarning = warnings.formatwarning, warning_formatter(name)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        # post-training stages share one module; it learns which stage from the command name
+        result = module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest)
+    finally:
+        warnings.formatwarning = previous
     return int(result or 0)  # a main that returns None succeeded
 
 

@@ -37,3 +37,26 @@ def test_subcommand_gets_its_arguments_and_none_means_success(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyllm.post.cli", fake)
     assert cli.main(["dpo", "--beta", "0.1"]) == 0
     assert calls == [["dpo", "--beta", "0.1"]]  # post-training stages learn their name from argv[0]
+
+
+def test_pyllm_warnings_are_one_line_naming_the_command(tmp_path):
+    """A warning raised by pyllm reaches a command-line user as "pyllm <command>: warning: <message>", not
+    as a file path, line number, category and source line (here: fp16 training on a CPU without fp16
+    matrix units, which is emulated); other packages' warnings keep Python's format."""
+    import subprocess
+    import sys
+    import warnings
+
+    script = ("import torch; torch.cpu._is_amx_fp16_supported = lambda: False\n"
+              "from pyllm.cli import main\n"
+              f"main(['train', '--preset', 'smoke', '--precision', 'fp16', '--max_steps', '1', '--eval_every', '0',"
+              f" '--progress', 'false', '--out_dir', {str(tmp_path)!r}])\n")
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300).stderr
+    lines = [line for line in err.splitlines() if "emulated" in line]
+    assert len(lines) == 1 and lines[0].startswith("pyllm train: warning: precision='fp16' on a CPU without"), err
+    assert "RuntimeWarning" not in err, err
+
+    fmt = cli.warning_formatter("eval")
+    assert fmt("m", UserWarning, cli.__file__, 1) == "pyllm eval: warning: m\n"
+    other = ("m", UserWarning, "/elsewhere/lib.py", 7)
+    assert fmt(*other) == warnings.formatwarning(*other)
