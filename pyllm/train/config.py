@@ -219,6 +219,12 @@ def cpu_has_native_bf16() -> bool:
     return bool(probe and probe())
 
 
+def cpu_has_native_fp16() -> bool:
+    """True when this CPU has fp16 matrix instructions (AMX-FP16)."""
+    probe = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+    return bool(probe and probe())
+
+
 def shakespeare_char_cpu(**overrides) -> TrainConfig:
     """nanoGPT's published CPU run: char-level, block 64, batch 12, 4 layers x 4 heads x 128, 2000 steps,
     lr 1e-3 cosine to 1e-4, no dropout, no biases.

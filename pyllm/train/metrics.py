@@ -40,10 +40,7 @@ def half_matmul_emulated(dtype: torch.dtype, device: str) -> bool:
 
     if device == "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    if dtype == torch.bfloat16:
-        return not config.cpu_has_native_bf16()
-    probe = getattr(torch.cpu, "_is_amx_fp16_supported", None)
-    return not (probe and probe())
+    return not (config.cpu_has_native_bf16() if dtype == torch.bfloat16 else config.cpu_has_native_fp16())
 
 
 def warn_if_emulated(precision: str, device: torch.device) -> None:
