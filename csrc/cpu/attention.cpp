@@ -25,10 +25,11 @@
 // feeds kRows FMAs). a(q, r) is read through two strides, so P^T and dS^T are read in place; K and V are
 // copied transposed once per (batch, kv head) for the two products that need K^T and V^T.
 //
-// q, k, v, o and the gradients are strided views (kernels.h: Heads), float32 or bfloat16: a head whose
-// rows are not D apart, or that is bfloat16, is gathered into float32 rows per thread first (and an
-// output scattered back), O(L D) work beside the O(T S D) of the products; float32 heads with contiguous
-// rows are used in place.
+// q, k, v, o and the gradients are strided views (kernels.h: Heads), float32 or bfloat16: float32 heads are
+// used in place through their row strides (Rows), bfloat16 ones are widened into float32 rows per thread
+// first (and an output narrowed back), O(L D) work beside the O(T S D) of the products. (Float32 heads
+// whose rows were not D apart, such as the views of a fused qkv projection, used to be gathered row by
+// row too: a memmove call per row of 32-64 floats, ~9% of the nanoGPT-shape forward + backward.)
 #include <algorithm>
 #include <vector>
 
@@ -100,9 +101,9 @@ inline int64_t round_up(int64_t n) { return (n + kVec - 1) / kVec * kVec; }
 // anywhere below S may run 16 past S (those columns are zero and never used).
 inline int64_t transposed_ld(int64_t S) { return round_up(S) + kVec; }
 
-// dst (cols, ld_dst) = src (rows, cols)^T, zero in the padding columns rows .. ld_dst.
-inline void transpose(float* dst, int64_t ld_dst, const float* src, int64_t rows, int64_t cols) {
-  transpose_columns(src, cols, dst, ld_dst, rows, 0, cols);
+// dst (cols, ld_dst) = src (rows, cols; rows ld_src apart)^T, zero in the padding columns rows .. ld_dst.
+inline void transpose(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols) {
+  transpose_columns(src, ld_src, dst, ld_dst, rows, 0, cols);
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = rows; r < ld_dst; ++r) dst[c * ld_dst + r] = 0.0f;
   }
@@ -158,41 +159,52 @@ inline Span span_of(const int64_t* lo, const int64_t* hi, int nq) {
   return s;
 }
 
-// x[i] = exp(x[i] - m) for i < n, returning their sum (in vector lanes, written out as softmax.cpp's
-// row_dot: GCC may leave row_sums out of line).
-PYLLM_INLINE float exp_and_sum(float* __restrict x, float m, int64_t n) {
-  constexpr int L = 2 * kVecFloats;
-  float acc[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
+// The softmax numerators of a score row x[0..n) in place, n a multiple of kVec (the caller pads the row with
+// -inf, whose exponentials come out ~1e-38 and are zeroed afterwards): x[i] = exp(x[i] - max); returns the
+// max and the sum. Whole vectors, one register of lanes per reduction: a causal row at T = 64 has 1-64
+// keys, and with two registers of lanes and a tail loop most such rows ran in the scalar tail with their
+// lane sums in memory (the nanoGPT-shape forward 13% slower).
+struct MaxSum {
+  float max, sum;
+};
+PYLLM_INLINE MaxSum exp_row(float* __restrict x, int64_t n) {
+  float mx[kVec];
+  for (int l = 0; l < kVec; ++l) mx[l] = -INFINITY;
+  for (int64_t i = 0; i < n; i += kVec) {
 #pragma omp simd
-    for (int l = 0; l < L; ++l) {
+    for (int l = 0; l < kVec; ++l) mx[l] = x[i + l] > mx[l] ? x[i + l] : mx[l];
+  }
+#pragma GCC unroll 4
+  for (int w = kVec / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int l = 0; l < w; ++l) mx[l] = mx[l + w] > mx[l] ? mx[l + w] : mx[l];
+  }
+  const float m = mx[0];
+  float acc[kVec] = {};
+  for (int64_t i = 0; i < n; i += kVec) {
+#pragma omp simd
+    for (int l = 0; l < kVec; ++l) {
       const float t = fast_exp(x[i + l] - m);
       x[i + l] = t;
       acc[l] += t;
     }
   }
-  for (int l = 0; i + l < n; ++l) {
-    const float t = fast_exp(x[i + l] - m);
-    x[i + l] = t;
-    acc[l] += t;
-  }
-  return lane_tree<L>(acc);
+  return {m, lane_tree<kVec>(acc)};
 }
 
 // Rows of P = exp(scale q k^T - lse) for keys [c0, c1) into p (p[r * ldp + j - c0]) for nq queries whose key
 // ranges are lo[r], hi[r] (each row zero outside its own range, and, when doc != null, on keys of another
 // document than doc_q[r]); columns up to `width` of each row are written (zeros beyond c1).
-// kt: K^T (D, ldk) zero-padded. With lse == nullptr (the forward), [c0, c1) must hold every row's range:
+// q: query row r at q + r * ldq; kt: K^T (D, ldk) zero-padded. With lse == nullptr (the forward), [c0, c1) must hold every row's range:
 // the rows are normalised here and their logsumexp written to lse_out.
-inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, int64_t D, const float* kt,
-                          int64_t ldk, int64_t c0, int64_t c1, const int64_t* lo, const int64_t* hi, int nq,
-                          const int64_t* doc, const int64_t* doc_q, float scale, const float* lse, float* lse_out) {
-  block_times_matrix(nq, p, ldp, q, D, 1, kt + c0, ldk, D, round_up(c1 - c0));
+inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, int64_t ldq, int64_t D,
+                          const float* kt, int64_t ldk, int64_t c0, int64_t c1, const int64_t* lo, const int64_t* hi,
+                          int nq, const int64_t* doc, const int64_t* doc_q, float scale, const float* lse,
+                          float* lse_out) {
+  block_times_matrix(nq, p, ldp, q, ldq, 1, kt + c0, ldk, D, round_up(c1 - c0));
   for (int r = 0; r < nq; ++r) {
     float* pr = p + r * ldp - c0;  // pr[j] for key j
     const int64_t a = std::max(lo[r], c0), e = std::min(hi[r], c1);
-    float m = -INFINITY;
     if (doc != nullptr) {
       const int64_t own = doc_q[r];
       for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == own ? pr[j] : -INFINITY;
@@ -203,14 +215,16 @@ inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, 
       const float l = lse[r];
 #pragma omp simd
       for (int64_t j = a; j < e; ++j) pr[j] = fast_exp(pr[j] - l);
-    } else {  // forward: one exp per score, then the row scaled by 1 / sum; lse = m + log(sum) saved
-      // the max and the sum reduced in vector lanes (an `omp simd reduction` ends in a scalar chain per row)
-      if (a < e) m = row_max(pr + a, e - a);
-      const float sum = exp_and_sum(pr + a, m, e - a);
-      const float inv = 1.0f / sum;  // sum >= 1: the row's maximum contributes exp(0)
+    } else if (a < e) {  // forward: one exp per score, the row scaled by 1 / sum; lse = m + log(sum) saved
+      const int64_t n = round_up(e - a);  // whole vectors: the row has room (ldp >= round_up(c1 - c0) + kVec)
+      for (int64_t j = e; j < a + n; ++j) pr[j] = -INFINITY;
+      const MaxSum ms = exp_row(pr + a, n);
+      const float inv = 1.0f / ms.sum;  // sum >= 1: the row's maximum contributes exp(0)
 #pragma omp simd
       for (int64_t j = a; j < e; ++j) pr[j] *= inv;
-      lse_out[r] = a < e ? m + logf(sum) : -INFINITY;
+      lse_out[r] = ms.max + logf(ms.sum);
+    } else {
+      lse_out[r] = -INFINITY;
     }
     if (doc != nullptr)  // fast_exp(-inf) is ~1e-38, not 0
       for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == doc_q[r] ? pr[j] : 0.0f;
@@ -219,52 +233,67 @@ inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, 
   }
 }
 
-// Rows [l0, l0 + n) of head (b, h) of t as contiguous float32 rows of D: t's own memory when float32 with
-// rows D apart, else gathered (and widened) into buf, which then must hold n * D floats.
-inline bool in_place(DType t, int64_t sl, int64_t D) { return t == DType::kFloat32 && sl == D; }
+// Float32 rows of a head: row l at p + l * ld.
+struct Rows {
+  const float* p;
+  int64_t ld;
+  const float* row(int64_t l) const { return p + l * ld; }
+};
+struct RowsOut {
+  float* p;
+  int64_t ld;
+  float* row(int64_t l) const { return p + l * ld; }
+  void zero(int64_t n, int64_t D) const {
+    if (ld == D) {  // one block (a row at a time, GCC calls memset per row)
+      for (int64_t x = 0; x < n * D; ++x) p[x] = 0.0f;
+      return;
+    }
+    for (int64_t l = 0; l < n; ++l)
+      for (int64_t x = 0; x < D; ++x) p[l * ld + x] = 0.0f;
+  }
+};
 
-inline const float* rows_in(const Heads& t, int64_t b, int64_t h, int64_t l0, int64_t n, int64_t D, float* buf) {
+// Rows [l0, l0 + n) of head (b, h) of t: t's own memory when float32 (rows t.sl apart), else widened into
+// buf (rows D apart), which then must hold n * D floats.
+inline Rows rows_in(const Heads& t, int64_t b, int64_t h, int64_t l0, int64_t n, int64_t D, float* buf) {
   const int64_t base = b * t.sb + h * t.sh + l0 * t.sl;
-  if (in_place(t.t, t.sl, D)) return static_cast<const float*>(t.p) + base;
+  if (t.t == DType::kFloat32) return {static_cast<const float*>(t.p) + base, t.sl};
   for (int64_t l = 0; l < n; ++l) src_copy(Src{t.p, t.t}, base + l * t.sl, D, buf + l * D);
-  return buf;
+  return {buf, D};
 }
 
-// Where to compute rows [l0, ...) of head (b, h) of t: its memory when float32 with rows D apart, else buf;
-// rows_commit then scatters (and narrows) n rows of buf into t.
-inline float* rows_out(const HeadsOut& t, int64_t b, int64_t h, int64_t l0, int64_t D, float* buf) {
-  return in_place(t.t, t.sl, D) ? static_cast<float*>(t.p) + b * t.sb + h * t.sh + l0 * t.sl : buf;
+// Where to compute rows [l0, ...) of head (b, h) of t: its memory when float32, else buf (rows D apart);
+// rows_commit then narrows n rows of buf into t.
+inline RowsOut rows_out(const HeadsOut& t, int64_t b, int64_t h, int64_t l0, int64_t D, float* buf) {
+  if (t.t == DType::kFloat32) return {static_cast<float*>(t.p) + b * t.sb + h * t.sh + l0 * t.sl, t.sl};
+  return {buf, D};
 }
 
-inline void rows_commit(const HeadsOut& t, int64_t b, int64_t h, int64_t l0, int64_t n, int64_t D, const float* buf) {
-  if (in_place(t.t, t.sl, D)) return;
-  for (int64_t l = 0; l < n; ++l) dst_write(Dst{t.p, t.t}, b * t.sb + h * t.sh + (l0 + l) * t.sl, buf + l * D, D);
+inline void rows_commit(const HeadsOut& t, int64_t b, int64_t h, int64_t l0, int64_t n, int64_t D, RowsOut rows) {
+  if (t.t == DType::kFloat32) return;
+  for (int64_t l = 0; l < n; ++l) dst_write(Dst{t.p, t.t}, b * t.sb + h * t.sh + (l0 + l) * t.sl, rows.row(l), D);
 }
 
-// A scratch block of n floats for t, empty when t is used in place.
-inline std::vector<float> rows_buffer(DType t, int64_t sl, int64_t D, int64_t n) {
-  return std::vector<float>(in_place(t, sl, D) ? 0 : n);
-}
+// A scratch block of n floats for a tensor of type t, empty when it is used in place (float32).
+inline std::vector<float> rows_buffer(DType t, int64_t n) { return std::vector<float>(t == DType::kFloat32 ? 0 : n); }
 
-// A thread's float32 copy of one kv head: its K and V rows (the tensors' own memory when float32 with rows
-// D apart), K^T and, for the backward, V^T ((D, ldk), zero-padded); reloaded only when a work item needs
-// another kv head.
+// A thread's float32 view of one kv head: its K and V rows (the tensors' own memory when float32), K^T and,
+// for the backward, V^T ((D, ldk), zero-padded); reloaded only when a work item needs another kv head.
 struct KvHead {
   std::vector<float> kt, vt, kb, vb;
   int64_t loaded = -1;  // b * Hkv + kv
-  const float *kh = nullptr, *vh = nullptr;
+  Rows kh{nullptr, 0}, vh{nullptr, 0};
 
   KvHead(const Heads& k, const Heads& v, int64_t S, int64_t D, int64_t ldk, bool with_vt)
-      : kt(D * ldk), vt(with_vt ? D * ldk : 0), kb(rows_buffer(k.t, k.sl, D, S * D)),
-        vb(rows_buffer(v.t, v.sl, D, S * D)) {}
+      : kt(D * ldk), vt(with_vt ? D * ldk : 0), kb(rows_buffer(k.t, S * D)), vb(rows_buffer(v.t, S * D)) {}
 
   void load(const Heads& k, const Heads& v, int64_t b, int64_t kv, int64_t Hkv, int64_t S, int64_t D,
             int64_t ldk) {
     if (loaded == b * Hkv + kv) return;
     kh = rows_in(k, b, kv, 0, S, D, kb.data());
     vh = rows_in(v, b, kv, 0, S, D, vb.data());
-    transpose(kt.data(), ldk, kh, S, D);
-    if (!vt.empty()) transpose(vt.data(), ldk, vh, S, D);
+    transpose(kt.data(), ldk, kh.p, kh.ld, S, D);
+    if (!vt.empty()) transpose(vt.data(), ldk, vh.p, vh.ld, S, D);
     loaded = b * Hkv + kv;
   }
 };
@@ -281,14 +310,14 @@ void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B,
   {
     KvHead kvh(k, v, S, D, ldk, false);
     std::vector<float> p(kRows * ldk);
-    std::vector<float> qb = rows_buffer(q.t, q.sl, D, kChunk * D), ob = rows_buffer(o.t, o.sl, D, kChunk * D);
+    std::vector<float> qb = rows_buffer(q.t, kChunk * D), ob = rows_buffer(o.t, kChunk * D);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < B * Hq * chunks; ++item) {
       const int64_t bh = item / chunks, b = bh / Hq, h = bh % Hq;
       const int64_t i0 = item % chunks * kChunk, n = min_i64(kChunk, T - i0);
       kvh.load(k, v, b, h / group, Hkv, S, D, ldk);
-      const float* qh = rows_in(q, b, h, i0, n, D, qb.data());
-      float* oh = rows_out(o, b, h, i0, D, ob.data());
+      const Rows qh = rows_in(q, b, h, i0, n, D, qb.data());
+      const RowsOut oh = rows_out(o, b, h, i0, D, ob.data());
       const int64_t* lo = ranges.lo.data() + b * T + i0;
       const int64_t* hi = ranges.hi.data() + b * T + i0;
       const int64_t* d = doc && ranges.check_doc[b] ? doc + b * S : nullptr;
@@ -296,13 +325,13 @@ void attention_fwd(Heads q, Heads k, Heads v, HeadsOut o, float* lse, int64_t B,
         const int nq = static_cast<int>(min_i64(kRows, n - i));
         const Span s = span_of(lo + i, hi + i, nq);
         if (s.lo >= s.hi) {  // no key for these queries (not for T <= S: each query sees itself): o = 0
-          for (int64_t x = 0; x < nq * D; ++x) oh[i * D + x] = 0.0f;
+          RowsOut{oh.row(i), oh.ld}.zero(nq, D);
           for (int r = 0; r < nq; ++r) lse[bh * T + i0 + i + r] = -INFINITY;
           continue;
         }
-        probabilities(p.data(), ldk, s.hi - s.lo, qh + i * D, D, kvh.kt.data(), ldk, s.lo, s.hi, lo + i, hi + i,
-                      nq, d, d ? d + S - T + i0 + i : nullptr, scale, nullptr, lse + bh * T + i0 + i);
-        block_times_matrix(nq, oh + i * D, D, p.data(), ldk, 1, kvh.vh + s.lo * D, D, s.hi - s.lo, D);
+        probabilities(p.data(), ldk, s.hi - s.lo, qh.row(i), qh.ld, D, kvh.kt.data(), ldk, s.lo, s.hi, lo + i,
+                      hi + i, nq, d, d ? d + S - T + i0 + i : nullptr, scale, nullptr, lse + bh * T + i0 + i);
+        block_times_matrix(nq, oh.row(i), oh.ld, p.data(), ldk, 1, kvh.vh.row(s.lo), kvh.vh.ld, s.hi - s.lo, D);
       }
       rows_commit(o, b, h, i0, n, D, oh);
     }
@@ -315,9 +344,11 @@ namespace {
 // queries, the key ranges of its batch (and document row, when keys are masked one by one), and its kv
 // head (K rows, K^T and V^T).
 struct BwdHead {
-  const float *q, *dout, *dsum, *lse;
+  Rows q, dout;
+  const float *dsum, *lse;
   const int64_t *lo, *hi, *doc;
-  const float *k, *kt, *vt;
+  Rows k;
+  const float *kt, *vt;
   int64_t T, S, D, ldk;
   float scale;
 };
@@ -345,12 +376,12 @@ void tile_p_ds(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb,
         for (int64_t j = 0; j < width; ++j) pi[r * kTileLd + j] = dsi[r * kTileLd + j] = 0.0f;
       continue;
     }
-    probabilities(pi + (s.lo - ja), kTileLd, jb - s.lo, hd.q + qi * D, D, hd.kt, hd.ldk, s.lo, s.hi, hd.lo + qi,
-                  hd.hi + qi, nq, hd.doc, hd.doc ? hd.doc + hd.S - hd.T + qi : nullptr, hd.scale, hd.lse + qi,
-                  nullptr);
+    probabilities(pi + (s.lo - ja), kTileLd, jb - s.lo, hd.q.row(qi), hd.q.ld, D, hd.kt, hd.ldk, s.lo, s.hi,
+                  hd.lo + qi, hd.hi + qi, nq, hd.doc, hd.doc ? hd.doc + hd.S - hd.T + qi : nullptr, hd.scale,
+                  hd.lse + qi, nullptr);
     for (int r = 0; r < nq; ++r)
       for (int64_t j = 0; j < s.lo - ja; ++j) pi[r * kTileLd + j] = 0.0f;
-    block_times_matrix(nq, dsi + (s.lo - ja), kTileLd, hd.dout + qi * D, D, 1, hd.vt + s.lo, hd.ldk, D,
+    block_times_matrix(nq, dsi + (s.lo - ja), kTileLd, hd.dout.row(qi), hd.dout.ld, 1, hd.vt + s.lo, hd.ldk, D,
                        round_up(s.hi - s.lo));  // dP
     for (int r = 0; r < nq; ++r) {
       // dS, scaled once here so that dQ and dK need no further scaling; 0 where P is
@@ -365,20 +396,20 @@ void tile_p_ds(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb,
   }
 }
 
-// dQ rows i0 .. i0 + n (dq: row i at dq + i * D) += dS K over each query block's span of the tile.
-void tile_dq(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, const float* ds, const Span* blocks, float* dq) {
+// dQ rows i0 .. i0 + n (dq.row(i) for query i) += dS K over each query block's span of the tile.
+void tile_dq(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, const float* ds, const Span* blocks, RowsOut dq) {
   for (int64_t i = 0; i < n; i += kRows) {
     const Span s = blocks[i / kRows];
     if (s.lo >= s.hi) continue;
-    block_times_matrix<true>(static_cast<int>(min_i64(kRows, n - i)), dq + (i0 + i) * hd.D, hd.D,
-                             ds + i * kTileLd + (s.lo - ja), kTileLd, 1, hd.k + s.lo * hd.D, hd.D, s.hi - s.lo, hd.D);
+    block_times_matrix<true>(static_cast<int>(min_i64(kRows, n - i)), dq.row(i0 + i), dq.ld,
+                             ds + i * kTileLd + (s.lo - ja), kTileLd, 1, hd.k.row(s.lo), hd.k.ld, s.hi - s.lo, hd.D);
   }
 }
 
-// dV += P^T dO and dK += dS^T Q for keys [ja, jb) (dk, dv: key j's row at + (j - ja) D), kRows keys at a
+// dV += P^T dO and dK += dS^T Q for keys [ja, jb) (dk, dv: key j's row at .row(j - ja)), kRows keys at a
 // time, over the query blocks whose spans reach them; P^T and dS^T are read in place.
 void tile_dkv(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb, const float* p, const float* ds,
-              const Span* blocks, float* dk, float* dv) {
+              const Span* blocks, RowsOut dk, RowsOut dv) {
   const int64_t D = hd.D;
   const int n_blocks = static_cast<int>((n + kRows - 1) / kRows);
   for (int64_t j = ja; j < jb; j += kRows) {
@@ -391,36 +422,37 @@ void tile_dkv(const BwdHead& hd, int64_t i0, int64_t n, int64_t ja, int64_t jb, 
       }
     if (first < 0) continue;
     const int64_t r0 = first * kRows, r1 = min_i64((last + 1) * kRows, n);
-    block_times_matrix<true>(nk, dv + (j - ja) * D, D, p + r0 * kTileLd + (j - ja), 1, kTileLd,
-                             hd.dout + (i0 + r0) * D, D, r1 - r0, D);
-    block_times_matrix<true>(nk, dk + (j - ja) * D, D, ds + r0 * kTileLd + (j - ja), 1, kTileLd,
-                             hd.q + (i0 + r0) * D, D, r1 - r0, D);
+    block_times_matrix<true>(nk, dv.row(j - ja), dv.ld, p + r0 * kTileLd + (j - ja), 1, kTileLd,
+                             hd.dout.row(i0 + r0), hd.dout.ld, r1 - r0, D);
+    block_times_matrix<true>(nk, dk.row(j - ja), dk.ld, ds + r0 * kTileLd + (j - ja), 1, kTileLd,
+                             hd.q.row(i0 + r0), hd.q.ld, r1 - r0, D);
   }
 }
 
-// A thread's backward scratch: its kv head (KvHead, with V^T), a float32 copy of one query head (q, o, dO
+// A thread's backward scratch: its kv head (KvHead, with V^T), a float32 view of one query head (q, o, dO
 // rows and Dsum, reloaded only when a work item needs another head) and the P and dS tiles.
 struct BwdScratch {
   KvHead kv;
   std::vector<float> qb, ob, dob, dsum, p, ds;
   int64_t q_loaded = -1;
-  const float *qh = nullptr, *doh = nullptr;
+  Rows qh{nullptr, 0}, doh{nullptr, 0};
 
   BwdScratch(const Heads& q, const Heads& k, const Heads& v, const Heads& o, const Heads& dout, int64_t T,
              int64_t S, int64_t D, int64_t ldk)
-      : kv(k, v, S, D, ldk, true), qb(rows_buffer(q.t, q.sl, D, T * D)), ob(rows_buffer(o.t, o.sl, D, T * D)),
-        dob(rows_buffer(dout.t, dout.sl, D, T * D)), dsum(T), p(kChunk * kTileLd), ds(kChunk * kTileLd) {}
+      : kv(k, v, S, D, ldk, true), qb(rows_buffer(q.t, T * D)), ob(rows_buffer(o.t, T * D)),
+        dob(rows_buffer(dout.t, T * D)), dsum(T), p(kChunk * kTileLd), ds(kChunk * kTileLd) {}
 
   void load_q(const Heads& q, const Heads& o, const Heads& dout, int64_t b, int64_t h, int64_t Hq, int64_t T,
               int64_t D) {
     if (q_loaded == b * Hq + h) return;
     qh = rows_in(q, b, h, 0, T, D, qb.data());
-    const float* oh = rows_in(o, b, h, 0, T, D, ob.data());
+    const Rows oh = rows_in(o, b, h, 0, T, D, ob.data());
     doh = rows_in(dout, b, h, 0, T, D, dob.data());
     for (int64_t i = 0; i < T; ++i) {
+      const float *dor = doh.row(i), *orow = oh.row(i);
       float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t x = 0; x < D; ++x) acc += doh[i * D + x] * oh[i * D + x];
+      for (int64_t x = 0; x < D; ++x) acc += dor[x] * orow[x];
       dsum[i] = acc;
     }
     q_loaded = b * Hq + h;
@@ -451,23 +483,23 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
   {
     BwdScratch sc(q, k, v, o, dout, T, S, D, ldk);
     Span blocks[kChunk / kRows];  // the key span of each block of queries in the current tile
-    std::vector<float> dkb = rows_buffer(dk.t, dk.sl, D, (one_pass ? S : kTile) * D);
-    std::vector<float> dvb = rows_buffer(dv.t, dv.sl, D, (one_pass ? S : kTile) * D);
-    std::vector<float> dqb = rows_buffer(dq.t, dq.sl, D, (one_pass ? T : kChunk) * D);
+    std::vector<float> dkb = rows_buffer(dk.t, (one_pass ? S : kTile) * D);
+    std::vector<float> dvb = rows_buffer(dv.t, (one_pass ? S : kTile) * D);
+    std::vector<float> dqb = rows_buffer(dq.t, (one_pass ? T : kChunk) * D);
     if (one_pass) {
 #pragma omp for schedule(dynamic)
       for (int64_t bkv = 0; bkv < B * Hkv; ++bkv) {
         const int64_t b = bkv / Hkv, kv = bkv % Hkv;
         sc.kv.load(k, v, b, kv, Hkv, S, D, ldk);
-        float* dkh = rows_out(dk, b, kv, 0, D, dkb.data());
-        float* dvh = rows_out(dv, b, kv, 0, D, dvb.data());
-        for (int64_t x = 0; x < S * D; ++x) dkh[x] = dvh[x] = 0.0f;
+        const RowsOut dkh = rows_out(dk, b, kv, 0, D, dkb.data()), dvh = rows_out(dv, b, kv, 0, D, dvb.data());
+        dkh.zero(S, D);
+        dvh.zero(S, D);
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kv * group + g;
           sc.load_q(q, o, dout, b, h, Hq, T, D);
           const BwdHead hd = head(sc, b, h);
-          float* dqh = rows_out(dq, b, h, 0, D, dqb.data());
-          for (int64_t x = 0; x < T * D; ++x) dqh[x] = 0.0f;
+          const RowsOut dqh = rows_out(dq, b, h, 0, D, dqb.data());
+          dqh.zero(T, D);
           for (int64_t i0 = 0; i0 < T; i0 += kChunk) {
             const int64_t n = min_i64(kChunk, T - i0);
             const Span chunk = span_of(hd.lo + i0, hd.hi + i0, static_cast<int>(n));
@@ -475,7 +507,8 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
               const int64_t ja = std::max(j0, chunk.lo), jb = min_i64(j0 + kTile, chunk.hi);
               tile_p_ds(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks);
               tile_dq(hd, i0, n, ja, sc.ds.data(), blocks, dqh);
-              tile_dkv(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks, dkh + ja * D, dvh + ja * D);
+              tile_dkv(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks, {dkh.row(ja), dkh.ld},
+                       {dvh.row(ja), dvh.ld});
             }
           }
           rows_commit(dq, b, h, 0, T, D, dqh);
@@ -489,9 +522,9 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
         const int64_t bkv = item / tiles, b = bkv / Hkv, kv = bkv % Hkv;
         const int64_t t0 = item % tiles * kTile, t1 = min_i64(t0 + kTile, S);
         sc.kv.load(k, v, b, kv, Hkv, S, D, ldk);
-        float* dkt = rows_out(dk, b, kv, t0, D, dkb.data());
-        float* dvt = rows_out(dv, b, kv, t0, D, dvb.data());
-        for (int64_t x = 0; x < (t1 - t0) * D; ++x) dkt[x] = dvt[x] = 0.0f;
+        const RowsOut dkt = rows_out(dk, b, kv, t0, D, dkb.data()), dvt = rows_out(dv, b, kv, t0, D, dvb.data());
+        dkt.zero(t1 - t0, D);
+        dvt.zero(t1 - t0, D);
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kv * group + g;
           sc.load_q(q, o, dout, b, h, Hq, T, D);
@@ -502,7 +535,8 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
             const int64_t ja = std::max(t0, chunk.lo), jb = min_i64(t1, chunk.hi);
             if (ja >= jb) continue;
             tile_p_ds(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks);
-            tile_dkv(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks, dkt + (ja - t0) * D, dvt + (ja - t0) * D);
+            tile_dkv(hd, i0, n, ja, jb, sc.p.data(), sc.ds.data(), blocks, {dkt.row(ja - t0), dkt.ld},
+                     {dvt.row(ja - t0), dvt.ld});
           }
         }
         rows_commit(dk, b, kv, t0, t1 - t0, D, dkt);
@@ -515,9 +549,8 @@ void attention_bwd(Heads q, Heads k, Heads v, Heads o, const float* lse, Heads d
         sc.kv.load(k, v, b, h / group, Hkv, S, D, ldk);
         sc.load_q(q, o, dout, b, h, Hq, T, D);
         const BwdHead hd = head(sc, b, h);
-        // dq rows i0 .. i0 + n, addressed as row i at dqc + (i - i0) D
-        float* dqc = rows_out(dq, b, h, i0, D, dqb.data());
-        for (int64_t x = 0; x < n * D; ++x) dqc[x] = 0.0f;
+        const RowsOut dqc = rows_out(dq, b, h, i0, D, dqb.data());  // dq rows i0 .. i0 + n: query i at row i - i0
+        dqc.zero(n, D);
         const Span chunk = span_of(hd.lo + i0, hd.hi + i0, static_cast<int>(n));
         for (int64_t j0 = first_tile(chunk); j0 < chunk.hi; j0 += kTile) {
           const int64_t ja = std::max(j0, chunk.lo), jb = min_i64(j0 + kTile, chunk.hi);
