@@ -195,8 +195,8 @@ PYLLM_INLINE MaxSum exp_row(float* __restrict x, int64_t n) {
 // Rows of P = exp(scale q k^T - lse) for keys [c0, c1) into p (p[r * ldp + j - c0]) for nq queries whose key
 // ranges are lo[r], hi[r] (each row zero outside its own range, and, when doc != null, on keys of another
 // document than doc_q[r]); columns up to `width` of each row are written (zeros beyond c1).
-// q: query row r at q + r * ldq; kt: K^T (D, ldk) zero-padded. With lse == nullptr (the forward), [c0, c1) must hold every row's range:
-// the rows are normalised here and their logsumexp written to lse_out.
+// q: query row r at q + r * ldq; kt: K^T (D, ldk) zero-padded. With lse == nullptr (the forward), [c0, c1)
+// must hold every row's range: the rows are normalised here and their logsumexp written to lse_out.
 inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, int64_t ldq, int64_t D,
                           const float* kt, int64_t ldk, int64_t c0, int64_t c1, const int64_t* lo, const int64_t* hi,
                           int nq, const int64_t* doc, const int64_t* doc_q, float scale, const float* lse,
