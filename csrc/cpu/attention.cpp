@@ -205,18 +205,22 @@ inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, 
   for (int r = 0; r < nq; ++r) {
     float* pr = p + r * ldp - c0;  // pr[j] for key j
     const int64_t a = std::max(lo[r], c0), e = std::min(hi[r], c1);
-    if (doc != nullptr) {
-      const int64_t own = doc_q[r];
-      for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == own ? pr[j] : -INFINITY;
-    }
-#pragma omp simd
-    for (int64_t j = a; j < e; ++j) pr[j] *= scale;
+    // The exponentials over whole vectors from a: keys [e, a + round_up(e - a)) are computed too and zeroed
+    // below (the row has room: ldp >= round_up(c1 - c0) + kVec, and a caller reads no column past width),
+    // so a short row's tail costs no scalar loop (a causal row at T = 64 holds 1-64 keys).
     if (lse != nullptr) {
+      const int64_t n = round_up(e - a);
       const float l = lse[r];
 #pragma omp simd
-      for (int64_t j = a; j < e; ++j) pr[j] = fast_exp(pr[j] - l);
+      for (int64_t j = a; j < a + n; ++j) pr[j] = fast_exp(pr[j] * scale - l);
     } else if (a < e) {  // forward: one exp per score, the row scaled by 1 / sum; lse = m + log(sum) saved
-      const int64_t n = round_up(e - a);  // whole vectors: the row has room (ldp >= round_up(c1 - c0) + kVec)
+#pragma omp simd
+      for (int64_t j = a; j < e; ++j) pr[j] *= scale;
+      if (doc != nullptr) {  // masked once scaled (a negative scale would turn a -inf score into +inf)
+        const int64_t own = doc_q[r];
+        for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == own ? pr[j] : -INFINITY;
+      }
+      const int64_t n = round_up(e - a);
       for (int64_t j = e; j < a + n; ++j) pr[j] = -INFINITY;
       const MaxSum ms = exp_row(pr + a, n);
       const float inv = 1.0f / ms.sum;  // sum >= 1: the row's maximum contributes exp(0)
@@ -226,7 +230,7 @@ inline void probabilities(float* p, int64_t ldp, int64_t width, const float* q, 
     } else {
       lse_out[r] = -INFINITY;
     }
-    if (doc != nullptr)  // fast_exp(-inf) is ~1e-38, not 0
+    if (doc != nullptr)  // keys of other documents: fast_exp(-inf) is ~1e-38, and the backward's exps are unmasked
       for (int64_t j = a; j < e; ++j) pr[j] = doc[j] == doc_q[r] ? pr[j] : 0.0f;
     for (int64_t j = c0; j < std::min(a, c0 + width); ++j) pr[j] = 0.0f;
     for (int64_t j = std::max(e, c0); j < c0 + width; ++j) pr[j] = 0.0f;

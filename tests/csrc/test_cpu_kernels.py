@@ -453,6 +453,15 @@ def test_attention_one_key_and_softmax_scale():
         _check("attention", [q * 10, k, v], causal=False, softmax_scale=scale)
 
 
+@pytest.mark.parametrize("mask", ["runs", "recurring"])
+def test_attention_documents_with_a_negative_scale(mask):
+    # a key of another document is masked after scaling, as in the reference: masking the raw score with
+    # -inf first made it +inf under a negative scale (the row's max, and every probability nan)
+    q, k, v = torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32)
+    for causal in (True, False):
+        _check("attention", [q, k, v], causal=causal, softmax_scale=-0.2, doc_ids=_doc_ids(2, 40, mask))
+
+
 def test_attention_on_transposed_views():
     # the model's layout: (B, T, H, D) projections seen as (B, H, T, D)
     q, k, v = (torch.randn(2, 21, 4, 32).transpose(1, 2) for _ in range(3))
