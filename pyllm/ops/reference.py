@@ -60,7 +60,7 @@ def attention(q, k, v, causal=True, softmax_scale=None, doc_ids=None, window=Non
     T, S = q.shape[2], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     gqa = q.shape[1] != k.shape[1]
-    if causal and T == S and doc_ids is None and window is None:
+    if causal and T == S and doc_ids is None and window is None and scale > 0:  # is_causal gives nan for <= 0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = attention_mask(T, S, q.device, causal, doc_ids, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

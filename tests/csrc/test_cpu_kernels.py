@@ -450,7 +450,8 @@ def test_attention_one_key_and_softmax_scale():
     # scale would subtract the wrong extreme and overflow (scores spread over ~1000 here): it scales those
     # rows first; and 0 gives uniform weights
     for scale in (-0.3, 0.0):
-        _check("attention", [q * 10, k, v], causal=False, softmax_scale=scale)
+        for causal in (False, True):
+            _check("attention", [q * 10, k, v], causal=causal, softmax_scale=scale)
 
 
 @pytest.mark.parametrize("mask", ["runs", "recurring"])

@@ -69,6 +69,15 @@ def test_attention_matches_hand_loop_and_explicit(case):
     torch.testing.assert_close(ref.attention_explicit(q, k, v, **kwargs), expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.7])
+def test_attention_causal_with_a_zero_or_negative_scale(scale):
+    # PyTorch's SDPA with is_causal=True returns nan for a scale <= 0 (its causal shortcut, not the mask);
+    # the reference takes that shortcut only for a positive scale
+    q, k, v = rand(2, 2, 5, 8), rand(2, 2, 5, 8), rand(2, 2, 5, 8)
+    expected = attention_by_hand(q, k, v, True, None, None, scale)
+    torch.testing.assert_close(ref.attention(q, k, v, causal=True, softmax_scale=scale), expected)
+
+
 def test_attention_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = rand(1, 2, 3, 16), rand(1, 2, 3, 16), rand(1, 2, 3, 16)
     expected = attention_by_hand(q, k, v, True, None, None, 1 / math.sqrt(16))
