@@ -153,7 +153,10 @@ void norm_bwd(Src dy, Src h, Src weight, const float* mean_in, const float* rstd
         const Vals<2> s = norm_bwd_sums(dyp + o, hp + o, w, mean, rstd, dw, db, n);
         const float mg = rms ? 0.0f : s.v[0] / static_cast<float>(n);
         const float mgx = s.v[1] / static_cast<float>(n);
-        norm_bwd_dx(dyp + o, hp + o, w, ep ? ep + o : ep, dxp + o, mean, rstd, mg, mgx, n);
+        // A LayerNorm over one element is constant in it: dx = 0 exactly (plus extra), where the formula
+        // would leave the rounding of dy * w - mg times rstd = 1/sqrt(eps)
+        const float dx_rstd = rms || n > 1 ? rstd : 0.0f;
+        norm_bwd_dx(dyp + o, hp + o, w, ep ? ep + o : ep, dxp + o, mean, dx_rstd, mg, mgx, n);
       }
     }
   }); }); }); });

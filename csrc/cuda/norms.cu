@@ -162,6 +162,9 @@ __global__ void __launch_bounds__(kThreads) norm_bwd_dx_kernel(const T* __restri
   }
   const float mg = RMS ? 0.0f : row_sum<TPR>(sum_g, scratch) / n;
   const float mgx = row_sum<TPR>(sum_gx, scratch) / n;
+  // A LayerNorm over one element is constant in it: dx = 0 exactly (plus extra), where the formula would
+  // leave the rounding of dy * w - mg (contracted to an FMA) times rstd = 1/sqrt(eps)
+  const float dx_rstd = RMS || n > 1 ? rstd : 0.0f;
   for (int i = lane * W; i < n; i += TPR * W) {
     const Pack<T, W> dv = load_pack<T, W>(dyr + i), hv = load_pack<T, W>(hr + i), wv = load_pack<T, W>(weight + i);
     Pack<T, W> extra;
@@ -170,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) norm_bwd_dx_kernel(const T* __restri
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float xhat = (to_float(hv.v[k]) - mean) * rstd;
-      float d = rstd * (to_float(dv.v[k]) * to_float(wv.v[k]) - mg - xhat * mgx);
+      float d = dx_rstd * (to_float(dv.v[k]) * to_float(wv.v[k]) - mg - xhat * mgx);
       if (dh_extra) d += to_float(extra.v[k]);
       out.v[k] = from_float<T>(d);
     }

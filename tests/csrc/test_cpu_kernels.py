@@ -43,6 +43,17 @@ def test_layer_norm(rows, n, with_residual):
         _check("layer_norm", [x, w, b])
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_layer_norm_over_one_element_has_zero_input_gradient(eps):
+    # LayerNorm over a single element gives its bias whatever x, so dx is exactly 0 (plus, with a residual,
+    # the residual stream's own gradient); the general formula left its rounding times rstd = 1/sqrt(eps)
+    # (~0.02 at eps = 1e-12; found by fuzzing)
+    x, w, b = torch.randn(6, 1).requires_grad_(), torch.randn(1), torch.randn(1)
+    ops.layer_norm(x, w, b, eps=eps, backend="cpu").backward(torch.randn(6, 1))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    _check("layer_norm", [x.detach(), w, b], eps=eps, residual=torch.randn(6, 1))
+
+
 @pytest.mark.parametrize("rows,n", ROWS_N)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(rows, n, with_residual):

@@ -73,6 +73,15 @@ def test_norms(dtype, rows, n, with_residual):
     _check("rms_norm", [x, w], dtype, **extra)
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_layer_norm_over_one_element_has_zero_input_gradient(eps):
+    """LayerNorm over a single element gives its bias whatever x: dx is exactly 0. The formula's rounding
+    (dy * w - mg, contracted to an FMA) times rstd = 1/sqrt(eps) was ~0.02 at eps = 1e-12 in the CPU kernel."""
+    x, w, b = _randn(6, 1).requires_grad_(), _randn(1), _randn(1)
+    ops.layer_norm(x, w, b, eps=eps, backend=BACKEND).backward(_randn(6, 1))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("shape", [(3, 0), (0, 5)], ids=_shape_id)
 def test_empty_rows_or_width(shape):
     """Zero rows or a zero width, forward and backward: the dweight/dbias column reductions once launched
