@@ -587,8 +587,10 @@ _linear = kernel_op("pyllm::linear_cpu", _linear_fwd, _linear_fwd_fake, _linear_
 def linear(x, weight, bias=None, *, activation=None):
     _require_rows_cpu("linear", x=x, weight=weight, bias=bias)
     if (x.dtype is not _F32 or weight.dtype is not _F32 or (bias is not None and bias.dtype is not _F32)
-            or torch.is_autocast_enabled("cpu") or not _use_onednn()):
-        return reference.linear(x, weight, bias, activation)  # MKL, or oneDNN's bf16 GEMM inside F.linear
+            or torch.is_autocast_enabled("cpu") or not _use_onednn() or x.numel() == 0 or weight.numel() == 0):
+        # MKL, or oneDNN's bf16 GEMM inside F.linear; empty operands (nothing to fuse; a width of 0 gives
+        # the bias) as well
+        return reference.linear(x, weight, bias, activation)
     K, N = x.shape[-1], weight.shape[0]
     y = _linear(x.reshape(-1, K), weight, bias).view(*x.shape[:-1], N)
     return y if activation is None else bias_gelu(y, None, approximate="tanh" if activation == "gelu_tanh" else "none")
@@ -735,6 +737,9 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     if autocast and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         raise Unsupported(f"cpu backend: linear_cross_entropy under {torch.get_autocast_dtype('cpu')} autocast "
                           f"(the kernels take float32 and bfloat16)")
+    if hidden.shape[-1] == 0 or weight.shape[0] == 0:  # no features or no classes: nothing to fuse
+        return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
+                                              reduction)
     bf16 = autocast or hidden.dtype == torch.bfloat16
     h2d, t1d = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1).long()
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))

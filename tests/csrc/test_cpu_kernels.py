@@ -242,6 +242,16 @@ def test_linear(x_shape, n_out, with_bias, activation, gemm):
     _check("linear", args, activation=activation)
 
 
+@pytest.mark.parametrize("x_shape,n_out", [((4, 0), 3), ((0, 5), 3), ((4, 5), 0)])
+def test_linear_and_linear_cross_entropy_on_empty_operands(x_shape, n_out, gemm):
+    # a width of 0 gives the bias (the flattening reshape(-1, 0) used to raise from inside the backend)
+    args = [torch.randn(x_shape), torch.randn(n_out, x_shape[-1]), torch.randn(n_out)]
+    _check("linear", args)
+    if n_out:  # a vocabulary of 0 classes is not a valid input
+        target = torch.randint(0, n_out, x_shape[:-1])
+        _check("linear_cross_entropy", [args[0], args[1], target], bias=args[2])
+
+
 def test_linear_on_strided_operands_and_frozen_weight(gemm):
     from pyllm.ops import cpu_backend as cb
 
