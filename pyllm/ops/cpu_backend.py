@@ -809,28 +809,52 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _attention_out(like: Tensor, B: int, Hq: int, T: int, D: int) -> Tensor:
+def _attention_out(like: Tensor, B: int, Hq: int, T: int, D: int, dtype: Optional[torch.dtype] = None) -> Tensor:
     """o (B, Hq, T, D) laid out as (B, T, Hq, D) in memory: the model's ``o.transpose(1, 2).reshape(B, T, Hq D)``
     is then a view, not a copy."""
-    return torch.empty_strided((B, Hq, T, D), (T * Hq * D, D, Hq * D, 1), dtype=like.dtype, device=like.device)
+    return torch.empty_strided((B, Hq, T, D), (T * Hq * D, D, Hq * D, 1), dtype=dtype or like.dtype,
+                               device=like.device)
+
+
+# A bfloat16 o comes with its float32 values, which the backward uses for Dsum = dO . O: from the rounded
+# o, Dsum's cancellation against dP left small dK/dQ entries off by up to ~100x the reference's own bf16
+# error (the reference computes in float32 and rounds only its output). The kernel writes the float32 o
+# and o is rounded from it (torch's rounding, the kernel's own bit for bit); for a float32 o the third
+# output is empty. (Custom ops may not return an alias of another output.)
+def _attention_outs(like: Tensor, B: int, Hq: int, T: int, D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, o32): the outputs of the attention forward, o32 the float32 o (empty when o is float32)."""
+    o, lse = _attention_out(like, B, Hq, T, D), like.new_empty((B, Hq, T), dtype=_F32)
+    o32 = _attention_out(like, B, Hq, T, D, _F32) if o.dtype != _F32 else like.new_empty(0, dtype=_F32)
+    return o, lse, o32
+
+
+def _attention_finish(o: Tensor, o32: Tensor) -> None:
+    if o32.numel():
+        o.copy_(o32)
+
+
+def _saved_o(o: Tensor, o32: Tensor) -> Tensor:
+    """The o the backward's Dsum is taken from: the float32 one."""
+    return o32 if o32.numel() else o
 
 
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], scale: float, causal: bool,
-                   window: int) -> tuple[Tensor, Tensor]:
-    """Returns (o (B, Hq, T, D), lse (B, Hq, T) float32), lse saved for the backward. q, k, v may be strided
-    views (the kernel reads each head through its strides); doc_ids None or (B, S) contiguous int64;
-    window 0 for none."""
+                   window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (o (B, Hq, T, D), lse (B, Hq, T) float32, o32: see _attention_outs), lse and o32 saved for the
+    backward. q, k, v may be strided views (the kernel reads each head through its strides); doc_ids None or
+    (B, S) contiguous int64; window 0 for none."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    o, lse = _attention_out(q, B, Hq, T, D), q.new_empty((B, Hq, T), dtype=_F32)
-    _C.cpu_attention_fwd(_heads(q), _heads(k), _heads(v), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, S, D, scale,
-                         causal, window, ptr(doc_ids), _threads())
-    return o, lse
+    o, lse, o32 = _attention_outs(q, B, Hq, T, D)
+    _C.cpu_attention_fwd(_heads(q), _heads(k), _heads(v), _heads(_saved_o(o, o32)), lse.data_ptr(), B, Hq, Hkv, T,
+                         S, D, scale, causal, window, ptr(doc_ids), _threads())
+    _attention_finish(o, o32)
+    return o, lse, o32
 
 
 def _attention_fwd_fake(q, k, v, doc_ids, scale, causal, window):
-    return _attention_out(q, *q.shape), q.new_empty(q.shape[:3], dtype=_F32)
+    return _attention_outs(q, *q.shape)
 
 
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, doc_ids: Optional[Tensor],
@@ -852,11 +876,12 @@ def _attention_setup(ctx, inputs, output):
     # the inputs as given: under torch.compile they are FakeTensors here, whose data_ptr() raises, so the
     # backward kernel wrapper makes them contiguous at run time
     q, k, v, doc_ids, *ctx.options = inputs
-    ctx.save_for_backward(q, k, v, *output, doc_ids)
-    ctx.mark_non_differentiable(output[1])
+    o, lse, o32 = output
+    ctx.save_for_backward(q, k, v, _saved_o(o, o32), lse, doc_ids)
+    ctx.mark_non_differentiable(lse, o32)
 
 
-def _attention_backward(ctx, bwd, do, _dlse):
+def _attention_backward(ctx, bwd, do, _dlse, _do32):
     q, k, v, o, lse, doc_ids = ctx.saved_tensors
     return *bwd(do, q, k, v, o, lse, doc_ids, *ctx.options), None, None, None, None
 
@@ -909,17 +934,18 @@ def _qkv_heads(qkv: Tensor, Hq: int, Hkv: int) -> tuple[tuple, tuple, tuple]:
 
 
 def _attention_qkv_fwd(qkv: Tensor, doc_ids: Optional[Tensor], Hq: int, Hkv: int, scale: float, causal: bool,
-                       window: int) -> tuple[Tensor, Tensor]:
+                       window: int) -> tuple[Tensor, Tensor, Tensor]:
     B, T, D = _qkv_dims(qkv, Hq, Hkv)
-    o, lse = _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
-    _C.cpu_attention_fwd(*_qkv_heads(qkv, Hq, Hkv), _heads(o), lse.data_ptr(), B, Hq, Hkv, T, T, D, scale, causal,
-                         window, ptr(doc_ids), _threads())
-    return o, lse
+    o, lse, o32 = _attention_outs(qkv, B, Hq, T, D)
+    _C.cpu_attention_fwd(*_qkv_heads(qkv, Hq, Hkv), _heads(_saved_o(o, o32)), lse.data_ptr(), B, Hq, Hkv, T, T, D,
+                         scale, causal, window, ptr(doc_ids), _threads())
+    _attention_finish(o, o32)
+    return o, lse, o32
 
 
 def _attention_qkv_fwd_fake(qkv, doc_ids, Hq, Hkv, scale, causal, window):
     B, T, D = _qkv_dims(qkv, Hq, Hkv)
-    return _attention_out(qkv, B, Hq, T, D), qkv.new_empty((B, Hq, T), dtype=_F32)
+    return _attention_outs(qkv, B, Hq, T, D)
 
 
 def _attention_qkv_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, doc_ids: Optional[Tensor], Hq: int,
@@ -940,11 +966,12 @@ def _attention_qkv_bwd_fake(do, qkv, o, lse, doc_ids, Hq, Hkv, scale, causal, wi
 
 def _attention_qkv_setup(ctx, inputs, output):
     qkv, doc_ids, *ctx.options = inputs
-    ctx.save_for_backward(qkv, *output, doc_ids)
-    ctx.mark_non_differentiable(output[1])
+    o, lse, o32 = output
+    ctx.save_for_backward(qkv, _saved_o(o, o32), lse, doc_ids)
+    ctx.mark_non_differentiable(lse, o32)
 
 
-def _attention_qkv_backward(ctx, bwd, do, _dlse):
+def _attention_qkv_backward(ctx, bwd, do, _dlse, _do32):
     qkv, o, lse, doc_ids = ctx.saved_tensors
     return bwd(do, qkv, o, lse, doc_ids, *ctx.options), None, None, None, None, None, None
 
