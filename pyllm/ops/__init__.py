@@ -34,7 +34,8 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=
     attend only within their document (packed sequences). ``window``: sliding-window size."""
     if not (doc_ids is None and (window is None or window >= 1) and floats_on(q, k, v) and q.ndim == 4
             and k.ndim == 4 and v.shape == k.shape and k.dtype == q.dtype and v.dtype == q.dtype
-            and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and k.shape[1] and not q.shape[1] % k.shape[1]
+            and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and q.shape[3] and k.shape[1]
+            and not q.shape[1] % k.shape[1]
             and q.shape[2] <= k.shape[2]):
         _check_attention(q, k, v, doc_ids, window)
     return dispatch("attention", q.device, backend, q, k, v, causal=causal, softmax_scale=softmax_scale,
@@ -51,6 +52,10 @@ def _check_attention(q, k, v, doc_ids, window):
     if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape:
         raise ValueError(f"pyllm.ops.attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
                          f"(B={B}, Hkv, S, D={D}) and equal")
+    if k.shape[1] == 0:
+        raise ValueError(f"pyllm.ops.attention: k and v have 0 heads, need at least 1 (k {tuple(k.shape)})")
+    if D == 0:
+        raise ValueError("pyllm.ops.attention: head dim D=0, need at least 1 (q, k, v are (B, H, L, D))")
     if Hq % k.shape[1]:
         raise ValueError(f"pyllm.ops.attention: query heads {Hq} must be a multiple of key/value heads {k.shape[1]}")
     if T > k.shape[2]:

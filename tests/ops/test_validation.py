@@ -24,6 +24,11 @@ CASES = {
     "attention heads": (lambda: ops.attention(t(2, 3, 5, 8), kv4, kv4), ValueError,
                         "query heads 3 must be a multiple of key/value heads 2"),
     "attention T > S": (lambda: ops.attention(t(2, 4, 6, 8), kv4, kv4), ValueError, "q has 6 positions but k/v only 5"),
+    # both raised ZeroDivisionError (Hq % Hkv; the default scale 1/sqrt(D))
+    "attention no kv heads": (lambda: ops.attention(q4, t(2, 0, 5, 8), t(2, 0, 5, 8)), ValueError,
+                              "k and v have 0 heads, need at least 1"),
+    "attention head dim 0": (lambda: ops.attention(t(2, 4, 5, 0), t(2, 2, 5, 0), t(2, 2, 5, 0)), ValueError,
+                             "head dim D=0, need at least 1"),
     "attention doc_ids dtype": (lambda: ops.attention(q4, kv4, kv4, doc_ids=ids.float()), TypeError,
                                 "'doc_ids' has dtype float32, expected one of int32, int64"),
     "attention doc_ids shape": (lambda: ops.attention(q4, kv4, kv4, doc_ids=ids[:, :4]), ValueError,
