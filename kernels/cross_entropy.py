@@ -55,14 +55,14 @@ def _cross_entropy_fwd_kernel(X, TGT, LOSS, LSE, stride_x, V, ignore_index, labe
         m = m_new
         if HAS_SMOOTHING:
             sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
-    lse = m + tl.log(s)
+    lse = tl.where(m == float("inf"), m, m + tl.log(s))  # a +inf logit: lse +inf, as logsumexp (not nan)
     t = tl.load(TGT + row)
     valid = t != ignore_index
     x_t = tl.load(x_row + tl.where(valid, t, 0).to(tl.int64)).to(tl.float32)
     loss = lse - x_t
     if HAS_SMOOTHING:
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_x / V)
-    loss += z_loss * lse * lse
+    loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)  # not 0 * inf when lse is +inf
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
 

@@ -111,7 +111,8 @@ void cross_entropy_fwd(Src logits, const int64_t* target, float* loss, float* ls
         sum_exp += block.v[0];
         sum_x += block.v[1];
       }
-      const float lse = m + static_cast<float>(log(sum_exp));
+      // a +inf logit makes lse +inf (exp(inf - inf) would make it nan), as logsumexp does
+      const float lse = m == INFINITY ? m : m + static_cast<float>(log(sum_exp));
       lse_out[r] = lse;
       const int64_t t = target[r];
       if (t == ignore_index) {

@@ -43,7 +43,8 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const T* __restrict__ 
   const float total = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
   const float total_x = block_sum(sum_x, scratch);
   if (threadIdx.x != 0) return;
-  const float lse = row_max + logf(total);
+  // a +inf logit makes lse +inf (exp(inf - inf) would make it nan), as logsumexp does
+  const float lse = row_max == INFINITY ? row_max : row_max + logf(total);
   lse_out[row] = lse;
   const int64_t t = target[row];
   if (t == ignore_index) {

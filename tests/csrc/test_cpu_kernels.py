@@ -219,6 +219,26 @@ def test_cross_entropy_all_rows_ignored():
     _check("cross_entropy", [torch.randn(4, 10), torch.full((4,), -100)])
 
 
+def _logits_with_infinities(vocab, device="cpu", dtype=torch.float32):
+    """Rows: +inf at a non-target (loss +inf), +inf at the target (nan), -inf and +inf (+inf), an ignored
+    row with +inf (0), a plain row; vocab spans several kernel blocks so the +inf comes in a later one."""
+    x = torch.randn(5, vocab, device=device) * 3
+    target = torch.tensor([0, 1, 2, -100, 4], device=device)
+    x[0, vocab - 2] = x[1, 1] = x[2, vocab // 2] = x[3, 5] = float("inf")
+    x[2, 0] = float("-inf")
+    return x.to(dtype), target
+
+
+@pytest.mark.parametrize("vocab", [9, 70001])
+def test_cross_entropy_with_an_infinite_logit_is_the_references(vocab):
+    # logsumexp over a row with a +inf is +inf; the kernel's max-shifted sum made it nan (exp(inf - inf))
+    x, target = _logits_with_infinities(vocab)
+    loss = ops.cross_entropy(x, target, reduction="none", backend="cpu")
+    want = ops.cross_entropy(x, target, reduction="none", backend="torch")
+    assert want[0] == want[2] == float("inf") and want[1].isnan() and want[3] == 0  # the reference's semantics
+    torch.testing.assert_close(loss, want, equal_nan=True)
+
+
 # ---- linear (cpu_backend.linear): float32 GEMMs through oneDNN or MKL (chosen per machine); both are
 # forced here, whatever this machine would choose
 

@@ -246,6 +246,24 @@ def test_cross_entropy_strided_target(dtype):
     _check("cross_entropy", [_randn(rows, vocab, scale=3), target], dtype, reduction="none")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [9, 32000])
+def test_cross_entropy_with_an_infinite_logit_is_the_references(dtype, vocab):
+    """A +inf logit makes logsumexp +inf (merging the threads' sums, exp(inf - inf), once made it nan): rows
+    with +inf at a non-target (+inf), at the target (nan), beside a -inf (+inf), in an ignored row (0)."""
+    x = _randn(5, vocab, scale=3)
+    target = torch.tensor([0, 1, 2, -100, 4], device=DEV)
+    x[0, vocab - 2] = x[1, 1] = x[2, vocab // 2] = x[3, 5] = float("inf")
+    x[2, 0] = float("-inf")
+    x = x.to(dtype)
+    loss = ops.cross_entropy(x, target, reduction="none", backend=BACKEND)
+    want = ops.cross_entropy(x.float(), target, reduction="none", backend="torch")
+    assert want[0] == want[2] == float("inf") and want[1].isnan() and want[3] == 0
+    assert torch.equal(loss.isnan(), want.isnan()) and torch.equal(loss.isinf(), want.isinf())
+    truth = ops.cross_entropy(x[4:].double(), target[4:], reduction="none", backend="torch")
+    assert_close(loss[4:], truth, ops.cross_entropy(x[4:], target[4:], reduction="none", backend="torch"))
+
+
 def test_cross_entropy_bad_target_gives_nan_not_a_crash():
     loss = ops.cross_entropy(_randn(3, 10), torch.tensor([1, 10, 2], device=DEV), reduction="none", backend=BACKEND)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()

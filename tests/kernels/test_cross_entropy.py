@@ -42,6 +42,20 @@ def test_cross_entropy_vocab_above_65536():
     check_op(_ce(z_loss=1e-4), [logits, target], torch.float32)
 
 
+@pytest.mark.parametrize("V", [9, 2053])
+def test_cross_entropy_with_an_infinite_logit_is_the_references(V):
+    """A +inf logit makes logsumexp +inf (the kernel's max-shifted sum once made it nan): rows with +inf at
+    a non-target (+inf), at the target (nan), beside a -inf (+inf), in an ignored row (0), a plain row."""
+    x = torch.randn(5, V, device=DEVICE) * 3
+    target = torch.tensor([0, 1, 2, -100, 4], device=DEVICE)
+    x[0, V - 2] = x[1, 1] = x[2, V // 2] = x[3, 5] = float("inf")
+    x[2, 0] = float("-inf")
+    loss = ops.cross_entropy(x, target, reduction="none", backend="triton")
+    want = ops.cross_entropy(x, target, reduction="none", backend="torch")
+    assert want[0] == want[2] == float("inf") and want[1].isnan() and want[3] == 0
+    torch.testing.assert_close(loss, want, equal_nan=True)
+
+
 def test_cross_entropy_3d_int32_targets():
     logits, target = _case(6, 50)
     check_op(_ce(), [logits.view(2, 3, 50), target.view(2, 3).int()], torch.float32)
