@@ -143,7 +143,17 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        # tokenizers drops an unknown id without a trace (and refuses a negative one): decode the runs of known
+        # ids between them so that each shows as UNKNOWN
+        out, run = [], []
+        for i in map(int, ids):
+            if i >= 0 and self.tok.id_to_token(i) is not None:
+                run.append(i)
+                continue
+            out += [self.tok.decode(run, skip_special_tokens=False), UNKNOWN]
+            run = []
+        out.append(self.tok.decode(run, skip_special_tokens=False))
+        return "".join(out)
 
     def save(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

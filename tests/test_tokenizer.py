@@ -72,3 +72,11 @@ def test_errors(tmp_path):
     (tmp_path / "pyllm_tokenizer.json").write_text(json.dumps({"kind": "wordpiece"}))
     with pytest.raises(ValueError, match="field 'kind'='wordpiece' is not one of"):
         load_tokenizer(tmp_path)
+
+
+def test_hf_decode_shows_unknown_ids():
+    tok = HFTokenizer(tiny_bpe())
+    ids = tok.encode("the fox")
+    # an id outside the vocabulary (a model's padded vocab rows) shows as U+FFFD, as in ByteTokenizer, not dropped
+    unknown = tok.vocab_size + 10
+    assert tok.decode(ids[:1] + [unknown] + ids[1:] + [-1]) == f"{tok.decode(ids[:1])}\ufffd{tok.decode(ids[1:])}\ufffd"

@@ -18,14 +18,17 @@ from pyllm.tokenizer import SPECIAL_TOKENS, HFTokenizer
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 8192
-    """Total vocabulary: 256 bytes + merges + special tokens. <= 65,536 packs tokens as uint16."""
+    """Total vocabulary: 256 bytes + merges + special tokens, at most 2**24. <= 65,536 packs tokens as uint16."""
     min_frequency: int = 2
     """A pair must occur at least this often to be merged."""
 
     def __post_init__(self):
         smallest = 256 + len(SPECIAL_TOKENS)
-        if not smallest <= self.vocab_size <= 2**32:
-            raise ValueError(f"tokenizer.vocab_size={self.vocab_size}: must be in [{smallest}, 2**32] "
+        # 2**24 (16.8M) is ~64x the largest vocabularies in use, keeps ids exact in float32, and its embedding
+        # table is already ~25 GB at d_model 768 in bf16; beyond it the trainer's per-entry tables exhaust memory
+        # (2e9 asked for 141 GB and aborted the process)
+        if not smallest <= self.vocab_size <= 2**24:
+            raise ValueError(f"tokenizer.vocab_size={self.vocab_size}: must be in [{smallest}, 2**24] "
                              f"(256 byte symbols + {len(SPECIAL_TOKENS)} special tokens at least)")
         if self.min_frequency < 1:
             raise ValueError(f"tokenizer.min_frequency={self.min_frequency}: must be >= 1")

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from .document import Document
+from .document import INVALID_BYTE, Document
 
 # C0 and C1 control characters except tab and newline, plus invisible format characters that only
 # break tokenisation (byte-order mark, zero-width space, soft hyphen).
@@ -21,8 +21,6 @@ _CONTROL = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)
                               0xFEFF, 0x200B, 0x00AD, *range(0xD800, 0xE000)]}
 # Exotic spaces (no-break, en/em, ideographic...) become a plain space.
 _SPACES = {c: " " for c in [0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000]}
-_TRAILING_WS = re.compile(r"[ \t]+$", re.MULTILINE)
-_REPLACEMENT = "\ufffd"
 
 
 @dataclass
@@ -31,8 +29,8 @@ class CleanConfig:
     """Unicode normal form: "NFC" (canonical; keeps compatibility characters like 'ﬁ' and '²'),
     "NFKC" (also folds them, as many web pipelines do) or "none"."""
     invalid_bytes: str = "repair"
-    """What to do with a document whose source had invalid UTF-8: "repair" (delete the U+FFFD
-    replacement characters that stand for the bad bytes) or "drop" (drop the document)."""
+    """What to do with a document whose source had invalid UTF-8: "repair" (delete the bad bytes, which the
+    readers decoded to ``pyllm.data.document.INVALID_BYTE``) or "drop" (drop the document)."""
     max_invalid_fraction: float = 0.01
     """Even under "repair", drop a document where more than this fraction of characters were invalid
     bytes (it was probably binary or in another encoding)."""
@@ -62,7 +60,8 @@ def normalize_whitespace(text: str, max_blank_lines: int) -> str:
     """Unix line endings, plain spaces, no trailing spaces, at most ``max_blank_lines`` blank lines in a
     row, no leading/trailing blank lines. Leading indentation is kept."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").translate(_SPACES)
-    text = _TRAILING_WS.sub("", text)
+    # per line, not re.sub("[ \t]+$"): the regex retries a long run of spaces inside a line from each space in it
+    text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
     text = re.sub(r"\n{%d,}" % (max_blank_lines + 2), "\n" * (max_blank_lines + 1), text)
     return text.strip("\n")
 
@@ -77,16 +76,17 @@ def clean_document(doc: Document, cfg: CleanConfig) -> tuple[Document | None, st
             return None, "invalid_utf8", changes
         if bad > cfg.max_invalid_fraction * max(len(text), 1):
             return None, "too_many_invalid_bytes", changes
-        # decode_utf8 replaced each bad byte run with U+FFFD; genuine U+FFFD in the input stay
-        text = text.replace(_REPLACEMENT, "", bad)
+        # exactly the bytes the reader could not decode: genuine U+FFFD in the input stay
+        text = text.replace(INVALID_BYTE, "")
         changes["invalid_bytes_repaired"] = bad
-    normalized = normalize_unicode(text, cfg.normalization)
-    if normalized != text:
+    stripped = remove_control_chars(text)
+    if len(stripped) != len(text):
+        changes["control_chars_removed"] = len(text) - len(stripped)
+    # after the removal: a zero-width space or soft hyphen between a letter and its accent hid the pair from NFC
+    normalized = normalize_unicode(stripped, cfg.normalization)
+    if normalized != stripped:
         changes["unicode_normalized_docs"] = 1
-    stripped = remove_control_chars(normalized)
-    if len(stripped) != len(normalized):
-        changes["control_chars_removed"] = len(normalized) - len(stripped)
-    text = normalize_whitespace(stripped, cfg.max_blank_lines)
+    text = normalize_whitespace(normalized, cfg.max_blank_lines)
     if not text.strip():
         return None, "empty_after_cleaning", changes
     return Document(doc.id, text, doc.source, doc.meta), None, changes

@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import run
 
         result = run(cfg)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+    except (ValueError, ImportError, RuntimeError) as e:
         print(f"pyllm data: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out is a file or not writable: name the path, not a pathlib traceback
+        print(f"pyllm data: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"pyllm data: {e}",
+              file=sys.stderr)
         return 2
     cur, pack = result.stats["curate"], result.stats["pack"]
     print(f"read {cur['documents_in']} documents ({cur['bytes_in'] / 1e6:.1f} MB), kept {cur['documents_out']}; "

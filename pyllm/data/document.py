@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# What a reader decodes each invalid UTF-8 byte to: a noncharacter, which Unicode reserves for internal use, so
+# the cleaning stage can delete exactly the invalid bytes (a U+FFFD could also be a genuine one in the input).
+INVALID_BYTE = "\ufdd0"
+
 
 @dataclass
 class Document:

@@ -7,6 +7,7 @@ bad line and keep the rest.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +21,15 @@ class JsonLinesError(ValueError):
         super().__init__(f"{path}:{line}: {problem}")
 
 
-def _split_lines(f) -> Iterator[tuple[int, bytes]]:
+def split_lines(f) -> Iterator[tuple[int, bytes]]:
     """(file offset, line without its end) of each line of the binary file ``f``. A line ends at "\\n",
     "\\r\\n" or a lone "\\r", as in Python's text mode (universal newlines), never at a Unicode line break
-    that ``str.splitlines`` also splits at: a JSON string may hold a raw U+2028."""
+    that ``str.splitlines`` also splits at: a JSON string may hold a raw U+2028. A UTF-8 byte-order mark
+    (Notepad, PowerShell 5) is not part of the first line. The one line splitter of every JSONL reader."""
     offset = 0
     for raw in f:  # a binary file splits at b"\n" only
+        if offset == 0 and raw.startswith(codecs.BOM_UTF8):
+            raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
         body = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
         if b"\r" not in body:
             yield offset, body
@@ -44,7 +48,7 @@ def read_json_lines(path: str | Path, objects: bool = True) -> Iterator[tuple[in
     the first bad line (the rows before it have been yielded); a missing file raises ``FileNotFoundError``.
     """
     with open(path, "rb") as f:
-        for n, (offset, raw) in enumerate(_split_lines(f), 1):
+        for n, (offset, raw) in enumerate(split_lines(f), 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:  # "byte N" counts from the start of the file, as elsewhere in pyllm

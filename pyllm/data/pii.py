@@ -40,8 +40,11 @@ _AWS_SECRET_KEY = re.compile(
 _GITHUB_TOKEN = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{82})\b")
 _SLACK_TOKEN = re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b")
 # the local part cannot start with a dot (so "...name@host" redacts name@host), and the domain cannot run
-# into another "@" (so "a@b.com.c@d.com" is two addresses, not "a@b.com.c" and a leftover "@d.com")
-_EMAIL = re.compile(r"(?<![\w+-])[A-Za-z0-9_%+-][A-Za-z0-9._%+-]*@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24})(?![\w(@-])")
+# into another "@" (so "a@b.com.c@d.com" is two addresses, not "a@b.com.c" and a leftover "@d.com"). It is at
+# most 64 characters (RFC 5321, 4.5.3.1.1): unbounded, a long run of these characters with no "@" ("%2Fa%2Fa...",
+# "1.2.3...") was rescanned to its end from every "%" or "." in it, quadratic time.
+_EMAIL = re.compile(r"(?<![\w+-])[A-Za-z0-9_%+-][A-Za-z0-9._%+-]{0,63}@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24})"
+                    r"(?![\w(@-])")
 _CARD = re.compile(r"(?<![\w.,-])\d(?:[ -]?\d){12,18}(?![\w-]|[.,]\d)")
 _SSN = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w-]|\.\d)")
 _PHONE_NA = re.compile(r"(?<![\w.+/-])(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w/-]|\.\d)")

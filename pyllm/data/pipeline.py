@@ -37,7 +37,7 @@ from .filters import QualityConfig, quality_check
 from .jsonl import read_json_lines
 from .parallel import ordered_map
 from .pii import PIIConfig, PIIRedactor
-from .shards import ShardConfig, pack_shards
+from .shards import ShardConfig, _write_atomic, pack_shards
 from .sources import IssueLog, iter_documents, list_files
 from .stdlib import iter_stdlib_documents
 
@@ -179,7 +179,14 @@ def _input_fingerprint(cfg: DataConfig) -> list:
     """What identifies the input data: file names, sizes and mtimes, or the interpreter for stdlib."""
     if not cfg.inputs:
         return ["stdlib", sys.version, str(Path(os.__file__).parent), cfg.include_stdlib_tests]
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in list_files(cfg.inputs)]
+    fingerprint = []
+    for p in list_files(cfg.inputs):
+        try:
+            st = p.stat()
+            fingerprint.append((str(p), st.st_size, st.st_mtime_ns))
+        except OSError:  # a broken link or a vanished file: curation logs it as unreadable
+            fingerprint.append((str(p), None, None))
+    return fingerprint
 
 
 # ---- stage 1: curation (per-document work runs in workers) --------------------------------------------
@@ -318,12 +325,23 @@ def iter_curated(path: Path):
 
 # ---- the whole pipeline -------------------------------------------------------------------------------
 
+def _read_state(path: Path) -> dict | None:
+    """A stamp or stats file; None when it is missing or unreadable (e.g. cut short by a kill mid-write)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def _cached(stamp: Path, key: str) -> dict | None:
-    if stamp.exists():
-        state = json.loads(stamp.read_text())
-        if state.get("key") == key:
-            return state
-    return None
+    """The stage's stamp if it was made with ``key``; None means run the stage."""
+    state = _read_state(stamp)
+    return state if state is not None and state.get("key") == key else None
+
+
+def _write_stamp(stamp: Path, state: dict) -> None:
+    _write_atomic(stamp, json.dumps(state, indent=1).encode())
 
 
 def run(cfg: DataConfig) -> DataResult:
@@ -343,8 +361,10 @@ def run(cfg: DataConfig) -> DataResult:
     stamp = out / "curated" / "stats.json"
     state = _cached(stamp, curate_key)
     if state is None or not curated.exists():
+        # unstamped first: a kill while the stage rewrites its output must not leave the old stamp on new data
+        stamp.unlink(missing_ok=True)
         curate_stats = curate(cfg, curated)
-        stamp.write_text(json.dumps({"key": curate_key, "stats": curate_stats}, indent=1))
+        _write_stamp(stamp, {"key": curate_key, "stats": curate_stats})
     else:
         curate_stats = state["stats"]
         stats["cached"].append("curate")
@@ -357,17 +377,20 @@ def run(cfg: DataConfig) -> DataResult:
     tok_key = _key([curate_key, output_config["tokenizer"]])
     tok_stamp = tok_dir / "stamp.json"
     if _cached(tok_stamp, tok_key) is None or not (tok_dir / "tokenizer.json").exists():
+        tok_stamp.unlink(missing_ok=True)
         t0 = time.perf_counter()
         train_bpe((text for _, text in iter_curated(curated)), cfg.tokenizer, tok_dir)
-        tok_stamp.write_text(json.dumps({"key": tok_key, "seconds": time.perf_counter() - t0}))
+        _write_stamp(tok_stamp, {"key": tok_key, "seconds": time.perf_counter() - t0})
     else:
         stats["cached"].append("tokenizer")
 
     shard_dir = out / "shards"
     total_bytes = curate_stats["bytes_out"]
     t0 = time.perf_counter()
+    # the curate key stands for the curated text: an edited input with an unchanged tokenizer must repack
+    pack_config = {**output_config, "curated_key": curate_key}
     with tqdm(desc="pack", unit="tok", unit_scale=True, disable=not cfg.progress, dynamic_ncols=True) as bar:
-        manifest, pack_stats = pack_shards(iter_curated(curated), tok_dir, shard_dir, cfg.shards, output_config,
+        manifest, pack_stats = pack_shards(iter_curated(curated), tok_dir, shard_dir, cfg.shards, pack_config,
                                            workers=cfg.num_workers, engine=cfg.engine,
                                            ray_address=cfg.ray_address, progress_bar=bar)
     seconds = time.perf_counter() - t0
@@ -380,9 +403,9 @@ def run(cfg: DataConfig) -> DataResult:
     previous = out / "stats.json"
     if pack_stats["reused"]:
         stats["cached"].append("pack")
-        if previous.exists():  # the throughput of the run that made the shards, not of the check
-            stats["pack"] = json.loads(previous.read_text()).get("pack", stats["pack"])
-    previous.write_text(json.dumps(stats, indent=1))
+        # the throughput of the run that made the shards, not of the check
+        stats["pack"] = (_read_state(previous) or {}).get("pack", stats["pack"])
+    _write_atomic(previous, json.dumps(stats, indent=1).encode())
     report_path = None
     if cfg.report:
         from .report import write_report

@@ -94,15 +94,16 @@ _WORKER_TOKENIZER = None
 
 def _init_worker(tokenizer_file: str) -> None:
     global _WORKER_TOKENIZER
-    from tokenizers import Tokenizer
+    from pyllm.tokenizer import HFTokenizer
 
-    _WORKER_TOKENIZER = Tokenizer.from_file(tokenizer_file)
+    # through HFTokenizer: it sets encode_special_tokens, which tokenizer.json does not store
+    _WORKER_TOKENIZER = HFTokenizer.from_file(tokenizer_file).tok
 
 
 def _tokenize_batch(batch: tuple[list[int], list[str], list[str]]):
     """(doc indices, splits, token ids per document) of one batch; the texts are not sent back."""
     indices, splits, texts = batch
-    # special-token strings inside documents are plain text, never control tokens
+    # special-token strings inside documents are plain text, never control tokens (see _init_worker)
     encodings = _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)
     return indices, splits, [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
 

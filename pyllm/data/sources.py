@@ -10,11 +10,11 @@ Formats, chosen by file name (a trailing ``.gz`` is decompressed transparently):
 anything else               one plain-text document per file
 ==========================  ===============================================================
 
-Folders are walked recursively in sorted order (hidden entries skipped), so a run is deterministic.
-Corrupt input is logged in an ``IssueLog`` with file and line and the rest of the input is kept:
-invalid UTF-8 is replaced (the count of replaced bytes travels in ``doc.meta["invalid_bytes"]``; the
-cleaning stage repairs or drops), a truncated gzip keeps what was read before the cut, a malformed JSONL
-line loses only that line, an empty file is noted.
+Folders are walked recursively in sorted order (hidden entries skipped, linked folders followed), so a run
+is deterministic. Corrupt input is logged in an ``IssueLog`` with file and line and the rest of the input is
+kept: each invalid UTF-8 byte becomes ``INVALID_BYTE`` (their count in the document's text travels in
+``doc.meta["invalid_bytes"]``; the cleaning stage repairs or drops), a truncated gzip keeps what was read
+before the cut, a malformed JSONL line loses only that line, an empty file is noted.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .document import Document
+from .document import INVALID_BYTE, Document
+from .jsonl import split_lines
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 HTML_SUFFIXES = {".html", ".htm"}
@@ -74,16 +75,20 @@ def missing_dependency(package: str, purpose: str) -> ImportError:
                        f"pip install {package} (or pip install 'pyllm[data]')")
 
 
+_ESCAPED_BYTES = {c: INVALID_BYTE for c in range(0xDC80, 0xDD00)}  # what "surrogateescape" decodes bytes to
+
+
 def decode_utf8(raw: bytes, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
-    """Decode ``raw`` as UTF-8; invalid bytes become U+FFFD and are counted and logged (first position)."""
+    """Decode ``raw`` as UTF-8; each invalid byte becomes ``INVALID_BYTE`` and is counted and logged (first
+    position)."""
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError as e:
-        text = raw.decode("utf-8", errors="replace")
-        # U+FFFD that were already in the input (valid EF BF BD) are not repairs
-        bad = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+        # a noncharacter, not the lone surrogates "surrogateescape" leaves: an HTML extractor stops at those
+        text = raw.decode("utf-8", errors="surrogateescape").translate(_ESCAPED_BYTES)
+        bad = text.count(INVALID_BYTE) - raw.count(INVALID_BYTE.encode())
         where = line if line is not None else raw[:e.start].count(b"\n") + 1
-        issues.add(file, where, "invalid_utf8", f"{bad} invalid byte sequence(s) replaced (first at byte {e.start})")
+        issues.add(file, where, "invalid_utf8", f"{bad} invalid byte(s) (first at byte {e.start})")
         return text, bad
 
 
@@ -97,13 +102,23 @@ def _suffixes(path: Path) -> tuple[str, bool]:
 
 
 def list_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, sorted, hidden entries skipped) into a list of files."""
+    """Expand files and folders (recursively, sorted, hidden entries skipped) into a list of files.
+
+    Linked folders are followed (a data set is often linked into a corpus), each real folder once, so a link
+    back up the tree is no cycle. A broken link is listed like a file: reading it logs it as unreadable."""
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for root, dirs, names in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            seen = {os.path.realpath(path)}
+            for root, dirs, names in os.walk(path, followlinks=True):
+                kept = []
+                for d in sorted(d for d in dirs if not d.startswith(".")):
+                    real = os.path.realpath(os.path.join(root, d))
+                    if real not in seen:
+                        seen.add(real)
+                        kept.append(d)
+                dirs[:] = kept
                 files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
         elif path.is_file():
             files.append(path)
@@ -113,13 +128,14 @@ def list_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _read_lines(path: Path, gz: bool, issues: IssueLog) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line) of a possibly gzipped file; a truncated gzip ends the stream
-    with an issue at the line where it broke off (the partial last line is not yielded)."""
+    """(1-based line number, line without its end) of a possibly gzipped file, split as the strict JSONL reader
+    splits (a lone "\\r" ends a line, a byte-order mark is dropped); a truncated gzip ends the stream with an
+    issue at the line where it broke off (the partial last line is not yielded)."""
     opener = gzip.open if gz else open
     lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            for lineno, (_, raw) in enumerate(split_lines(f), start=1):
                 yield lineno, raw
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         issues.add(path, lineno + 1, "truncated_or_corrupt_gzip" if gz else "read_error",
@@ -185,7 +201,7 @@ def read_jsonl(path: Path, gz: bool, text_field: str, issues: IssueLog) -> Itera
             issues.add(path, lineno, "missing_text_field", f"field {text_field!r} is {got}")
             continue
         meta = {k: v for k, v in record.items() if k != text_field and isinstance(v, (str, int, float))}
-        meta["invalid_bytes"] = bad
+        meta["invalid_bytes"] = text.count(INVALID_BYTE) if bad else 0  # those in other fields do not count
         yield Document(id=f"{path}:{lineno}", text=text, source=str(path), meta=meta)
     if not seen_any and issues.counts["truncated_or_corrupt_gzip"] == cuts_before:
         issues.add(path, None, "empty_file", "no JSON lines")

@@ -39,3 +39,10 @@ def test_deterministic(texts, tmp_path):
 def test_vocab_too_small_is_rejected():
     with pytest.raises(ValueError, match="vocab_size"):
         TokenizerConfig(vocab_size=100)
+
+
+def test_vocab_too_large_is_rejected_before_training():
+    # the trainer allocates per requested entry: 2e9 aborted the process from Rust asking for 141 GB
+    with pytest.raises(ValueError, match=r"tokenizer.vocab_size=2000000000: must be in \[261, 2\*\*24\]"):
+        TokenizerConfig(vocab_size=2_000_000_000)
+    assert TokenizerConfig(vocab_size=2**24).vocab_size == 2**24

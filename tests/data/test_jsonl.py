@@ -39,3 +39,12 @@ def test_rows_before_an_error_are_streamed_and_a_missing_file_is_not_a_json_erro
         next(rows)
     with pytest.raises(FileNotFoundError):
         list(read_json_lines(tmp_path / "missing.jsonl"))
+
+
+def test_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\r\n')  # as Notepad or PowerShell 5 save UTF-8
+    assert list(read_json_lines(p)) == [(1, {"a": 1}), (2, {"a": 2})]
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"\xff": 2}\n')
+    with pytest.raises(JsonLinesError, match=r"rows.jsonl:2: not UTF-8 text \(byte 14\)$"):
+        list(read_json_lines(p))

@@ -4,6 +4,7 @@ import gzip
 import json
 import random
 
+import numpy as np
 import pytest
 
 from pyllm.data import DataConfig, run
@@ -172,3 +173,96 @@ def test_ray_engine_gives_byte_identical_shards(result, corpus, tmp_path):
     assert names == sorted(p.name for p in on_ray.shard_dir.iterdir())
     for name in names:
         assert (on_ray.shard_dir / name).read_bytes() == (result.shard_dir / name).read_bytes(), name
+
+
+WORDS = "the of and to that have with be river mountain people science history music water city light garden".split()
+
+
+def _prose(seed):
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(80)) + "."
+
+
+def _small_config(inputs, out, **kw):
+    # vocab 261 = bytes + specials, no merges: the tokenizer comes out identical whatever the text
+    return DataConfig(inputs=[str(inputs)], out_dir=str(out), workers=1, progress=False, report=False,
+                      classifier=ClassifierConfig(enabled=False), tokenizer=TokenizerConfig(vocab_size=261),
+                      shards=ShardConfig(val_fraction=0.0), **kw)
+
+
+def _shard_texts(shard_dir):
+    from pyllm.data.shards import read_manifest
+    from pyllm.tokenizer import load_tokenizer
+
+    manifest, tok = read_manifest(shard_dir), load_tokenizer(shard_dir)
+    texts = []
+    for e in manifest["shards"]:
+        ids = np.fromfile(shard_dir / e["file"], dtype=manifest["dtype"]).tolist()
+        texts += tok.decode(ids).split("<|endoftext|>")[:-1]
+    return texts
+
+
+def test_edited_input_repacks_shards(tmp_path):
+    (tmp_path / "in").mkdir()
+    doc = tmp_path / "in" / "a.txt"
+    doc.write_text(_prose(1))
+    cfg = _small_config(tmp_path / "in", tmp_path / "out")
+    run(cfg)
+    doc.write_text(_prose(2))  # same tokenizer, same config: only the curated text says the shards are stale
+    again = run(cfg)
+    assert again.stats["cached"] == []
+    assert _shard_texts(again.shard_dir) == [json.loads(line)["text"] for line in again.curated_file.open()]
+
+
+def test_unreadable_stamp_reruns_its_stage(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(_prose(1))
+    cfg = _small_config(tmp_path / "in", tmp_path / "out")
+    run(cfg)
+    # as a kill or a full disk leaves them: the stages are redone, not a bare JSON error
+    (tmp_path / "out" / "curated" / "stats.json").write_text("")
+    (tmp_path / "out" / "tokenizer" / "stamp.json").write_text('{"key": "')
+    assert run(cfg).stats["cached"] == ["pack"]
+    assert run(cfg).stats["cached"] == ["curate", "tokenizer", "pack"]
+
+
+def test_stamp_is_invalidated_before_its_stage_rewrites_the_output(tmp_path, monkeypatch):
+    from pyllm.data import pipeline
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"d{i}.txt").write_text(_prose(i))
+    cfg = _small_config(tmp_path / "in", tmp_path / "out")
+    assert run(cfg).stats["curate"]["documents_out"] == 3
+    real_curate = pipeline.curate
+
+    def killed_after_curate(*args):  # a kill after documents.jsonl was replaced, before the new stamp
+        real_curate(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "curate", killed_after_curate)
+    with pytest.raises(KeyboardInterrupt):
+        run(_small_config(tmp_path / "in", tmp_path / "out", max_documents=1))
+    monkeypatch.setattr(pipeline, "curate", real_curate)
+    again = run(cfg)  # the first config again: its old stamp must not vouch for the one-document file
+    assert "curate" not in again.stats["cached"] and len(again.curated_file.read_text().splitlines()) == 3
+
+
+def test_bad_out_dir_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(_prose(1))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "clash").mkdir()
+    (tmp_path / "clash" / "curated").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "clash"):
+        assert cli_main([str(tmp_path / "a.txt"), "--out", str(out), "--no-progress", "--no-classifier"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyllm data: {out}") and err.count("\n") == 1, err
+
+
+def test_broken_symlink_in_an_input_folder_does_not_stop_the_run(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(_prose(1))
+    (tmp_path / "in" / "broken.txt").symlink_to(tmp_path / "gone.txt")
+    result = run(_small_config(tmp_path / "in", tmp_path / "out"))
+    assert result.stats["curate"]["documents_out"] == 1
+    assert result.stats["curate"]["issues"]["counts"] == {"read_error": 1}

@@ -224,3 +224,14 @@ def test_shards_train_a_model(packed, one_thread):
         opt.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and np.mean(losses[-2:]) < losses[0] - 0.5
+
+
+def test_special_token_text_in_documents_is_plain_text(tok_dir, tmp_path):
+    # the workers' tokenizer must encode exactly as HFTokenizer.encode: "<|endoftext|>" written in a document is
+    # text, never the control id that ends a document
+    texts = ["the marker <|endoftext|> inside", "a <|user|> turn and <|end|> of it"]
+    pack_shards([(f"d{i}", t) for i, t in enumerate(texts)], tok_dir, tmp_path, ShardConfig(val_fraction=0.0),
+                {"test": 1}, workers=1)
+    tok = load_tokenizer(tok_dir)
+    expected = [i for t in texts for i in tok.encode(t) + [tok.eos_id]]
+    assert np.fromfile(tmp_path / "shard_00000.bin", dtype="<u2").tolist() == expected

@@ -137,3 +137,29 @@ def test_unreadable_file_is_reported_and_others_kept(tmp_path, monkeypatch):
     docs, issues = _read([tmp_path])
     assert [d.text for d in docs] == ["readable text", "also readable"]
     assert issues.counts["read_error"] == 1 and issues.examples[0].file.endswith("b.txt")
+
+
+@pytest.mark.parametrize("data", [
+    b"\xef\xbb\xbf" + b"".join(b'{"text": "record %d"}\r\n' % i for i in range(3)),  # UTF-8 byte-order mark
+    b"".join(b'{"text": "record %d"}\r' % i for i in range(3)),  # old-Mac line ends, as the strict reader reads
+])
+def test_jsonl_with_bom_or_lone_cr_keeps_every_record(tmp_path, data):
+    (tmp_path / "r.jsonl").write_bytes(data)
+    docs, issues = _read([tmp_path / "r.jsonl"])
+    assert [(d.id.rsplit(":", 1)[-1], d.text) for d in docs] == [("1", "record 0"), ("2", "record 1"),
+                                                                ("3", "record 2")]
+    assert not issues.counts
+
+
+def test_symlinked_folders_are_followed_once_and_broken_links_logged(tmp_path):
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    corpus.mkdir()
+    elsewhere.mkdir()
+    (corpus / "a.txt").write_text("text of a")
+    (elsewhere / "b.txt").write_text("text of b")
+    (corpus / "linked").symlink_to(elsewhere)  # a data set linked into the corpus
+    (corpus / "loop").symlink_to(corpus)  # a cycle is walked once
+    (corpus / "broken.txt").symlink_to(tmp_path / "gone.txt")
+    docs, issues = _read([corpus])
+    assert [d.text for d in docs] == ["text of a", "text of b"]
+    assert dict(issues.counts) == {"read_error": 1} and issues.examples[0].file.endswith("broken.txt")
