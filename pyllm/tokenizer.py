@@ -142,11 +142,21 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def _dense_size(self) -> int:
+        """n when the ids in use are exactly 0..n-1 (every id below n decodes), else 0."""
+        if not hasattr(self, "_dense"):
+            used = set(self.tok.get_vocab(with_added_tokens=True).values())
+            self._dense = len(used) if used == set(range(len(used))) else 0
+        return self._dense
+
     def decode(self, ids) -> str:
         # tokenizers drops an unknown id without a trace (and refuses a negative one): decode the runs of known
         # ids between them so that each shows as UNKNOWN
+        ids = [int(i) for i in ids]
+        if not ids or (min(ids) >= 0 and max(ids) < self._dense_size()):
+            return self.tok.decode(ids, skip_special_tokens=False)
         out, run = [], []
-        for i in map(int, ids):
+        for i in ids:
             if i >= 0 and self.tok.id_to_token(i) is not None:
                 run.append(i)
                 continue
