@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -69,7 +70,8 @@ class TaskConfig:
     fewshot_delimiter: str = "\n\n"
     """Between consecutive examples and before the evaluated prompt."""
     stop: list[str] = field(default_factory=lambda: ["\n\n"])
-    """generation: strings that end a response (the response is cut before the first one)."""
+    """generation: strings that end a response (the response is cut before the first one); a single string
+    is one stop string (as in lm-evaluation-harness's ``until``), never a list of its characters."""
     max_new_tokens: int = 64
     """generation: most tokens generated per response."""
     normalize: list[str] = field(default_factory=lambda: ["strip"])
@@ -92,6 +94,8 @@ class TaskConfig:
     """Evaluate only the first ``limit`` items."""
 
     def __post_init__(self):
+        for f in fields(self):  # types first: a task file is YAML, and the checks below compare values
+            setattr(self, f.name, _typed(self.name, f.name, getattr(self, f.name), _HINTS[f.name]))
         checks = [
             (bool(self.name), "field 'name' must be a non-empty string"),
             (self.kind in KINDS, f"field 'kind'={self.kind!r} must be one of {', '.join(KINDS)}"),
@@ -114,6 +118,37 @@ class TaskConfig:
         for ok, msg in checks:
             if not ok:
                 raise TaskError(f"task {self.name!r}: {msg}")
+
+
+_HINTS = typing.get_type_hints(TaskConfig)
+_WORDS = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _typed(task, name: str, value, hint):
+    """``value`` of field ``name`` checked against its annotation: an int is a float too, and a single value is
+    a one-element list (``stop: "Question:"`` is one stop string); anything else is a TaskError."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        elem = typing.get_args(hint)[0]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if all(_is(v, elem) for v in items):
+            return [float(v) if elem is float else v for v in items]
+        want = f"a list of {_WORDS[elem]}s (or a single {_WORDS[elem]})"
+    elif _is(value, hint):
+        return float(value) if hint is float else value
+    else:
+        want = ("an " if hint is int else "a ") + _WORDS[hint]
+    raise TaskError(f"task {task!r}: field {name!r} must be {want}, got {value!r}")
+
+
+def _is(value, typ) -> bool:
+    if isinstance(value, bool):  # YAML's yes/no: never a number
+        return typ is bool
+    return isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -29,6 +30,16 @@ def save_model(model: Transformer, directory: str | Path, tokenizer=None) -> Pat
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged one (an interrupted copy or download) is a one-line
+    ValueError naming it, not the reader's traceback."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it is damaged or incomplete, copy "
+                         "or write it again") from None
 
 
 def load_model(directory: str | Path, device="cpu", dtype=torch.float32, **overrides) -> Transformer:
@@ -57,7 +68,7 @@ def load_model(directory: str | Path, device="cpu", dtype=torch.float32, **overr
         raise FileNotFoundError(f"{directory}: config.json but no model.safetensors")
     model = Transformer(cfg)
     try:
-        missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+        missing, unexpected = model.load_state_dict(load_weights(weights), strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise ValueError(f"{weights}: does not match config.json ({detail})") from None

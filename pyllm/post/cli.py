@@ -89,8 +89,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"pyllm {name}: error: {e}", file=sys.stderr)
         return 2
+    from .stage import strict_json
+
     report = {k: summary[k] for k in ("stage", "before", "after", "model_dir") if k in summary}
     report["train_time_s"] = summary["train"].get("train_time_s")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
-        print(json.dumps(report, indent=1))
+        print(json.dumps(strict_json(report), indent=1))
     return 0

@@ -106,6 +106,11 @@ def _field(path, n, obj, name) -> str:
         raise DataError(str(path), n, f"missing field {name!r} (fields present: {sorted(obj)})")
     if not isinstance(obj[name], str) or not obj[name]:
         raise DataError(str(path), n, f"field {name!r} must be a non-empty string, got {obj[name]!r}")
+    try:  # JSON may escape a lone UTF-16 surrogate ("\ud83d", text cut inside an emoji): no tokenizer takes it
+        obj[name].encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(str(path), n, f"field {name!r} holds a lone surrogate {obj[name][e.start]!r} at character "
+                        f"{e.start}, not valid Unicode text (cut inside a character?)") from None
     return obj[name]
 
 
@@ -131,8 +136,13 @@ class Conversation:
     origin: str = ""
 
     @property
-    def prompt(self) -> str:  # the split key
-        return json.dumps(self.messages[:1])
+    def prompt(self) -> str:
+        """The split key: every message before the first assistant reply, the conversation's prompt (the first
+        message alone put all conversations opening with one system message on one side). Conversations that
+        open alike land on the same side, so a held-out opening is never trained on in another conversation."""
+        first = next((i for i, m in enumerate(self.messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+                     len(self.messages))
+        return json.dumps(self.messages[:max(first, 1)])
 
 
 def load_pairs(path: str | Path) -> list[Pair]:
@@ -184,8 +194,9 @@ def task_examples(tasks: tuple[str, ...] = TASKS, n: int = 3000, seed: int = 0, 
 
 
 def exact_match(completion: str, answer: str) -> bool:
-    """The verifiable reward: the completion, stripped of surrounding whitespace, equals the answer."""
-    return completion.strip() == answer
+    """The verifiable reward: the completion equals the answer, both stripped of surrounding whitespace (a
+    JSONL reference " yes" is matched by a model that says " yes")."""
+    return completion.strip() == answer.strip()
 
 
 def solve_task(prompt: str) -> str | None:

@@ -42,8 +42,8 @@ class GRPOConfig(RLConfig):
         super().__post_init__()
         self.check_minibatch()
 
-    def samples_per_rollout(self) -> int:
-        return self.prompts_per_rollout * self.group_size
+    def samples_per_prompt(self) -> int:
+        return self.group_size
 
     def stage_defaults(self) -> dict:
         # measured on the 125k-parameter byte model (README): with minibatches of 64 or no warmup the
@@ -55,13 +55,13 @@ class GRPOConfig(RLConfig):
 def grpo(cfg: GRPOConfig) -> dict:
     """Run GRPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
     policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
-    n_prompts = cfg.prompts_per_process()
+    n_prompts = cfg.prompts_per_process(len(prompts))
 
     @torch.no_grad()
     def make_rollout(round_: int) -> Rollout:
         seed = rollout_seed(cfg.seed, round_)
         rng = random.Random(seed)
-        chosen = rng.sample(prompts, min(n_prompts, len(prompts)))
+        chosen = rng.sample(prompts, n_prompts)
         group = [p for p in chosen for _ in range(cfg.group_size)]  # consecutive groups
         batch, texts = sample(policy, template, group, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=seed)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pyllm import ops
 from pyllm.model import Transformer, load_model, save_model
+from pyllm.model.io import load_weights
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -64,7 +65,11 @@ class RewardModel(nn.Module):
         if not (directory / HEAD_FILE).exists():
             raise FileNotFoundError(f"{directory}: no {HEAD_FILE} (not a reward model written by pyllm rm)")
         rm = cls(load_model(directory, device=device))
-        rm.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        try:
+            rm.head.load_state_dict(load_weights(directory / HEAD_FILE))
+        except RuntimeError as e:  # a head of another width, or missing tensors
+            detail = str(e).splitlines()[-1].strip()
+            raise ValueError(f"{directory / HEAD_FILE}: does not match the model ({detail})") from None
         return rm.to(device)
 
 

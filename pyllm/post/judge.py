@@ -1,6 +1,7 @@
 """Preference labelling: a judge decides which of two responses to a prompt is better.
 
-Three judges behind one method, ``prefer(prompts, a, b) -> list[float]`` (probability that a beats b):
+Three judges behind one method, ``prefer(prompts, a, b, origins=None) -> list[float]`` (probability that a beats b;
+``origins``, file:line per pair, name a pair in errors):
 - ``RuleJudge``: a Python reward function r(prompt, response) (e.g. the exact-match checker of a task);
 - ``RewardModelJudge``: a trained reward model (Bradley-Terry: P(a > b) = sigmoid(r_a - r_b));
 - ``ModelJudge``: another pyllm model asked a principle-based question ("Which answer is more
@@ -33,16 +34,42 @@ from .sequences import collate
 DEFAULT_PRINCIPLE = "Pick the correct and honest answer."
 
 
+def shorten(text: str, n: int = 40) -> str:
+    """``text`` quoted on one line, cut to ``n`` characters (for error messages)."""
+    return repr(text[:n]) + ("..." if len(text) > n else "")
+
+
+def rule_score(rule: Callable[[str, str], float], prompt: str, response: str, name: str | None = None,
+               origin: str = "") -> float:
+    """``rule(prompt, response)`` as a finite float. The rule is user code: a failure, a non-number or nan/inf
+    is a one-line ValueError naming the rule, the example's ``origin`` (file:line) if known, the prompt and the
+    response (a nan reward would otherwise make every weight nan, or silently swap a judged pair)."""
+    name = name or getattr(rule, "__qualname__", repr(rule))
+    where = f"{name!r} on prompt {shorten(prompt)}, response {shorten(response)}"
+    where = f"{origin}: reward {where}" if origin else f"reward {where}"
+    try:
+        out = rule(prompt, response)
+    except Exception as e:
+        raise ValueError(f"{where} failed: {type(e).__name__}: {e}") from e
+    try:
+        value = float(out)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} returned {repr(out)[:60]}, not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where} returned {value}; rewards must be finite numbers")
+    return value
+
+
 class RuleJudge:
     """Prefers the response a Python rule scores higher (ties: 0.5)."""
 
-    def __init__(self, reward_fn: Callable[[str, str], float]):
-        self.reward_fn = reward_fn
+    def __init__(self, reward_fn: Callable[[str, str], float], name: str | None = None):
+        self.reward_fn, self.name = reward_fn, name
 
-    def prefer(self, prompts, a, b) -> list[float]:
+    def prefer(self, prompts, a, b, origins=None) -> list[float]:
         out = []
-        for p, x, y in zip(prompts, a, b):
-            ra, rb = self.reward_fn(p, x), self.reward_fn(p, y)
+        for p, x, y, o in zip(prompts, a, b, origins or [""] * len(prompts)):
+            ra, rb = (rule_score(self.reward_fn, p, r, self.name, o) for r in (x, y))
             out.append(0.5 if ra == rb else float(ra > rb))
         return out
 
@@ -54,9 +81,10 @@ class RewardModelJudge:
         self.rm, self.template, self.max_len, self.batch_size = rm, template, max_len, batch_size
 
     @torch.no_grad()
-    def scores(self, prompts, responses) -> torch.Tensor:
-        """Reward of each (prompt, response), (N,) on the CPU."""
-        enc = encode_examples(self.template, [Example(p, r) for p, r in zip(prompts, responses)], self.max_len)
+    def scores(self, prompts, responses, origins=None) -> torch.Tensor:
+        """Reward of each (prompt, response), (N,) on the CPU; ``origins`` (file:line) name them in errors."""
+        examples = [Example(p, r, origin=o) for p, r, o in zip(prompts, responses, origins or [""] * len(prompts))]
+        enc = encode_examples(self.template, examples, self.max_len)
         device = self.rm.head.proj.weight.device
         out = []
         for s in range(0, len(enc), self.batch_size):
@@ -64,8 +92,8 @@ class RewardModelJudge:
             out.append(self.rm(b["tokens"], b["attention"]).float().cpu())
         return torch.cat(out)
 
-    def prefer(self, prompts, a, b) -> list[float]:
-        return torch.sigmoid(self.scores(prompts, a) - self.scores(prompts, b)).tolist()
+    def prefer(self, prompts, a, b, origins=None) -> list[float]:
+        return torch.sigmoid(self.scores(prompts, a, origins) - self.scores(prompts, b, origins)).tolist()
 
 
 def judge_question(principle: str, prompt: str, first: str, second: str) -> str:
@@ -95,18 +123,19 @@ class ModelJudge:
         tok = template.tokenizer
         self.choice_ids = (tok.encode("A")[0], tok.encode("B")[0])
 
-    def _question(self, prompt, first, second) -> list[int]:
+    def _question(self, prompt, first, second, origin) -> list[int]:
         text = judge_question(self.principle, prompt, first, second)
         ids = self.template.prompt_ids([{"role": "user", "content": text}])
         if len(ids) > self.model.cfg.max_seq_len:
-            raise ValueError(f"judge question for prompt {prompt[:40]!r} is {len(ids)} tokens, longer than the "
-                             f"judge model's context ({self.model.cfg.max_seq_len}); shorten the principle")
+            where = f"{origin}: " if origin else ""
+            raise ValueError(f"{where}judge question for prompt {prompt[:40]!r} is {len(ids)} tokens, longer than "
+                             f"the judge model's context ({self.model.cfg.max_seq_len}); shorten the principle")
         return ids
 
     @torch.no_grad()
-    def _p_first(self, prompts, first, second) -> list[float]:
+    def _p_first(self, prompts, first, second, origins) -> list[float]:
         """P(the judge answers "A") renormalised over {A, B}, per pair, in one padded batch."""
-        qs = [self._question(p, x, y) for p, x, y in zip(prompts, first, second)]
+        qs = [self._question(p, x, y, o) for p, x, y, o in zip(prompts, first, second, origins)]
         L = max(map(len, qs))
         device = self.model.head_weight.device
         tokens = torch.full((len(qs), L), self.template.tokenizer.pad_id, dtype=torch.long)
@@ -117,9 +146,10 @@ class ModelJudge:
         pick = logits[torch.arange(len(qs)), last][:, list(self.choice_ids)]  # (B, 2)
         return torch.softmax(pick, dim=-1)[:, 0].tolist()
 
-    def prefer(self, prompts, a, b) -> list[float]:
-        ab = self._p_first(prompts, a, b)
-        ba = self._p_first(prompts, b, a)
+    def prefer(self, prompts, a, b, origins=None) -> list[float]:
+        origins = origins or [""] * len(prompts)
+        ab = self._p_first(prompts, a, b, origins)
+        ba = self._p_first(prompts, b, a, origins)
         return [(x + (1.0 - y)) / 2.0 for x, y in zip(ab, ba)]
 
 
@@ -130,7 +160,8 @@ def relabel(judge, pairs: list[Pair], batch_size: int = 64) -> tuple[list[Pair],
     out, agree, ties, conf = [], 0, 0, 0.0
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
-        probs = judge.prefer([p.prompt for p in chunk], [p.chosen for p in chunk], [p.rejected for p in chunk])
+        probs = judge.prefer([p.prompt for p in chunk], [p.chosen for p in chunk], [p.rejected for p in chunk],
+                             [p.origin for p in chunk])
         for p, prob in zip(chunk, probs):
             if math.isclose(prob, 0.5):
                 ties += 1
@@ -164,9 +195,9 @@ def judge_from_spec(spec: str, template: ChatTemplate, seq_len: int, device, pri
     """"rule" (built-in task checker), "py:module:function", "rm:<dir>" or "model:<dir>" -> a judge."""
     kind, _, path = spec.partition(":")
     if spec == "rule":
-        return RuleJudge(task_reward)
+        return RuleJudge(task_reward, "rule")
     if kind == "py" and path:
-        return RuleJudge(load_python_function(spec))
+        return RuleJudge(load_python_function(spec), spec)
     if kind == "rm" and path:
         return RewardModelJudge(RewardModel.load(path, device).eval(), template, seq_len)
     if kind == "model" and path:

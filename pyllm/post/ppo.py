@@ -79,7 +79,7 @@ def _forward(model: PolicyWithValue, tokens, temperature: float = 1.0):
 def ppo(cfg: PPOConfig) -> dict:
     """Run PPO; returns held-out accuracy, mean reward and KL to the reference before/after."""
     policy, reference, tokenizer, template, prompts, heldout, reward_fn = rl_setup(cfg)
-    n_prompts = cfg.prompts_per_process()
+    n_prompts = cfg.prompts_per_process(len(prompts))
     info = data_parallel(cfg)
     model = PolicyWithValue(policy, cfg.shared_value_trunk).to(policy.head_weight.device)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -88,7 +88,7 @@ def ppo(cfg: PPOConfig) -> dict:
     def make_rollout(round_: int) -> Rollout:
         seed = rollout_seed(cfg.seed, round_)
         rng = random.Random(seed)
-        chosen = rng.sample(prompts, min(n_prompts, len(prompts)))
+        chosen = rng.sample(prompts, n_prompts)
         batch, texts = sample(policy, template, chosen, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, seed=seed)
         scores = torch.tensor(reward_fn(chosen, texts), dtype=torch.float32)

@@ -15,6 +15,7 @@ per-token quantities are aligned with ``input_ids[:, 1:]`` (N, L-1).
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -26,9 +27,9 @@ from pyllm.train.checkpoint import CheckpointError
 from pyllm.train.distributed import DistInfo
 
 from .chat import ChatTemplate
-from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split, task_reward
+from .datasets import BUILTIN_EXAMPLES, Example, exact_match, load_examples, resolve, split, task_reward
 from .heads import RewardModel
-from .judge import RewardModelJudge, load_python_function
+from .judge import RewardModelJudge, load_python_function, rule_score, shorten
 from .lora import BaseModelView
 from .packing import Encoded
 from .sequences import collate, generate_responses, response_logprobs
@@ -125,11 +126,21 @@ def make_reward_fn(spec, template: ChatTemplate, seq_len: int, device) -> Reward
     Python callable f(prompt, response) -> float, or "rm:<dir>" (a reward model's score)."""
     if callable(spec) or spec == "task" or spec.startswith("py:"):
         fn = spec if callable(spec) else task_reward if spec == "task" else load_python_function(spec)
-        return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+        name = spec if isinstance(spec, str) else None
+        return lambda prompts, responses: [rule_score(fn, p, r, name) for p, r in zip(prompts, responses)]
     kind, _, path = spec.partition(":")
     if kind == "rm" and path:
         judge = RewardModelJudge(RewardModel.load(path, device).eval(), template, seq_len)
-        return lambda prompts, responses: judge.scores(prompts, responses).tolist()
+
+        def rm_reward(prompts, responses):
+            scores = judge.scores(prompts, responses).tolist()
+            for p, r, s in zip(prompts, responses, scores):  # a nan score would make every weight nan
+                if not math.isfinite(s):
+                    raise ValueError(f"reward {spec!r} on prompt {shorten(p)}, response {shorten(r)} returned {s}; "
+                                     "rewards must be finite numbers")
+            return scores
+
+        return rm_reward
     raise ValueError(f"reward={spec!r}: use 'task' (built-in checker), 'py:module:function', a callable, "
                      "or 'rm:<reward model dir>'")
 
@@ -166,7 +177,7 @@ def heldout_metrics(policy, reference, template: ChatTemplate, examples: list[Ex
     columns, kls = [[], []] + [[] for _ in range(samples)], [torch.zeros(0)] * samples
     if prompts:  # (a process has none when there are fewer prompts than processes)
         _, greedy = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-        columns[0] = [float(t.strip() == examples[i].reference) for t, i in zip(greedy, mine)]
+        columns[0] = [float(exact_match(t, examples[i].reference)) for t, i in zip(greedy, mine)]
         columns[1] = reward_fn(prompts, greedy)
         for k in range(samples):
             sampled, texts = sample(policy, template, prompts, max_new_tokens=max_new_tokens, temperature=1.0,
@@ -238,24 +249,29 @@ class RLConfig(StageConfig):
                 raise ValueError(f"{type(self).__name__}: {msg}")
         super().__post_init__()
 
-    def samples_per_rollout(self) -> int:
-        return self.prompts_per_rollout
+    def samples_per_prompt(self) -> int:
+        return 1
 
-    def check_minibatch(self, world_size: int = 1) -> None:
-        """The rollout splits evenly over ``world_size`` processes, and each share into minibatches."""
+    def check_minibatch(self, world_size: int = 1, n_prompts: int | None = None) -> None:
+        """The rollout splits evenly over ``world_size`` processes, and each share into minibatches.
+        ``n_prompts``: the training prompts there are; a process's rollout samples at most that many."""
         if self.prompts_per_rollout % world_size:
             raise ValueError(f"{type(self).__name__}: prompts_per_rollout={self.prompts_per_rollout} does not split "
                              f"evenly over {world_size} processes; make it a multiple of {world_size}")
-        samples, mb = self.samples_per_rollout() // world_size, self.train_config().micro_batch(world_size)
+        prompts, why = self.prompts_per_rollout // world_size, ""
+        if n_prompts is not None and n_prompts < prompts:  # a smaller rollout: check what will really be sampled
+            prompts, why = n_prompts, f" (only {n_prompts} training prompts, fewer than the {prompts} per rollout)"
+        samples, mb = prompts * self.samples_per_prompt(), self.train_config().micro_batch(world_size)
         if samples % mb:
-            raise ValueError(f"{type(self).__name__}: a rollout of {samples} samples per process is not a multiple "
-                             f"of the minibatch ({mb}); change train['batch_size'] or the rollout size")
+            raise ValueError(f"{type(self).__name__}: a rollout of {samples} samples per process{why} is not a "
+                             f"multiple of the minibatch ({mb}); change train['batch_size'] or the rollout size")
 
-    def prompts_per_process(self) -> int:
-        """This process's share of each rollout's prompts (all of them in one process)."""
+    def prompts_per_process(self, n_prompts: int) -> int:
+        """This process's share of each rollout's prompts (all of them in one process), at most the
+        ``n_prompts`` training prompts there are."""
         world_size = data_parallel(self).world_size
-        self.check_minibatch(world_size)
-        return self.prompts_per_rollout // world_size
+        self.check_minibatch(world_size, n_prompts)
+        return min(self.prompts_per_rollout // world_size, n_prompts)
 
 
 def rl_setup(cfg: RLConfig):

@@ -143,7 +143,9 @@ def sft(cfg: SFTConfig) -> dict:
         nll, tokens = completion_nll(m, my_enc, tokenizer.pad_id)
         matches = exact_matches(m, template, my_qa, cfg.max_new_tokens)
         nll, tokens, matches = sum_shares([nll, tokens, float(matches)], info, device)
-        out = {"completion_loss": nll / max(tokens, 1.0), "exact_match": matches / len(qa) if qa else float("nan")}
+        out = {"completion_loss": nll / max(tokens, 1.0)}
+        if qa:  # chat-only data has no reference answers: no exact match (not a NaN in the JSON files)
+            out["exact_match"] = matches / len(qa)
         if text_val_loss:  # what replay protects: next-token loss on held-out pretraining text
             out["text_loss"] = text_val_loss(m)["val_loss"]
         return out

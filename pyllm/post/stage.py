@@ -19,6 +19,7 @@ another batch); sampled responses draw the random numbers they draw in the batch
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,9 @@ def device_of(cfg: StageConfig) -> torch.device:
 
 def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eval_fn=None) -> dict:
     """Train with pyllm's Trainer; returns its summary (steps, tokens/s, history...)."""
-    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn).fit()
+    # what makes a checkpoint in out_dir this run's: another stage's (same shapes) must not be resumed
+    run = {"stage": type(cfg).__name__.removesuffix("Config").lower(), "model": cfg.model, "data": cfg.data}
+    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run).fit()
 
 
 def final_metrics(train: dict, measure, model: torch.nn.Module) -> dict:
@@ -212,13 +215,25 @@ def export(cfg: StageConfig, model: Transformer, tokenizer) -> str:
     return str(directory)
 
 
+def strict_json(value):
+    """``value`` with every nan / inf float replaced by None: json.dumps would write the bare NaN / Infinity
+    tokens, which are not JSON (strict parsers reject the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_summary(cfg: StageConfig, summary: dict) -> dict:
-    """Write ``<out_dir>/post_summary.json`` (history excluded) and return the summary."""
+    """Write ``<out_dir>/post_summary.json`` (history excluded; strict JSON) and return the summary."""
     def write():
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "post_summary.json").write_text(json.dumps(
-            {k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+            strict_json({k: v for k, v in summary.items() if k != "history"}), indent=1, default=str))
 
     on_main(cfg, write)
     return summary

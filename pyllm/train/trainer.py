@@ -63,11 +63,16 @@ class Trainer:
 
     ``loss_fn(model, batch) -> (loss, metrics)`` defaults to the language-model loss; ``eval_fn(model)
     -> dict`` runs every ``cfg.eval_every`` steps and at the end (in eval mode, without gradients).
+
+    ``run`` names what defines the run (a post-training stage: its name, start model and data; default:
+    ``cfg.data`` and ``cfg.tokenizer``). It is saved in every checkpoint, and a checkpoint of another run
+    (one of these differs) is refused on resume: its tensors may well fit this model.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, batches, loss_fn: LossFn | None = None,
-                 eval_fn: Callable[[nn.Module], dict] | None = None):
+                 eval_fn: Callable[[nn.Module], dict] | None = None, run: dict | None = None):
         self.cfg, self.batches, self.eval_fn = cfg, batches, eval_fn
+        self.run = run if run is not None else {"data": cfg.data, "tokenizer": cfg.tokenizer}
         self.dist = distributed.setup_for(cfg.device)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.device.type == "cuda":
@@ -313,7 +318,8 @@ class Trainer:
         if self.dist.is_main:
             np_state = np.random.get_state()
             meta = {"data": data_states, "best": None if math.isinf(self.best) else self.best,
-                    "metrics": metrics or {}, "config": self.cfg.to_dict(), "world_size": self.dist.world_size,
+                    "metrics": metrics or {}, "config": self.cfg.to_dict(), "run": self.run,
+                    "world_size": self.dist.world_size,
                     "rng_python": random.getstate(),  # tuples: JSON lists
                     "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
             self.ckpt.save(self.step, model_tensors, state, meta, is_best=is_best)
@@ -329,6 +335,7 @@ class Trainer:
         if path is None:
             return None
         model_t, state_t, manifest = checkpoint.load(path)
+        self._check_same_run(path, manifest["meta"])
         own = self.model.state_dict()
         checkpoint.check_shapes(path, model_t, {k: tuple(v.shape) for k, v in own.items()})
         for k, v in own.items():
@@ -363,6 +370,15 @@ class Trainer:
         self.step = manifest["step"]
         self.best = meta["best"] if meta["best"] is not None else math.inf
         return path
+
+    def _check_same_run(self, path: Path, meta: dict) -> None:
+        """Refuse a checkpoint written by another run in this out_dir (another stage, start model or data)."""
+        saved = meta.get("run", {})  # (none in a checkpoint of an older pyllm: nothing to compare)
+        differ = [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in self.run.items() if k in saved and saved[k] != v]
+        if differ:
+            raise CheckpointError(f"out_dir {str(self.out_dir)!r} holds a checkpoint of another run ({path.name}: "
+                                  f"{', '.join(differ)}); give this run a fresh --out_dir, or delete "
+                                  f"{path.parent} to start over")
 
     # ------------------------------------------------------------------------------------- export
     def full_state_dict(self) -> dict[str, torch.Tensor]:

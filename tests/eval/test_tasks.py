@@ -117,3 +117,29 @@ def test_config_validation_messages():
         TaskConfig(name="g", kind="generation", template="x", normalize=["shout"])
     with pytest.raises(TaskError, match="no items"):
         Task(TaskConfig(name="g", kind="generation", template="x"), [])
+
+
+@pytest.mark.parametrize("line,match", [
+    ("stop: null", r"field 'stop' must be a list of strings \(or a single string\), got None"),
+    ("stop: [5]", r"field 'stop' must be a list of strings \(or a single string\), got \[5\]"),
+    ("temperature: null", r"field 'temperature' must be a number, got None"),
+    ("max_new_tokens: '8'", r"field 'max_new_tokens' must be an integer, got '8'"),
+    ("num_samples: true", r"field 'num_samples' must be an integer, got True"),
+])
+def test_task_file_field_of_the_wrong_type_is_one_line_naming_file_and_field(tmp_path, line, match):
+    path = write_task(tmp_path, GOOD, extra=f"\n{line}")
+    with pytest.raises(TaskError, match=rf"^{tmp_path}/t.yaml: task 'quiz': {match}$"):
+        load_task(path)
+
+
+def test_a_single_stop_string_is_one_stop_string_not_its_characters(tmp_path):
+    from pyllm.eval.generation import cut_at_stop
+
+    items = [{"q": "capital of France", "a": "Paris"}]
+    (tmp_path / "items.jsonl").write_text(json.dumps(items[0]) + "\n")
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\nkind: generation\ntemplate: 'Question: {{q}}'\nanswer: a\ndata: items.jsonl\n"
+                    "stop: 'Question:'\ntemperature: 0\n")
+    cfg = load_task(path).cfg
+    assert cfg.stop == ["Question:"] and cfg.temperature == 0.0 and isinstance(cfg.temperature, float)
+    assert cut_at_stop("Paris\nQuestion: next", cfg.stop) == "Paris\n"  # was cut at the first 'u': "Par"

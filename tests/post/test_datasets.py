@@ -1,9 +1,11 @@
 """Built-in data: answers, noisy demonstrations, the held-out split, docstring preferences."""
 
+import json
+
 import pytest
 
-from pyllm.post.datasets import (docstring_pairs, is_heldout, solve_task, split, task_examples, task_pairs,
-                                 task_reward)
+from pyllm.post.datasets import (Conversation, docstring_pairs, is_heldout, solve_task, split, task_examples,
+                                 task_pairs, task_reward)
 from pyllm.post.grpo import GRPOConfig
 from pyllm.post.rollout import rl_setup
 
@@ -53,3 +55,44 @@ def test_rl_prompt_longer_than_context_names_its_origin(tmp_path):
                      train={"model": {"n_layer": 1, "d_model": 32, "n_head": 2}, "batch_size": 4})
     with pytest.raises(ValueError, match=r"prompts.jsonl:21: prompt is \d+ tokens; with max_new_tokens=8"):
         rl_setup(cfg)
+
+
+def test_chat_split_keys_on_the_conversation_prompt_not_its_first_message():
+    def chat(*turns):
+        return Conversation(tuple({"role": r, "content": c} for r, c in turns))
+
+    system = ("system", "You are a helpful assistant.")
+    convs = [chat(system, ("user", f"reverse w{i}abc"), ("assistant", f"cba{i}w")) for i in range(200)]
+    train, held = split(convs, 0.2)  # the shared system message used to put all 200 on one side
+    assert 0.1 < len(held) / len(convs) < 0.3
+    # a single-turn chat keeps its key (the user message); a longer conversation with the same opening is on
+    # the same side, so a held-out opening is never trained on
+    single = chat(("user", "hi"), ("assistant", "hello"))
+    assert single.prompt == json.dumps([{"role": "user", "content": "hi"}])
+    longer = chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ciao"))
+    assert longer.prompt == single.prompt
+    assert [m["role"] for m in json.loads(convs[0].prompt)] == ["system", "user"]
+
+
+def test_a_lone_surrogate_escape_names_file_line_and_field(tmp_path):
+    # valid JSON, but not text a tokenizer can encode: the codec error used to name no file
+    from pyllm.post.chat import ChatTemplate
+    from pyllm.post.datasets import DataError, load_examples, load_pairs
+    from pyllm.post.packing import encode_examples
+    from pyllm.tokenizer import ByteTokenizer
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "emoji \\ud83d", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl:2: field 'prompt' holds a lone surrogate '\\ud83d' at character 6"):
+        load_examples(data)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a\\udc00", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'chosen' holds a lone surrogate"):
+        load_pairs(pairs)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi \\ud83d"}, '
+                    '{"role": "assistant", "content": "x"}]}\n')
+    items = load_examples(chat)
+    split(items, 0.2)  # the split key is JSON (escaped): no error here, the encoding names the line
+    with pytest.raises(DataError, match=r"chat.jsonl:1: .*surrogates not allowed"):
+        encode_examples(ChatTemplate(ByteTokenizer()), items, 64)

@@ -115,3 +115,40 @@ def test_judge_training_data_matches_the_judge_question():
         first, second = (pair.chosen, pair.rejected) if ex.completion == "A" else (pair.rejected, pair.chosen)
         assert ex.prompt == judge_question(DEFAULT_PRINCIPLE, pair.prompt, first, second)
         assert ex.heldout == is_heldout(pair.prompt, 0.2)  # held out exactly where the pair is
+
+
+@pytest.mark.parametrize("bad,match", [(float("nan"), "returned nan; rewards must be finite"),
+                                       (None, "returned None, not a number")])
+def test_rule_judge_refuses_a_rule_that_returns_nan_or_none_naming_rule_and_pair(bad, match):
+    # nan compared False both ways, so the pair was silently swapped with confidence 1.0; None raised a bare
+    # TypeError
+    from pyllm.post.datasets import Pair
+
+    def rule(prompt, response):
+        return bad if response.startswith("good") else 0.0
+
+    pairs = [Pair("q0", "fine", "bad", "prefs.jsonl:1"), Pair("q1", "good answer", "bad", "prefs.jsonl:2")]
+    with pytest.raises(ValueError, match=rf"^prefs.jsonl:2: reward '.*rule' on prompt 'q1', response 'good answer' "
+                                         f"{match}"):
+        relabel(RuleJudge(rule), pairs)
+
+
+def test_reward_model_judge_names_the_file_and_line_of_an_over_long_pair():
+    from pyllm.post.datasets import DataError, Pair
+    from pyllm.post.judge import RewardModelJudge
+
+    judge = RewardModelJudge(RewardModel(tiny()).eval(), ChatTemplate(TOK), max_len=32)
+    pairs = [Pair("1+1=", "2", "3", "prefs.jsonl:1"), Pair("1+1=", "x" * 40, "3", "prefs.jsonl:2")]
+    with pytest.raises(DataError, match=r"^prefs.jsonl:2: example is \d+ tokens, longer than the context \(32\)"):
+        relabel(judge, pairs)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "reward_head.safetensors"])
+def test_truncated_weights_are_a_one_line_error_naming_the_file(tmp_path, name):
+    # an interrupted copy: the reader's SafetensorError traceback named no file
+    directory = RewardModel(tiny()).save(tmp_path / "rm", TOK)
+    raw = (directory / name).read_bytes()
+    (directory / name).write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=rf"^{directory / name}: not a readable safetensors file \(.*\); it is "
+                                         "damaged or incomplete"):
+        RewardModel.load(directory)

@@ -196,3 +196,75 @@ def test_skip_train_leaves_out_the_prompts_sft_trained_on(tmp_path):
     assert rest == first[10:30]
     with pytest.raises(ValueError, match="skip_train=100000"):
         prompts(skip_train=100000)
+
+
+def _tiny_rl(algo, tmp_path, reward, **kw):
+    """A fresh tiny policy (no SFT) on builtin:reverse: 2 held-out prompts, 1 sample each."""
+    train = {"model": MODEL, "progress": False, "log_every": 1, "max_steps": 2, "batch_size": 4, "ckpt_every": 0}
+    common = dict(data="builtin:reverse", out_dir=str(tmp_path), seq_len=48, max_train=kw.pop("max_train", 64),
+                  max_heldout=2, heldout_samples=1, epochs=1, reward=reward, train=train)
+    if algo == "grpo":
+        return grpo(GRPOConfig(group_size=2, prompts_per_rollout=4, **common, **kw))
+    return ppo(PPOConfig(prompts_per_rollout=8, **common, **kw))
+
+
+@pytest.mark.parametrize("algo,bad", [("grpo", "nan"), ("ppo", "inf")])
+def test_non_finite_reward_in_a_rollout_is_an_error_naming_prompt_and_response(tmp_path, algo, bad):
+    # the 4 held-out calls (2 greedy, 2 sampled) pass; one response of the first rollout gets nan / inf,
+    # which used to make every weight nan and the run die later inside sampling
+    calls = [0]
+
+    def reward(prompt, response):
+        calls[0] += 1
+        return float(bad) if calls[0] == 6 else 1.0
+
+    with pytest.raises(ValueError, match=rf"^reward '.*reward' on prompt 'reverse \w+', response .* returned {bad}; "
+                                         "rewards must be finite") as e:
+        _tiny_rl(algo, tmp_path, reward)
+    assert "\n" not in str(e.value) and calls[0] == 6
+
+
+@pytest.mark.parametrize("returns,match", [(None, "returned None, not a number"),
+                                           ([1.0], r"returned \[1.0\], not a number"),
+                                           (KeyError("x"), "failed: KeyError: 'x'")])
+def test_reward_function_failure_names_the_function_and_prompt(returns, match):
+    def score(prompt, response):
+        if isinstance(returns, Exception):
+            raise returns
+        return returns
+
+    reward = make_reward_fn(score, ChatTemplate(ByteTokenizer()), 48, "cpu")
+    with pytest.raises(ValueError, match=rf"^reward '.*score' on prompt 'reverse abc', response 'cb' {match}"):
+        reward(["reverse abc"], ["cb"])
+    assert make_reward_fn(lambda p, r: 2, ChatTemplate(ByteTokenizer()), 48, "cpu")(["p"], ["r"]) == [2.0]
+
+
+@pytest.mark.parametrize("algo,max_train,samples", [("grpo", 1, 2), ("grpo", 3, 6), ("ppo", 6, 6)])
+def test_fewer_prompts_than_a_rollout_is_checked_on_the_real_rollout_size(tmp_path, algo, max_train, samples):
+    # a rollout samples min(prompts_per_rollout, training prompts): one smaller than the minibatch (4) used
+    # to fail with IndexError, one not a multiple of it silently never trained on the remainder
+    with pytest.raises(ValueError, match=rf"a rollout of {samples} samples per process \(only {max_train} training "
+                                         r"prompts, fewer than the \d per rollout\) is not a multiple of the "
+                                         r"minibatch \(4\)"):
+        _tiny_rl(algo, tmp_path, lambda p, r: 1.0, max_train=max_train)
+
+
+def test_fewer_prompts_than_a_rollout_train_on_every_sample(tmp_path):
+    # 2 prompts x group_size 2 = 4 samples: one minibatch per rollout, so each step is one fresh rollout
+    summary = _tiny_rl("grpo", tmp_path, lambda p, r: float(len(set(r))), max_train=2)
+    assert summary["train"]["steps"] == summary["rollouts"] == 2
+
+
+def test_exact_match_strips_the_reference_as_well_as_the_answer(monkeypatch):
+    # a JSONL reference " yes" could never match: only the model's answer was stripped
+    from pyllm.post import rollout
+    from pyllm.post.datasets import Example, exact_match
+
+    assert exact_match(" yes", " yes") and exact_match("yes\n", " yes ") and not exact_match("no", " yes")
+    # RL's held-out greedy accuracy compares the same way: every answer here is " yes"
+    tok, template, policy, reference = _policy_and_reference()
+    real = rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: (real(*a, **k)[0], [" yes"] * len(a[2])))
+    examples = [Example("q1", " yes"), Example("q2", "yes\n"), Example("q3", "no")]
+    metrics = heldout_metrics(policy, reference, template, examples, lambda p, r: [0.0] * len(p), 4)
+    assert metrics["accuracy"] == pytest.approx(2 / 3)

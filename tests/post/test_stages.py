@@ -117,3 +117,33 @@ def test_cli_runs_a_stage_and_reports_bad_input(tmp_path, capsys):
                           (["--kl_horizon", "0"], "kl_horizon=0 must be positive")):
         assert main(["ppo", *args]) == 2
         assert f"PPOConfig: {message}" in capsys.readouterr().err
+
+
+def test_a_stage_does_not_resume_another_stages_checkpoint_in_its_out_dir(tmp_path):
+    # SFT and DPO of fresh models have the same shapes: DPO silently continued the SFT model
+    common = dict(out_dir=str(tmp_path), max_train=32, max_heldout=4, seq_len=48)
+    sft(SFTConfig(data="builtin:reverse", train=quick(max_steps=2, batch_size=4), **common))
+    with pytest.raises(ValueError, match=r"holds a checkpoint of another run \(step_00000002: stage='sft' "
+                                         r"\(this run: 'dpo'\), data='builtin:reverse' \(this run: 'builtin:tasks'\)"):
+        dpo(DPOConfig(data="builtin:tasks", train=quick(max_steps=4, batch_size=4), **common))
+    # the same stage resumes, with more steps
+    s = sft(SFTConfig(data="builtin:reverse", train=quick(max_steps=3, batch_size=4), **common))
+    assert s["train"]["resumed_from"] == 2
+
+
+def test_chat_only_sft_writes_strict_json(tmp_path):
+    # no single-turn reference answers: exact_match was NaN, a bare NaN token in post_summary.json
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"reverse w{i}abc"},
+                                                     {"role": "assistant", "content": f"cba{i}w"}]}) + "\n"
+                            for i in range(40)))
+    sft(SFTConfig(data=str(data), out_dir=str(tmp_path / "out"), seq_len=48, train=quick(max_steps=1, batch_size=4)))
+
+    def refuse(constant):
+        raise ValueError(f"non-JSON constant {constant}")
+
+    summary = json.loads((tmp_path / "out" / "post_summary.json").read_text(), parse_constant=refuse)
+    assert set(summary["after"]) == {"completion_loss"}
+    from pyllm.post.stage import strict_json  # any other non-finite figure is written as null
+
+    assert strict_json({"a": [float("nan"), 1.0, float("-inf")]}) == {"a": [None, 1.0, None]}

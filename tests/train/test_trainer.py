@@ -323,3 +323,29 @@ def test_emulated_half_precision_on_the_cpu_is_warned_of(tmp_path, monkeypatch, 
     assert len(emulated) == int(warns), [str(w.message) for w in caught]
     if warns:
         assert f"precision={precision!r}" in str(emulated[0].message)
+
+
+def test_a_checkpoint_of_another_run_in_the_out_dir_is_refused_in_one_line(tmp_path):
+    """Tensor shapes are not enough: a run that finds another run's checkpoint (another stage, start model or
+    data) in its out_dir must not continue it; the same run with a new max_steps still resumes."""
+    from pyllm.train import RandomWindows, Trainer
+
+    from .helpers import TOKENS, tiny_config
+
+    def trainer(run, max_steps):
+        cfg = tiny_config(tmp_path, max_steps=max_steps)
+        batches = RandomWindows(TOKENS, cfg.seq_len, cfg.micro_batch(1), cfg.seed)
+        return Trainer(tiny_model(), cfg, batches, run=run)
+
+    sft = {"stage": "sft", "model": None, "data": "builtin:reverse"}
+    trainer(sft, 2).fit()
+    dpo = {"stage": "dpo", "model": "runs/sft/final", "data": "builtin:reverse"}
+    with pytest.raises(CheckpointError, match=rf"^out_dir '{tmp_path}' holds a checkpoint of another run "
+                                              rf"\({step_dir_name(2)}: stage='sft' \(this run: 'dpo'\), model=None "
+                                              r"\(this run: 'runs/sft/final'\)\); give this run a fresh --out_dir"):
+        trainer(dpo, 4).fit()
+    assert trainer(sft, 3).fit()["resumed_from"] == 2
+    # a pretraining run (no ``run``) is told by its data and tokenizer
+    make_trainer(tmp_path / "pre", max_steps=1).fit()
+    with pytest.raises(CheckpointError, match=r"tokenizer='char' \(this run: 'byte'\)"):
+        make_trainer(tmp_path / "pre", max_steps=2, tokenizer="byte").fit()
