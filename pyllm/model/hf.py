@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .transformer import Transformer
@@ -215,9 +215,11 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     else:
         raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
                                 f"(only safetensors checkpoints are read; convert .bin files first)")
+    from .io import load_weights  # (io imports this module)
+
     weights = {}
     for f in files:
-        weights.update(load_file(str(directory / f)))
+        weights.update(load_weights(directory / f))
     return weights
 
 

@@ -163,6 +163,15 @@ def test_missing_weight_is_named(tmp_path):
         load_hf(tmp_path / "nowhere")
 
 
+def test_truncated_weights_are_named(tmp_path):
+    # a download cut short: one line naming the file, not the safetensors reader's traceback
+    hf_gpt2().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_hf(tmp_path)
+
+
 def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
     from pyllm.tokenizer import SPECIAL_TOKENS, ByteTokenizer, load_tokenizer
 
