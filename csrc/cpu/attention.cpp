@@ -174,12 +174,7 @@ PYLLM_INLINE MaxSum exp_row(float* __restrict x, int64_t n) {
 #pragma omp simd
     for (int l = 0; l < kVec; ++l) mx[l] = x[i + l] > mx[l] ? x[i + l] : mx[l];
   }
-#pragma GCC unroll 4
-  for (int w = kVec / 2; w > 0; w /= 2) {
-#pragma omp simd
-    for (int l = 0; l < w; ++l) mx[l] = mx[l + w] > mx[l] ? mx[l + w] : mx[l];
-  }
-  const float m = mx[0];
+  const float m = lane_max<kVec>(mx);
   float acc[kVec] = {};
   for (int64_t i = 0; i < n; i += kVec) {
 #pragma omp simd

@@ -181,6 +181,17 @@ inline float lane_tree(float* p) {
   return p[0];
 }
 
+// The max of the L values in p (overwritten), pairwise as lane_tree.
+template <int L>
+inline float lane_max(float* p) {
+#pragma GCC unroll 8
+  for (int w = L / 2; w > 0; w /= 2) {
+#pragma omp simd
+    for (int j = 0; j < w; ++j) p[j] = p[j + w] > p[j] ? p[j + w] : p[j];
+  }
+  return p[0];
+}
+
 // K values per element.
 template <int K>
 struct Vals {
@@ -270,12 +281,7 @@ PYLLM_INLINE float row_max(const T* __restrict x, int64_t n) {
     const float v = load(x, i + j);
     acc[j] = v > acc[j] ? v : acc[j];
   }
-#pragma GCC unroll 8
-  for (int w = L / 2; w > 0; w /= 2) {
-#pragma omp simd
-    for (int j = 0; j < w; ++j) acc[j] = acc[j + w] > acc[j] ? acc[j + w] : acc[j];
-  }
-  return acc[0];
+  return lane_max<L>(acc);
 }
 
 // f(p) with p the tensor's address as `const float*` or `const uint16_t*` (bfloat16 bits), as its dtype
