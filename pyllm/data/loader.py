@@ -11,10 +11,15 @@ n x batch_size x world_size windows of the permutation. The state is (epoch, tha
 
 ``doc_ids`` (B, T) numbers the documents inside each row (from the ``.idx`` offsets) so attention can
 stay within a document (``Transformer(doc_ids=...)``).
+
+The manifest and the files of the split are checked when the loader is made (fields, file sizes against
+the token counts, the vocabulary against the model's), so a damaged directory is a one-line ValueError
+naming the file, not a numpy or torch error when a bad shard is first read mid-run.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +41,40 @@ def resume_step(count: int, batch_size: int, world_size: int, *, saved: str, bat
     return count // per_step
 
 
+def _read_checked_manifest(shard_dir: Path) -> dict:
+    """read_manifest, with every field the loader reads checked: a bad one is named with the file."""
+    path = shard_dir / "manifest.json"
+    try:
+        manifest = read_manifest(shard_dir)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except AttributeError:  # (read_manifest calls .get: a list or a number)
+        raise ValueError(f"{path}: must hold a JSON object") from None
+    if "dtype" not in manifest:
+        raise ValueError(f"{path}: no 'dtype' field (the token type, e.g. 'uint16')")
+    try:
+        dtype = np.dtype(manifest["dtype"])
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind != "u":
+        raise ValueError(f"{path}: dtype={manifest['dtype']!r} is not an unsigned integer type")
+    vocab = manifest.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"{path}: vocab_size={vocab!r} must be a positive integer")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("tokens"), int)
+            and e["tokens"] >= 0 for e in shards):
+        raise ValueError(f"{path}: 'shards' must be a list of entries with a 'file' and a token count 'tokens'")
+    return manifest
+
+
 class ShardLoader:
     def __init__(self, shard_dir: str | Path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, split: str = "train"):
+                 world_size: int = 1, split: str = "train", vocab_size: int | None = None):
+        """``vocab_size``: the model's vocabulary; shards whose token ids may reach it are refused."""
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"ShardLoader: seq_len={seq_len} and batch_size={batch_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -46,11 +82,17 @@ class ShardLoader:
         if split not in ("train", "val"):
             raise ValueError(f"ShardLoader: split={split!r}; use 'train' or 'val'")
         self.dir = Path(shard_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = _read_checked_manifest(self.dir)
+        if vocab_size is not None and self.manifest["vocab_size"] > vocab_size:
+            raise ValueError(f"{self.dir / 'manifest.json'}: the shards were made with a vocabulary of "
+                             f"{self.manifest['vocab_size']}, the model's has {vocab_size}; use the tokenizer "
+                             "the shards were made with")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.split = rank, world_size, split
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.shards = [e for e in self.manifest["shards"] if e.get("split", "train") == split]
+        for entry in self.shards:
+            self._check_files(entry)
         windows = [max(0, (e["tokens"] - 1) // seq_len) for e in self.shards]
         self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
         self.num_windows = int(self._first_window[-1])
@@ -65,12 +107,28 @@ class ShardLoader:
         self._order_epoch, self._order = -1, None
 
     # -- data access ----------------------------------------------------------------------------------
+    @staticmethod
+    def _index_file(entry: dict) -> str:
+        return entry.get("index_file", entry["file"].replace(".bin", ".idx"))
+
+    def _check_files(self, entry: dict) -> None:
+        """The shard and its index exist and the shard holds the manifest's token count (a truncated copy)."""
+        tokens, index = self.dir / entry["file"], self.dir / self._index_file(entry)
+        for f in (tokens, index):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: missing (listed in {self.dir / 'manifest.json'})")
+        expected = entry["tokens"] * self.dtype.itemsize
+        if tokens.stat().st_size != expected:
+            raise ValueError(f"{tokens}: {tokens.stat().st_size} bytes, but manifest.json says {entry['tokens']} "
+                             f"{self.dtype.name} tokens ({expected} bytes); the file is damaged or incomplete")
+        if index.stat().st_size % 8:
+            raise ValueError(f"{index}: {index.stat().st_size} bytes, not a whole number of 8-byte offsets")
+
     def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i not in self._tokens:
             entry = self.shards[i]
-            index_file = entry.get("index_file", entry["file"].replace(".bin", ".idx"))
             self._tokens[i] = np.memmap(self.dir / entry["file"], dtype=self.dtype, mode="r")
-            self._starts[i] = np.fromfile(self.dir / index_file, dtype="<u8").astype(np.int64)
+            self._starts[i] = np.fromfile(self.dir / self._index_file(entry), dtype="<u8").astype(np.int64)
         return self._tokens[i], self._starts[i]
 
     def _rank_order(self) -> np.ndarray:

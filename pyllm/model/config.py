@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 from pyllm.ops.registry import check_backend_name
+
+
+INT_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len")
+FLOAT_FIELDS = ("rope_theta", "norm_eps", "dropout", "init_std")
 
 
 @dataclass
@@ -58,15 +64,26 @@ class ModelConfig:
     """Compute the training loss with linear_cross_entropy (no full logits in memory)."""
 
     def __post_init__(self):
+        for name in INT_FIELDS + FLOAT_FIELDS:  # e.g. n_layer "2" from a hand-edited config.json
+            value, whole = getattr(self, name), name in INT_FIELDS
+            if value is None and name in ("n_kv_head", "d_ff"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+                raise ValueError(f"ModelConfig: {name}={value!r} must be {'an integer' if whole else 'a number'}")
+            if not whole and not math.isfinite(value):  # NaN would pass no comparison below
+                raise ValueError(f"ModelConfig: {name}={value} must be a finite number")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.mlp == "gelu" else 64 * -(-(8 * self.d_model // 3) // 64)
+        if self.n_head <= 0:  # (head_dim, in the messages below, divides by it)
+            raise ValueError(f"ModelConfig: n_head={self.n_head} must be positive")
         checks = [
             (self.vocab_size > 0, f"vocab_size={self.vocab_size} must be positive"),
             (self.n_layer > 0, f"n_layer={self.n_layer} must be positive"),
-            (self.n_head > 0 and self.d_model % self.n_head == 0,
+            (self.d_model > 0 and self.d_model % self.n_head == 0,
              f"d_model={self.d_model} must be a positive multiple of n_head={self.n_head}"),
+            (self.d_ff >= 1, f"d_ff={self.d_ff} must be >= 1"),
             (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
              f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm={self.norm!r}: use 'layernorm' or 'rmsnorm'"),
@@ -77,6 +94,9 @@ class ModelConfig:
             (self.pos != "rope" or self.head_dim % 2 == 0, f"rope needs an even head dim, got {self.head_dim}"),
             (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
             (self.max_seq_len > 0, f"max_seq_len={self.max_seq_len} must be positive"),
+            (self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive"),
+            (self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive"),
+            (self.init_std >= 0, f"init_std={self.init_std} must be >= 0"),
         ]
         if self.rope_scaling is not None:
             keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}

@@ -27,6 +27,9 @@ from .config import ModelConfig
 from .transformer import Transformer
 
 _GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+# buffers some transformers versions saved with the weights (GPT-2's causal masks, Llama's RoPE frequencies):
+# pyllm computes them, so they are not weights left unused
+_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -132,10 +135,22 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
 # ------------------------------------------------------------------------------------- state dicts
 
 
+class _Reads(dict):
+    """Weights by name that remember which were read: what a conversion leaves unread is reported."""
+
+    def __init__(self, weights: dict):
+        super().__init__(weights)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def _from_gpt2(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     # Checkpoints of GPT2LMHeadModel prefix "transformer."; those of the bare GPT2Model (the hub's
     # "gpt2") do not. Conv1D weights are (in, out): transpose to nn.Linear's (out, in).
-    sd = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    sd = _Reads({k.removeprefix("transformer."): v for k, v in hf.items()})
     out = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
            "norm_f.weight": sd["ln_f.weight"], "norm_f.bias": sd["ln_f.bias"]}
     for i in range(cfg.n_layer):
@@ -147,8 +162,20 @@ def _from_gpt2(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
             out[p + dst + ".weight"] = sd[h + src + ".weight"].t()
             out[p + dst + ".bias"] = sd[h + src + ".bias"]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = hf["lm_head.weight"]
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    _check_all_read(sd, out)
     return out
+
+
+def _check_all_read(sd: _Reads, out: dict[str, torch.Tensor]) -> None:
+    """A weight the config has no place for (config.json says fewer layers than the weights hold) is an error,
+    not silently dropped. A tied checkpoint may carry the output head as a copy of the embedding."""
+    unread = sorted(k for k in set(sd) - sd.read if not k.endswith(_BUFFERS))
+    if "lm_head.weight" in unread and torch.equal(sd["lm_head.weight"], out["wte.weight"]):
+        unread.remove("lm_head.weight")
+    if unread:
+        raise ValueError(f"{len(unread)} weight(s) unused by the model config.json describes, e.g. {unread[:3]} "
+                         "(does config.json match the weights?)")
 
 
 def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -169,7 +196,7 @@ def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
 
 
 def _from_llama(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    sd = {k.removeprefix("model."): v for k, v in hf.items()}
+    sd = _Reads({k.removeprefix("model."): v for k, v in hf.items()})
     out = {"wte.weight": sd["embed_tokens.weight"], "norm_f.weight": sd["norm.weight"]}
     for i in range(cfg.n_layer):
         h, p = f"layers.{i}.", f"blocks.{i}."
@@ -180,7 +207,8 @@ def _from_llama(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
         out[p + "mlp.fc.weight"] = torch.cat([sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]])
         out[p + "mlp.proj.weight"] = sd[h + "mlp.down_proj.weight"]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = hf["lm_head.weight"]
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    _check_all_read(sd, out)
     return out
 
 
@@ -209,7 +237,13 @@ def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # (AttributeError: not an object)
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object: tensor -> file)")
+        files = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -229,7 +263,19 @@ def load_hf(directory: str | Path, device="cpu", dtype=torch.float32, **override
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    cfg = config_from_hf(json.loads(cfg_path.read_text()), **overrides)
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({getattr(e, 'msg', 'not UTF-8 text')})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: must hold a JSON object")
+    try:
+        cfg = config_from_hf(raw, **overrides)
+    except KeyError as e:
+        raise ValueError(f"{cfg_path}: no field {e.args[0]!r}, which model_type {raw.get('model_type')!r} "
+                         "needs") from None
+    except ValueError as e:  # config_from_hf's and ModelConfig's messages, given the file's full path
+        raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json: ')}") from None
     weights = _read_weights(directory)
     convert = _from_gpt2 if _family(cfg) == "gpt2" else _from_llama
     try:
@@ -237,8 +283,14 @@ def load_hf(directory: str | Path, device="cpu", dtype=torch.float32, **override
     except KeyError as e:
         raise ValueError(f"{directory}: weight {e.args[0]!r} missing from the safetensors files "
                          f"(does config.json match the weights?)") from None
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
     model = Transformer(cfg)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # a tensor of another shape than config.json gives it (vocab_size, widths)
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise ValueError(f"{directory}: the weights do not match config.json ({detail})") from None
     return model.to(device=device, dtype=dtype)
 
 

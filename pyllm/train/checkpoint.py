@@ -8,13 +8,15 @@ Layout under ``<out_dir>/checkpoints``::
                                         e.g. an RL rollout buffer)
                     manifest.json       format, step, sha256 + size of each file, JSON state (data
                                         position with {"__tensor__": name} in place of each of its
-                                        tensors, Python/NumPy RNG, config, metrics)
+                                        tensors, Python/NumPy RNG, config, metrics), and the sha256
+                                        of all that (its canonical JSON), so the manifest checks itself
     best/           a copy (hard links) of the checkpoint with the best evaluation metric
 
 A checkpoint is written into a temporary directory and renamed into place only when complete, so a
-crash never leaves a half-written ``step_*``. On load every file is checked against the manifest; a
-truncated or corrupted checkpoint is named in a warning and the previous valid one is used.
-Tensors in the batch source's state are checksummed with state.safetensors like every other tensor.
+crash never leaves a half-written ``step_*``. On load the manifest is checked against its own hash
+and its structure, every file against the manifest; a truncated or corrupted checkpoint is named in
+a warning and the previous valid one is used. Tensors in the batch source's state are checksummed
+with state.safetensors like every other tensor.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import warnings
 from pathlib import Path
@@ -30,8 +33,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT = "pyllm-checkpoint-v1"
+FORMAT = "pyllm-checkpoint-v2"
+LEGACY_FORMAT = "pyllm-checkpoint-v1"  # no manifest hash: still read, with the structural checks only
 MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "state.safetensors")
+MANIFEST_KEYS = {"format", "step", "files", "meta"}  # v2 adds "sha256"
+META_KEYS = ("data", "best", "rng_python", "rng_numpy")  # what resume reads beyond "config" and "run"
 TENSOR_REF = "__tensor__"
 
 
@@ -53,6 +60,16 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -115,10 +132,12 @@ class CheckpointManager:
         _save_tensors(model_tensors, tmp / "model.safetensors")
         _save_tensors(state_tensors, tmp / "state.safetensors")
         files = {}
-        for name in ("model.safetensors", "state.safetensors"):
+        for name in FILES:
             _fsync(tmp / name)
             files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-        manifest = {"format": FORMAT, "step": step, "files": files, "meta": meta}
+        # hashed as read back (tuples become lists, keys strings), which is what verify() will see
+        manifest = json.loads(json.dumps({"format": FORMAT, "step": step, "files": files, "meta": meta}))
+        manifest["sha256"] = _manifest_hash(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / MANIFEST)
         self._replace(tmp, final)
@@ -148,6 +167,16 @@ class CheckpointManager:
         for old in self.step_dirs()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def remove_stale_temps(self) -> None:
+        """Delete the temporary directories (``.tmp-<name>-<pid>``) of writes that a crash or kill interrupted.
+        One whose process still runs is left alone: it may be a write in progress by another trainer."""
+        if not self.dir.is_dir():
+            return
+        for tmp in self.dir.glob(".tmp-*"):
+            pid = tmp.name.rpartition("-")[2]
+            if tmp.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
+                shutil.rmtree(tmp, ignore_errors=True)
+
     # -------------------------------------------------------------------------------------- read
     def step_dirs(self) -> list[Path]:
         """Completed checkpoint directories, oldest first."""
@@ -168,18 +197,70 @@ class CheckpointManager:
         return None
 
 
+def _manifest_hash(body: dict) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no spaces), its own "sha256" left out."""
+    text = json.dumps({k: v for k, v in body.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_manifest(path: Path):
+    return json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
+
+
 def verify(path: Path) -> str | None:
     """None if the checkpoint at ``path`` is intact, else what is wrong with it."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = _read_manifest(path)
     except FileNotFoundError:
         return f"{MANIFEST} missing"
+    except OSError as e:
+        return f"{MANIFEST} unreadable ({e.strerror})"
+    except UnicodeDecodeError as e:
+        return f"{MANIFEST} is not UTF-8 text (byte {e.start})"
     except json.JSONDecodeError as e:
         return f"{MANIFEST} is not valid JSON ({e.msg})"
-    if manifest.get("format") != FORMAT:
-        return f"{MANIFEST} format {manifest.get('format')!r} is not {FORMAT!r}"
-    for name, info in manifest.get("files", {}).items():
-        f = path / name
+    if not isinstance(manifest, dict):
+        return f"{MANIFEST} holds a JSON {type(manifest).__name__}, not an object"
+    fmt = manifest.get("format")
+    expected = MANIFEST_KEYS | {"sha256"} if fmt == FORMAT else MANIFEST_KEYS if fmt == LEGACY_FORMAT else None
+    if expected is None:
+        return f"{MANIFEST} format {fmt!r} is not {FORMAT!r}"
+    if set(manifest) != expected:
+        return f"{MANIFEST} has the fields {sorted(manifest)}, expected {sorted(expected)}"
+    if fmt == FORMAT and manifest["sha256"] != _manifest_hash(manifest):
+        return f"{MANIFEST} does not match its own sha256 (its content was altered)"
+    return _check_structure(path, manifest) or _check_files(path, manifest["files"])
+
+
+def _check_structure(path: Path, manifest: dict) -> str | None:
+    """What resume would trip over: the step against the directory name, the fields it reads, the RNG states
+    (set on throwaway generators here, so a damaged one is found before anything is loaded)."""
+    step = manifest["step"]
+    if type(step) is not int or (path.name.startswith("step_") and path.name != step_dir_name(step)):
+        return f"{MANIFEST} step {step!r} does not match the directory name {path.name}"
+    meta = manifest["meta"]
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        return f"{MANIFEST} meta lacks one of the fields {list(META_KEYS)}"
+    if not isinstance(meta["data"], list) or not meta["data"]:
+        return f"{MANIFEST} meta.data is not a list of data positions"
+    if meta["best"] is not None and type(meta["best"]) not in (int, float):
+        return f"{MANIFEST} meta.best {meta['best']!r} is not a number"
+    try:
+        random.Random().setstate(tuple(tuple(x) if isinstance(x, list) else x for x in meta["rng_python"]))
+        kind, keys, *rest = meta["rng_numpy"]
+        np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    except (TypeError, ValueError, OverflowError) as e:
+        return f"{MANIFEST} has an unusable RNG state ({e})"
+    return None
+
+
+def _check_files(path: Path, files) -> str | None:
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        return f"{MANIFEST} lists the files {sorted(files) if isinstance(files, dict) else files!r}, not {list(FILES)}"
+    for name in FILES:
+        info, f = files[name], path / name
+        if not isinstance(info, dict) or type(info.get("bytes")) is not int or not isinstance(info.get("sha256"), str):
+            return f"{MANIFEST} entry of {name} lacks its bytes or sha256"
         if not f.is_file():
             return f"{name} missing"
         if f.stat().st_size != info["bytes"]:
@@ -191,8 +272,7 @@ def verify(path: Path) -> str | None:
 
 def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """(model tensors, state tensors, manifest) of a verified checkpoint."""
-    manifest = json.loads((path / MANIFEST).read_text())
-    return load_file(str(path / "model.safetensors")), load_file(str(path / "state.safetensors")), manifest
+    return load_file(str(path / "model.safetensors")), load_file(str(path / "state.safetensors")), _read_manifest(path)
 
 
 def check_shapes(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, tuple]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +101,7 @@ class TrainConfig:
     distributed: str = "auto"
     """"none", "ddp", "fsdp" (FSDP2 fully_shard per block), or "auto" (ddp under torchrun)."""
     seed: int = 1337
-    """Seeds initialisation and data sampling; equal seeds give equal runs."""
+    """Seeds initialisation and data sampling; equal seeds give equal runs. In [0, 2**63)."""
     threads: int | None = None
     """CPU intra-op threads for train(cfg) (torch.set_num_threads); None keeps torch's default. On a
     loaded machine 1 can be much faster for small models."""
@@ -139,7 +140,13 @@ class TrainConfig:
     """kg CO2 per kWh for the energy report (0.4 is about the world grid average)."""
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # first: a NaN fails every comparison below with a misleading message
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"TrainConfig: {f.name}={value} must be a finite number")
         checks = [
+            (self.data.strip() != "",
+             f"data={self.data!r} is empty: give a text file, a folder, a token-shard directory or 'builtin'"),
             (self.tokenizer in ("char", "byte"), f"tokenizer={self.tokenizer!r}: use 'char' or 'byte'"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be in (0, 1)"),
             (self.seq_len > 0, f"seq_len={self.seq_len} must be positive"),
@@ -155,6 +162,7 @@ class TrainConfig:
             (0.0 < self.decay_fraction <= 1.0, f"decay_fraction={self.decay_fraction} must be in (0, 1]"),
             (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas ({self.beta1}, {self.beta2}) must be in [0, 1)"),
+            (self.eps > 0, f"eps={self.eps} must be positive"),
             (self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)"),
             (self.precision in PRECISIONS, f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}"),
             (not self.master_weights or self.precision != "fp32",
@@ -163,16 +171,21 @@ class TrainConfig:
              "loss scaler needs init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1"),
             (self.growth_interval > 0, f"growth_interval={self.growth_interval} must be positive"),
             (self.distributed in DISTRIBUTED, f"distributed={self.distributed!r}: use one of {', '.join(DISTRIBUTED)}"),
+            (0 <= self.seed < 2 ** 63, f"seed={self.seed} must be in [0, 2**63)"),
             (self.eval_every >= 0 and self.ckpt_every >= 0, "eval_every and ckpt_every must be >= 0"),
             (self.eval_batches > 0, f"eval_batches={self.eval_batches} must be positive"),
             (self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1"),
             (self.log_every > 0, f"log_every={self.log_every} must be positive"),
             (self.threads is None or self.threads > 0, f"threads={self.threads} must be positive (or None)"),
             (self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops={self.peak_tflops} must be positive"),
+            (self.carbon_intensity >= 0, f"carbon_intensity={self.carbon_intensity} must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"TrainConfig: {msg}")
+        problem = _device_problem(self.device)
+        if problem:
+            raise ConfigError(f"TrainConfig: {problem}")
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for key in self.model:
             if key not in model_fields:
@@ -201,6 +214,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``name`` cannot be this machine's training device (None: it can)."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return f"device={name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"device={name!r} but this machine has no usable CUDA device; use 'cpu' or 'auto'"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
 
 
 def _suggest(key: str, valid, prefix: str = "") -> str:

@@ -38,6 +38,12 @@ def builtin_text() -> str:
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
 
 
+def data_identity(spec: str) -> str:
+    """What names the data of a run: the absolute path (``text.txt``, ``./text.txt`` and its full path are
+    one file; ``text.txt`` from another directory is another), or "builtin" as it is."""
+    return spec if spec == BUILTIN else str(Path(spec).resolve())
+
+
 def read_documents(path: str) -> list[str]:
     """The documents of ``path``: one per text file (a folder is read recursively, sorted by path)."""
     if path == BUILTIN:
@@ -107,7 +113,8 @@ class RandomWindows:
         while count > 0:
             chunk, offset = divmod(first, self.CHUNK)
             if self._chunk_id != chunk:
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
+                # mod 2**64: manual_seed takes a uint64 (seeds whose product fitted keep their streams)
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + chunk) % 2 ** 64)
                 self._chunk = torch.randint(len(self.tokens) - self.seq_len - 1, (self.CHUNK,), generator=gen).numpy()
                 self._chunk_id = chunk
             take = min(count, self.CHUNK - offset)

@@ -136,7 +136,11 @@ def _nvml_handle(pynvml, cuda_index: int):
 
 
 class MetricsLog:
-    """JSONL records (and TensorBoard scalars) from rank 0; a tqdm bar with loss, tokens/s and ETA."""
+    """JSONL records (and TensorBoard scalars) from rank 0; a tqdm bar with loss, tokens/s and ETA.
+
+    Training continues from ``start_step`` (a checkpoint's, or 0): the records of later steps in an existing
+    metrics.jsonl describe work that is about to be redone, so they are dropped, and every step keeps one
+    record of each kind."""
 
     def __init__(self, out_dir: Path, enabled: bool, progress: bool, tensorboard: bool, total_steps: int,
                  start_step: int):
@@ -147,6 +151,7 @@ class MetricsLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(out_dir / "metrics.jsonl", start_step)
         self.file = open(out_dir / "metrics.jsonl", "a")
         if progress:
             from tqdm import tqdm
@@ -196,3 +201,24 @@ class MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (atomically) without the records of steps after ``step``, and without a last line cut
+    short by a kill."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep == lines:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)

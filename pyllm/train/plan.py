@@ -23,6 +23,7 @@ from pyllm.model import ModelConfig
 from pyllm.model.flops import PEAK_FLOPS, param_counts
 
 TOKENS_PER_PARAM = 20.0
+MAX_LAYERS, MAX_WIDTH = 128, 16384  # the largest shape model_shape considers (about 413B parameters)
 
 # device -> (PEAK_FLOPS key, board power in W (the data sheet's max TDP), assumed on-demand $/device-hour)
 DEVICES = {
@@ -74,8 +75,8 @@ def model_shape(n_params: float, vocab_size: int, seq_len: int) -> dict:
     """The GPT-2-style shape (d_model a multiple of 64, head dim 64, aspect d_model / n_layer near 64,
     as GPT-2 small's 768 / 12) whose parameter count is closest to ``n_params``."""
     best = None
-    for n_layer in range(1, 129):
-        for d_model in range(64, 16385, 64):
+    for n_layer in range(1, MAX_LAYERS + 1):
+        for d_model in range(64, MAX_WIDTH + 1, 64):
             cfg = ModelConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=d_model // 64, d_model=d_model,
                               max_seq_len=seq_len)
             n = param_counts(cfg).total
@@ -86,6 +87,9 @@ def model_shape(n_params: float, vocab_size: int, seq_len: int) -> dict:
                 best = (score, {"n_layer": n_layer, "d_model": d_model, "n_head": d_model // 64, "params": n})
     if best is None:
         raise PlanError(f"no GPT-style shape has about {n_params:.3g} parameters (vocab {vocab_size} alone is more)")
+    if best[1]["params"] < n_params / 1.5:  # the grid's largest shape is far smaller than asked for
+        raise PlanError(f"{n_params:.3g} parameters is beyond the largest shape considered ({MAX_LAYERS} layers x "
+                        f"width {MAX_WIDTH}: {best[1]['params']:.3g}); ask for fewer parameters")
     return best[1]
 
 
@@ -98,14 +102,26 @@ def make_plan(*, params: float | None = None, tokens: float | None = None, flops
     given = [k for k, v in budgets if v is not None]
     if len(given) != 1:
         raise PlanError(f"give exactly one of --params, --tokens, --flops, --hours (got {', '.join(given) or 'none'})")
+    numbers = (*budgets, ("mfu", mfu), ("peak-tflops", peak_tflops), ("power-w", power_w), ("price", price),
+               ("carbon-intensity", carbon_intensity))
+    for name, value in numbers:
+        if value is not None and not math.isfinite(value):
+            raise PlanError(f"--{name} must be a finite number (got {value})")
     if not next(v for _, v in budgets if v is not None) > 0:
         raise PlanError(f"--{given[0]} must be positive")
+    if peak_tflops is not None and peak_tflops <= 0:
+        raise PlanError(f"--peak-tflops must be positive (got {peak_tflops})")
+    for name, value in numbers[-3:]:
+        if value is not None and value < 0:
+            raise PlanError(f"--{name} must be >= 0 (got {value})")
+    if vocab_size < 1 or seq_len < 1:
+        raise PlanError(f"--vocab-size ({vocab_size}) and --seq-len ({seq_len}) must be positive")
     if device not in DEVICES and peak_tflops is None:
         raise PlanError(f"unknown device {device!r}; use one of {', '.join(DEVICES)} or give --peak-tflops")
     if not 0 < mfu <= 1 or gpus < 1:
         raise PlanError(f"need 0 < mfu <= 1 (got {mfu}) and gpus >= 1 (got {gpus})")
     key, default_power, default_price = DEVICES.get(device, (None, 0.0, 0.0))
-    peak = peak_tflops * 1e12 if peak_tflops else PEAK_FLOPS[key].get(precision)
+    peak = peak_tflops * 1e12 if peak_tflops is not None else PEAK_FLOPS[key].get(precision)
     if not peak:
         raise PlanError(f"no {precision} peak for {device}; give --peak-tflops")
     throughput = gpus * peak * mfu  # FLOP/s the run sustains

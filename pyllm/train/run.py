@@ -11,7 +11,7 @@ from pyllm.model import Transformer, save_model
 from pyllm.tokenizer import Tokenizer, load_tokenizer
 
 from . import data, distributed
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .trainer import Trainer
 
 
@@ -27,8 +27,8 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int):
         try:
             tokenizer = load_tokenizer(cfg.data)
             train_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, rank=rank, world_size=world_size,
-                                    split="train")
-            val_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, split="val")
+                                    split="train", vocab_size=tokenizer.vocab_size)
+            val_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, split="val", vocab_size=tokenizer.vocab_size)
         except (ValueError, FileNotFoundError) as e:
             raise data.DataError(str(e)) from None
         return tokenizer, train_src, [val_src.next_batch() for _ in range(n_val)]
@@ -40,6 +40,9 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int):
     train_src = data.RandomWindows(train_tokens, cfg.seq_len, micro, cfg.seed, rank, world_size)
     val_batches = data.fixed_batches(val_tokens, cfg.seq_len, micro, n_val, cfg.seed)
     return tokenizer, train_src, val_batches
+
+
+VAL_METRICS = ("val_loss",)  # what val_loss_fn's evaluation returns
 
 
 def val_loss_fn(val_batches: list[dict], rank: int = 0, world_size: int = 1):
@@ -56,7 +59,7 @@ def val_loss_fn(val_batches: list[dict], rank: int = 0, world_size: int = 1):
         for b in val_batches[rank::world_size]:
             total += model.loss(b["input_ids"].to(device), b["targets"].to(device), doc_ids=b.get("doc_ids")).float()
         distributed.all_reduce_(total, "sum", distributed.DistInfo(rank, world_size))
-        return {"val_loss": (total / len(val_batches)).item()}
+        return {VAL_METRICS[0]: (total / len(val_batches)).item()}
 
     return evaluate
 
@@ -73,6 +76,9 @@ def export(trainer: Trainer, directory: Path, tokenizer: Tokenizer | None) -> No
 
 def train(cfg: TrainConfig) -> dict:
     """Train a model as ``cfg`` says; returns the Trainer's summary plus ``model_dir``."""
+    if cfg.best_metric not in VAL_METRICS:  # found now, not at the first evaluation
+        raise ConfigError(f"TrainConfig: best_metric={cfg.best_metric!r} is not a metric train() evaluates; "
+                          f"use one of {', '.join(VAL_METRICS)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = distributed.setup_for(cfg.device)

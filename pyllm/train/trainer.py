@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 from pyllm.model import ModelConfig
 from pyllm.model.flops import flops_per_token
 
-from . import checkpoint, distributed, host_memory
+from . import checkpoint, data, distributed, host_memory
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, TrainConfig
 from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb, warn_if_emulated
@@ -65,14 +66,15 @@ class Trainer:
     -> dict`` runs every ``cfg.eval_every`` steps and at the end (in eval mode, without gradients).
 
     ``run`` names what defines the run (a post-training stage: its name, start model and data; default:
-    ``cfg.data`` and ``cfg.tokenizer``). It is saved in every checkpoint, and a checkpoint of another run
-    (one of these differs) is refused on resume: its tensors may well fit this model.
+    ``cfg.data`` as an absolute path, and ``cfg.tokenizer``). It is saved in every checkpoint, and a checkpoint
+    of another run (one of these differs) is refused on resume: its tensors may well fit this model.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, batches, loss_fn: LossFn | None = None,
                  eval_fn: Callable[[nn.Module], dict] | None = None, run: dict | None = None):
         self.cfg, self.batches, self.eval_fn = cfg, batches, eval_fn
-        self.run = run if run is not None else {"data": cfg.data, "tokenizer": cfg.tokenizer}
+        self.own_run = run is None  # the default identity, whose data is a path
+        self.run = run if run is not None else {"data": data.data_identity(cfg.data), "tokenizer": cfg.tokenizer}
         self.dist = distributed.setup_for(cfg.device)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.device.type == "cuda":
@@ -107,6 +109,7 @@ class Trainer:
         self.best = math.inf
         self.history: list[dict] = []  # the logged records, in order
         self.last_eval: dict = {}
+        self._best_metric_checked = False
 
     # ----------------------------------------------------------------------------------- one step
     def autocast(self):
@@ -186,6 +189,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train to cfg.max_steps (resuming from out_dir when cfg.resume); returns the run summary."""
         cfg = self.cfg
+        if self.dist.is_main:
+            self.ckpt.remove_stale_temps()
         resumed = self.resume() if cfg.resume else None
         start_step = self.step
         log = MetricsLog(self.out_dir, self.dist.is_main, cfg.progress, cfg.tensorboard, cfg.max_steps, start_step)
@@ -289,6 +294,13 @@ class Trainer:
                 self.wrapped.reshard()
             self.model.train()
         self.last_eval = metrics
+        # the default name is pretraining's; post-training stages evaluate other metrics and keep no best
+        if not self._best_metric_checked and self.cfg.best_metric not in metrics \
+                and self.cfg.best_metric != TrainConfig.best_metric and self.dist.is_main:
+            warnings.warn(f"best_metric={self.cfg.best_metric!r} is not among the evaluation metrics "
+                          f"({', '.join(metrics) or 'none'}): no best checkpoint is kept; use one of them",
+                          RuntimeWarning, stacklevel=2)
+        self._best_metric_checked = True
         return metrics
 
     # ---------------------------------------------------------------------------------- checkpoints
@@ -336,6 +348,8 @@ class Trainer:
             return None
         model_t, state_t, manifest = checkpoint.load(path)
         self._check_same_run(path, manifest["meta"])
+        if self.dist.is_main:
+            self._warn_config_changes(path, manifest["meta"].get("config"))
         own = self.model.state_dict()
         checkpoint.check_shapes(path, model_t, {k: tuple(v.shape) for k, v in own.items()})
         for k, v in own.items():
@@ -373,14 +387,45 @@ class Trainer:
 
     def _check_same_run(self, path: Path, meta: dict) -> None:
         """Refuse a checkpoint written by another run in this out_dir (another stage, start model or data)."""
-        saved = meta.get("run", {})  # (none in a checkpoint of an older pyllm: nothing to compare)
+        saved = dict(meta.get("run", {}))  # (none in a checkpoint of an older pyllm: nothing to compare)
+        if self.own_run and "data" in saved:  # older checkpoints hold the path as typed
+            saved["data"] = data.data_identity(saved["data"])
         differ = [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in self.run.items() if k in saved and saved[k] != v]
         if differ:
             raise CheckpointError(f"out_dir {str(self.out_dir)!r} holds a checkpoint of another run ({path.name}: "
                                   f"{', '.join(differ)}); give this run a fresh --out_dir, or delete "
                                   f"{path.parent} to start over")
 
+    # not warned of on resume: fields that change neither the weights nor the data order, and those
+    # _check_same_run compares (data, tokenizer)
+    UNWARNED = {"out_dir", "resume", "progress", "tensorboard", "log_every", "ckpt_every", "keep_last", "threads",
+                "keep_host_memory", "peak_tflops", "carbon_intensity", "eval_every", "eval_batches", "best_metric",
+                "data", "tokenizer"}
+
+    def _warn_config_changes(self, path: Path, saved: dict | None) -> None:
+        """One warning line listing the settings that differ from the checkpoint's (a longer max_steps
+        stretches the schedule: the lr jumps): allowed, but the user should know."""
+        if not isinstance(saved, dict):
+            return
+        old, new = _flatten(saved), _flatten(self.cfg.to_dict())
+        changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                   if k.split(".")[0] not in self.UNWARNED and old.get(k) != new.get(k)]
+        if changed:
+            warnings.warn(f"resuming from {path} with settings that differ from its run: {'; '.join(changed)}",
+                          RuntimeWarning, stacklevel=3)
+
     # ------------------------------------------------------------------------------------- export
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's unsharded weights (every rank must call this under FSDP)."""
         return distributed.full_tensors(self.model.state_dict())
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """{"model": {"n_layer": 2}} -> {"model.n_layer": 2}"""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

@@ -186,3 +186,41 @@ def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
     assert [auto.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS] == [tok.token_id(s) for s in SPECIAL_TOKENS]
     assert auto.eos_token_id == tok.eos_id
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)  # pyllm still reads its own kind
+
+
+def test_weights_config_json_has_no_place_for_are_an_error(tmp_path):
+    """config.json saying 1 layer of weights that hold 2: the second layer was silently dropped."""
+    hf_gpt2().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))
+    with pytest.raises(ValueError, match=r"12 weight\(s\) unused by the model config.json describes, e.g. "
+                                         r"\['h.1.attn.c_attn.bias'"):
+        load_hf(tmp_path)
+
+
+def _edit_json(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+DAMAGED_HF = {
+    "no vocab_size": (lambda d: _edit_json(d / "config.json", lambda c: c.pop("vocab_size")),
+                      r"config.json: no field 'vocab_size', which model_type 'gpt2' needs"),
+    "n_layer a string": (lambda d: _edit_json(d / "config.json", lambda c: c.update(n_layer="2")),
+                         r"config.json: ModelConfig: n_layer='2' must be an integer"),
+    "wrong vocab_size": (lambda d: _edit_json(d / "config.json", lambda c: c.update(vocab_size=50)),
+                         r": the weights do not match config.json \(size mismatch for wte.weight"),
+    "index without weight_map": (lambda d: (d / "model.safetensors.index.json").write_text("{}"),
+                                 r"model.safetensors.index.json: not a safetensors index"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_HF)
+def test_damaged_hf_directories_are_one_line_errors_naming_the_file(tmp_path, damage):
+    hf_gpt2().save_pretrained(tmp_path)
+    mutate, message = DAMAGED_HF[damage]
+    mutate(tmp_path)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}.*{message}") as e:
+        load_hf(tmp_path)
+    assert "\n" not in str(e.value)

@@ -86,6 +86,20 @@ def test_no_weight_decay_on_norms_biases_embeddings(tmp_path):
     (["--model.n_head", "3"], "TrainConfig: model: ModelConfig: d_model=128 must be a positive multiple of n_head=3"),
     (["--model.norm", "batchnorm"], "TrainConfig: model: ModelConfig: norm='batchnorm': use 'layernorm' or 'rmsnorm'"),
     (["--out_dir", "{tmp}/empty.txt/run"], "TrainConfig: out_dir='{tmp}/empty.txt/run' cannot be created"),
+    # each was a traceback, or a run that trained to NaN or on the wrong data
+    (["--data", ""], "TrainConfig: data='' is empty: give a text file, a folder, a token-shard directory or 'builtin'"),
+    (["--model.n_head", "0"], "TrainConfig: model: ModelConfig: n_head=0 must be positive"),
+    (["--model.d_model", "0"], "TrainConfig: model: ModelConfig: d_model=0 must be a positive multiple of n_head=4"),
+    (["--model.d_ff", "0"], "TrainConfig: model: ModelConfig: d_ff=0 must be >= 1"),
+    (["--model.init_std", "-1"], "TrainConfig: model: ModelConfig: init_std=-1.0 must be >= 0"),
+    (["--model.norm_eps", "0"], "TrainConfig: model: ModelConfig: norm_eps=0.0 must be positive"),
+    (["--eps", "nan"], "TrainConfig: eps=nan must be a finite number"),
+    (["--lr", "inf"], "TrainConfig: lr=inf must be a finite number"),
+    (["--seed", str(2 ** 64)], f"TrainConfig: seed={2 ** 64} must be in [0, 2**63)"),
+    (["--device", "gpu"], "TrainConfig: device='gpu': use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["--device", "cuda:abc"], "TrainConfig: device='cuda:abc': use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["--best_metric", "val_los"], "TrainConfig: best_metric='val_los' is not a metric train() evaluates; use one "
+                                   "of val_loss"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("  \n")
@@ -111,3 +125,18 @@ def test_cpu_preset_uses_bf16_only_with_native_bf16(monkeypatch, native):
     monkeypatch.setattr("pyllm.train.config.cpu_has_native_bf16", lambda: native)
     assert preset("shakespeare_char_cpu").precision == ("bf16" if native else "fp32")
     assert preset("shakespeare_char_cpu", precision="fp32").precision == "fp32"  # still overridable
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_a_config_error(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda' but this machine has no usable CUDA device; use 'cpu'"):
+        TrainConfig(device="cuda")
+
+
+def test_a_large_seed_draws_windows():
+    """Seeds up to 2**63 (x 1_000_003, the per-chunk generator's seed) overflowed torch's uint64 seed."""
+    from pyllm.train import RandomWindows
+
+    from .helpers import TOKENS
+
+    assert RandomWindows(TOKENS, 16, 2, seed=2 ** 63 - 1).next_batch()["input_ids"].shape == (2, 16)

@@ -31,3 +31,22 @@ def test_bad_plans(capsys):
     assert capsys.readouterr().err.startswith("pyllm plan: error: unknown device 'tpu9'")
     assert main(["--params", "0"]) == 2  # a zero budget is a bad budget, not a missing one
     assert capsys.readouterr().err.startswith("pyllm plan: error: --params must be positive")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--params", "1T"], "1e+12 parameters is beyond the largest shape considered (128 layers x width 16384"),
+    (["--params", "inf"], "--params must be a finite number (got inf)"),
+    (["--hours", "nan"], "--hours must be a finite number (got nan)"),
+    (["--params", "124M", "--vocab-size", "0"], "--vocab-size (0) and --seq-len (1024) must be positive"),
+    (["--params", "124M", "--seq-len", "0"], "--vocab-size (50257) and --seq-len (0) must be positive"),
+    (["--params", "124M", "--peak-tflops", "0"], "--peak-tflops must be positive (got 0.0)"),
+    (["--params", "124M", "--peak-tflops", "-1"], "--peak-tflops must be positive (got -1.0)"),
+    (["--params", "124M", "--power-w", "-100"], "--power-w must be >= 0 (got -100.0)"),
+    (["--params", "124M", "--price", "nan"], "--price must be a finite number (got nan)"),
+])
+def test_odd_plan_inputs_are_one_line_errors(capsys, args, message):
+    """Each was a silently wrong plan (a 413B shape for 1T, negative hours, $nan, the table's peak for 0) or a
+    traceback (math domain error, ModelConfig)."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyllm plan: error: {message}") and err.count("\n") == 1

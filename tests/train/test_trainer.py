@@ -349,3 +349,64 @@ def test_a_checkpoint_of_another_run_in_the_out_dir_is_refused_in_one_line(tmp_p
     make_trainer(tmp_path / "pre", max_steps=1).fit()
     with pytest.raises(CheckpointError, match=r"tokenizer='char' \(this run: 'byte'\)"):
         make_trainer(tmp_path / "pre", max_steps=2, tokenizer="byte").fit()
+
+
+def test_the_same_data_file_spelled_differently_is_the_same_run(tmp_path, monkeypatch):
+    """--data text.txt, ./text.txt and its absolute path are one file; text.txt from another directory is another."""
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    make_trainer(out, data="text.txt", max_steps=1).fit()
+    assert make_trainer(out, data="./text.txt", max_steps=2).fit()["resumed_from"] == 1
+    assert make_trainer(out, data=str(tmp_path / "text.txt"), max_steps=3).fit()["resumed_from"] == 2
+    monkeypatch.chdir(tmp_path / "other")
+    with pytest.raises(CheckpointError, match=rf"data='{tmp_path}/text.txt' \(this run: '{tmp_path}/other/text.txt'\)"):
+        make_trainer(out, data="text.txt", max_steps=4).fit()
+
+
+def test_a_misspelled_best_metric_is_warned_of_once(tmp_path):
+    t = make_trainer(tmp_path, max_steps=4, eval_every=2, ckpt_every=2, best_metric="val_los",
+                     eval_fn=lambda model: {"val_loss": 1.0, "accuracy": 0.5})
+    with pytest.warns(RuntimeWarning) as caught:
+        t.fit()
+    named = [w for w in caught if "best_metric" in str(w.message)]
+    assert len(named) == 1 and str(named[0].message) == (
+        "best_metric='val_los' is not among the evaluation metrics (val_loss, accuracy): no best checkpoint is kept; "
+        "use one of them")
+
+
+def test_metrics_of_steps_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    """Killed at step 8 with the last checkpoint at step 5: the resumed run redoes 6-8, and metrics.jsonl keeps one
+    record per step (it kept 1..8, 6, 7, 8, 9, 10), also when the kill cut its last line short."""
+    make_trainer(tmp_path, max_steps=8, ckpt_every=5).fit()
+    shutil.rmtree(tmp_path / "checkpoints" / step_dir_name(8))  # as if killed just before writing it
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    make_trainer(tmp_path, max_steps=10, ckpt_every=5).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+
+
+def test_stale_temporary_checkpoint_directories_are_removed(tmp_path):
+    """A write interrupted by a kill leaves .tmp-step_*-<pid>: removed at the next start unless its process lives."""
+    import os
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ckpts = tmp_path / "checkpoints"
+    stale, live = ckpts / f".tmp-{step_dir_name(3)}-{dead.pid}", ckpts / f".tmp-{step_dir_name(3)}-{os.getppid()}"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    make_trainer(tmp_path, max_steps=1).fit()
+    assert not stale.exists() and live.exists()
+
+
+def test_resuming_with_other_settings_names_them_in_one_warning(tmp_path):
+    """A longer max_steps stretches the cosine schedule (the lr jumps on resume): allowed, but said."""
+    make_trainer(tmp_path, max_steps=4, ckpt_every=2).fit()
+    t = make_trainer(tmp_path, max_steps=6, lr=1e-3, keep_last=5)  # keep_last changes nothing trained: not named
+    with pytest.warns(RuntimeWarning, match=rf"^resuming from {tmp_path}/checkpoints/{step_dir_name(4)} with settings "
+                                            r"that differ from its run: lr 0.003 -> 0.001; max_steps 4 -> 6$"):
+        t.resume()
