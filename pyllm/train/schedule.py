@@ -18,7 +18,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "wsd":
-        decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
+        # rounded: int() truncated 0.29 x 100 (28.999...) to a decay one step short
+        decay_start = cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps)
         if step < decay_start:
             return cfg.lr
         progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)

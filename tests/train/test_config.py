@@ -70,6 +70,14 @@ def test_schedules(schedule):
         assert lrs[60] == pytest.approx(0.55)
 
 
+@pytest.mark.parametrize("fraction,max_steps", [(0.29, 100), (0.57, 10000), (0.1, 7)])
+def test_wsd_decays_over_the_stated_fraction(fraction, max_steps):
+    # binary floats: 0.29 x 100 is 28.999..., which int() made a decay of 28 steps
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=max_steps, schedule="wsd", decay_fraction=fraction)
+    decaying = sum(lr_at(cfg, s) < 1.0 for s in range(max_steps))
+    assert decaying == round(fraction * max_steps) - 1  # the first decay step still has the full lr
+
+
 def test_no_weight_decay_on_norms_biases_embeddings(tmp_path):
     t = make_trainer(tmp_path, model=tiny_model())
     decayed = {n for n, d in zip(t.optimizer.names, t.optimizer.decay) if d}
