@@ -5,6 +5,7 @@ dependencies never slow down or break another's."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,11 @@ COMMANDS = {
     "eval": ("pyllm.eval.cli", "evaluate a checkpoint (perplexity, bits-per-byte, tasks)"),
     "bench": ("pyllm.benchmarks.__main__", "run the benchmark suite"),
 }
+
+# what running an interrupted command again does
+RESUMES = {**{stage: "resumes from its last checkpoint" for stage in ("train", "sft", "rm", "dpo", "ppo", "grpo")},
+           "pipeline": "skips the finished stages and resumes the interrupted one",
+           "data": "skips the finished stages"}
 
 
 def usage() -> str:
@@ -65,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         # post-training stages share one module; it learns which stage from the command name
         result = module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
+        resume = RESUMES.get(name, "")
+        print(f"pyllm {name}: interrupted" + (f"; running the same command again {resume}" if resume else ""),
+              file=sys.stderr)
+        return 130  # the shell's code for SIGINT
+    except BrokenPipeError:  # the reader went away (pyllm plan | head -1): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 141  # the shell's code for SIGPIPE
     finally:
         warnings.formatwarning = previous
     return int(result or 0)  # a main that returns None succeeded

@@ -60,3 +60,26 @@ def test_pyllm_warnings_are_one_line_naming_the_command(tmp_path):
     assert fmt("m", UserWarning, cli.__file__, 1) == "pyllm eval: warning: m\n"
     other = ("m", UserWarning, "/elsewhere/lib.py", 7)
     assert fmt(*other) == warnings.formatwarning(*other)
+
+
+def test_interrupt_and_closed_pipe_end_in_one_line(monkeypatch, capsys):
+    import subprocess
+    import sys
+    import types
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    fake = types.ModuleType("pyllm.train.cli")
+    fake.main = interrupted
+    monkeypatch.setitem(sys.modules, "pyllm.train.cli", fake)
+    assert cli.main(["train"]) == 130
+    want = "pyllm train: interrupted; running the same command again resumes from its last checkpoint\n"
+    assert capsys.readouterr().err == want
+
+    # a reader that closes the pipe early (pyllm plan | head -1): no BrokenPipeError traceback
+    script = "import sys; from pyllm.cli import main; sys.exit(main(['plan', '--params', '10M']))"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before anything is read
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
