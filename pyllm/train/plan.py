@@ -56,9 +56,11 @@ class Plan:
     mfu: float
     hours: float
     """Wall-clock estimate: C / (gpus x peak x mfu)."""
-    energy_kwh: float
-    cost_usd: float
-    co2_kg: float
+    energy_kwh: float | None
+    """None for a device of unknown power (no --power-w)."""
+    cost_usd: float | None
+    """None for a device of unknown price (no --price)."""
+    co2_kg: float | None
 
 
 def parse_count(text: str) -> float:
@@ -120,7 +122,7 @@ def make_plan(*, params: float | None = None, tokens: float | None = None, flops
         raise PlanError(f"unknown device {device!r}; use one of {', '.join(DEVICES)} or give --peak-tflops")
     if not 0 < mfu <= 1 or gpus < 1:
         raise PlanError(f"need 0 < mfu <= 1 (got {mfu}) and gpus >= 1 (got {gpus})")
-    key, default_power, default_price = DEVICES.get(device, (None, 0.0, 0.0))
+    key, default_power, default_price = DEVICES.get(device, (None, None, None))  # unknown: not a guess of 0
     peak = peak_tflops * 1e12 if peak_tflops is not None else PEAK_FLOPS[key].get(precision)
     if not peak:
         raise PlanError(f"no {precision} peak for {device}; give --peak-tflops")
@@ -134,11 +136,13 @@ def make_plan(*, params: float | None = None, tokens: float | None = None, flops
     tokens = tokens or TOKENS_PER_PARAM * params
     flops = 6 * params * tokens
     run_hours = flops / throughput / 3600
-    kwh = gpus * (power_w if power_w is not None else default_power) * run_hours / 1000
+    power = power_w if power_w is not None else default_power
+    price = price if price is not None else default_price
+    kwh = gpus * power * run_hours / 1000 if power is not None else None
     return Plan(params=params, tokens=tokens, flops=flops, model=model_shape(params, vocab_size, seq_len),
                 device=device, gpus=gpus, mfu=mfu, hours=run_hours, energy_kwh=kwh,
-                cost_usd=gpus * run_hours * (price if price is not None else default_price),
-                co2_kg=kwh * carbon_intensity)
+                cost_usd=gpus * run_hours * price if price is not None else None,
+                co2_kg=kwh * carbon_intensity if kwh is not None else None)
 
 
 def format_plan(p: Plan) -> str:
@@ -149,7 +153,9 @@ def format_plan(p: Plan) -> str:
         f"data:    {p.tokens / 1e9:,.3f}B tokens ({p.tokens / p.params:.0f} per parameter)",
         f"compute: {p.flops:.3e} FLOPs (6 N D)",
         f"time:    {p.hours:,.2f} h on {p.gpus} x {p.device} at {p.mfu:.0%} MFU (estimate)",
-        f"energy:  {p.energy_kwh:,.1f} kWh, ~{p.co2_kg:,.1f} kg CO2; cost ~${p.cost_usd:,.0f} (assumed prices)",
+        "energy:  " + (f"{p.energy_kwh:,.1f} kWh, ~{p.co2_kg:,.1f} kg CO2" if p.energy_kwh is not None
+                       else "unknown for this device (give --power-w)")
+        + "; cost " + (f"~${p.cost_usd:,.0f} (assumed prices)" if p.cost_usd is not None else "unknown (give --price)"),
     ])
 
 

@@ -50,3 +50,13 @@ def test_odd_plan_inputs_are_one_line_errors(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pyllm plan: error: {message}") and err.count("\n") == 1
+
+
+def test_unknown_device_energy_and_cost_are_unknown_not_zero(capsys):
+    # a device outside the table with only its peak given: power and price are not guessed as 0
+    assert main(["--params", "10M", "--device", "my-npu", "--peak-tflops", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "energy:  unknown for this device (give --power-w); cost unknown (give --price)" in out, out
+    assert main(["--params", "10M", "--device", "my-npu", "--peak-tflops", "100", "--power-w", "500",
+                      "--price", "2"]) == 0
+    assert "kWh" in capsys.readouterr().out
