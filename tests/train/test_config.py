@@ -148,3 +148,13 @@ def test_a_large_seed_draws_windows():
     from .helpers import TOKENS
 
     assert RandomWindows(TOKENS, 16, 2, seed=2 ** 63 - 1).next_batch()["input_ids"].shape == (2, 16)
+
+
+@pytest.mark.parametrize("field,value,kind", [("max_steps", 2.5, "an integer"), ("lr", "1e-3", "a number"),
+                                              ("compile", 1, "a boolean"), ("micro_batch_size", 2.0, "an integer"),
+                                              ("data", None, "a string")])
+def test_python_api_values_of_the_wrong_type_are_one_line_errors(field, value, kind):
+    # the CLI parses each value by its field's type; the Python API takes what it is given
+    with pytest.raises(ConfigError, match=f"TrainConfig: {field}={value!r} must be {kind}"):
+        TrainConfig(**{field: value})
+    assert TrainConfig(lr=1, warmup_steps=0, micro_batch_size=None).lr == 1  # an int is a number; None fits Optional
