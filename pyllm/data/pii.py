@@ -6,14 +6,17 @@ validity check:
 
 - credit cards: 13-19 digits in one of the usual groupings, a known issuer prefix and the Luhn checksum;
 - IP addresses: parsed by ``ipaddress``; by default only globally routable addresses are redacted
-  (``127.0.0.1``, ``192.168.x.x`` and documentation ranges in examples are not personal); a dotted
-  quad right after "version"/"v"/"release"/"section", or made of four single digits, is read as a
-  version or section number, not an address;
+  (``127.0.0.1``, ``192.168.x.x`` and documentation ranges in examples are not personal). A dotted quad
+  is read as a version or section number, not an address, when it is made of four single digits, or
+  follows a keyword ("version", "v", "release", "build", "rev", "section"..., also with "=" or ":") or a
+  package name with a specifier or a hyphen ("numpy==1.26.4.1", "numpy-1.26.4.1.tar.gz"). After a plain
+  word and a space ("numpy 1.26.4.1", "AWS 3.15.20.7") it stays an address: recall comes first;
 - US social security numbers: ``ddd-dd-dddd`` outside the ranges the SSA never issues (000, 666, 9xx,
   group 00, serial 0000);
 - phone numbers: North-American ``(ddd) ddd-dddd`` / ``ddd-ddd-dddd`` forms or ``+`` international
   numbers with 8-15 digits, never inside a longer run of digits or dots (versions, dates, decimals);
-- e-mail addresses (documentation domains such as example.com are kept);
+- e-mail addresses (documentation domains such as example.com are kept, and so is the "git@host" of an
+  SSH remote such as ``git@github.com:user/repo.git``, a service account, not a person);
 - secrets: AWS access key ids and secret keys, GitHub and Slack tokens, PEM private-key blocks.
 
 Dates (2024-01-31, 31/01/2024), versions (3.11.7, v1.2.3.4), times, hex constants and plain integers
@@ -53,7 +56,13 @@ _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25
                    r"(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
                    r"(?![\w:]|\.\d)")
-_VERSION_BEFORE = re.compile(r"(?i)\b(?:version|release|ver\.?|python|v|sections?|chapter|§)\s*[\"'(]?$")
+# what makes a dotted quad right after it a version: a keyword, or a package name joined to it by a version
+# specifier or a hyphen (an sdist or wheel file name)
+_VERSION_BEFORE = re.compile(
+    r"(?i)(?:\b(?:versions?|releases?|ver\.?|builds?|rev(?:ision)?|patch|python|v|sections?|chapter)|§)"
+    r"\s*[=:]?\s*[\"'(]?$|[A-Za-z][\w.-]*(?:[=!<>~]=|-)$")
+# "git@github.com:user/repo.git", "ssh://git@host/path": the service account of an SSH remote
+_SSH_PATH_AFTER = re.compile(r"[:/][\w~.-]")
 _CARD_GROUPING = re.compile(r"\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5}|\d{13,19}")
 # issuer prefixes: Visa, Mastercard, Amex, Discover, Diners, JCB, UnionPay/Maestro
 _CARD_PREFIX = re.compile(r"4|5[1-5]|2[2-7]|3[47]|6(?:011|5|4[4-9]|2)|3(?:0[0-5]|[689])|35")
@@ -102,11 +111,16 @@ def _ipv6_plausible(candidate: str) -> bool:
 
 
 def _ipv4_plausible(m: re.Match) -> bool:
-    # "version 1.2.3.4", "section 8.2.4.44" and four single-digit parts ("1.5.2.1", "7.1.0.0") are
-    # versions or section numbers far more often than addresses
-    if _VERSION_BEFORE.search(m.string, max(0, m.start() - 12), m.start()):
+    # "version 1.2.3.4", "section 8.2.4.44", "numpy==1.26.4.1" and four single-digit parts ("1.5.2.1",
+    # "7.1.0.0") are versions or section numbers far more often than addresses
+    if _VERSION_BEFORE.search(m.string, max(0, m.start() - 40), m.start()):
         return False
     return not all(len(part) == 1 for part in m.group(0).split("."))
+
+
+def _email_redactable(m: re.Match, cfg: PIIConfig) -> bool:
+    ssh_remote = m.group(0).startswith("git@") and _SSH_PATH_AFTER.match(m.string, m.end()) is not None
+    return m.group(1).lower() not in cfg.keep_email_domains and not ssh_remote
 
 
 def _ip_redactable(candidate: str, cfg: PIIConfig) -> bool:
@@ -157,8 +171,7 @@ class PIIRedactor:
         text = self._sub(_AWS_SECRET_KEY, "AWS_SECRET_KEY", text, group=2)
         text = self._sub(_GITHUB_TOKEN, "GITHUB_TOKEN", text)
         text = self._sub(_SLACK_TOKEN, "SLACK_TOKEN", text)
-        text = self._sub(_EMAIL, "EMAIL", text,
-                         accept=lambda m: m.group(1).lower() not in cfg.keep_email_domains)
+        text = self._sub(_EMAIL, "EMAIL", text, accept=lambda m: _email_redactable(m, cfg))
         text = self._sub(_CARD, "CREDIT_CARD", text, accept=lambda m: _is_card(m.group(0)))
         text = self._sub(_SSN, "US_SSN", text)
         text = self._sub(_PHONE_NA, "PHONE", text)
@@ -166,7 +179,8 @@ class PIIRedactor:
                          accept=lambda m: 8 <= sum(c.isdigit() for c in m.group(0)) <= 15)
         text = self._sub(_IPV4, "IP_ADDRESS", text,
                          accept=lambda m: _ipv4_plausible(m) and _ip_redactable(m.group(0), cfg))
-        text = self._sub(_IPV6, "IP_ADDRESS", text, accept=lambda m: _ipv6_plausible(m.group(0)) and _ip_redactable(m.group(0), cfg))
+        text = self._sub(_IPV6, "IP_ADDRESS", text,
+                         accept=lambda m: _ipv6_plausible(m.group(0)) and _ip_redactable(m.group(0), cfg))
         return text
 
 

@@ -15,14 +15,19 @@ is deterministic. Corrupt input is logged in an ``IssueLog`` with file and line 
 kept: each invalid UTF-8 byte becomes ``INVALID_BYTE`` (their count in the document's text travels in
 ``doc.meta["invalid_bytes"]``; the cleaning stage repairs or drops), a truncated gzip keeps what was read
 before the cut, a malformed JSONL line loses only that line, an empty file is noted.
+
+Text is UTF-8, except web pages, which are decoded as a browser decodes them (``html_encoding``): a byte-order
+mark, else the charset of the HTTP ``Content-Type`` header (WARC), else a ``<meta>`` declaration.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -78,18 +83,73 @@ def missing_dependency(package: str, purpose: str) -> ImportError:
 _ESCAPED_BYTES = {c: INVALID_BYTE for c in range(0xDC80, 0xDD00)}  # what "surrogateescape" decodes bytes to
 
 
-def decode_utf8(raw: bytes, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
-    """Decode ``raw`` as UTF-8; each invalid byte becomes ``INVALID_BYTE`` and is counted and logged (first
+def decode_bytes(raw: bytes, encoding: str, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
+    """Decode ``raw``; each byte invalid in ``encoding`` becomes ``INVALID_BYTE`` and is counted and logged (first
     position)."""
     try:
-        return raw.decode("utf-8"), 0
+        return raw.decode(encoding), 0
     except UnicodeDecodeError as e:
         # a noncharacter, not the lone surrogates "surrogateescape" leaves: an HTML extractor stops at those
-        text = raw.decode("utf-8", errors="surrogateescape").translate(_ESCAPED_BYTES)
-        bad = text.count(INVALID_BYTE) - raw.count(INVALID_BYTE.encode())
+        escaped = raw.decode(encoding, errors="surrogateescape")
+        text = escaped.translate(_ESCAPED_BYTES)
+        bad = text.count(INVALID_BYTE) - escaped.count(INVALID_BYTE)
         where = line if line is not None else raw[:e.start].count(b"\n") + 1
-        issues.add(file, where, "invalid_utf8", f"{bad} invalid byte(s) (first at byte {e.start})")
+        kind, named = ("invalid_utf8", "") if encoding == "utf-8" else ("invalid_bytes", f" in {encoding}")
+        issues.add(file, where, kind, f"{bad} invalid byte(s){named} (first at byte {e.start})")
         return text, bad
+
+
+def decode_utf8(raw: bytes, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
+    """``decode_bytes`` in UTF-8, the encoding of every input but web pages."""
+    return decode_bytes(raw, "utf-8", file, line, issues)
+
+
+# WHATWG Encoding Standard: browsers decode pages labelled ISO-8859-1 or US-ASCII as windows-1252
+_BROWSER_CODECS = {"iso8859-1": "cp1252", "ascii": "cp1252"}
+# names Python knows that no browser decodes a page with: bytes-to-bytes transforms, escapes, UTF-7
+_NOT_WEB_CODECS = {"base64", "bz2", "hex", "quopri", "uu", "zlib", "rot-13", "idna", "punycode", "undefined",
+                   "unicode-escape", "raw-unicode-escape", "utf-7"}
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+_CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([\w.:+-]+)""", re.IGNORECASE)
+_META = re.compile(r"<meta\b[^>]*>", re.IGNORECASE)
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+_PRESCAN_BYTES = 1024  # how far the HTML standard's prescan looks for a <meta> declaration
+
+
+def _codec(label: str) -> str | None:
+    try:
+        name = codecs.lookup(label).name
+    except LookupError:
+        return None
+    return None if name in _NOT_WEB_CODECS else _BROWSER_CODECS.get(name, name)
+
+
+def html_encoding(raw: bytes, content_type: str = "") -> str:
+    """The codec a browser decodes an HTML page with: a byte-order mark, else the charset of the HTTP
+    ``Content-Type`` header, else a ``<meta charset>`` or ``http-equiv`` declaration in the first 1024 bytes
+    (outside comments), else UTF-8. A label Python does not know is ignored, as browsers ignore one they do
+    not know."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            return codec
+    if (m := _CHARSET.search(content_type)) and (codec := _codec(m.group(1))):
+        return codec
+    head = _COMMENT.sub("", raw[:_PRESCAN_BYTES].decode("latin-1"))  # ASCII-compatible, never fails
+    for tag in _META.finditer(head):
+        if (m := _CHARSET.search(tag.group(0))) and (codec := _codec(m.group(1))):
+            # a declaration readable as ASCII cannot be right about UTF-16 (the HTML standard reads UTF-8)
+            return "utf-8" if codec.startswith("utf-16") else codec
+    return "utf-8"
+
+
+def decode_html(raw: bytes, content_type: str, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
+    encoding = html_encoding(raw, content_type)
+    if encoding != "utf-8":
+        try:
+            return decode_bytes(raw, encoding, file, line, issues)
+        except UnicodeDecodeError:  # bytes even "surrogateescape" cannot carry (ASCII range): the label is wrong
+            pass
+    return decode_utf8(raw, file, line, issues)
 
 
 def _suffixes(path: Path) -> tuple[str, bool]:
@@ -247,13 +307,25 @@ def _extract_html(html: str, where: str) -> str | None:
         return None
 
 
+def _extract_html_counting(html: str, bad: int, where: str) -> tuple[str | None, int]:
+    """Main text of a page and how many of the page's invalid bytes are in it: those in markup, scripts and
+    boilerplate do not count against the text. The extractor deletes noncharacters such as ``INVALID_BYTE``,
+    so the bytes travel through it as U+FFFD; a page with a U+FFFD of its own keeps the whole page's count."""
+    if not bad or "\ufffd" in html:
+        return _extract_html(html, where), bad
+    text = _extract_html(html.replace(INVALID_BYTE, "\ufffd"), where)
+    if not text:
+        return text, 0
+    return text.replace("\ufffd", INVALID_BYTE), min(bad, text.count("\ufffd"))
+
+
 def read_html(path: Path, gz: bool, issues: IssueLog) -> Iterator[Document]:
     raw = _read_bytes(path, gz, issues)
     if not raw.strip():
         issues.add(path, None, "empty_file", "no HTML")
         return
-    html, bad = decode_utf8(raw, path, None, issues)
-    text = _extract_html(html, str(path))
+    html, bad = decode_html(raw, "", path, None, issues)
+    text, bad = _extract_html_counting(html, bad, str(path))
     if not text:
         issues.add(path, None, "no_main_text", "the extractor found no main text")
         return
@@ -278,8 +350,8 @@ def read_warc(path: Path, issues: IssueLog) -> Iterator[Document]:
                 if "html" not in ctype.lower():
                     continue
                 url = record.rec_headers.get_header("WARC-Target-URI") or ""
-                html, bad = decode_utf8(record.content_stream().read(), path, record_no, issues)
-                text = _extract_html(html, f"{path} record {record_no}")
+                html, bad = decode_html(record.content_stream().read(), ctype, path, record_no, issues)
+                text, bad = _extract_html_counting(html, bad, f"{path} record {record_no}")
                 if not text:
                     issues.add(path, record_no, "no_main_text", f"{url}: the extractor found no main text")
                     continue

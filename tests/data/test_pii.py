@@ -110,3 +110,27 @@ def test_email_search_is_linear_on_long_runs_of_local_part_characters(unit):
     assert redact(blob + "@example.com")[0] == blob + "@example.com"  # a kept domain is not retried per start
     assert redact(blob + "@acme-corp.com")[0].endswith("<EMAIL>")
     assert time.perf_counter() - start < 2  # milliseconds now
+
+
+@pytest.mark.parametrize("text", [
+    "pip install numpy==1.26.4.1 'scipy>=1.11.3.2'; tar xf numpy-1.26.4.1.tar.gz",
+    "build 20.10.30.40 released; Version=12.0.0.0, Culture=neutral; rev 12.1.4.2; § 8.2.4.44",
+    "git clone git@github.com:user/repo.git && git remote add up ssh://git@gitlab.com/group/repo.git",
+])
+def test_versions_and_ssh_remotes_in_code_are_kept(text):
+    out, counts = redact(text)
+    assert out == text and not counts
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("connect to 192.168.1.20 now", "connect to <IP_ADDRESS> now"),
+    ("server 10.0.0.5:8080 is up", "server <IP_ADDRESS>:8080 is up"),
+    # after a plain word a dotted quad stays an address, even one that could be a version ("numpy 1.26.4.1")
+    ("connect to 3.15.20.7 now", "connect to <IP_ADDRESS> now"),
+    ("AWS 3.15.20.7 and web1 3.15.20.8:443", "AWS <IP_ADDRESS> and web1 <IP_ADDRESS>:443"),
+    ("ssh root@81.2.69.160 or admin@3.15.20.7", "ssh root@<IP_ADDRESS> or admin@<IP_ADDRESS>"),
+    # "git@" is only an SSH remote when a path follows the host
+    ("write to git@acme-corp.com: thanks", "write to <EMAIL>: thanks"),
+])
+def test_addresses_next_to_version_look_alikes_are_redacted(text, expected):
+    assert redact(text, PIIConfig(redact_non_public_ips=True))[0] == expected

@@ -163,3 +163,71 @@ def test_symlinked_folders_are_followed_once_and_broken_links_logged(tmp_path):
     docs, issues = _read([corpus])
     assert [d.text for d in docs] == ["text of a", "text of b"]
     assert dict(issues.counts) == {"read_error": 1} and issues.examples[0].file.endswith("broken.txt")
+
+
+FRENCH = ("<html><head>{decl}<title>Caf\u00e9</title></head><body><article><h1>Le caf\u00e9</h1>"
+          + "<p>Le caf\u00e9 de la gare est un endroit tr\u00e8s agr\u00e9able o\u00f9 l\u2019on peut lire le "
+            "journal et discuter avec les habitu\u00e9s du quartier pendant des heures enti\u00e8res.</p>" * 4
+          + "</article></body></html>")
+
+
+@pytest.mark.parametrize("decl,encoding", [
+    # "iso-8859-1" is read as windows-1252, as browsers do: the 0x92 of "l’on" is a quote, not a C1 control
+    ("<meta charset='iso-8859-1'>", "cp1252"),
+    ('<meta http-equiv="Content-Type" content="text/html; charset=windows-1252">', "cp1252"),
+    ("<meta charset=utf-8>", "utf-8"),
+    ("", "utf-16"),  # a byte-order mark
+])
+def test_html_declared_charset_is_honoured(tmp_path, decl, encoding):
+    pytest.importorskip("trafilatura")
+    (tmp_path / "page.html").write_bytes(FRENCH.format(decl=decl).encode(encoding))  # "utf-16" writes a BOM
+    docs, issues = _read([tmp_path / "page.html"])
+    assert len(docs) == 1 and "Le caf\u00e9 de la gare" in docs[0].text and "l\u2019on" in docs[0].text
+    assert docs[0].meta["invalid_bytes"] == 0 and not issues.counts
+
+
+@pytest.mark.parametrize("decl", ["<!-- <meta charset='iso-8859-1'> -->", "<meta charset='no-such-charset'>"])
+def test_html_without_a_usable_declaration_is_utf8(tmp_path, decl):
+    pytest.importorskip("trafilatura")
+    (tmp_path / "page.html").write_bytes(FRENCH.format(decl=decl).encode("cp1252"))
+    docs, issues = _read([tmp_path / "page.html"])
+    assert issues.counts["invalid_utf8"] == 1  # decoded as UTF-8, each accent an invalid byte
+
+
+def test_warc_http_charset_and_meta_charset_are_honoured(tmp_path):
+    pytest.importorskip("trafilatura")
+    pytest.importorskip("warcio")
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    pages = [("text/html; charset=ISO-8859-1", FRENCH.format(decl="")),  # the HTTP header declares it
+             ("text/html", FRENCH.format(decl="<meta charset='windows-1252'>")),  # the page does
+             # the header wins over the page, as in a browser
+             ('text/html; charset="windows-1252"', FRENCH.format(decl="<meta charset='utf-8'>"))]
+    path = tmp_path / "crawl.warc"
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=False)
+        for i, (ctype, page) in enumerate(pages):
+            headers = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+            rec = writer.create_warc_record(f"http://example.fr/{i}", "response",
+                                            payload=BytesIO(page.encode("cp1252")), http_headers=headers)
+            writer.write_record(rec)
+    docs, issues = _read([path])
+    assert len(docs) == 3 and all("Le caf\u00e9 de la gare" in d.text and "l\u2019on" in d.text for d in docs)
+    assert [d.meta["invalid_bytes"] for d in docs] == [0, 0, 0] and not issues.counts
+
+
+def test_html_invalid_bytes_are_counted_in_the_extracted_text_only(tmp_path):
+    pytest.importorskip("trafilatura")
+    from pyllm.data.clean import CleanConfig, clean_document
+
+    # 40 invalid bytes in a script, one in the article: only the article's counts against its text
+    page = HTML.replace("<title>t</title>", "<title>t</title><script>var s = '" + "\udcff" * 40 + "';</script>")
+    page = page.replace("quick brown", "quick \udcff brown")
+    (tmp_path / "page.html").write_bytes(page.encode("utf-8", errors="surrogateescape"))
+    docs, issues = _read([tmp_path / "page.html"])
+    assert docs[0].meta["invalid_bytes"] == 1 and issues.counts["invalid_utf8"] == 1
+    cleaned, reason, changes = clean_document(docs[0], CleanConfig())
+    assert reason is None and "quick  brown" in cleaned.text and changes["invalid_bytes_repaired"] == 1
