@@ -68,7 +68,7 @@ def _check(model, prompts, max_new_tokens, temperature, top_k, top_p):
         raise ValueError("generate: 'prompts' must be a non-empty list of non-empty token-id lists")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
+    if not temperature >= 0:  # (nan too)
         raise ValueError(f"generate: temperature={temperature} must be >= 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"generate: top_k={top_k} must be >= 1 or None")
@@ -78,8 +78,9 @@ def _check(model, prompts, max_new_tokens, temperature, top_k, top_p):
     for i, p in enumerate(prompts):
         if min(p) < 0 or max(p) >= vocab:
             raise ValueError(f"generate: prompts[{i}] has a token id outside [0, {vocab})")
-        if len(p) + max_new_tokens > context:
-            raise ValueError(f"generate: prompts[{i}] has {len(p)} tokens + max_new_tokens={max_new_tokens} "
+        # the last new token is returned, never read back: the model reads len(p) + max_new_tokens - 1 positions
+        if len(p) + max_new_tokens - 1 > context:
+            raise ValueError(f"generate: prompts[{i}] has {len(p)} tokens + max_new_tokens={max_new_tokens} - 1 "
                              f"> the model's context of {context}; shorten the prompt or generate fewer tokens")
 
 
@@ -127,7 +128,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache.empty(model.cfg, B, P + max_new_tokens, device, dtype)
+        cache = KVCache.empty(model.cfg, B, P + max_new_tokens - 1, device, dtype)
         S = P
         h = model.hidden(tokens, positions, doc_ids[:, :S] if doc_ids is not None else None, cache)
         done = torch.zeros(B, dtype=torch.bool, device=device)

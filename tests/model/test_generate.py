@@ -145,12 +145,13 @@ def test_temperature():
 
 BAD = {
     "empty prompt": (dict(prompts=[[1], []]), "non-empty list of non-empty token-id lists"),
-    "too long": (dict(prompts=[[1] * 30], max_new_tokens=5),
-                 r"prompts\[0\] has 30 tokens \+ max_new_tokens=5 > the model's context of 32"),
+    "too long": (dict(prompts=[[1] * 30], max_new_tokens=4),
+                 r"prompts\[0\] has 30 tokens \+ max_new_tokens=4 - 1 > the model's context of 32"),
     "token id": (dict(prompts=[[1, 64]]), r"prompts\[0\] has a token id outside \[0, 64\)"),
     "top_p": (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
     "top_k": (dict(top_k=0), "top_k=0 must be >= 1"),
     "temperature": (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
+    "temperature nan": (dict(temperature=float("nan")), "temperature=nan must be >= 0"),
 }
 
 
@@ -160,6 +161,21 @@ def test_bad_arguments(case):
     kwargs = {"prompts": [[1, 2]], "max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate(small_model("gpt2"), **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_full_context_is_usable(family):
+    # the last new token is never read back: a prompt of context - n + 1 tokens takes n new ones, the cache
+    # holding exactly the context, and the tokens are those of an uncached forward
+    model = small_model(family)
+    context = model.cfg.max_seq_len
+    prompt = [t % 64 for t in range(context - 2)]
+    new = generate(model, [prompt], 3, temperature=0)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + new[:-1]]))[0]  # context positions
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == new
+    with pytest.raises(ValueError, match="context"):
+        generate(model, [prompt], 4, temperature=0)
 
 
 def test_logprob_of_greedy_token_is_max():
