@@ -45,13 +45,16 @@ def data_identity(spec: str) -> str:
 
 
 def read_documents(path: str) -> list[str]:
-    """The documents of ``path``: one per text file (a folder is read recursively, sorted by path)."""
+    """The documents of ``path``: one per text file (a folder is read recursively, sorted by path; hidden
+    entries such as .git or .DS_Store are skipped, as the data stage skips them)."""
     if path == BUILTIN:
         return [builtin_text()]
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {path!r} does not exist")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    files = [p] if p.is_file() else sorted(
+        f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
         raise DataError(f"data folder {path!r} has no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
     docs = []

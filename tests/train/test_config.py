@@ -118,6 +118,19 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert err.startswith("pyllm train: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
 
 
+def test_a_text_folder_skips_hidden_entries(tmp_path):
+    # a checkout or a folder copied from a Mac: .git objects and .DS_Store are not training text (binary:
+    # the run failed on them), README.TXT is
+    from pyllm.train.data import read_documents
+
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "README.TXT").write_text("second")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x01\xff")
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "objects" / "ab12").write_bytes(b"x\x9c\xff")
+    assert read_documents(str(tmp_path)) == ["second", "first"]
+
+
 def test_cli_checkpoint_of_another_shape_is_one_line(tmp_path, capsys):
     base = ["--preset", "smoke", "--out_dir", str(tmp_path), "--max_steps", "2", "--progress", "false",
             "--eval_every", "0"]
