@@ -13,6 +13,7 @@ Conventions follow lm-evaluation-harness so the numbers compare with published o
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,10 @@ class Scorer:
         return [Score(s, g, len(t)) for s, g, t in zip(sums, greedy, targets)]
 
     def loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[Score]:
-        """Score each (context ids, continuation ids); the context is left-truncated to fit."""
-        windows = []
+        """Score each (context ids, continuation ids); the context is left-truncated to fit. A continuation
+        longer than the context window is scored on its last max_len tokens only (as lm-evaluation-harness
+        does), with a warning: its score is not comparable with the others'."""
+        windows, cut = [], 0
         for ctx, cont in pairs:
             if not cont:
                 raise ValueError("loglikelihood: empty continuation (nothing to score)")
@@ -119,6 +122,10 @@ class Scorer:
                 raise ValueError("loglikelihood: empty context; start it with the eos prefix (encode_pair)")
             ids = (ctx + cont)[-(self.max_len + 1):]
             windows.append((ids, min(len(cont), len(ids) - 1)))
+            cut += len(cont) > len(ids) - 1
+        if cut:
+            warnings.warn(f"loglikelihood: {cut} continuation(s) longer than the {self.max_len}-token context were "
+                          "scored on their last tokens only", RuntimeWarning, stacklevel=2)
         return self.score_windows(windows)
 
     @torch.no_grad()

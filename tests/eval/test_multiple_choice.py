@@ -71,3 +71,12 @@ def test_builtin_stdlib_tasks(tok):
     assert all(it.choices[it.gold] == it.doc["summary"] for it in doc_task.items)
     r = run_tasks(uniform_model(tok.vocab_size, max_seq_len=128), tok, ["stdlib_name"], limit=3, num_fewshot=0)
     assert r["stdlib_name"]["n"] == 3
+
+
+def test_a_choice_longer_than_the_context_is_warned_of():
+    from pyllm.eval.loglik import Scorer
+
+    scorer = Scorer(tiny_model(256, max_seq_len=16))
+    with pytest.warns(RuntimeWarning, match="1 continuation\\(s\\) longer than the 16-token context"):
+        long, short = scorer.choices([1, 2, 3], [list(range(5, 30)), [5, 6]])
+    assert long.n_tokens == 16 and short.n_tokens == 2  # the scored tokens
