@@ -46,8 +46,12 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pyllm.model import load_model
     from pyllm.tokenizer import load_tokenizer
+    from pyllm.train.config import device_problem
     from pyllm.train.data import read_documents
 
+    if (problem := device_problem(args.device)) is not None:
+        print(f"pyllm eval: {problem.replace('device=', '--device ')}", file=sys.stderr)
+        return 2
     try:
         model = load_model(args.model, device=args.device, dtype=_DTYPES[args.dtype])
         tokenizer = load_tokenizer(args.model)
@@ -63,6 +67,10 @@ def main(argv: list[str]) -> int:
     meta = {"model": args.model, "device": args.device, "dtype": args.dtype, "limit": args.limit,
             "num_fewshot": args.num_fewshot, "tasks": tasks, "texts": args.text}
     md = args.markdown or str(Path(args.out).with_suffix(".md"))
-    write_report(results, meta, args.out, md)
-    print(markdown_table(results), end="")
+    print(markdown_table(results), end="")  # first: a report path that cannot be written loses nothing
+    try:
+        write_report(results, meta, args.out, md)
+    except OSError as e:
+        print(f"pyllm eval: cannot write the report: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     return 0

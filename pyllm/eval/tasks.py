@@ -223,9 +223,12 @@ def _field(doc: dict, name: str, where: str, types):
 
 def read_jsonl(path: Path) -> list[tuple[dict, str]]:
     """(object, "file:line") for each non-blank line of a JSONL file. A line may hold any JSON value:
-    ``make_item`` rejects one that is not an object, and only the items evaluated (``limit``) are checked."""
+    ``make_item`` rejects one that is not an object (the items evaluated, and every item when the few-shot
+    examples come from this file)."""
     if not path.exists():
         raise TaskError(f"{path}: data file not found")
+    if not path.is_file():
+        raise TaskError(f"{path}: data is not a file (a JSONL file of items)")
     try:
         return [(doc, f"{path}:{n}") for n, doc in read_json_lines(path, objects=False)]
     except JsonLinesError as e:
@@ -240,12 +243,16 @@ class Task:
         self.cfg = cfg
         if not docs:
             raise TaskError(f"task {cfg.name!r}: no items")
-        docs = docs[:cfg.limit] if cfg.limit else docs
-        self.items = [make_item(cfg, d, w) for d, w in docs]
-        # The pool is the few-shot split when there is one; else the evaluated items themselves, and
-        # `fewshot_examples` then excludes the item being evaluated.
+        self.items = [make_item(cfg, d, w) for d, w in (docs[:cfg.limit] if cfg.limit else docs)]
+        # The pool is the few-shot split when there is one; else every item of the file (not only the first
+        # ``limit``: an item's examples must not depend on the limit), and `fewshot_examples` then excludes
+        # the item being evaluated.
         self._separate_pool = fewshot_docs is not None
-        self.fewshot_pool = [make_item(cfg, d, w) for d, w in fewshot_docs] if fewshot_docs is not None else self.items
+        if fewshot_docs is not None:
+            self.fewshot_pool = [make_item(cfg, d, w) for d, w in fewshot_docs]
+        else:
+            self.fewshot_pool = self.items + [make_item(cfg, d, w) for d, w in docs[len(self.items):]] \
+                if cfg.num_fewshot else self.items
         need = cfg.num_fewshot + (0 if self._separate_pool else 1)
         if cfg.num_fewshot and len(self.fewshot_pool) < need:
             raise TaskError(f"task {cfg.name!r}: num_fewshot={cfg.num_fewshot} but the few-shot pool has only "

@@ -186,7 +186,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"TrainConfig: {msg}")
-        problem = _device_problem(self.device)
+        problem = device_problem(self.device)
         if problem:
             raise ConfigError(f"TrainConfig: {problem}")
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -219,7 +219,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _device_problem(name: str) -> str | None:
+def device_problem(name: str) -> str | None:
     """Why ``name`` cannot be this machine's training device (None: it can)."""
     if name == "auto":
         return None

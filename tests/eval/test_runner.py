@@ -71,6 +71,25 @@ def test_cli_writes_json_and_markdown(tmp_path, tok, capsys):
         assert rc == 2 and capsys.readouterr().err == f"pyllm eval: {message.format(tmp_path / text)}\n"
 
 
+def test_cli_bad_device_data_folder_and_report_path_are_one_line(tmp_path, tok, capsys):
+    save_model(tiny_model(tok.vocab_size), tmp_path / "m", tokenizer=tok)
+    (tmp_path / "held.txt").write_text(TEXTS[0])
+    base = ["--model", str(tmp_path / "m"), "--text", str(tmp_path / "held.txt")]
+    assert eval_main([*base, "--device", "bogus", "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err == "pyllm eval: --device 'bogus': use 'auto', 'cpu', 'cuda' or 'cuda:N'\n"
+    # the report path is a folder: the results are printed before the one-line error, not lost in a traceback
+    (tmp_path / "r.json").mkdir()
+    assert eval_main([*base, "--out", str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "bits_per_byte" in out and err.startswith("pyllm eval: cannot write the report: ") and err.count("\n") == 1
+    # a task whose data is a folder
+    (tmp_path / "t.yaml").write_text('name: quiz\nkind: multiple_choice\ndata: .\ntemplate: "Q"\n'
+                                     'choices: c\nanswer: a\n')
+    assert eval_main(["--model", str(tmp_path / "m"), "--tasks", str(tmp_path / "t.yaml"),
+                      "--out", str(tmp_path / "y.json")]) == 2
+    assert "data is not a file" in capsys.readouterr().err
+
+
 def _worker(rank, world_size, store, task, out_dir):
     torch.set_num_threads(1)  # two processes on a small CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)

@@ -103,6 +103,17 @@ def test_kshot_is_deterministic_and_seeded(tmp_path):
     assert a.context(2).startswith("Q: shot")
 
 
+def test_limit_does_not_change_the_fewshot_examples(tmp_path):
+    # the pool is the whole file: --limit N scores the first N items with the prompts of the full run
+    items = [{"q": f"question {i}", "opts": ["yes", "no"], "label": i % 2} for i in range(10)]
+    path = write_task(tmp_path, items, extra="\nnum_fewshot: 3")
+    full = load_task(path)
+    for limit in (1, 4, 9):
+        limited = load_task(path, limit=limit)
+        assert len(limited.items) == limit
+        assert [limited.context(i) for i in range(limit)] == [full.context(i) for i in range(limit)]
+
+
 def test_not_enough_fewshot_examples(tmp_path):
     with pytest.raises(TaskError, match="num_fewshot=6 but the few-shot pool has only 5"):
         load_task(write_task(tmp_path, GOOD, extra="\nnum_fewshot: 6"))
