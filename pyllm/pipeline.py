@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -84,6 +85,13 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig: rl={self.rl!r}: use 'grpo', 'ppo' or 'none'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"PipelineConfig: device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():  # else the data stage runs first and pretraining fails deep inside
+                raise ValueError("PipelineConfig: device='cuda' but CUDA is not available here: use 'cpu' or 'auto'")
+        if not str(self.out_dir).strip():  # "" would write every stage into the current directory
+            raise ValueError("PipelineConfig: out_dir is empty: name a directory")
         bad = [s for s in self.skip if s not in STAGES]
         if bad:
             raise ValueError(f"PipelineConfig: skip={bad}: stages are {', '.join(STAGES)}")
@@ -220,6 +228,35 @@ class StageRecord:
     summary: dict = field(default_factory=dict)
 
 
+def _read_record(path: Path) -> StageRecord | None:
+    """The stage's record, or None when there is none or it cannot be read (cut short by a kill or a full
+    disk): the stage then re-runs from a cleared directory."""
+    try:
+        return StageRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_record(path: Path, rec: StageRecord) -> None:
+    """Write stage.json atomically: a kill mid-write leaves the old record or the new one, never half."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(dataclasses.asdict(rec), default=str))
+    os.replace(tmp, path)
+
+
+def _clear(directory: Path) -> None:
+    """Remove a stage directory. It is first renamed aside in one step: a kill during the (slow) delete then
+    leaves a ``*.stale-*`` sibling that the next run removes, never a record-less half directory whose
+    checkpoints would be resumed."""
+    if not directory.exists():
+        return
+    stale = directory.with_name(f"{directory.name}.stale-{os.getpid()}")
+    if stale.exists():  # this pid's leftover from an earlier killed run: os.replace cannot overwrite it
+        shutil.rmtree(stale)
+    os.replace(directory, stale)
+    shutil.rmtree(stale)
+
+
 class Pipeline:
     """Runs the stages of one PipelineConfig, skipping those whose inputs have not changed."""
 
@@ -248,19 +285,20 @@ class Pipeline:
         self.keys[name] = key
         directory = self.stage_dir(name)
         path = directory / "stage.json"
-        old = StageRecord(**json.loads(path.read_text())) if path.exists() else None
+        old = _read_record(path)
         if old is not None and old.key == key and old.finished and old.status == "done" and name not in self.force:
             self.log(f"[{n}/{len(STAGES)}] {name}: cached ({old.seconds:.0f} s when run; inputs unchanged)")
             self.records[name] = old
             return old
         rec = StageRecord(key=key, started=time.time(), attempts=1)
-        if old is not None and (old.key != key or name in self.force):
-            shutil.rmtree(directory)  # different inputs: stale checkpoints must not be resumed
-        elif old is not None:
+        if old is None or old.key != key or name in self.force:
+            # different inputs, or content no readable record vouches for: stale checkpoints must not be resumed
+            _clear(directory)
+        else:
             self.log(f"[{n}/{len(STAGES)}] {name}: resuming an interrupted run")
             rec.started, rec.attempts = old.started or rec.started, old.attempts + 1
         directory.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dataclasses.asdict(rec)))
+        _write_record(path, rec)
         self.log(f"[{n}/{len(STAGES)}] {name}: running")
         c0 = _cpu_seconds(resource)
         try:
@@ -269,7 +307,7 @@ class Pipeline:
             rec.summary, rec.status = {"reason": str(e)}, "unavailable"
             self.log(f"[{n}/{len(STAGES)}] {name}: unavailable ({e})")
         rec.seconds, rec.cpu_seconds, rec.finished = time.time() - rec.started, _cpu_seconds(resource) - c0, True
-        path.write_text(json.dumps(dataclasses.asdict(rec), default=str))
+        _write_record(path, rec)
         if rec.status == "done":
             self.log(f"[{n}/{len(STAGES)}] {name}: done in {rec.seconds:.0f} s")
         self.records[name] = rec
@@ -280,6 +318,8 @@ class Pipeline:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob("*.stale-*"):  # left by a run killed while clearing a stage directory
+            shutil.rmtree(stale, ignore_errors=True)
         if _device(cfg) == "cpu":
             measured_matmul_tflops("cpu", cfg.precision)  # the MFU reference, taken while the machine is idle
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
@@ -299,7 +339,9 @@ class Pipeline:
                            lambda d: run_rl(cfg, d, S[cfg.rl_from].summary, S.get("rm")))
         ckpts = {name: S[name].summary["model_dir"] for name in ("pretrain", "sft", "dpo", "rl")
                  if S.get(name) and S[name].status == "done" and S[name].summary.get("model_dir")}
-        self.run_stage("eval", {**cfg.eval, "checkpoints": sorted(ckpts)}, tuple(ckpts),
+        # the reward column is the rm stage's judge: a retrained (or now skipped) reward model re-runs eval
+        rm_key = self.keys.get("rm") if S.get("rm") and S["rm"].status == "done" else None
+        self.run_stage("eval", {**cfg.eval, "checkpoints": sorted(ckpts), "rm": rm_key}, tuple(ckpts),
                        lambda d: run_eval(cfg, d, ckpts, S.get("rm")))
         # the report is cheap and reads everything: always rewritten
         t0 = time.perf_counter()
@@ -462,7 +504,7 @@ def run_rl(cfg: PipelineConfig, directory: Path, start: dict, rm: StageRecord | 
                               start["model_dir"])
     else:
         summary = _post_stage("ppo", "pyllm.post.ppo", "PPOConfig", "ppo", _rl_settings(cfg), cfg, directory,
-                              start["model_dir"], reward_model=rm.summary["model_dir"])
+                              start["model_dir"], reward=f"rm:{rm.summary['model_dir']}")
     return {**summary, "start": cfg.rl_from}
 
 
@@ -527,6 +569,12 @@ def _reward_judge(rm: StageRecord | None, device: str):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def _make_out_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):  # an existing directory mkdir accepts but no stage could write to
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="pyllm pipeline", description=__doc__,
@@ -557,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
                              "stage under torchrun for data parallelism")
     except ValueError as e:
         print(f"pyllm pipeline: {e}", file=sys.stderr)
+        return 2
+    try:  # a bad --out-dir (a file, a path under a file, no permission) fails here in one line, not in a stage
+        _make_out_dir(Path(cfg.out_dir))
+    except OSError as e:
+        print(f"pyllm pipeline: {cfg.out_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     records = run(cfg, force)

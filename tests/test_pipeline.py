@@ -92,6 +92,97 @@ def test_preset_rl_settings_build_either_algorithm():
     assert "scale_rewards" not in pipeline._rl_settings(pipeline.default(rl="ppo"))
 
 
+def test_stage_killed_while_clearing_its_old_directory_does_not_resume_stale_checkpoints(tmp_path, monkeypatch):
+    p, _ = _pipe(tmp_path)
+    p.run_stage("data", {"lr": 1}, (), lambda d: (d / "checkpoint").write_text("old inputs") or {})
+    real_rmtree = pipeline.shutil.rmtree
+
+    def killed(path, *a, **k):  # the record goes first, then the kill lands before the checkpoints
+        (path / "stage.json").unlink()
+        monkeypatch.setattr(pipeline.shutil, "rmtree", real_rmtree)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", killed)
+    p, _ = _pipe(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        p.run_stage("data", {"lr": 2}, (), lambda d: pytest.fail("must not run"))
+    p, logs = _pipe(tmp_path)
+    rec = p.run_stage("data", {"lr": 2}, (), lambda d: {"seen": sorted(x.name for x in d.iterdir())})
+    assert rec.summary == {"seen": ["stage.json"]} and rec.attempts == 1 and not any("resuming" in s for s in logs)
+    # content with no record (e.g. a directory restored by hand) is cleared the same way, never resumed
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "checkpoint").write_text("?")
+    rec = p.run_stage("pretrain", {}, ("data",), lambda d: {"seen": sorted(x.name for x in d.iterdir())})
+    assert rec.summary == {"seen": ["stage.json"]}
+
+
+def test_truncated_stage_record_reruns_the_stage(tmp_path):
+    p, _ = _pipe(tmp_path)
+    p.run_stage("data", {}, (), lambda d: (d / "checkpoint").write_text("x") or {"n": 1})
+    path = tmp_path / "data" / "stage.json"
+    path.write_text(path.read_text()[:20])  # a kill or a full disk mid-write
+    p, _ = _pipe(tmp_path)
+    rec = p.run_stage("data", {}, (), lambda d: {"seen": sorted(x.name for x in d.iterdir())})
+    assert rec.summary == {"seen": ["stage.json"]} and json.loads(path.read_text())["status"] == "done"
+    assert sorted(x.name for x in (tmp_path / "data").iterdir()) == ["stage.json"]  # no temp file left
+
+
+def test_eval_reruns_when_the_reward_model_changes(tmp_path, monkeypatch):
+    """run_eval scores every checkpoint with the rm stage's model: eval's cache key includes it."""
+    from pyllm import report
+
+    calls = []
+    for name in ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval"):
+        monkeypatch.setattr(pipeline, f"run_{name}",
+                            lambda cfg, d, *a, _n=name: calls.append(_n) or {"model_dir": str(d)})
+    monkeypatch.setattr(report, "write_pipeline_report", lambda cfg, S, d: d / "report.md")
+    monkeypatch.setattr(pipeline, "measured_matmul_tflops", lambda *a: 1.0)
+
+    def run(**kw):
+        calls.clear()
+        Pipeline(PipelineConfig(out_dir=str(tmp_path), device="cpu", **kw), log=lambda s: None).run()
+        return calls[:]
+
+    assert run() == ["data", "pretrain", "sft", "rm", "dpo", "rl", "eval"]
+    (tmp_path / "rm.stale-1").mkdir()  # left by a run killed while clearing the rm stage
+    assert run(rm={"seq_len": 32}) == ["rm", "eval"] and not (tmp_path / "rm.stale-1").exists()
+    assert run(rm={"seq_len": 32}) == []
+    assert run(rm={"seq_len": 32}, skip=("rm",)) == ["eval"]
+
+
+def test_rl_ppo_trains_against_the_reward_model(tmp_path):
+    """--rl ppo passes the rm stage's model as PPO's reward ("rm:<dir>")."""
+    records = pipeline.run(pipeline.smoke(out_dir=str(tmp_path), rl="ppo", device="cpu", skip=("dpo",)))
+    assert records["rl"].status == "done", records["rl"].summary
+    assert records["rl"].summary["reward"] == f"rm:{records['rm'].summary['model_dir']}"
+    assert records["eval"].status == "done" and "rl" in records["eval"].summary["checkpoints"]
+
+
+def test_cuda_without_cuda_is_refused_up_front(monkeypatch, capsys, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        PipelineConfig(device="cuda")
+    assert pipeline.main(["--preset", "gpu", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm pipeline: PipelineConfig: device='cuda'") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_out_dir_is_one_line_naming_the_path(tmp_path, capsys):
+    with pytest.raises(ValueError, match="out_dir is empty"):
+        PipelineConfig(out_dir="")
+    assert pipeline.main(["--preset", "smoke", "--out-dir", ""]) == 2
+    assert "out_dir is empty" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for bad in (afile, afile / "run"):
+        assert pipeline.main(["--preset", "smoke", "--out-dir", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pyllm pipeline: {bad}: ") and len(err.splitlines()) == 1, err
+
+
 def _record(summary):
     return StageRecord(key="k", finished=True, status="done", summary=summary)
 
