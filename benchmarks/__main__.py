@@ -55,6 +55,7 @@ def run(args) -> int:
                                   dtypes=_csv(args.dtypes), providers=_csv(args.providers), cases=_csv(args.cases))
         names = _csv(args.ops) or OPS
         benches = [load(n) for n in names]
+        opts.check_providers(benches)
     except ValueError as e:
         print(f"pyllm bench: {e}", file=sys.stderr)
         return 2
@@ -74,11 +75,19 @@ def run(args) -> int:
     if device == "cpu":
         info["host_memory"] = "kept" if kept else "allocator default"
     log = results.ResultLog(out, info)
+    try:
+        log.check()
+        done = set()
+        if args.resume:
+            selections = {b.op: opts.selection(b) for b in benches if isinstance(b, harness.OpBench)}
+            done = results.done_cases(results.read(out), results.session_key({"machine": info, "suite": suite}),
+                                      selections)
+    except (ValueError, OSError) as e:  # JsonLinesError is a ValueError
+        print(f"pyllm bench: {e}", file=sys.stderr)
+        return 2
     print(f"device: {info['device_name']}; torch {info['torch']}, triton {info['triton']}; commit "
           f"{(info['commit'] or '?')[:12]}{' (dirty)' if info['dirty'] else ''}; suite {suite}; results -> {out}")
-    done = set()
     if args.resume:
-        done = results.done_cases(results.read(out), results.session_key({"machine": info, "suite": suite}))
         print(f"resume: {len(done)} (op, case, dtype) already measured in this session are skipped")
     all_dtypes = {d for b in benches if isinstance(b, harness.OpBench) for d in opts.dtypes_for(b)}
     all_dtypes |= {p for b in benches if hasattr(b, "variants") for _, p, _ in b.variants(opts)}  # train_step
@@ -121,8 +130,21 @@ def run(args) -> int:
     else:
         print("complete: every selected case of this suite is measured")
     if not args.no_render:
-        written = render.render_file(out)
-        print("rendered: " + ", ".join(str(p) for p in written))
+        return _render([out])
+    return 0
+
+
+def _render(paths: list[Path]) -> int:
+    for p in paths:
+        if not p.is_file():  # rendering nothing would write an empty <stem>.md next to the typo
+            print(f"pyllm bench: {p}: no such results file", file=sys.stderr)
+            return 2
+    try:
+        for p in paths:
+            print("rendered: " + ", ".join(str(w) for w in render.render_file(p)))
+    except (ValueError, OSError) as e:  # a malformed record (JsonLinesError is a ValueError), an unwritable .md
+        print(f"pyllm bench: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -163,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", nargs="*", help="render: results files (default: results/*.jsonl)")
     args = parser.parse_args(argv)
     if args.action == "render":
-        paths = [Path(p) for p in args.results] if args.results else sorted(results.RESULTS_DIR.glob("*.jsonl"))
-        for p in paths:
-            print("rendered: " + ", ".join(str(w) for w in render.render_file(p)))
-        return 0
+        return _render([Path(p) for p in args.results] if args.results else sorted(results.RESULTS_DIR.glob("*.jsonl")))
     if args.action == "list":
         return list_cases(args)
     return run(args)

@@ -291,6 +291,21 @@ class RunOptions:
             return chosen if self.device == "cuda" else [d for d in chosen if d != "tf32"]
         return list(bench.gpu_dtypes) if self.device == "cuda" else ["fp32"]
 
+    def check_providers(self, benches: list) -> None:
+        """A --providers name no selected op has is a typo: it would measure nothing and still say "complete"."""
+        if self.providers is None:
+            return
+        valid = {n for b in benches if isinstance(b, OpBench) for n in providers(b, self.device)}
+        bad = [p for p in self.providers if p not in valid]
+        if bad and valid:
+            raise ValueError(f"unknown provider {', '.join(map(repr, bad))}; valid: {', '.join(sorted(valid))}")
+
+    def selection(self, bench: OpBench) -> dict[str, list[str]]:
+        """The providers and modes a (case, dtype) of ``bench`` runs under these options; a case_done record
+        carries it so that --resume skips a case only when an earlier run covered at least as much."""
+        return {"providers": sorted(n for n in providers(bench, self.device) if self.selects(n)),
+                "modes": [m for m in self.modes if bench.differentiable or m == "fwd"]}
+
     def selects(self, provider: str) -> bool:
         """Whether ``provider`` runs: all by default, except torch.compile in the short suite (compile time)."""
         if self.providers is not None:
@@ -304,7 +319,8 @@ def run_op(bench: OpBench, opts: RunOptions, calib: dict, emit: Callable[[dict],
 
     ``skip(label, dtype)`` says a (case, dtype) was already measured (resuming an interrupted run)."""
     budget = _BUDGET[opts.suite]
-    modes = [m for m in opts.modes if bench.differentiable or m == "fwd"]
+    selection = opts.selection(bench)
+    modes = selection["modes"]
     # the backward mode re-runs one retained graph; torch.compile donates its saved buffers to the first
     # backward unless told not to
     with strict_backends(), torch._functorch.config.patch(donated_buffer=False):
@@ -317,7 +333,8 @@ def run_op(bench: OpBench, opts: RunOptions, calib: dict, emit: Callable[[dict],
                 torch._dynamo.reset()  # fresh compile caches per shape (no silent recompile-limit fallback)
                 _run_case(bench, case, dtype_name, modes, opts, calib, budget, emit)
                 # marks the (case, dtype) complete: a resumed run redoes a case cut off half-way
-                emit({"kind": "case_done", "op": bench.op, "case": case.label, "dtype": dtype_name, "suite": opts.suite})
+                emit({"kind": "case_done", "op": bench.op, "case": case.label, "dtype": dtype_name, "suite": opts.suite,
+                      "selection": selection})
 
 
 @contextlib.contextmanager

@@ -28,9 +28,10 @@ def test_log_appends_self_contained_lines(tmp_path):
 
 def test_read_names_file_and_line_of_a_bad_record(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps({"schema": results.SCHEMA}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"r\.jsonl:2: not valid JSON"):
-        results.read(path)
+    ok = json.dumps({"schema": results.SCHEMA}) + "\n"
+    path.write_text(ok + "{not json\n" + ok)  # a record cut by a killed run, then the next run's: skipped, named
+    with pytest.warns(RuntimeWarning, match=r"r\.jsonl:2: not a JSON record"):
+        assert len(results.read(path)) == 2
     path.write_text(json.dumps({"schema": "other"}) + "\n")
     with pytest.raises(ValueError, match=r"r\.jsonl:1: field 'schema'"):
         results.read(path)

@@ -1,8 +1,11 @@
 """``python -m benchmarks``: runs, appends, resumes, renders; bad arguments are one-line errors."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from benchmarks import results
 from benchmarks.__main__ import main
@@ -66,3 +69,80 @@ def test_appended_results_do_not_mark_the_code_as_changed(tmp_path, monkeypatch)
     assert not machine.code_changed()
     (tmp_path / "kernel.cpp").write_text("int y;\n")
     assert machine.code_changed()
+
+
+def test_unknown_provider_is_a_one_line_error_listing_the_valid_ones(tmp_path, capsys):
+    out = tmp_path / "cpu.jsonl"
+    assert main(["--ops", "softmax", "--providers", "pyllm-cpuu", "--out", str(out), "--no-render"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown provider 'pyllm-cpuu'" in err and "pyllm-cpu" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing measured, nothing marked done
+
+
+def test_resume_skips_only_cases_an_earlier_run_covered(tmp_path, capsys):
+    """A --providers/--modes subset marks its cases done for that subset only: a full --resume measures the rest."""
+    out = tmp_path / "cpu.jsonl"
+    base = ["--suite", "short", "--ops", "softmax", "--out", str(out), "--threads", "1", "--no-render"]
+    assert main(base + ["--modes", "fwd", "--providers", "torch eager"]) == 0
+    done = [r for r in results.read(out) if r["kind"] == "case_done"]
+    assert done and done[0]["selection"] == {"providers": ["torch eager"], "modes": ["fwd"]}
+    assert main(base + ["--modes", "fwd", "--providers", "torch eager,pyllm-cpu", "--resume"]) == 0
+    assert "resume: 0 (op, case, dtype)" in capsys.readouterr().out
+    assert {r["provider"] for r in results.read(out) if r["kind"] == "op"} == {"torch eager", "pyllm-cpu"}
+    assert main(base + ["--modes", "fwd", "--providers", "pyllm-cpu", "--resume"]) == 0  # a subset: covered
+    assert "resume: 1 (op, case, dtype)" in capsys.readouterr().out
+
+
+def test_resume_does_not_trust_a_case_done_without_its_selection():
+    """Records written before the selection was recorded cover nothing: a re-measure beats a silent gap."""
+    machine = {"commit": "abc", "device_name": "cpu"}
+    old = {"kind": "case_done", "op": "softmax", "case": "c", "dtype": "fp32", "suite": "short", "machine": machine}
+    key = results.session_key(old)
+    want = {"softmax": {"providers": ["torch eager"], "modes": ["fwd"]}}
+    assert results.done_cases([old], key, want) == set()
+    new = {**old, "selection": {"providers": ["pyllm-cpu", "torch eager"], "modes": ["fwd", "bwd"]}}
+    assert results.done_cases([new], key, want) == {("softmax", "c", "fp32")}
+
+
+def _truncated_results(tmp_path) -> Path:
+    path = tmp_path / "cpu.jsonl"
+    log = results.ResultLog(path, {"commit": "abc", "device_name": "cpu"})
+    log.append({"kind": "calibration", "suite": "short"})
+    log.append({"kind": "calibration", "suite": "short"})
+    path.write_bytes(path.read_bytes()[:-40])  # a run killed mid-write
+    return path
+
+
+def test_a_truncated_last_line_stays_one_bad_line_and_is_skipped_on_reading(tmp_path):
+    path = _truncated_results(tmp_path)
+    with pytest.warns(RuntimeWarning, match=f"{path}:2: "):
+        assert len(results.read(path)) == 1
+    results.ResultLog(path, {"commit": "abc"}).append({"kind": "calibration", "suite": "short"})
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["kind"] == "calibration"  # not glued onto line 2
+    with pytest.warns(RuntimeWarning, match=f"{path}:2: "):  # now in the middle: still one skipped line
+        assert [r["kind"] for r in results.read(path)][-1] == "calibration"
+
+
+def test_unreadable_results_are_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"schema": "pyllm-bench-v0"}) + "\n")  # another schema
+    assert main(["render", "--results", str(path)]) == 2
+    assert main(["--ops", "softmax", "--resume", "--out", str(path), "--no-render"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith(f"pyllm bench: {path}:1: field 'schema'") for e in err)
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_unwritable_out_is_a_one_line_error(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    out = tmp_path if where == "directory" else tmp_path / "file" / "cpu.jsonl"
+    assert main(["--ops", "softmax", "--out", str(out), "--no-render"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pyllm bench: {out}") and len(err.strip().splitlines()) == 1
+
+
+def test_render_of_a_missing_file_is_a_one_line_error(tmp_path, capsys):
+    assert main(["render", "--results", str(tmp_path / "typo.jsonl")]) == 2
+    assert "typo.jsonl: no such results file" in capsys.readouterr().err
+    assert not (tmp_path / "typo.md").exists()
