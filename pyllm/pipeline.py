@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import pyllm
 from pyllm.data.jsonl import read_json_lines
+from pyllm.data.shards import write_atomic
 
 STAGES = ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval", "report")
 
@@ -239,9 +240,7 @@ def _read_record(path: Path) -> StageRecord | None:
 
 def _write_record(path: Path, rec: StageRecord) -> None:
     """Write stage.json atomically: a kill mid-write leaves the old record or the new one, never half."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(dataclasses.asdict(rec), default=str))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(dataclasses.asdict(rec), default=str).encode())
 
 
 def _clear(directory: Path) -> None:

@@ -37,7 +37,7 @@ from .filters import QualityConfig, quality_check
 from .jsonl import read_json_lines
 from .parallel import ordered_map
 from .pii import PIIConfig, PIIRedactor
-from .shards import ShardConfig, _write_atomic, pack_shards
+from .shards import ShardConfig, write_atomic, pack_shards
 from .sources import IssueLog, iter_documents, list_files
 from .stdlib import iter_stdlib_documents
 
@@ -341,7 +341,7 @@ def _cached(stamp: Path, key: str) -> dict | None:
 
 
 def _write_stamp(stamp: Path, state: dict) -> None:
-    _write_atomic(stamp, json.dumps(state, indent=1).encode())
+    write_atomic(stamp, json.dumps(state, indent=1).encode())
 
 
 def run(cfg: DataConfig) -> DataResult:
@@ -405,7 +405,7 @@ def run(cfg: DataConfig) -> DataResult:
         stats["cached"].append("pack")
         # the throughput of the run that made the shards, not of the check
         stats["pack"] = (_read_state(previous) or {}).get("pack", stats["pack"])
-    _write_atomic(previous, json.dumps(stats, indent=1).encode())
+    write_atomic(previous, json.dumps(stats, indent=1).encode())
     report_path = None
     if cfg.report:
         from .report import write_report

@@ -81,7 +81,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a kill mid-write leaves the old file (and a stray ``.tmp``)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -139,8 +140,8 @@ class _SplitWriter:
             flat[s:e - 1] = d
             flat[e - 1] = self.eos
         name = f"{SPLIT_PREFIX[self.split]}_{self.index:05d}"
-        _write_atomic(self.out_dir / f"{name}.idx", starts.tobytes())
-        _write_atomic(self.out_dir / f"{name}.bin", flat.tobytes())
+        write_atomic(self.out_dir / f"{name}.idx", starts.tobytes())
+        write_atomic(self.out_dir / f"{name}.bin", flat.tobytes())
         entry = {"file": f"{name}.bin", "index_file": f"{name}.idx", "split": self.split,
                  "tokens": int(flat.size), "documents": len(self.docs),
                  "sha256": _sha256(self.out_dir / f"{name}.bin"),
@@ -179,7 +180,7 @@ class _Progress:
     def record(self, split: str, entry: dict) -> None:
         self.shards.append(entry)
         self.open_from[split] = entry["end_document"]
-        _write_atomic(self.path, json.dumps({"config_key": self.config_key, "shards": self.shards,
+        write_atomic(self.path, json.dumps({"config_key": self.config_key, "shards": self.shards,
                                              "open_from": self.open_from}, indent=1).encode())
 
 
@@ -254,7 +255,7 @@ def pack_shards(documents: Iterable[tuple[str, str]], tokenizer_dir: Path, out_d
                        "documents": sum(e["documents"] for e in shards if e["split"] == s)} for s in SPLIT_PREFIX},
         "config": config,
     }
-    _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
     progress.path.unlink(missing_ok=True)
     return manifest, {"reused": False, "resumed_shards": resumed, "skipped_documents": counts["skipped"]}
 

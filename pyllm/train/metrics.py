@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from pyllm.data.shards import write_atomic
 from pyllm.model.flops import peak_flops
 
 def device_peak_flops(device: torch.device, precision: str, override_tflops: float | None) -> float | None:
@@ -219,6 +220,4 @@ def _drop_records_after(path: Path, step: int) -> None:
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep == lines:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(keep).encode("utf-8"))

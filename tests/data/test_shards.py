@@ -94,8 +94,8 @@ def test_resume_does_not_redo_finished_shards(packed, docs, tok_dir, tmp_path, m
     assert len(finished) == 3
 
     written = []
-    real_write = shards_mod._write_atomic
-    monkeypatch.setattr(shards_mod, "_write_atomic", lambda p, d: (written.append(p.name), real_write(p, d)))
+    real_write = shards_mod.write_atomic
+    monkeypatch.setattr(shards_mod, "write_atomic", lambda p, d: (written.append(p.name), real_write(p, d)))
     _, info = pack_shards(iter(docs), tok_dir, tmp_path, CFG, {"test": 1}, workers=1)
     assert info["resumed_shards"] == 3 and info["skipped_documents"] > 0
     rewritten = [n for n in written if n.endswith(".bin")]
