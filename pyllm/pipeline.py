@@ -268,6 +268,11 @@ class Pipeline:
     def stage_dir(self, name: str) -> Path:
         return self.out / name
 
+    def identity(self, name: str) -> str:
+        """What a dependent stage's key takes from stage ``name``: its inputs' hash and when the run that made its
+        output started, so that a re-run of ``name`` (``--force``) re-runs its dependents too."""
+        return f"{self.keys[name]}@{self.records[name].started!r}"
+
     def run_stage(self, name: str, settings: dict, needs: tuple[str, ...], fn: Callable[[Path], dict]) -> StageRecord:
         """Run ``fn(stage_dir) -> summary`` unless a finished record with the same inputs' hash exists."""
         import resource
@@ -280,7 +285,7 @@ class Pipeline:
             rec = StageRecord(key="", finished=True, status="skipped", summary={"reason": why})
             self.records[name] = rec
             return rec
-        key = _key(name, settings, [self.keys[d] for d in needs], pyllm.__version__)
+        key = _key(name, settings, [self.identity(d) for d in needs], pyllm.__version__)
         self.keys[name] = key
         directory = self.stage_dir(name)
         path = directory / "stage.json"
@@ -324,7 +329,7 @@ class Pipeline:
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
         S = self.records
         self.run_stage("data", cfg.data, (), lambda d: run_data(cfg, d))
-        self.run_stage("pretrain", {**cfg.pretrain, "precision": cfg.precision, "device": cfg.device}, ("data",),
+        self.run_stage("pretrain", {**cfg.pretrain, "precision": cfg.precision, "device": _device(cfg)}, ("data",),
                        lambda d: run_pretrain(cfg, d, S["data"].summary))
         self.run_stage("sft", cfg.sft, ("pretrain",),
                        lambda d: run_sft(cfg, d, S["pretrain"].summary, S["data"].summary))
@@ -339,7 +344,7 @@ class Pipeline:
         ckpts = {name: S[name].summary["model_dir"] for name in ("pretrain", "sft", "dpo", "rl")
                  if S.get(name) and S[name].status == "done" and S[name].summary.get("model_dir")}
         # the reward column is the rm stage's judge: a retrained (or now skipped) reward model re-runs eval
-        rm_key = self.keys.get("rm") if S.get("rm") and S["rm"].status == "done" else None
+        rm_key = self.identity("rm") if S.get("rm") and S["rm"].status == "done" else None
         self.run_stage("eval", {**cfg.eval, "checkpoints": sorted(ckpts), "rm": rm_key}, tuple(ckpts),
                        lambda d: run_eval(cfg, d, ckpts, S.get("rm")))
         # the report is cheap and reads everything: always rewritten
@@ -586,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl", choices=("grpo", "ppo", "none"))
     parser.add_argument("--rl-from", choices=("sft", "dpo"), help="the model RL starts from (default sft)")
     parser.add_argument("--skip", default="", help=f"comma-separated stages not to run ({', '.join(STAGES[2:-1])})")
-    parser.add_argument("--force", default="", help="comma-separated stages to re-run even if cached")
+    parser.add_argument("--force", default="", help="comma-separated stages to re-run even if cached (the stages that read them re-run too)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("out_dir", args.out_dir), ("device", args.device),
                                    ("precision", args.precision), ("rl", args.rl), ("rl_from", args.rl_from))

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pyllm import pipeline
 from pyllm.pipeline import Pipeline, PipelineConfig, StageRecord, StageUnavailable
@@ -148,6 +149,31 @@ def test_eval_reruns_when_the_reward_model_changes(tmp_path, monkeypatch):
     assert run(rm={"seq_len": 32}) == ["rm", "eval"] and not (tmp_path / "rm.stale-1").exists()
     assert run(rm={"seq_len": 32}) == []
     assert run(rm={"seq_len": 32}, skip=("rm",)) == ["eval"]
+
+
+def test_force_reruns_the_stages_that_read_the_forced_one(tmp_path, monkeypatch):
+    """--force sft re-runs sft and what was made from its output (rm, dpo, rl, eval), not data or pretrain;
+    device "auto" and "cpu" name the same device here, so switching between them re-runs nothing."""
+    from pyllm import report
+
+    calls = []
+    for name in ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval"):
+        monkeypatch.setattr(pipeline, f"run_{name}",
+                            lambda cfg, d, *a, _n=name: calls.append(_n) or {"model_dir": str(d)})
+    monkeypatch.setattr(report, "write_pipeline_report", lambda cfg, S, d: d / "report.md")
+    monkeypatch.setattr(pipeline, "measured_matmul_tflops", lambda *a: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def run(force=(), device="cpu"):
+        calls.clear()
+        Pipeline(PipelineConfig(out_dir=str(tmp_path), device=device), force=force, log=lambda s: None).run()
+        return calls[:]
+
+    assert run() == ["data", "pretrain", "sft", "rm", "dpo", "rl", "eval"]
+    assert run(force=("sft",)) == ["sft", "rm", "dpo", "rl", "eval"]
+    assert run() == []  # the forced run's output is now the cached one
+    assert run(force=("rm",)) == ["rm", "eval"]  # eval's reward column is the rm's
+    assert run(device="auto") == []
 
 
 def test_rl_ppo_trains_against_the_reward_model(tmp_path):
