@@ -591,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl", choices=("grpo", "ppo", "none"))
     parser.add_argument("--rl-from", choices=("sft", "dpo"), help="the model RL starts from (default sft)")
     parser.add_argument("--skip", default="", help=f"comma-separated stages not to run ({', '.join(STAGES[2:-1])})")
-    parser.add_argument("--force", default="", help="comma-separated stages to re-run even if cached (the stages that read them re-run too)")
+    parser.add_argument("--force", default="",
+                        help="comma-separated stages to re-run even if cached (the stages that read them re-run too)")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("out_dir", args.out_dir), ("device", args.device),
                                    ("precision", args.precision), ("rl", args.rl), ("rl_from", args.rl_from))
