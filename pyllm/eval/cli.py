@@ -32,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     p.add_argument("--num-fewshot", type=int, help="override each task's number of few-shot examples")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     p.add_argument("--out", default="eval_results.json", help="JSON results path")
     p.add_argument("--markdown", help="Markdown table path (default: --out with .md)")
@@ -52,6 +52,8 @@ def main(argv: list[str]) -> int:
     if (problem := device_problem(args.device)) is not None:
         print(f"pyllm eval: {problem.replace('device=', '--device ')}", file=sys.stderr)
         return 2
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = load_model(args.model, device=args.device, dtype=_DTYPES[args.dtype])
         tokenizer = load_tokenizer(args.model)

@@ -77,6 +77,11 @@ def test_cli_bad_device_data_folder_and_report_path_are_one_line(tmp_path, tok, 
     base = ["--model", str(tmp_path / "m"), "--text", str(tmp_path / "held.txt")]
     assert eval_main([*base, "--device", "bogus", "--out", str(tmp_path / "x.json")]) == 2
     assert capsys.readouterr().err == "pyllm eval: --device 'bogus': use 'auto', 'cpu', 'cuda' or 'cuda:N'\n"
+    # "auto" (the default) is this machine's device, as in pyllm train
+    assert eval_main([*base, "--device", "auto", "--out", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "a.json").read_text())["meta"]["device"] == ("cuda" if torch.cuda.is_available()
+                                                                              else "cpu")
     # the report path is a folder: the results are printed before the one-line error, not lost in a traceback
     (tmp_path / "r.json").mkdir()
     assert eval_main([*base, "--out", str(tmp_path / "r.json")]) == 2
