@@ -28,6 +28,7 @@ import jinja2
 import yaml
 
 from pyllm.data.jsonl import JsonLinesError, read_json_lines
+from pyllm.typecheck import type_problem, unwrap_optional
 
 KINDS = ("multiple_choice", "generation", "perplexity")
 NORMALIZERS = ("strip", "lower", "collapse_whitespace", "strip_punctuation", "last_number")
@@ -121,34 +122,19 @@ class TaskConfig:
 
 
 _HINTS = typing.get_type_hints(TaskConfig)
-_WORDS = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
 def _typed(task, name: str, value, hint):
     """``value`` of field ``name`` checked against its annotation: an int is a float too, and a single value is
     a one-element list (``stop: "Question:"`` is one stop string); anything else is a TaskError."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is list:
-        elem = typing.get_args(hint)[0]
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        if all(_is(v, elem) for v in items):
-            return [float(v) if elem is float else v for v in items]
-        want = f"a list of {_WORDS[elem]}s (or a single {_WORDS[elem]})"
-    elif _is(value, hint):
-        return float(value) if hint is float else value
-    else:
-        want = ("an " if hint is int else "a ") + _WORDS[hint]
-    raise TaskError(f"task {task!r}: field {name!r} must be {want}, got {value!r}")
-
-
-def _is(value, typ) -> bool:
-    if isinstance(value, bool):  # YAML's yes/no: never a number
-        return typ is bool
-    return isinstance(value, (int, float)) if typ is float else isinstance(value, typ)
+    if (want := type_problem(value, hint, scalar_as_list=True)) is not None:
+        raise TaskError(f"task {task!r}: field {name!r} must be {want}, got {value!r}")
+    hint = unwrap_optional(hint)
+    if value is None or hint is not float and typing.get_origin(hint) is not list:
+        return value
+    if hint is float:
+        return float(value)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @dataclass

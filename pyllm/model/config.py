@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
+import typing
 from dataclasses import dataclass
 
 from pyllm.ops.registry import check_backend_name
-
-
-INT_FIELDS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len")
-FLOAT_FIELDS = ("rope_theta", "norm_eps", "dropout", "init_std")
+from pyllm.typecheck import type_problem
 
 
 @dataclass
@@ -64,14 +60,9 @@ class ModelConfig:
     """Compute the training loss with linear_cross_entropy (no full logits in memory)."""
 
     def __post_init__(self):
-        for name in INT_FIELDS + FLOAT_FIELDS:  # e.g. n_layer "2" from a hand-edited config.json
-            value, whole = getattr(self, name), name in INT_FIELDS
-            if value is None and name in ("n_kv_head", "d_ff"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
-                raise ValueError(f"ModelConfig: {name}={value!r} must be {'an integer' if whole else 'a number'}")
-            if not whole and not math.isfinite(value):  # NaN would pass no comparison below
-                raise ValueError(f"ModelConfig: {name}={value} must be a finite number")
+        for name, hint in typing.get_type_hints(ModelConfig).items():  # e.g. n_layer "2" from a hand-edited file
+            if (want := type_problem(getattr(self, name), hint)) is not None:
+                raise ValueError(f"ModelConfig: {name}={getattr(self, name)!r} must be {want}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
