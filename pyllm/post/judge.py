@@ -39,14 +39,26 @@ def shorten(text: str, n: int = 40) -> str:
     return repr(text[:n]) + ("..." if len(text) > n else "")
 
 
+def reward_where(name, prompt: str, response: str, origin: str = "") -> str:
+    """How an error names one reward: the reward's name, the example's ``origin`` (file:line) if known, the prompt
+    and the response."""
+    where = f"reward {name!r} on prompt {shorten(prompt)}, response {shorten(response)}"
+    return f"{origin}: {where}" if origin else where
+
+
+def finite_reward(value: float, where: str) -> float:
+    """``value``, or a one-line ValueError when it is nan/inf (a nan reward would otherwise make every weight nan,
+    or silently swap a judged pair)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{where} returned {value}; rewards must be finite numbers")
+    return value
+
+
 def rule_score(rule: Callable[[str, str], float], prompt: str, response: str, name: str | None = None,
                origin: str = "") -> float:
     """``rule(prompt, response)`` as a finite float. The rule is user code: a failure, a non-number or nan/inf
-    is a one-line ValueError naming the rule, the example's ``origin`` (file:line) if known, the prompt and the
-    response (a nan reward would otherwise make every weight nan, or silently swap a judged pair)."""
-    name = name or getattr(rule, "__qualname__", repr(rule))
-    where = f"{name!r} on prompt {shorten(prompt)}, response {shorten(response)}"
-    where = f"{origin}: reward {where}" if origin else f"reward {where}"
+    is a one-line ValueError naming it (``reward_where``)."""
+    where = reward_where(name or getattr(rule, "__qualname__", repr(rule)), prompt, response, origin)
     try:
         out = rule(prompt, response)
     except Exception as e:
@@ -55,9 +67,12 @@ def rule_score(rule: Callable[[str, str], float], prompt: str, response: str, na
         value = float(out)
     except (TypeError, ValueError):
         raise ValueError(f"{where} returned {repr(out)[:60]}, not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{where} returned {value}; rewards must be finite numbers")
-    return value
+    return finite_reward(value, where)
+
+
+def _origins(origins: list[str] | None, prompts) -> list[str]:
+    """Each example's file:line, or "" for each when the caller has none."""
+    return origins or [""] * len(prompts)
 
 
 class RuleJudge:
@@ -68,7 +83,7 @@ class RuleJudge:
 
     def prefer(self, prompts, a, b, origins=None) -> list[float]:
         out = []
-        for p, x, y, o in zip(prompts, a, b, origins or [""] * len(prompts)):
+        for p, x, y, o in zip(prompts, a, b, _origins(origins, prompts)):
             ra, rb = (rule_score(self.reward_fn, p, r, self.name, o) for r in (x, y))
             out.append(0.5 if ra == rb else float(ra > rb))
         return out
@@ -83,7 +98,7 @@ class RewardModelJudge:
     @torch.no_grad()
     def scores(self, prompts, responses, origins=None) -> torch.Tensor:
         """Reward of each (prompt, response), (N,) on the CPU; ``origins`` (file:line) name them in errors."""
-        examples = [Example(p, r, origin=o) for p, r, o in zip(prompts, responses, origins or [""] * len(prompts))]
+        examples = [Example(p, r, origin=o) for p, r, o in zip(prompts, responses, _origins(origins, prompts))]
         enc = encode_examples(self.template, examples, self.max_len)
         device = self.rm.head.proj.weight.device
         out = []
@@ -147,7 +162,7 @@ class ModelJudge:
         return torch.softmax(pick, dim=-1)[:, 0].tolist()
 
     def prefer(self, prompts, a, b, origins=None) -> list[float]:
-        origins = origins or [""] * len(prompts)
+        origins = _origins(origins, prompts)
         ab = self._p_first(prompts, a, b, origins)
         ba = self._p_first(prompts, b, a, origins)
         return [(x + (1.0 - y)) / 2.0 for x, y in zip(ab, ba)]

@@ -15,7 +15,6 @@ per-token quantities are aligned with ``input_ids[:, 1:]`` (N, L-1).
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +28,7 @@ from pyllm.train.distributed import DistInfo
 from .chat import ChatTemplate
 from .datasets import BUILTIN_EXAMPLES, Example, exact_match, load_examples, resolve, split, task_reward
 from .heads import RewardModel
-from .judge import RewardModelJudge, load_python_function, rule_score, shorten
+from .judge import RewardModelJudge, finite_reward, load_python_function, reward_where, rule_score
 from .lora import BaseModelView
 from .packing import Encoded
 from .sequences import collate, generate_responses, response_logprobs
@@ -134,11 +133,7 @@ def make_reward_fn(spec, template: ChatTemplate, seq_len: int, device) -> Reward
 
         def rm_reward(prompts, responses):
             scores = judge.scores(prompts, responses).tolist()
-            for p, r, s in zip(prompts, responses, scores):  # a nan score would make every weight nan
-                if not math.isfinite(s):
-                    raise ValueError(f"reward {spec!r} on prompt {shorten(p)}, response {shorten(r)} returned {s}; "
-                                     "rewards must be finite numbers")
-            return scores
+            return [finite_reward(s, reward_where(spec, p, r)) for p, r, s in zip(prompts, responses, scores)]
 
         return rm_reward
     raise ValueError(f"reward={spec!r}: use 'task' (built-in checker), 'py:module:function', a callable, "
