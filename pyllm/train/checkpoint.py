@@ -168,14 +168,21 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def remove_stale_temps(self) -> None:
-        """Delete the temporary directories (``.tmp-<name>-<pid>``) of writes that a crash or kill interrupted.
-        One whose process still runs is left alone: it may be a write in progress by another trainer."""
+        """Tidy what writes interrupted by a crash or kill left: temporary directories (``.tmp-<name>-<pid>``) are
+        deleted; a checkpoint moved aside for a re-save (``.old-<name>-<pid>``) is deleted when ``<name>`` was
+        written, else put back (it is the only copy). Those of a process that still runs are left alone: they may
+        be a write in progress by another trainer."""
         if not self.dir.is_dir():
             return
-        for tmp in self.dir.glob(".tmp-*"):
-            pid = tmp.name.rpartition("-")[2]
-            if tmp.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid))):
-                shutil.rmtree(tmp, ignore_errors=True)
+        for path in sorted(self.dir.glob(".tmp-*")) + sorted(self.dir.glob(".old-*")):
+            prefix, _, rest = path.name.partition("-")
+            name, _, pid = rest.rpartition("-")
+            if not (path.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _process_alive(int(pid)))):
+                continue
+            if prefix == ".old" and not (self.dir / name).exists():
+                os.replace(path, self.dir / name)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------- read
     def step_dirs(self) -> list[Path]:

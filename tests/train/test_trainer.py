@@ -403,6 +403,28 @@ def test_stale_temporary_checkpoint_directories_are_removed(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+def test_a_checkpoint_moved_aside_by_an_interrupted_re_save_is_put_back(tmp_path):
+    """Re-saving step N moves step_N to .old-step_N-<pid> first: a kill before the new one is in place leaves the
+    only copy there (put back at the next start); a kill after leaves a redundant copy (deleted)."""
+    import os
+    import subprocess
+
+    from pyllm.train.checkpoint import CheckpointManager
+
+    make_trainer(tmp_path, max_steps=4, ckpt_every=2).fit()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ckpts = tmp_path / "checkpoints"
+    only = ckpts / f".old-{step_dir_name(4)}-{dead.pid}"
+    os.replace(ckpts / step_dir_name(4), only)
+    redundant = ckpts / f".old-{step_dir_name(2)}-{dead.pid}"
+    shutil.copytree(ckpts / step_dir_name(2), redundant)
+    manager = CheckpointManager(ckpts, keep_last=3)
+    manager.remove_stale_temps()
+    assert sorted(p.name for p in ckpts.iterdir()) == [step_dir_name(2), step_dir_name(4)]
+    assert manager.latest_valid() == ckpts / step_dir_name(4)
+
+
 def test_resuming_with_other_settings_names_them_in_one_warning(tmp_path):
     """A longer max_steps stretches the cosine schedule (the lr jumps on resume): allowed, but said."""
     make_trainer(tmp_path, max_steps=4, ckpt_every=2).fit()
