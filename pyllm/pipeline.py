@@ -35,6 +35,7 @@ from typing import Any, Callable
 import pyllm
 from pyllm.data.jsonl import read_json_lines
 from pyllm.data.shards import write_atomic
+from pyllm.typecheck import check_fields
 
 STAGES = ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval", "report")
 
@@ -76,6 +77,7 @@ class PipelineConfig:
     """Stages not to run (their dependants are skipped too), e.g. ("rm", "rl")."""
 
     def __post_init__(self):
+        check_fields(self)
         from pyllm.train.config import PRECISIONS
 
         if self.precision not in PRECISIONS:

@@ -2,12 +2,17 @@
 task files)."""
 
 import math
+import typing
 
 import numpy as np
 import pytest
 
 from pyllm.eval.tasks import TaskConfig, TaskError
 from pyllm.model import ModelConfig
+from pyllm.pipeline import PipelineConfig
+from pyllm.post.dpo import DPOConfig
+from pyllm.post.grpo import GRPOConfig
+from pyllm.post.lora import LoRAConfig
 from pyllm.train.config import ConfigError, TrainConfig
 from pyllm.typecheck import type_problem
 
@@ -21,6 +26,9 @@ from pyllm.typecheck import type_problem
     (2, int | None, None), (2.5, int | None, "an integer"), ({"a": 1}, dict | None, None),
     (["a", "b"], list[str], None), (("a",), list[str], None), ("ab", list[str], "a list of strings"),
     ([1, "b"], list[int], "a list of integers"), ([True], list[int], "a list of integers"),
+    (["a"], tuple[str, ...], None), ("rm", tuple[str, ...], "a list of strings"), ({1: 0.5}, dict[int, float], None),
+    ([1], dict, "a mapping of keys to values"), (print, str | typing.Callable, None), (3, str | typing.Callable, None),
+    (3, str | bool, "a string or a boolean"), (None, str | bool, "a string or a boolean"),
 ])
 def test_type_problem(value, hint, want):
     assert type_problem(value, hint) == want
@@ -38,6 +46,10 @@ def test_a_single_value_may_stand_for_a_list():
     (lambda: ModelConfig(n_kv_head=2.0), ValueError, "ModelConfig: n_kv_head=2.0 must be an integer"),
     (lambda: TrainConfig(max_steps=2.5), ConfigError, "TrainConfig: max_steps=2.5 must be an integer"),
     (lambda: TrainConfig(lr=math.inf), ConfigError, "TrainConfig: lr=inf must be a finite number"),
+    (lambda: DPOConfig(beta="0.1"), ValueError, "DPOConfig: beta='0.1' must be a number"),
+    (lambda: GRPOConfig(group_size=4.0), ValueError, "GRPOConfig: group_size=4.0 must be an integer"),
+    (lambda: LoRAConfig(rank="4"), ValueError, "LoRAConfig: rank='4' must be an integer"),
+    (lambda: PipelineConfig(skip="rm"), ValueError, "PipelineConfig: skip='rm' must be a list of strings"),
     (lambda: TaskConfig(name="t", kind="generation", template="Q", temperature=math.nan), TaskError,
      "task 't': field 'temperature' must be a finite number, got nan"),
     (lambda: TaskConfig(name="t", kind="generation", template="Q", pass_k=["1"]), TaskError,

@@ -20,13 +20,14 @@ import json
 import os
 import sys
 import time
-import types
 import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+
+from pyllm.typecheck import type_problem
 
 from .bpe import TokenizerConfig, train_bpe
 from .classifier import ClassifierConfig, QualityClassifier, train_classifier
@@ -124,33 +125,12 @@ class DataConfig:
         return d
 
 
-def _fits(value, typ) -> bool:
-    """Whether a JSON value can stand for a field annotated ``typ`` (int for float; a list for a tuple)."""
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if typ is type(None):
-        return value is None
-    if typ is bool:
-        return isinstance(value, bool)
-    if typ in (int, float):
-        return isinstance(value, (int, float) if typ is float else int) and not isinstance(value, bool)
-    if typ is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    return True
-
-
 def _check_json_types(cls, values: dict, prefix: str) -> None:
     """A one-line ValueError naming the first field whose JSON value has the wrong type."""
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
-        if not _fits(v, hints[k]):
-            want = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k]).replace("typing.", "")
-            raise ValueError(f"{prefix}{k}={v!r}: expected {want}")
+        if (want := type_problem(v, hints[k])) is not None:
+            raise ValueError(f"{prefix}{k}={v!r} must be {want}")
 
 
 _SECTIONS = {"clean": CleanConfig, "quality": QualityConfig, "classifier": ClassifierConfig,

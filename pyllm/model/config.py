@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 
 from pyllm.ops.registry import check_backend_name
-from pyllm.typecheck import type_problem
+from pyllm.typecheck import check_fields
 
 
 @dataclass
@@ -60,9 +59,7 @@ class ModelConfig:
     """Compute the training loss with linear_cross_entropy (no full logits in memory)."""
 
     def __post_init__(self):
-        for name, hint in typing.get_type_hints(ModelConfig).items():  # e.g. n_layer "2" from a hand-edited file
-            if (want := type_problem(getattr(self, name), hint)) is not None:
-                raise ValueError(f"ModelConfig: {name}={getattr(self, name)!r} must be {want}")
+        check_fields(self)  # e.g. n_layer "2" or bias "false" from a hand-edited config.json
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:

@@ -52,6 +52,7 @@ class DPOConfig(StageConfig):
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
 
     def __post_init__(self):
+        super().__post_init__()  # first: the field types (pyllm.typecheck)
         if self.variant not in DPO_VARIANTS:
             raise ValueError(f"DPOConfig: variant={self.variant!r}; use one of {DPO_VARIANTS}")
         if self.beta <= 0:
@@ -60,7 +61,6 @@ class DPOConfig(StageConfig):
             raise ValueError(f"DPOConfig: sft_coef={self.sft_coef} must be >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig: label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        super().__post_init__()
 
     def stage_defaults(self) -> dict:
         return {"lr": 5e-4, "min_lr": 5e-5, "max_steps": 100, "batch_size": 16}

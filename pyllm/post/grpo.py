@@ -37,9 +37,9 @@ class GRPOConfig(RLConfig):
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
 
     def __post_init__(self):
+        super().__post_init__()  # first: the field types (pyllm.typecheck)
         if self.group_size < 2:
             raise ValueError(f"GRPOConfig: group_size={self.group_size} must be >= 2 (advantages are relative)")
-        super().__post_init__()
         self.check_minibatch()
 
     def samples_per_prompt(self) -> int:

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from pyllm.typecheck import check_fields
+
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
@@ -32,6 +34,7 @@ class LoRAConfig:
     """Module name suffixes to adapt (attention qkv/proj, MLP fc/proj)."""
 
     def __post_init__(self):
+        check_fields(self)
         if self.rank < 1:
             raise ValueError(f"LoRAConfig: rank={self.rank} must be >= 1")
         bad = [t for t in self.targets if t not in TARGETS]

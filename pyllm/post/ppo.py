@@ -50,6 +50,7 @@ class PPOConfig(RLConfig):
     """Checkpoints, metrics and the final policy (``<out_dir>/final``)."""
 
     def __post_init__(self):
+        super().__post_init__()  # first: the field types (pyllm.typecheck)
         checks = [(self.kl_target is None or self.kl_target > 0,
                    f"kl_target={self.kl_target} must be positive (or None: a fixed kl_coef)"),
                   (self.kl_horizon > 0, f"kl_horizon={self.kl_horizon} must be positive"),
@@ -60,7 +61,6 @@ class PPOConfig(RLConfig):
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"PPOConfig: {msg}")
-        super().__post_init__()
         self.check_minibatch()
 
     def stage_defaults(self) -> dict:

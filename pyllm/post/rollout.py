@@ -233,6 +233,7 @@ class RLConfig(StageConfig):
     every sample the same reward, hence no gradient)."""
 
     def __post_init__(self):
+        super().__post_init__()  # first: the field types (pyllm.typecheck)
         checks = [(self.prompts_per_rollout > 0, "prompts_per_rollout must be positive"),
                   (self.epochs > 0, "epochs must be positive"), (self.clip > 0, "clip must be positive"),
                   (self.kl_coef >= 0, "kl_coef must be >= 0"), (self.temperature > 0, "temperature must be > 0"),
@@ -242,7 +243,6 @@ class RLConfig(StageConfig):
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"{type(self).__name__}: {msg}")
-        super().__post_init__()
 
     def samples_per_prompt(self) -> int:
         return 1

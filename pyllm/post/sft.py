@@ -44,6 +44,7 @@ class SFTConfig(StageConfig):
     """Checkpoints, metrics and the final model (``<out_dir>/final``)."""
 
     def __post_init__(self):
+        super().__post_init__()  # first: the field types (pyllm.typecheck)
         from pyllm.train.data import is_shard_dir
 
         if not 0.0 <= self.pretrain_mix < 1.0:
@@ -53,7 +54,6 @@ class SFTConfig(StageConfig):
         if self.pretrain_data is not None and not is_shard_dir(self.pretrain_data):
             raise ValueError(f"SFTConfig: pretrain_data={self.pretrain_data!r} is not a shard directory "
                              "(no manifest.json); give the data stage's shards/")
-        super().__post_init__()
 
     def replay_rows(self, world_size: int = 1) -> int:
         """Rows of pretraining text in each micro-batch (the rest are packed SFT rows)."""

@@ -31,6 +31,7 @@ from pyllm.tokenizer import ByteTokenizer, load_tokenizer
 from pyllm.train import distributed
 from pyllm.train.config import TrainConfig
 from pyllm.train.trainer import Trainer, resolve_device
+from pyllm.typecheck import check_fields
 
 from .chat import ChatTemplate
 from .datasets import HELDOUT_FRACTION
@@ -72,6 +73,7 @@ class StageConfig:
     """TrainConfig overrides, e.g. {"lr": 1e-3, "max_steps": 200}; merged over the stage's defaults."""
 
     def __post_init__(self):
+        check_fields(self)
         checks = [
             (self.seq_len > 1, f"seq_len={self.seq_len} must be > 1"),
             (0.0 < self.heldout_fraction < 1.0, f"heldout_fraction={self.heldout_fraction} must be in (0, 1)"),

@@ -18,7 +18,7 @@ import torch
 
 from pyllm.model import PRESETS as MODEL_PRESETS
 from pyllm.model import ModelConfig
-from pyllm.typecheck import type_problem
+from pyllm.typecheck import check_fields
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -140,12 +140,9 @@ class TrainConfig:
     """kg CO2 per kWh for the energy report (0.4 is about the world grid average)."""
 
     def __post_init__(self):
-        hints = _field_types(TrainConfig)
-        for f in dataclasses.fields(self):  # first: a NaN fails every comparison below with a misleading message
-            # (Python API callers: the CLI parses by type; max_steps=2.5 ran 3 steps with no final checkpoint,
-            # lr="1e-3" failed deep in the optimiser)
-            if (want := type_problem(getattr(self, f.name), hints[f.name])) is not None:
-                raise ConfigError(f"TrainConfig: {f.name}={getattr(self, f.name)!r} must be {want}")
+        # first: a NaN fails every comparison below with a misleading message; Python API callers' types (the CLI
+        # parses by type): max_steps=2.5 ran 3 steps with no final checkpoint, lr="1e-3" failed in the optimiser
+        check_fields(self, ConfigError)
         checks = [
             (self.data.strip() != "",
              f"data={self.data!r} is empty: give a text file, a folder, a token-shard directory or 'builtin'"),
