@@ -16,8 +16,13 @@ kept: each invalid UTF-8 byte becomes ``INVALID_BYTE`` (their count in the docum
 ``doc.meta["invalid_bytes"]``; the cleaning stage repairs or drops), a truncated gzip keeps what was read
 before the cut, a malformed JSONL line loses only that line, an empty file is noted.
 
-Text is UTF-8, except web pages, which are decoded as a browser decodes them (``html_encoding``): a byte-order
-mark, else the charset of the HTTP ``Content-Type`` header (WARC), else a ``<meta>`` declaration.
+Encodings. JSON lines are UTF-8 (RFC 8259). A plain text file is decoded (``decode_plain_text``) in the codec of
+its byte-order mark (UTF-8, UTF-16 or UTF-32; the mark is dropped, and a UTF-16 or UTF-32 file is text despite its
+NUL bytes), else as UTF-8 if it is valid UTF-8, else as windows-1252 if it looks like a legacy 8-bit file (at
+least two bytes invalid in UTF-8, more than its valid multi-byte UTF-8 characters, Latin script; logged as
+``legacy_encoding``), else as UTF-8 with invalid bytes. Web pages are decoded as a browser decodes them
+(``html_encoding``): a byte-order mark, else the charset of the HTTP ``Content-Type`` header (WARC), else a
+``<meta>`` declaration.
 """
 
 from __future__ import annotations
@@ -94,13 +99,38 @@ def decode_bytes(raw: bytes, encoding: str, file, line: int | None, issues: Issu
         text = escaped.translate(_ESCAPED_BYTES)
         bad = text.count(INVALID_BYTE) - escaped.count(INVALID_BYTE)
         where = line if line is not None else raw[:e.start].count(b"\n") + 1
-        kind, named = ("invalid_utf8", "") if encoding == "utf-8" else ("invalid_bytes", f" in {encoding}")
-        issues.add(file, where, kind, f"{bad} invalid byte(s){named} (first at byte {e.start})")
+        _log_invalid_bytes(issues, file, where, encoding, bad, e.start)
         return text, bad
 
 
+def _log_invalid_bytes(issues: IssueLog, file, line: int, encoding: str, bad: int, first: int) -> None:
+    kind, named = ("invalid_utf8", "") if encoding == "utf-8" else ("invalid_bytes", f" in {encoding}")
+    issues.add(file, line, kind, f"{bad} invalid byte(s){named} (first at byte {first})")
+
+
+def decode_units(raw: bytes, encoding: str, file, issues: IssueLog) -> tuple[str, int]:
+    """``decode_bytes`` for a codec whose invalid sequences can hold bytes below 0x80, which "surrogateescape"
+    cannot carry: a UTF-16 or UTF-32 file cut inside a unit, a lone UTF-16 surrogate. One decode per invalid
+    sequence, so it is kept for those codecs; the line of the first is counted in the decoded text."""
+    try:
+        return raw.decode(encoding), 0
+    except UnicodeDecodeError as e:
+        first = e.start
+    view, parts, pos, bad = memoryview(raw), [], 0, 0
+    while True:
+        try:
+            parts.append(str(view[pos:], encoding))
+            break
+        except UnicodeDecodeError as e:  # e.start, e.end: relative to pos
+            parts += [str(view[pos:pos + e.start], encoding), INVALID_BYTE * (e.end - e.start)]
+            bad += e.end - e.start
+            pos += e.end
+    _log_invalid_bytes(issues, file, parts[0].count("\n") + 1, encoding, bad, first)
+    return "".join(parts), bad
+
+
 def decode_utf8(raw: bytes, file, line: int | None, issues: IssueLog) -> tuple[str, int]:
-    """``decode_bytes`` in UTF-8, the encoding of every input but web pages."""
+    """``decode_bytes`` in UTF-8, the encoding of every input but web pages and some plain text files."""
     return decode_bytes(raw, "utf-8", file, line, issues)
 
 
@@ -109,7 +139,9 @@ _BROWSER_CODECS = {"iso8859-1": "cp1252", "ascii": "cp1252"}
 # names Python knows that no browser decodes a page with: bytes-to-bytes transforms, escapes, UTF-7
 _NOT_WEB_CODECS = {"base64", "bz2", "hex", "quopri", "uu", "zlib", "rot-13", "idna", "punycode", "undefined",
                    "unicode-escape", "raw-unicode-escape", "utf-7"}
-_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+# the UTF-32 marks first: the UTF-32 LE mark begins with the UTF-16 LE one
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 _CHARSET = re.compile(r"""charset\s*=\s*["']?\s*([\w.:+-]+)""", re.IGNORECASE)
 _META = re.compile(r"<meta\b[^>]*>", re.IGNORECASE)
 _COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
@@ -124,14 +156,22 @@ def _codec(label: str) -> str | None:
     return None if name in _NOT_WEB_CODECS else _BROWSER_CODECS.get(name, name)
 
 
+def bom_encoding(raw: bytes) -> str | None:
+    """The codec of the byte-order mark ``raw`` starts with (UTF-8, or UTF-16 or UTF-32 in the mark's byte order),
+    or None. The codec decodes the mark itself to a leading U+FEFF."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            return codec
+    return None
+
+
 def html_encoding(raw: bytes, content_type: str = "") -> str:
     """The codec a browser decodes an HTML page with: a byte-order mark, else the charset of the HTTP
     ``Content-Type`` header, else a ``<meta charset>`` or ``http-equiv`` declaration in the first 1024 bytes
     (outside comments), else UTF-8. A label Python does not know is ignored, as browsers ignore one they do
     not know."""
-    for bom, codec in _BOMS:
-        if raw.startswith(bom):
-            return codec
+    if codec := bom_encoding(raw):
+        return codec
     if (m := _CHARSET.search(content_type)) and (codec := _codec(m.group(1))):
         return codec
     head = _COMMENT.sub("", raw[:_PRESCAN_BYTES].decode("latin-1"))  # ASCII-compatible, never fails
@@ -150,6 +190,56 @@ def decode_html(raw: bytes, content_type: str, file, line: int | None, issues: I
         except UnicodeDecodeError:  # bytes even "surrogateescape" cannot carry (ASCII range): the label is wrong
             pass
     return decode_utf8(raw, file, line, issues)
+
+
+def utf8_evidence(raw: bytes) -> tuple[int, int]:
+    """(bytes invalid in UTF-8, valid multi-byte UTF-8 characters) of ``raw``. A sequence cut by the end of
+    ``raw`` counts as neither: it says the file was cut, not in which encoding it was written."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    text = decoder.decode(raw, final=False)  # an incomplete last sequence stays in the decoder
+    # re-encoding drops the invalid bytes ("surrogateescape" made them lone surrogates): 50x faster than translate
+    invalid = len(raw) - len(decoder.getstate()[0]) - len(text.encode("utf-8", "ignore"))
+    return invalid, len(text) - len(text.encode("ascii", "ignore")) - invalid
+
+
+_ASCII, _ASCII_LETTERS = bytes(range(0x80)), bytes(range(0x41, 0x5B)) + bytes(range(0x61, 0x7B))
+
+
+def _latin_script(raw: bytes) -> bool:
+    """Whether ``raw`` reads as a Latin-script text: no more bytes >= 0x80 than ASCII letters. Accents are a few
+    percent of a Western European text's letters (a third in a short French sentence with its guillemets); in an
+    8-bit Cyrillic, Greek or CJK text nearly every letter is such a byte, and windows-1252 would make noise of
+    it."""
+    return len(raw.translate(None, _ASCII)) <= len(raw) - len(raw.translate(None, _ASCII_LETTERS))
+
+
+def decode_plain_text(raw: bytes, file, issues: IssueLog) -> tuple[str, int]:
+    """``decode_bytes`` for a plain text file: the codec of its byte-order mark (the mark dropped), else UTF-8,
+    else windows-1252 for a legacy 8-bit file, logged as ``legacy_encoding``.
+
+    Bytes that are not valid UTF-8 are a legacy 8-bit file (Latin-1, windows-1252: WHATWG's fallback for
+    both) when at least two of them are invalid, they outnumber the valid multi-byte characters and the text
+    is Latin script (``_latin_script``: another 8-bit codepage stays invalid bytes, as before); else they
+    are UTF-8 with corrupt bytes, each an ``INVALID_BYTE``. Real UTF-8, even corrupt, is mostly valid
+    sequences, while windows-1252 text forms few, by coincidence ("é" + no-break space + "»" is one); one stray
+    byte in ASCII text is no evidence of an encoding (a single windows-1252 apostrophe is lost, as before)."""
+    codec = bom_encoding(raw)
+    if codec == "utf-8":
+        text, bad = decode_utf8(raw, file, None, issues)
+    elif codec is not None:
+        text, bad = decode_units(raw, codec, file, issues)
+    if codec is not None:
+        return text.removeprefix("\ufeff"), bad  # the mark, decoded
+    try:
+        return raw.decode("utf-8"), 0  # the common case, first
+    except UnicodeDecodeError:
+        pass
+    invalid, multibyte = utf8_evidence(raw)
+    if invalid < 2 or invalid <= multibyte or not _latin_script(raw):
+        return decode_utf8(raw, file, None, issues)
+    issues.add(file, None, "legacy_encoding", f"not UTF-8 ({invalid} invalid byte(s), {multibyte} multi-byte "
+                                              f"character(s)): decoded as windows-1252")
+    return decode_bytes(raw, "cp1252", file, None, issues)
 
 
 def _suffixes(path: Path) -> tuple[str, bool]:
@@ -229,13 +319,14 @@ def _gzip_complete(path: Path) -> bool:
 
 def read_text_file(path: Path, gz: bool, issues: IssueLog) -> Iterator[Document]:
     raw = _read_bytes(path, gz, issues)
-    if not raw.strip():
-        issues.add(path, None, "empty_file", "no text")
-        return
-    if b"\x00" in raw[:8192]:
+    # NUL bytes mark a binary file, unless a UTF-16 or UTF-32 byte-order mark says they are half a character
+    if b"\x00" in raw[:8192] and bom_encoding(raw) in (None, "utf-8"):
         issues.add(path, None, "binary_file", "contains NUL bytes; skipped")
         return
-    text, bad = decode_utf8(raw, path, None, issues)
+    text, bad = decode_plain_text(raw, path, issues)
+    if not text.strip():  # after decoding: a file of a byte-order mark and UTF-16 spaces is empty too
+        issues.add(path, None, "empty_file", "no text")
+        return
     yield Document(id=str(path), text=text, source=str(path), meta={"invalid_bytes": bad})
 
 

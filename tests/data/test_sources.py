@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pyllm.data.document import INVALID_BYTE
 from pyllm.data.sources import IssueLog, iter_documents, list_files
 
 
@@ -42,8 +43,10 @@ def test_corrupt_inputs_are_counted_with_file_and_line(tmp_path):
     # malformed lines (2 and 4), a record without the field (5), a non-object (6)
     lines = [good[0], '{"text": "unterminated', good[1], "not json", '{"title": "x"}', "[1, 2]", good[2]]
     (tmp_path / "a_bad.jsonl").write_text("\n".join(lines) + "\n")
-    # bad UTF-8 on line 2 of a text file: repaired and counted, the document kept
-    (tmp_path / "b_utf8.txt").write_bytes(b"fine line\ncaf\xe9 \xff broken\nlast line\n")
+    # bad UTF-8 on line 2 of a UTF-8 text file (the valid "ï", "—", "é", "à" say so): repaired and counted, the
+    # document kept
+    b_utf8 = "na\u00efve line \u2014 fine\ncaf\udce9 \udcff broken\nlast line, d\u00e9j\u00e0\n"
+    (tmp_path / "b_utf8.txt").write_bytes(b_utf8.encode("utf-8", errors="surrogateescape"))
     # a truncated gzip: the complete lines before the cut survive
     blob = gzip.compress(("\n".join(good) + "\n").encode())
     (tmp_path / "c_cut.jsonl.gz").write_bytes(blob[: len(blob) - 12])
@@ -231,3 +234,85 @@ def test_html_invalid_bytes_are_counted_in_the_extracted_text_only(tmp_path):
     assert docs[0].meta["invalid_bytes"] == 1 and issues.counts["invalid_utf8"] == 1
     cleaned, reason, changes = clean_document(docs[0], CleanConfig())
     assert reason is None and "quick  brown" in cleaned.text and changes["invalid_bytes_repaired"] == 1
+
+
+# "Café naïve, Straße über été — “déjà vu”, isn’t it?": every character also in windows-1252
+LATIN = ("Caf\u00e9 na\u00efve, Stra\u00dfe \u00fcber \u00e9t\u00e9 \u2014 \u201cd\u00e9j\u00e0 vu\u201d, "
+         "isn\u2019t it?\n")
+
+
+@pytest.mark.parametrize("name,text", [
+    ("latin.txt", LATIN),
+    ("latin.txt.gz", LATIN),
+    # only two bytes >= 0x80, both windows-1252 quotes: enough to say "legacy" rather than "corrupt UTF-8"
+    ("quotes.txt", "He said \u201chello\u201d and left.\n"),
+    # "\u00e9" + no-break space + "\u00bb" is a valid 3-byte UTF-8 sequence by coincidence: one of them does not
+    # make a French windows-1252 text UTF-8
+    ("guillemets.txt", "Il a dit \u00ab\u00a0caf\u00e9\u00a0\u00bb, puis \u00ab\u00a0th\u00e9\u00a0\u00bb, \u00e0 "
+                       "l\u2019\u00e9t\u00e9 pr\u00e8s de la f\u00eate.\n"),
+], ids=["txt", "txt_gz", "two_quotes", "guillemets"])
+def test_legacy_8bit_text_is_decoded_as_windows_1252(tmp_path, name, text):
+    raw = text.encode("cp1252")
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    docs, issues = _read([tmp_path / name])
+    assert [d.text for d in docs] == [text] and docs[0].meta["invalid_bytes"] == 0
+    assert dict(issues.counts) == {"legacy_encoding": 1}
+    issue = issues.examples[0]
+    assert issue.file == str(tmp_path / name) and "windows-1252" in issue.message
+
+
+@pytest.mark.parametrize("codec", ["cp1251", "cp1253", "gbk"])
+def test_other_8bit_codepages_are_not_read_as_windows_1252(tmp_path, codec):
+    """windows-1252 would make noise of them ("Ïðèâåò"): they stay invalid bytes,
+    and the cleaning stage drops them."""
+    text = {"cp1251": "Привет, мир! Как дела?\n",
+            "cp1253": "Καλημέρα κόσμε\n",
+            "gbk": "你好，世界\n"}[codec]
+    (tmp_path / "other.txt").write_bytes(text.encode(codec))
+    docs, issues = _read([tmp_path / "other.txt"])
+    assert "legacy_encoding" not in issues.counts and docs[0].meta["invalid_bytes"] > 0
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_byte_order_mark_decides_the_codec_and_is_dropped(tmp_path, codec):
+    (tmp_path / "bom.txt").write_bytes(("\ufeff" + LATIN).encode(codec))  # as Notepad and PowerShell write them
+    docs, issues = _read([tmp_path / "bom.txt"])
+    assert [d.text for d in docs] == [LATIN] and docs[0].meta["invalid_bytes"] == 0 and not issues.counts
+
+
+@pytest.mark.parametrize("raw,bad,line", [
+    # cut inside the last unit (a byte below 0x80, which "surrogateescape" cannot carry), after LATIN's newline
+    (("\ufeff" + LATIN).encode("utf-16-le") + b"x", 1, 2),
+    # a lone surrogate on line 2
+    ("\ufeffline one\nline two ".encode("utf-16-be") + b"\xd8\x00" + "tail".encode("utf-16-be"), 2, 2),
+], ids=["cut_unit", "lone_surrogate"])
+def test_broken_utf16_units_are_invalid_bytes(tmp_path, raw, bad, line):
+    (tmp_path / "u16.txt").write_bytes(raw)
+    docs, issues = _read([tmp_path / "u16.txt"])
+    assert len(docs) == 1 and docs[0].meta["invalid_bytes"] == bad and docs[0].text.count(INVALID_BYTE) == bad
+    assert dict(issues.counts) == {"invalid_bytes": 1} and issues.examples[0].line == line
+
+
+def test_nul_bytes_are_binary_unless_a_utf16_or_utf32_mark_explains_them(tmp_path):
+    (tmp_path / "a_blob.txt").write_bytes(b"text\x00\x01\x02 more text")
+    (tmp_path / "b_utf8_bom_blob.txt").write_bytes(b"\xef\xbb\xbftext\x00\x01\x02")
+    (tmp_path / "c_utf16.txt").write_bytes("\ufeffwide text".encode("utf-16-le"))
+    (tmp_path / "d_only_a_mark.txt").write_bytes(b"\xff\xfe" + " \n".encode("utf-16-le"))
+    docs, issues = _read([tmp_path])
+    assert [d.text for d in docs] == ["wide text"]
+    kinds = [(i.kind, i.file.rsplit("/", 1)[-1]) for i in issues.examples]
+    assert kinds == [("binary_file", "a_blob.txt"), ("binary_file", "b_utf8_bom_blob.txt"),
+                     ("empty_file", "d_only_a_mark.txt")]
+
+
+@pytest.mark.parametrize("raw,bad", [
+    ("na\u00efve caf\u00e9 \u2014 ".encode() + b"one \xe9 corrupt byte", 1),  # the valid sequences say UTF-8
+    (b"plain ASCII with one stray \x92 byte", 1),  # one byte is no evidence of an encoding
+    ("cut inside the last character \u2014".encode()[:-1], 2),  # a cut file, not a legacy one
+], ids=["corrupt_byte_in_utf8", "ascii_and_one_stray_byte", "cut_mid_character"])
+def test_utf8_with_corrupt_bytes_stays_utf8(tmp_path, raw, bad):
+    """Guards, passing before and after the legacy rule: what it must not take for windows-1252."""
+    (tmp_path / "c.txt").write_bytes(raw)
+    docs, issues = _read([tmp_path / "c.txt"])
+    assert docs[0].meta["invalid_bytes"] == bad and docs[0].text.count(INVALID_BYTE) == bad
+    assert dict(issues.counts) == {"invalid_utf8": 1}
