@@ -47,6 +47,17 @@ def _format(rec: dict) -> str:
     return (f"{head} {rec['median_ms']:9.3f} ms [{rec['q25_ms']:.3f}, {rec['q75_ms']:.3f}] {rate}{roof}")
 
 
+def _not_run(bench, opts: harness.RunOptions) -> dict[str, str]:
+    """The selected dtypes (and, for train_step, providers) ``bench`` cannot measure here, with the reasons;
+    an op benchmark records its absent providers itself, per case."""
+    return opts.dtypes_not_run(bench) if isinstance(bench, harness.OpBench) else bench.not_run(opts)
+
+
+def _has_work(bench, opts: harness.RunOptions) -> bool:
+    runs = opts.dtypes_for(bench) if isinstance(bench, harness.OpBench) else bench.variants(opts)
+    return bool(runs) and any(opts.selects_case(c.label) for c in bench.cases(opts.suite))
+
+
 def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suite = args.suite or ("gpu" if device == "cuda" else "short")
@@ -56,6 +67,12 @@ def run(args) -> int:
         names = _csv(args.ops) or OPS
         benches = [load(n) for n in names]
         opts.check_providers(benches)
+        not_run = {b.op: _not_run(b, opts) for b in benches}
+        if not any(_has_work(b, opts) for b in benches):  # not "complete" after measuring nothing
+            why = list(dict.fromkeys(r for reasons in not_run.values() for r in reasons.values()))
+            if not any(opts.selects_case(c.label) for b in benches for c in b.cases(suite)):
+                why.append(f"no case label of suite {suite} contains {' or '.join(map(repr, opts.cases))}")
+            raise ValueError(f"nothing to measure on {device}: {'; '.join(why)}")
     except ValueError as e:
         print(f"pyllm bench: {e}", file=sys.stderr)
         return 2
@@ -89,6 +106,9 @@ def run(args) -> int:
           f"{(info['commit'] or '?')[:12]}{' (dirty)' if info['dirty'] else ''}; suite {suite}; results -> {out}")
     if args.resume:
         print(f"resume: {len(done)} (op, case, dtype) already measured in this session are skipped")
+    for op, reasons in not_run.items():
+        for name, reason in reasons.items():
+            print(f"{op:<20} {name} skipped: {reason}")
     all_dtypes = {d for b in benches if isinstance(b, harness.OpBench) for d in opts.dtypes_for(b)}
     all_dtypes |= {p for b in benches if hasattr(b, "variants") for _, p, _ in b.variants(opts)}  # train_step
     all_dtypes = sorted(all_dtypes | {"fp32"})  # the matmul peak of each precision measured (MFU, roofline)

@@ -20,7 +20,7 @@ from pyllm.ops import registry
 from pyllm.model.flops import flops_per_token
 from pyllm.train.config import cpu_has_native_bf16
 
-from .harness import Case, RunOptions
+from .harness import PYLLM_BACKENDS, TF32_ON_CPU, Case, RunOptions
 from .timing import dtype_context, time_fn
 
 # (label, model preset, overrides, batch, sequence)
@@ -62,17 +62,43 @@ class TrainStepBench:
         return [Case(f"{label} (B={b}, T={t})", {"preset": p, "overrides": o, "batch": b, "seq": t})
                 for label, p, o, b, t in _MODELS[suite]]
 
-    def variants(self, opts: RunOptions) -> list[tuple[str, str, bool]]:
-        """(backend, precision, compile) combinations for this device."""
+    # the op benchmarks' names of the training backends (harness.providers), so that one --providers selects
+    # both: provider -> (backend, under torch.compile)
+    provider_backends = {"torch eager": ("torch", False), "torch.compile": ("torch", True),
+                         **{name: (backend, False) for name, backend in PYLLM_BACKENDS.items()}}
+
+    def _trained(self, opts: RunOptions) -> list[tuple[str, bool]]:
+        """(backend, compile) pairs this device and suite train, whatever --providers says."""
         backends = ["torch", "triton", "cuda"] if opts.device == "cuda" else ["torch", "cpu"]
+        return [(b, False) for b in backends] + ([("torch", True)] if opts.suite != "short" else [])
+
+    def variants(self, opts: RunOptions) -> list[tuple[str, str, bool]]:
+        """(backend, precision, compile) combinations for this device and the selected providers."""
         if opts.device == "cuda":
-            precisions = list(opts.dtypes or ("fp32", "tf32", "bf16", "fp16"))
+            default = ("fp32", "tf32", "bf16", "fp16")
         else:  # bf16 autocast where the CPU has bf16 dot products (emulated elsewhere: ~500x slower matmuls)
-            cpu_default = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
-            precisions = [p for p in (opts.dtypes or cpu_default) if p in ("fp32", "bf16")]
-        out = [(b, p, False) for b in backends for p in precisions]
-        if opts.suite != "short":
-            out += [("torch", p, True) for p in precisions]
+            default = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
+        not_run = self.not_run(opts)
+        precisions = [p for p in (opts.dtypes or default) if p not in not_run]
+        named = {v: n for n, v in self.provider_backends.items()}
+        return [(b, p, c) for b, c in self._trained(opts) if opts.selects(named[(b, c)]) for p in precisions]
+
+    def not_run(self, opts: RunOptions) -> dict[str, str]:
+        """The --dtypes and --providers with no training step here, each with the reason the runner prints."""
+        out = {}
+        for p in opts.dtypes or ():
+            if p == "tf32" and opts.device != "cuda":
+                out[p] = TF32_ON_CPU
+            elif p == "fp16" and opts.device != "cuda":
+                out[p] = "fp16 training (autocast with the loss scaler) is measured on CUDA only"
+        trained = self._trained(opts)
+        for name in opts.providers or ():
+            if name not in self.provider_backends:
+                out[name] = "an op-level baseline, not a training backend"
+            elif self.provider_backends[name] not in trained:
+                backend, compile_ = self.provider_backends[name]
+                out[name] = ("the short suite trains no torch.compile variant (compile time)" if compile_
+                             else f"backend {backend!r} has no training step on {opts.device}")
         return out
 
     def measure(self, case: Case, backend: str, precision: str, compile_: bool, opts: RunOptions, calib: dict) -> dict:
@@ -106,7 +132,7 @@ class TrainStepBench:
 
     def run(self, opts: RunOptions, calib: dict, emit, skip=lambda label, dtype: False) -> None:
         for case in self.cases(opts.suite):
-            if opts.cases and not any(c in case.label for c in opts.cases):
+            if not opts.selects_case(case.label):
                 continue
             for backend, precision, compile_ in self.variants(opts):
                 if skip(case.label, f"{backend}-{precision}{'-compile' if compile_ else ''}"):

@@ -31,6 +31,7 @@ from .timing import DTYPES, dtype_context, time_fn
 
 SUITES = ("short", "cpu", "gpu")
 MODES = ("fwd", "bwd", "fwd+bwd")
+TF32_ON_CPU = "tf32 is a CUDA-only dtype (TensorFloat-32 tensor-core matmuls): not measured on a CPU"
 
 # timing budget per measurement and repetitions, by suite: CI must stay short, GPU numbers must be stable
 _BUDGET = {"short": dict(budget_s=0.05, warmup_s=0.01, min_reps=3, max_reps=10),
@@ -287,15 +288,26 @@ class RunOptions:
 
     def dtypes_for(self, bench: OpBench) -> list[str]:
         if self.dtypes is not None:
-            chosen = [d for d in self.dtypes if d in bench.gpu_dtypes or d == "fp32"]
-            return chosen if self.device == "cuda" else [d for d in chosen if d != "tf32"]
+            return [d for d in self.dtypes if d not in self.dtypes_not_run(bench)]
         return list(bench.gpu_dtypes) if self.device == "cuda" else ["fp32"]
+
+    def dtypes_not_run(self, bench: OpBench) -> dict[str, str]:
+        """The --dtypes ``bench`` does not measure here, each with the reason the runner prints."""
+        out = {}
+        for d in self.dtypes or ():
+            if d == "tf32" and self.device != "cuda":
+                out[d] = TF32_ON_CPU
+            elif d != "fp32" and d not in bench.gpu_dtypes:
+                out[d] = f"{bench.op} is not measured in {d} (its dtypes: {', '.join(bench.gpu_dtypes)})"
+        return out
 
     def check_providers(self, benches: list) -> None:
         """A --providers name no selected op has is a typo: it would measure nothing and still say "complete"."""
         if self.providers is None:
             return
-        valid = {n for b in benches if isinstance(b, OpBench) for n in providers(b, self.device)}
+        # (the train_step benchmark names its training backends as the op benchmarks name them)
+        valid = {n for b in benches
+                 for n in (providers(b, self.device) if isinstance(b, OpBench) else b.provider_backends)}
         bad = [p for p in self.providers if p not in valid]
         if bad and valid:
             raise ValueError(f"unknown provider {', '.join(map(repr, bad))}; valid: {', '.join(sorted(valid))}")
@@ -305,6 +317,10 @@ class RunOptions:
         carries it so that --resume skips a case only when an earlier run covered at least as much."""
         return {"providers": sorted(n for n in providers(bench, self.device) if self.selects(n)),
                 "modes": [m for m in self.modes if bench.differentiable or m == "fwd"]}
+
+    def selects_case(self, label: str) -> bool:
+        """Whether a case runs: all by default, else those whose label contains one of ``cases``."""
+        return not self.cases or any(s in label for s in self.cases)
 
     def selects(self, provider: str) -> bool:
         """Whether ``provider`` runs: all by default, except torch.compile in the short suite (compile time)."""
@@ -325,7 +341,7 @@ def run_op(bench: OpBench, opts: RunOptions, calib: dict, emit: Callable[[dict],
     # backward unless told not to
     with strict_backends(), torch._functorch.config.patch(donated_buffer=False):
         for case in bench.cases(opts.suite):
-            if opts.cases and not any(s in case.label for s in opts.cases):
+            if not opts.selects_case(case.label):
                 continue
             for dtype_name in opts.dtypes_for(bench):
                 if skip(case.label, dtype_name):

@@ -71,9 +71,10 @@ def test_appended_results_do_not_mark_the_code_as_changed(tmp_path, monkeypatch)
     assert machine.code_changed()
 
 
-def test_unknown_provider_is_a_one_line_error_listing_the_valid_ones(tmp_path, capsys):
+@pytest.mark.parametrize("op", ["softmax", "train_step"])
+def test_unknown_provider_is_a_one_line_error_listing_the_valid_ones(tmp_path, capsys, op):
     out = tmp_path / "cpu.jsonl"
-    assert main(["--ops", "softmax", "--providers", "pyllm-cpuu", "--out", str(out), "--no-render"]) == 2
+    assert main(["--ops", op, "--providers", "pyllm-cpuu", "--out", str(out), "--no-render"]) == 2
     err = capsys.readouterr().err
     assert "unknown provider 'pyllm-cpuu'" in err and "pyllm-cpu" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing measured, nothing marked done
@@ -91,6 +92,46 @@ def test_resume_skips_only_cases_an_earlier_run_covered(tmp_path, capsys):
     assert {r["provider"] for r in results.read(out) if r["kind"] == "op"} == {"torch eager", "pyllm-cpu"}
     assert main(base + ["--modes", "fwd", "--providers", "pyllm-cpu", "--resume"]) == 0  # a subset: covered
     assert "resume: 1 (op, case, dtype)" in capsys.readouterr().out
+
+
+def test_train_step_measures_only_the_providers_named(tmp_path, capsys):
+    """--providers picks training backends by the op benchmarks' names ("pyllm-cpu" trains backend "cpu"); one
+    with no training step here, and a dtype the device lacks, are said; a --resume with more providers measures
+    the rest."""
+    out = tmp_path / "cpu.jsonl"
+    base = ["--device", "cpu", "--suite", "short", "--ops", "train_step", "--dtypes", "fp32,tf32", "--out", str(out),
+            "--threads", "1", "--no-render"]
+    assert main(base + ["--providers", "pyllm-cpu,pyllm-triton"]) == 0
+    assert [r["backend"] for r in results.read(out) if r["kind"] == "train_step"] == ["cpu"]
+    printed = capsys.readouterr().out
+    assert "train_step           pyllm-triton skipped: backend 'triton' has no training step on cpu" in printed
+    assert "train_step           tf32 skipped: tf32 is a CUDA-only dtype" in printed
+    assert main(base + ["--providers", "torch eager,pyllm-cpu", "--resume"]) == 0
+    assert "resume: 1 (op, case, dtype)" in capsys.readouterr().out
+    assert sorted(r["backend"] for r in results.read(out) if r["kind"] == "train_step") == ["cpu", "torch"]
+
+
+def test_a_dtype_the_device_lacks_is_said_and_the_rest_measured(tmp_path, capsys):
+    out = tmp_path / "cpu.jsonl"
+    assert main(["--device", "cpu", "--suite", "short", "--ops", "softmax", "--modes", "fwd", "--providers",
+                 "torch eager", "--dtypes", "fp32,tf32", "--out", str(out), "--threads", "1", "--no-render"]) == 0
+    assert "softmax              tf32 skipped: tf32 is a CUDA-only dtype" in capsys.readouterr().out
+    assert {r["dtype"] for r in results.read(out) if r["kind"] == "op"} == {"fp32"}
+
+
+@pytest.mark.parametrize("ops, option, reason", [
+    ("softmax,train_step", ["--dtypes", "tf32"], "tf32 is a CUDA-only dtype"),
+    ("train_step", ["--dtypes", "fp16"], "fp16 training (autocast with the loss scaler) is measured on CUDA only"),
+    ("train_step", ["--providers", "pyllm-triton"], "backend 'triton' has no training step on cpu"),
+    ("softmax", ["--cases", "typo"], "no case label of suite short contains 'typo'"),
+])
+def test_nothing_to_measure_is_a_one_line_error(tmp_path, capsys, ops, option, reason):
+    """Not "complete" after measuring nothing: the run stops before it calibrates or writes anything."""
+    out = tmp_path / "cpu.jsonl"
+    assert main(["--device", "cpu", "--suite", "short", "--ops", ops, *option, "--out", str(out), "--no-render"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm bench: nothing to measure on cpu: ") and reason in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_resume_does_not_trust_a_case_done_without_its_selection():
