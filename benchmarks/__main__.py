@@ -33,7 +33,8 @@ def load(name: str):
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+    """"a, b,,a" -> ("a", "b"): each name once (a repeated dtype was measured twice)."""
+    return tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip())) if value else None
 
 
 def _format(rec: dict) -> str:

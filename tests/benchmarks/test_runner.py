@@ -117,6 +117,12 @@ def test_a_dtype_the_device_lacks_is_said_and_the_rest_measured(tmp_path, capsys
                  "torch eager", "--dtypes", "fp32,tf32", "--out", str(out), "--threads", "1", "--no-render"]) == 0
     assert "softmax              tf32 skipped: tf32 is a CUDA-only dtype" in capsys.readouterr().out
     assert {r["dtype"] for r in results.read(out) if r["kind"] == "op"} == {"fp32"}
+    # a name given twice is measured once
+    out.unlink()
+    assert main(["--device", "cpu", "--suite", "short", "--ops", "softmax", "--modes", "fwd", "--providers",
+                 "torch eager", "--dtypes", "fp32,fp32", "--out", str(out), "--threads", "1", "--no-render"]) == 0
+    records = [r for r in results.read(out) if r["kind"] == "op"]
+    assert len(records) == len({(r["case"], r["dtype"], r["provider"], r["mode"]) for r in records})
 
 
 @pytest.mark.parametrize("ops, option, reason", [
