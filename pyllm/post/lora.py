@@ -59,6 +59,8 @@ class LoRAUpdate(nn.Module):
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze every parameter of ``model`` and add adapters to the target linears. Returns their names."""
+    if any(isinstance(m, LoRAUpdate) for m in model.modules()):  # a second set would stack on the first, frozen
+        raise ValueError("apply_lora: the model already has LoRA adapters; merge_lora(model) first to add new ones")
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = []
@@ -101,14 +103,16 @@ class BaseModelView:
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Fold every adapter into its weight (W <- W + scale B A) and remove it. Returns how many merged."""
+    """Fold every adapter into its weight (W <- W + scale B A) and remove it; the model is then a plain one,
+    every parameter trainable again (apply_lora froze them). Returns how many merged."""
     merged = 0
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             with torch.no_grad():
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-            module.weight.requires_grad_(True)
             merged += 1
+    for p in model.parameters():
+        p.requires_grad_(True)
     return merged
 
 

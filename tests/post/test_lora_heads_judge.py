@@ -41,7 +41,18 @@ def test_lora_trains_only_adapters_and_merges_exactly():
     torch.testing.assert_close(model.blocks[0].attn.qkv.parametrizations.weight.original, base_weight)  # frozen
     assert merge_lora(model) == 8
     assert set(dict(model.named_parameters())) == set(dict(tiny().named_parameters()))  # plain model again
+    assert all(p.requires_grad for p in model.parameters())  # not only the merged weights
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_apply_lora_is_refused():
+    """It stacked a second adapter on each weight and froze the first one."""
+    model = tiny()
+    apply_lora(model, LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"^apply_lora: the model already has LoRA adapters; merge_lora"):
+        apply_lora(model, LoRAConfig(rank=2))
+    merge_lora(model)
+    assert len(apply_lora(model, LoRAConfig(rank=2))) == 8  # after a merge: a new set
 
 
 def test_heads_shapes_and_reward_model_roundtrip(tmp_path):
