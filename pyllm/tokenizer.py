@@ -71,7 +71,7 @@ class ByteTokenizer(Tokenizer):
         out, buf = [], bytearray()
         for i in ids:
             i = int(i)
-            if i < 256:
+            if 0 <= i < 256:
                 buf.append(i)
                 continue
             out.append(buf.decode("utf-8", errors="replace"))
@@ -109,7 +109,7 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         n = len(self.chars)
-        return "".join(self.chars[i] if i < n else self._inverse.get(i, UNKNOWN) for i in map(int, ids))
+        return "".join(self.chars[i] if 0 <= i < n else self._inverse.get(i, UNKNOWN) for i in map(int, ids))
 
     def save(self, directory) -> None:
         _write_meta(directory, {"kind": self.kind, "chars": self.chars})
@@ -133,7 +133,11 @@ class HFTokenizer(Tokenizer):
     def from_file(cls, path: str | Path) -> "HFTokenizer":
         from tokenizers import Tokenizer as _HF
 
-        return cls(_HF.from_file(str(path)))
+        try:
+            tokenizer = _HF.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception naming no file (missing, not JSON, ...)
+            raise ValueError(f"{path}: not a readable tokenizers file ({e})") from None
+        return cls(tokenizer)
 
     @property
     def vocab_size(self) -> int:
@@ -187,12 +191,25 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if (directory / "tokenizer.json").exists():
             return HFTokenizer.from_file(directory / "tokenizer.json")
         raise FileNotFoundError(f"{directory}: no {META_FILE} or tokenizer.json found")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise ValueError(f"{meta_path}: not valid JSON ({where})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: must hold a JSON object")
     kind = meta.get("kind")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
+        if not isinstance(meta.get("chars"), str):
+            raise ValueError(f"{meta_path}: kind 'char' needs field 'chars' (the vocabulary, a string)")
         return CharTokenizer(meta["chars"])
     if kind == "hf":
-        return HFTokenizer.from_file(directory / meta.get("file", "tokenizer.json"))
+        file = meta.get("file", "tokenizer.json")
+        if not isinstance(file, str):
+            raise ValueError(f"{meta_path}: field 'file'={file!r} must be a file name")
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"{meta_path}: kind 'hf' needs {directory / file}, which does not exist")
+        return HFTokenizer.from_file(directory / file)
     raise ValueError(f"{meta_path}: field 'kind'={kind!r} is not one of 'byte', 'char', 'hf'")

@@ -80,3 +80,34 @@ def test_hf_decode_shows_unknown_ids():
     # an id outside the vocabulary (a model's padded vocab rows) shows as U+FFFD, as in ByteTokenizer, not dropped
     unknown = tok.vocab_size + 10
     assert tok.decode(ids[:1] + [unknown] + ids[1:] + [-1]) == f"{tok.decode(ids[:1])}\ufffd{tok.decode(ids[1:])}\ufffd"
+
+
+def test_char_and_byte_decode_ids_outside_their_range_as_unknown():
+    # as HFTokenizer does: -1 wrapped to the last character in CharTokenizer and was a ValueError in ByteTokenizer
+    assert CharTokenizer("abc").decode([0, -1, 3 + len(SPECIAL_TOKENS), 1]) == "a\ufffd\ufffdb"
+    assert ByteTokenizer().decode([97, -1, 98, -300]) == "a\ufffdb\ufffd"
+
+
+DAMAGED_META = {
+    "not JSON": ("{", ValueError, r"pyllm_tokenizer.json: not valid JSON \(line 1"),
+    "not an object": ("[1]", ValueError, r"pyllm_tokenizer.json: must hold a JSON object"),
+    "char without chars": ('{"kind": "char"}', ValueError, r"pyllm_tokenizer.json: kind 'char' needs field 'chars'"),
+    "hf without its file": ('{"kind": "hf"}', FileNotFoundError,
+                            r"pyllm_tokenizer.json: kind 'hf' needs .*tokenizer.json, which does not exist"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_META)
+def test_damaged_tokenizer_files_are_one_line_errors_naming_the_file(tmp_path, damage):
+    # were a raw JSONDecodeError, KeyError 'chars' and tokenizers' "No such file or directory (os error 2)"
+    text, error, message = DAMAGED_META[damage]
+    (tmp_path / "pyllm_tokenizer.json").write_text(text)
+    with pytest.raises(error, match=rf"^{tmp_path}/{message}") as e:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_damaged_hf_tokenizer_file_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/tokenizer.json: not a readable tokenizers file \(.*\)$"):
+        load_tokenizer(tmp_path)

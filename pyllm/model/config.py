@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pyllm.ops.registry import check_backend_name
-from pyllm.typecheck import check_fields
+from pyllm.typecheck import check_fields, type_problem
 
 
 @dataclass
@@ -87,11 +87,7 @@ class ModelConfig:
             (self.init_std >= 0, f"init_std={self.init_std} must be >= 0"),
         ]
         if self.rope_scaling is not None:
-            keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"}
-            checks.append((set(self.rope_scaling) == keys and self.pos == "rope"
-                           and self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"],
-                           f"rope_scaling={self.rope_scaling} needs pos='rope' and exactly the keys {sorted(keys)} "
-                           f"with high_freq_factor > low_freq_factor"))
+            checks.append(_rope_scaling_check(self.rope_scaling, self.pos))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
@@ -112,6 +108,24 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig: unknown field(s) {unknown}; valid fields: {sorted(names)}")
         return cls(**d)
+
+
+_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
+
+
+def _rope_scaling_check(scaling: dict, pos: str) -> tuple[bool, str]:
+    """(ok, message) for ``ModelConfig.rope_scaling``: the keys first, then each value, which divides or
+    multiplies RoPE's frequencies (a factor of 0 gives non-finite logits, a string "8" a TypeError only at the
+    first forward)."""
+    if set(scaling) != set(_ROPE_SCALING_KEYS) or pos != "rope":
+        return False, f"rope_scaling={scaling} needs pos='rope' and exactly the keys {sorted(_ROPE_SCALING_KEYS)}"
+    for key in _ROPE_SCALING_KEYS:
+        value = scaling[key]
+        want = type_problem(value, int if key == "original_max_seq_len" else float)
+        if want is not None or value <= 0:
+            return False, f"rope_scaling[{key!r}]={value!r} must be {want or 'positive'}"
+    return (scaling["high_freq_factor"] > scaling["low_freq_factor"],
+            f"rope_scaling={scaling} needs high_freq_factor > low_freq_factor")
 
 
 # ------------------------------------------------------------------------------------------- presets

@@ -2,11 +2,12 @@
 
 Training FLOPs per token follow the PaLM paper (Chowdhery et al. 2022, appendix B), as nanoGPT's
 ``estimate_mfu`` does: 6 N for the weight matmuls (2 N forward, 4 N backward) plus 12 L T d for
-attention's QK^T and AV (counted without the causal halving, as PaLM does), where N counts the
-parameters that take part in a matmul - every block weight and the output head, but not the
-embedding lookups - L is the layer count, T the sequence length and d the attention width
-(n_head x head_dim = d_model). MFU is achieved model FLOP/s over the hardware's peak; recomputation
-(activation checkpointing) is not counted, by definition of MFU.
+attention's QK^T and AV (counted without the causal halving, as PaLM does), where N counts every
+parameter but the embedding lookups: the block weights and the output head (tied or not), and, as
+nanoGPT's N does, the norm weights and biases, which take no part in a matmul (0.1% of GPT-2 small's
+N). L is the layer count, T the sequence length and d the attention width (n_head x head_dim =
+d_model). MFU is achieved model FLOP/s over the hardware's peak; recomputation (activation
+checkpointing) is not counted, by definition of MFU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .config import ModelConfig
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
     "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12},  # sheet: sparse 1671/835, halved
     "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
@@ -29,8 +31,8 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 # Whole words of torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"), most
 # specific first.
-_NAME_PATTERNS = (("H100 PCIe", "H100 PCIe"), ("H100", "H100 SXM"), ("H200", "H200"), ("A100", "A100"),
-                  ("L4", "L4"), ("4090", "RTX 4090"), ("V100", "V100 SXM2"))
+_NAME_PATTERNS = (("H100 PCIe", "H100 PCIe"), ("H100 NVL", "H100 NVL"), ("H100", "H100 SXM"), ("H200", "H200"),
+                  ("A100", "A100"), ("L4", "L4"), ("4090", "RTX 4090"), ("V100", "V100 SXM2"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class ParamCounts:
     total: int
     """Every distinct parameter (what ``Transformer.num_params()`` returns)."""
     matmul: int
-    """Parameters used in a matmul per token: blocks + final norm + the head matrix (tied or not)."""
+    """N of the 6 N FLOPs per token: blocks + final norm + the head matrix (tied or not); norm weights and biases
+    included, as in nanoGPT."""
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:

@@ -1,9 +1,10 @@
 """The Hugging Face checkpoint format, from and to local directories (no hub access).
 
 ``load_hf(dir)`` reads a GPT-2 (``GPT2LMHeadModel``) or Llama (``LlamaForCausalLM``) checkpoint -
-``config.json`` plus ``model.safetensors`` or sharded ``model-*.safetensors`` with
-``model.safetensors.index.json`` - into a pyllm ``Transformer``. ``save_hf(model, dir, tokenizer)``
-writes a pyllm model back in that format, which transformers, lm-evaluation-harness and vLLM read.
+``config.json`` plus ``model.safetensors`` or, when there is none (transformers' order), sharded
+``model-*.safetensors`` with ``model.safetensors.index.json`` - into a pyllm ``Transformer``.
+``save_hf(model, dir, tokenizer)`` writes a pyllm model back in that format, which transformers,
+lm-evaluation-harness and vLLM read.
 
 Layout differences handled here:
 - GPT-2 stores its linear layers as ``Conv1D`` with weights (in, out): pyllm's are (out, in).
@@ -18,10 +19,13 @@ Layout differences handled here:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from pyllm.typecheck import type_problem
 
 from .config import ModelConfig
 from .transformer import Transformer
@@ -33,6 +37,14 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 # ------------------------------------------------------------------------------------------ configs
+
+
+def _check_sizes(hf: dict, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Size fields the conversion computes with are positive integers: a string "4" would repeat in 4 * n, not
+    multiply, and the error would name a product. ``optional`` ones may also be absent or null."""
+    for name in required + tuple(n for n in optional if hf.get(n) is not None):
+        if type_problem(hf[name], int) is not None or hf[name] <= 0:
+            raise ValueError(f"config.json: {name}={hf[name]!r} must be a positive integer")
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -51,6 +63,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
                                ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
             if hf.get(field, default) != default:
                 raise ValueError(f"config.json: {field}={hf[field]} is not supported (pyllm needs {default})")
+        _check_sizes(hf, ("n_embd",), optional=("n_inner",))
         fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
                       d_model=hf["n_embd"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
                       max_seq_len=hf.get("n_positions", hf.get("n_ctx", 1024)), norm="layernorm",
@@ -63,7 +76,10 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
             raise ValueError("config.json: attention_bias/mlp_bias are not supported (pyllm's Llama has no biases)")
         # transformers >= 5 nests RoPE settings in rope_parameters; older versions keep them top level
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope = hf.get(rope_field) or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json: {rope_field}={rope!r} must be an object (RoPE settings by name)")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"config.json: RoPE scaling {rope_type!r} is not supported (plain RoPE or 'llama3')")
@@ -71,6 +87,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
             "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
             "high_freq_factor": rope["high_freq_factor"],
             "original_max_seq_len": rope["original_max_position_embeddings"]}
+        _check_sizes(hf, ("num_attention_heads", "hidden_size"), optional=("head_dim",))
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         if head_dim * heads != hf["hidden_size"]:
@@ -235,8 +252,11 @@ def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    # the single file first, as transformers reads it: both may be there after a save over an older one
     index = directory / "model.safetensors.index.json"
-    if index.exists():
+    if (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    elif index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # (AttributeError: not an object)
@@ -244,8 +264,6 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index}: not a safetensors index (needs a 'weight_map' object: tensor -> file)")
         files = sorted(set(weight_map.values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json "
                                 f"(only safetensors checkpoints are read; convert .bin files first)")
@@ -321,6 +339,9 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
     """
     from pyllm.tokenizer import EOS, ByteTokenizer, HFTokenizer
 
+    from .io import check_savable  # (io imports this module)
+
+    check_savable(model, tokenizer, "save_hf")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -329,6 +350,12 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
     hf_state = (_to_gpt2 if _family(cfg) == "gpt2" else _to_llama)(state, cfg)
     save_file({k: v.contiguous().cpu() for k, v in hf_state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
+    # the shards and index of an earlier sharded save here hold other weights: remove them, as transformers'
+    # save_pretrained removes the shards it does not rewrite (only these weight-file names)
+    for path in directory.iterdir():
+        if path.is_file() and (path.name == "model.safetensors.index.json"
+                               or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", path.name)):
+            path.unlink()
     hf_cfg = config_to_hf(cfg, dtype)
     if tokenizer is not None:
         tokenizer.save(directory)

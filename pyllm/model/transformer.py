@@ -209,11 +209,19 @@ class Transformer(nn.Module):
             limit = min(limit, cfg.max_seq_len)
         if start + T > limit:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's context ({limit})")
+        if cache is not None and cache.k.shape != (cfg.n_layer, B, cfg.n_kv_head, cache.max_len, cfg.head_dim):
+            raise ValueError(f"KV cache of shape {tuple(cache.k.shape)} does not fit a batch of {B} rows of this "
+                             f"model: it needs ({cfg.n_layer}, {B}, {cfg.n_kv_head}, max_len, {cfg.head_dim})")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(positions)
+            try:
+                x = x + self.wpe(positions)
+            except IndexError:  # (on CPU; a GPU's lookup fails its own device assert: checking the values up
+                # front would cost a device sync on every step)
+                raise ValueError(f"positions {int(positions.min())}..{int(positions.max())} are outside the "
+                                 f"learned position table (0..{cfg.max_seq_len - 1}, max_seq_len)") from None
         rope_cs = self._rope(positions) if cfg.pos == "rope" else None
         delta, residual = self.dropout(x), None
         with self._backend():

@@ -55,3 +55,11 @@ def test_mfu_and_peaks():
         mfu(1.0, cfg, 1024, 0)
     with pytest.raises(ValueError, match="must be positive"):
         cpu_peak_flops(0, 3.0, 32)
+
+
+def test_h100_nvl_has_its_own_peaks():
+    # the NVL board's dense rates (its data sheet's sparse 1671 / 835 TFLOP/s halved); the plain "H100" pattern
+    # took it for the SXM board (989e12)
+    nvl = [peak_flops("NVIDIA H100 NVL", dtype) for dtype in ("bf16", "fp16", "tf32", "fp32")]
+    assert nvl == [835e12, 835e12, 418e12, 60e12]
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12

@@ -107,6 +107,29 @@ def test_sharded_checkpoint_and_unprefixed_gpt2_keys(tmp_path):
     torch.testing.assert_close(logits_of(load_hf(tmp_path / "gpt2"), IDX), logits_of(gpt2, IDX), rtol=1e-5, atol=1e-5)
 
 
+def test_save_over_a_sharded_checkpoint_reads_as_transformers_does(tmp_path):
+    # save_hf over an earlier sharded save: the old shards and index stayed, and load_hf read them (the old
+    # weights) where transformers reads model.safetensors (the new ones)
+    old = randomize(hf_llama())
+    old.save_pretrained(tmp_path, max_shard_size="20KB")
+    (tmp_path / "model-notes.txt").write_text("not a weight file")
+    new = load_hf(tmp_path)  # the same shapes, other weights
+    with torch.no_grad():
+        for p in new.parameters():
+            p.normal_(0.0, 0.3)
+    save_hf(new.eval(), tmp_path)
+    torch.testing.assert_close(logits_of(load_hf(tmp_path), IDX), logits_of(new, IDX))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(hf, IDX), logits_of(new, IDX), rtol=1e-5, atol=1e-5)
+    # only the weight files of the earlier save are gone
+    assert sorted(p.name for p in tmp_path.iterdir() if "model" in p.name) == ["model-notes.txt", "model.safetensors"]
+    # both files present (a sharded save_pretrained over a single one leaves it): the single file, as transformers
+    old.save_pretrained(tmp_path / "both", max_shard_size="20KB")
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "both" / "model.safetensors"))
+    (tmp_path / "both" / "config.json").write_text((tmp_path / "config.json").read_text())
+    torch.testing.assert_close(logits_of(load_hf(tmp_path / "both"), IDX), logits_of(new, IDX))
+
+
 def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -211,9 +234,34 @@ DAMAGED_HF = {
                          r"config.json: ModelConfig: n_layer='2' must be an integer"),
     "wrong vocab_size": (lambda d: _edit_json(d / "config.json", lambda c: c.update(vocab_size=50)),
                          r": the weights do not match config.json \(size mismatch for wte.weight"),
-    "index without weight_map": (lambda d: (d / "model.safetensors.index.json").write_text("{}"),
+    "index without weight_map": (lambda d: ((d / "model.safetensors.index.json").write_text("{}"),
+                                            (d / "model.safetensors").unlink()),  # (the index is read only then)
                                  r"model.safetensors.index.json: not a safetensors index"),
+    # a size field the conversion computes with: "32" repeated in 4 * n_embd, the error named d_model or d_ff
+    "n_embd a string": (lambda d: _edit_json(d / "config.json", lambda c: c.update(n_embd="32")),
+                        r"config.json: n_embd='32' must be a positive integer"),
 }
+
+
+DAMAGED_LLAMA = {
+    # was an AttributeError from rope.get
+    "rope_parameters a list": ({"rope_parameters": [1]}, r"config.json: rope_parameters=\[1\] must be an object"),
+    # was "head_dim=8 x num_attention_heads=4 != hidden_size=32" (the product of a string)
+    "heads a string": ({"num_attention_heads": "4"},
+                       r"config.json: num_attention_heads='4' must be a positive integer"),
+    "heads 0": ({"num_attention_heads": 0, "head_dim": None}, r"num_attention_heads=0 must be a positive integer"),
+    "hidden_size null": ({"hidden_size": None}, r"config.json: hidden_size=None must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_LLAMA)
+def test_damaged_llama_configs_are_one_line_errors_naming_the_field(tmp_path, damage):
+    hf_llama().save_pretrained(tmp_path)
+    fields, message = DAMAGED_LLAMA[damage]
+    _edit_json(tmp_path / "config.json", lambda c: c.update(fields))
+    with pytest.raises(ValueError, match=rf"^{tmp_path}.*{message}") as e:
+        load_hf(tmp_path)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("damage", DAMAGED_HF)

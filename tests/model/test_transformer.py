@@ -115,6 +115,7 @@ def test_model_runs_in_float64():
     assert model(torch.randint(0, 64, (1, 5))).dtype == torch.float64
 
 
+LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 16}
 BAD_CONFIGS = {
     "d_model": (dict(d_model=100, n_head=12), "d_model=100 must be a positive multiple of n_head=12"),
     "n_kv_head": (dict(n_head=4, d_model=64, n_kv_head=3), "n_head=4 must be a multiple of n_kv_head=3"),
@@ -127,6 +128,21 @@ BAD_CONFIGS = {
     "backend": (dict(backend="gpu"), "unknown backend 'gpu'; valid backends are"),
     "rope_scaling": (dict(pos="rope", rope_scaling={"factor": 8.0}),
                      "rope_scaling=.* needs pos='rope' and exactly the keys"),
+    # each value of rope_scaling: a factor of 0 gave non-finite logits, a string a TypeError at the first forward
+    "rope_scaling factor 0": (dict(pos="rope", rope_scaling={**LLAMA31, "factor": 0.0}),
+                              r"rope_scaling\['factor'\]=0.0 must be positive"),
+    "rope_scaling factor < 0": (dict(pos="rope", rope_scaling={**LLAMA31, "factor": -2.0}),
+                                r"rope_scaling\['factor'\]=-2.0 must be positive"),
+    "rope_scaling factor inf": (dict(pos="rope", rope_scaling={**LLAMA31, "factor": float("inf")}),
+                                r"rope_scaling\['factor'\]=inf must be a finite number"),
+    "rope_scaling factor str": (dict(pos="rope", rope_scaling={**LLAMA31, "factor": "8"}),
+                                r"rope_scaling\['factor'\]='8' must be a number"),
+    "rope_scaling low 0": (dict(pos="rope", rope_scaling={**LLAMA31, "low_freq_factor": 0}),
+                           r"rope_scaling\['low_freq_factor'\]=0 must be positive"),
+    "rope_scaling context < 0": (dict(pos="rope", rope_scaling={**LLAMA31, "original_max_seq_len": -16}),
+                                 r"rope_scaling\['original_max_seq_len'\]=-16 must be positive"),
+    "rope_scaling context float": (dict(pos="rope", rope_scaling={**LLAMA31, "original_max_seq_len": 16.5}),
+                                   r"rope_scaling\['original_max_seq_len'\]=16.5 must be an integer"),
 }
 
 
@@ -155,6 +171,27 @@ def test_cache_longer_than_learned_positions_is_refused():
         model(torch.zeros(1, 30, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="sequence of 33 tokens exceeds the model's context \\(32\\)"):
             model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_of_another_batch_is_refused(family):
+    # was torch's "expanded size of the tensor" RuntimeError from the cache write
+    model = small_model(family)
+    cache = KVCache.empty(model.cfg, 3, 16, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"KV cache of shape \(2, 3, .*\) does not fit a batch of 2 rows"):
+        model(torch.zeros(2, 4, dtype=torch.long), cache=cache)
+    assert cache.length == 0
+
+
+def test_learned_positions_beyond_the_table_are_refused():
+    # explicit positions past max_seq_len=32 (or negative) were an IndexError from the embedding lookup
+    model = small_model("gpt2")
+    idx = torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"positions 30..32 are outside the learned position table \(0..31"):
+        model(idx, positions=torch.tensor([[30, 31], [31, 32]]))
+    with pytest.raises(ValueError, match=r"positions -1..0 are outside"):
+        model(idx, positions=torch.tensor([[0, -1]] * 2))
+    assert small_model("llama")(idx, positions=torch.tensor([[30, 31]] * 2)).shape == (2, 2, 64)  # RoPE: any
 
 
 def test_cpu_bf16_autocast_keeps_attention_in_fp32(monkeypatch):
