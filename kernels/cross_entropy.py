@@ -21,8 +21,10 @@ so gradients are computed during the forward with unit scale and multiplied by i
 (one pass over W and h instead of two); with "none" the backward recomputes the chunks with the
 per-row upstream gradients.
 
-Limits: targets must lie in [0, V) or equal ignore_index (not checked on the device: checking would
-need a host sync); logits in fp16/bf16/fp32.
+Limits: logits in fp16/bf16/fp32. Targets must lie in [0, V) or equal ignore_index. Raising for
+another one from here would need a host sync in every step, so the kernel flags its row with a nan loss
+instead (as the cuda backend's kernel; torch's own CUDA cross_entropy asserts on the device) and reads no
+logit for it; on CPU tensors (the interpreter) pyllm.ops refuses such targets with a ValueError first.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def _cross_entropy_fwd_kernel(X, TGT, LOSS, LSE, stride_x, V, ignore_index, labe
     lse = tl.where(m == float("inf"), m, m + tl.log(s))  # a +inf logit: lse +inf, as logsumexp (not nan)
     t = tl.load(TGT + row)
     valid = t != ignore_index
-    x_t = tl.load(x_row + tl.where(valid, t, 0).to(tl.int64)).to(tl.float32)
+    in_range = (t >= 0) & (t < V)
+    x_t = tl.load(x_row + tl.where(valid & in_range, t, 0).to(tl.int64)).to(tl.float32)
     loss = lse - x_t
     if HAS_SMOOTHING:
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_x / V)
     loss += tl.where(z_loss != 0.0, z_loss * lse * lse, 0.0)  # not 0 * inf when lse is +inf
+    loss = tl.where(in_range, loss, float("nan"))  # a target outside [0, V): flagged, see Limits above
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     tl.store(LSE + row, lse)
 
@@ -105,7 +109,8 @@ def _block_v(V: int) -> tuple[int, int]:
 
 
 def cross_entropy_fwd(x2, target, ignore_index: int, label_smoothing: float, z_loss: float, loss=None, lse=None):
-    """x2 (M, V), target (M,) -> (loss per row (M,) fp32, lse (M,) fp32), optionally into given buffers."""
+    """x2 (M, V), target (M,) contiguous -> (loss per row (M,) fp32, lse (M,) fp32), optionally into given
+    buffers."""
     M, V = x2.shape
     loss = loss if loss is not None else torch.empty(M, device=x2.device, dtype=torch.float32)
     lse = lse if lse is not None else torch.empty(M, device=x2.device, dtype=torch.float32)
@@ -180,7 +185,7 @@ _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 def cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean"):
     """Cross-entropy of logits (..., V) against target (...); same result as reference.cross_entropy."""
     x2 = launch.rows(logits)
-    t = target.reshape(-1)
+    t = target.reshape(-1).contiguous()  # the kernels index targets as a flat array (a label column is strided)
     loss_rows, _ = _ce_op(x2, t, ignore_index, float(label_smoothing), float(z_loss))
     return _reduce(loss_rows, t, ignore_index, reduction)
 
@@ -288,6 +293,10 @@ def _linear_ce_setup(ctx, inputs, output):
 
 
 def _linear_ce_backward(ctx, dloss, _ddh, _ddw, _ddb):
+    if torch.is_grad_enabled():  # create_graph: the gradients below are kernel outputs, with no graph to the inputs
+        raise RuntimeError("pyllm::linear_cross_entropy_triton: the backward of this kernel is not differentiable "
+                           "(no double backward: create_graph=True then another grad); use backend=\"torch\" for "
+                           "higher-order gradients")
     h2, weight, target, bias, dh, dw, db = ctx.saved_tensors
     if ctx.reduction == "none":  # per-row upstream gradients: recompute the chunks with them
         _, dh, dw, db = _linear_ce_pass(h2, weight, target, bias, ctx.ignore_index, ctx.label_smoothing,
@@ -306,7 +315,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100, l
                          reduction="mean"):
     """cross_entropy(hidden @ weight^T + bias, target) without materialising the logits."""
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
-    t = target.reshape(-1)
+    t = target.reshape(-1).contiguous()  # as in cross_entropy
     need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     loss, _, _, _ = _linear_ce_op(h2, weight, t, bias, ignore_index, float(label_smoothing), float(z_loss), reduction,
                                   need_grad)

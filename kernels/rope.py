@@ -6,7 +6,8 @@ One program per (batch, block of BLOCK_T positions) loads those positions' cos/s
 every q head and every k head there ((BLOCK_T, BLOCK_H, D/2) tiles), so cos/sin are read once per
 token, not once per head. Inputs are read through their (B, H, T) strides: q/k may be views of the fused qkv
 projection, no copy. The rotation is orthogonal, so the backward is the same kernel with sin negated
-(``BACKWARD``); cos/sin are treated as constants (no gradient), as they are buffers in the model.
+(``BACKWARD``); cos/sin are treated as constants (no gradient), as they are buffers in the model: when
+they require grad (learned angles) the op is declined, so the reference runs (an error in strict mode).
 
 Always out of place, as on the op's other backends. An in-place rotation under no-grad (``rope_``,
 removed) saved two output allocations but changed the caller's q and k on this backend only, and left
@@ -71,6 +72,8 @@ def unsupported_reason(q, k, cos, sin) -> str | None:
         return f"k dtype {k.dtype} != q dtype {q.dtype}"
     if q.shape[0] > 65535:  # the batch is the grid's second axis (CUDA limit 65535)
         return f"batch {q.shape[0]} > 65535"
+    if cos.requires_grad or sin.requires_grad:  # the kernel treats them as constants (see above)
+        return "rope has no gradient for cos/sin"
     return None
 
 

@@ -31,9 +31,16 @@ _INT_DTYPES = (torch.int32, torch.int64)
 def attention(q, k, v, *, causal=True, softmax_scale=None, doc_ids=None, window=None, backend=None):
     """Scaled dot-product attention. q (B, Hq, T, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv
     (grouped-query). Queries are the last T of the S positions. ``doc_ids`` (B, S) integer: tokens
-    attend only within their document (packed sequences). ``window``: sliding-window size."""
-    if not (doc_ids is None and (window is None or window >= 1) and floats_on(q, k, v) and q.ndim == 4
-            and k.ndim == 4 and v.shape == k.shape and k.dtype == q.dtype and v.dtype == q.dtype
+    attend only within their document (packed sequences). ``window``: sliding-window size (an int >= 1).
+
+    Backend "cpu", eager mode: when q, k, v are exactly the head views of one contiguous fused projection
+    (the model's ``qkv.view(B, T, H, D).transpose(1, 2).split(...)``, T == S), the kernel takes that
+    projection and returns its gradient in one tensor, skipping the views' own autograd nodes. Gradients
+    reach the projection (and the parameters) correctly, but not the views themselves:
+    ``torch.autograd.grad(out, q)`` finds q unused, and hooks or ``retain_grad()`` on q, k, v never run.
+    To differentiate with respect to the views, pass copies (``q.clone()``, ...) or use backend="torch"."""
+    if not (doc_ids is None and (window is None or (type(window) is int and window >= 1)) and floats_on(q, k, v)
+            and q.ndim == 4 and k.ndim == 4 and v.shape == k.shape and k.dtype == q.dtype and v.dtype == q.dtype
             and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and q.shape[3] and k.shape[1]
             and not q.shape[1] % k.shape[1]
             and q.shape[2] <= k.shape[2]):
@@ -63,8 +70,10 @@ def _check_attention(q, k, v, doc_ids, window):
     if doc_ids is not None:
         validate.tensor("attention", "doc_ids", doc_ids, ndim=2, dtypes=_INT_DTYPES, like=q)
         validate.shape("attention", "doc_ids", doc_ids, (B, k.shape[2]), "(B, S): one id per key position")
-    if window is not None and window < 1:
-        raise ValueError(f"pyllm.ops.attention: argument 'window'={window} must be >= 1")
+    if window is not None:
+        validate.integer("attention", "window", window)
+        if window < 1:
+            raise ValueError(f"pyllm.ops.attention: argument 'window'={window} must be >= 1")
 
 
 def _check_norm(op, x, weight, bias, residual):
@@ -107,7 +116,14 @@ def bias_gelu(x, bias=None, *, approximate="tanh", backend=None):
 
 
 def swiglu(gate, up, *, backend=None):
-    """SiLU(gate) * up."""
+    """SiLU(gate) * up.
+
+    Backend "cpu", eager mode: when gate and up are exactly the two halves of one contiguous tensor (the
+    model's ``fc(x).chunk(2, dim=-1)``), the kernel takes that tensor and returns its gradient in one piece,
+    skipping the halves' own autograd nodes. Gradients reach that tensor (and the parameters) correctly, but
+    not the halves themselves: ``torch.autograd.grad(y, gate)`` finds gate unused, and hooks or
+    ``retain_grad()`` on gate, up never run. To differentiate with respect to the halves, pass copies
+    (``gate.clone()``, ...) or use backend="torch"."""
     if not (floats_on(gate, up) and gate.ndim and up.shape == gate.shape):
         validate.tensor("swiglu", "gate", gate, min_ndim=1)
         validate.tensor("swiglu", "up", up, like=gate)
@@ -190,12 +206,14 @@ def _check_gemm_dtypes(op, x, x_name, weight, bias):
             validate.same_dtype(op, "bias", bias, x, x_name)
 
 
-def _check_ce(op, rows_shape, target, ignore_index, label_smoothing, z_loss, reduction, like):
+def _check_ce(op, rows_shape, vocab, target, ignore_index, label_smoothing, z_loss, reduction, like):
     if (isinstance(target, torch.Tensor) and target.dtype in _INT_DTYPES and target.device == like.device
-            and target.shape == rows_shape and 0.0 <= label_smoothing < 1.0 and z_loss >= 0
-            and (reduction == "mean" or reduction == "sum" or reduction == "none")):
+            and target.shape == rows_shape and type(ignore_index) is int and 0.0 <= label_smoothing < 1.0
+            and z_loss >= 0 and (reduction == "mean" or reduction == "sum" or reduction == "none")):
+        _check_target_range(op, target, vocab, ignore_index)
         return  # the usual call
     validate.tensor(op, "target", target, dtypes=_INT_DTYPES, like=like)
+    validate.integer(op, "ignore_index", ignore_index)
     if tuple(target.shape) != tuple(rows_shape):
         raise ValueError(f"pyllm.ops.{op}: argument 'target' has shape {tuple(target.shape)}, expected "
                          f"{tuple(rows_shape)} (one class index per row)")
@@ -204,15 +222,33 @@ def _check_ce(op, rows_shape, target, ignore_index, label_smoothing, z_loss, red
     if z_loss < 0:
         raise ValueError(f"pyllm.ops.{op}: argument 'z_loss'={z_loss} must be >= 0")
     validate.choice(op, "reduction", reduction, ("mean", "sum", "none"))
+    _check_target_range(op, target, vocab, ignore_index)
+
+
+def _check_target_range(op, target, vocab, ignore_index):
+    """Class indices outside [0, V) other than ignore_index are refused, on CPU tensors: on a GPU the check
+    would be a host sync in every step, so there the kernel backends flag such a row with a nan loss
+    instead (the reference asserts on the device); under torch.compile it would break the graph."""
+    if target.device.type != "cpu" or not target.numel() or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(target))
+    if 0 <= low and high < vocab:  # one pass decides the usual case
+        return
+    if bool(((target < 0) | (target >= vocab)).logical_and_(target != ignore_index).any()):
+        raise ValueError(f"pyllm.ops.{op}: argument 'target' holds class indices outside [0, {vocab}) that are "
+                         f"not ignore_index={ignore_index}")
 
 
 def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                   backend=None):
     """Softmax cross-entropy of logits (..., V) against integer target (...); see reference.cross_entropy.
-    reduction "none" gives the per-row losses in the shape of ``target``."""
+    reduction "none" gives the per-row losses in the shape of ``target``. A target outside [0, V) that is not
+    ``ignore_index`` is a ValueError for CPU tensors; on a GPU (no host sync) the kernels give its row a nan
+    loss."""
     if not (floats_on(logits) and logits.ndim):
         validate.tensor("cross_entropy", "logits", logits, min_ndim=1)
-    _check_ce("cross_entropy", logits.shape[:-1], target, ignore_index, label_smoothing, z_loss, reduction, logits)
+    _check_ce("cross_entropy", logits.shape[:-1], logits.shape[-1], target, ignore_index, label_smoothing, z_loss,
+              reduction, logits)
     loss = dispatch("cross_entropy", logits.device, backend, logits, target, ignore_index=ignore_index,
                     label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss  # backends may return rows flat
@@ -221,7 +257,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_l
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
                          z_loss=0.0, reduction="mean", backend=None):
     """cross_entropy(hidden @ weight^T + bias, target) without materialising all logits (in the kernel
-    backends). hidden (..., H), weight (V, H), target (...)."""
+    backends). hidden (..., H), weight (V, H), target (...): checked as in cross_entropy."""
     if not (floats_on(hidden, weight, bias) and hidden.ndim and weight.ndim == 2
             and weight.shape[1] == hidden.shape[-1] and (bias is None or bias.shape == weight.shape[:1])
             and weight.dtype == hidden.dtype and (bias is None or bias.dtype == hidden.dtype)):
@@ -234,8 +270,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
             validate.tensor("linear_cross_entropy", "bias", bias, ndim=1, like=hidden)
             validate.shape("linear_cross_entropy", "bias", bias, weight.shape[:1], "(V)")
         _check_gemm_dtypes("linear_cross_entropy", hidden, "hidden", weight, bias)
-    _check_ce("linear_cross_entropy", hidden.shape[:-1], target, ignore_index, label_smoothing, z_loss,
-              reduction, hidden)
+    _check_ce("linear_cross_entropy", hidden.shape[:-1], weight.shape[0], target, ignore_index, label_smoothing,
+              z_loss, reduction, hidden)
     loss = dispatch("linear_cross_entropy", hidden.device, backend, hidden, weight, target, bias,
                     ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                     reduction=reduction)
@@ -252,10 +288,13 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
             raise ValueError(f"pyllm.ops.adamw_step: '{name}' has {len(lst)} tensors, 'params' has {n}")
     # moments and master weights are fp32 (fp64 for a float64 truth in tests), whatever the params' dtype
     wide = (torch.float32, torch.float64)
+    _check_tensor_list("adamw_step", "params", params)
     states = [("grads", grads, None), ("exp_avgs", exp_avgs, wide), ("exp_avg_sqs", exp_avg_sqs, wide),
               ("master_params", master_params, wide)]
     for name, lst, dtypes in states:
         for i, (p, t) in enumerate(zip(params, lst or ())):
+            if not isinstance(t, torch.Tensor):
+                validate.tensor("adamw_step", f"{name}[{i}]", t)  # raises, naming the element
             if t.shape != p.shape:
                 raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] shape {tuple(t.shape)} != params[{i}] "
                                  f"shape {tuple(p.shape)}")
@@ -266,6 +305,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
                 raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
     if found_inf is not None:
         validate.tensor("adamw_step", "found_inf", found_inf, dtypes=(torch.float32,))
+        _check_one_element("adamw_step", "found_inf", found_inf)
     if n == 0:
         return None
     return dispatch("adamw_step", params[0].device, backend, params, grads, exp_avgs, exp_avg_sqs, lr=lr,
@@ -277,8 +317,10 @@ def unscale_and_check_(grads, inv_scale, found_inf, *, backend=None):
     """grads *= inv_scale in place (one multi-tensor launch in the kernel backends); found_inf (1
     element, fp32) is set to 1 if any gradient holds inf/nan. Never synchronises with the host."""
     validate.tensor("unscale_and_check_", "found_inf", found_inf, dtypes=(torch.float32,))
-    if found_inf.numel() != 1:
-        raise ValueError("pyllm.ops.unscale_and_check_: 'found_inf' must have exactly one element")
+    _check_one_element("unscale_and_check_", "found_inf", found_inf)
+    if isinstance(inv_scale, torch.Tensor):
+        _check_one_element("unscale_and_check_", "inv_scale", inv_scale)
+    _check_tensor_list("unscale_and_check_", "grads", grads)
     if not grads:
         return None
     return dispatch("unscale_and_check_", found_inf.device, backend, grads, inv_scale, found_inf)
@@ -287,10 +329,27 @@ def unscale_and_check_(grads, inv_scale, found_inf, *, backend=None):
 def update_loss_scale_(scale, growth_tracker, found_inf, *, growth_factor=2.0, backoff_factor=0.5,
                        growth_interval=2000, backend=None):
     """Device-side dynamic loss-scale update; see reference.update_loss_scale_."""
-    validate.tensor("update_loss_scale_", "scale", scale, dtypes=(torch.float32,))
-    validate.tensor("update_loss_scale_", "growth_tracker", growth_tracker, dtypes=(torch.int32, torch.int64))
+    op = "update_loss_scale_"
+    validate.tensor(op, "scale", scale, dtypes=(torch.float32,))
+    validate.tensor(op, "growth_tracker", growth_tracker, dtypes=(torch.int32, torch.int64), like=scale)
+    validate.tensor(op, "found_inf", found_inf, dtypes=(torch.float32,), like=scale)
+    for name, t in (("scale", scale), ("growth_tracker", growth_tracker), ("found_inf", found_inf)):
+        _check_one_element(op, name, t)
+    validate.integer(op, "growth_interval", growth_interval)
     return dispatch("update_loss_scale_", scale.device, backend, scale, growth_tracker, found_inf,
                     growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval)
+
+
+def _check_tensor_list(op, name, tensors):
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):  # a None (a parameter without gradient) raised AttributeError
+            validate.tensor(op, f"{name}[{i}]", t)  # raises, naming the element
+
+
+def _check_one_element(op, name, t):
+    """The loss-scaling scalars live in one-element device tensors (the kernels read element 0 only)."""
+    if t.numel() != 1:
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}' must have exactly one element, got shape {tuple(t.shape)}")
 
 
 # The reference implements every op: register it as the "torch" backend.

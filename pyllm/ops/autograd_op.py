@@ -18,6 +18,12 @@ Used by the C++/CUDA backends (cpu_backend.py, cuda_backend.py):
 gradient per input and calls ``bwd`` (the backward kernel: the raw function in eager mode, its custom op
 under compilation). Without a ``bwd`` kernel, ``backward`` receives the forward in its place (an op whose
 backward is itself with other arguments, like a rotation by -theta) or may ignore it.
+
+The backward kernels are not differentiable themselves, so a second derivative through these ops
+(``torch.autograd.grad(..., create_graph=True)`` and then another grad) is refused rather than silently
+missing the kernel's second-order term: under create_graph the gradients come out hung on an error node
+(``_first_order_only``) that raises when a later backward reaches it, as the Triton kernels' backward custom
+ops (no autograd formula registered) raise. Compiled graphs have no double backward at all (AOTAutograd).
 """
 
 from __future__ import annotations
@@ -49,7 +55,11 @@ def kernel_op(name: str, forward: Callable, forward_fake: Callable, setup: Calla
 
         @staticmethod
         def backward(ctx, *grads):
-            return backward(ctx, bwd, *grads)
+            if not torch.is_grad_enabled():  # the usual backward: no graph of the gradients is recorded
+                return backward(ctx, bwd, *grads)
+            with torch.no_grad():  # create_graph: nothing to record, the kernels are not differentiable
+                out = backward(ctx, bwd, *grads)
+            return _first_order_only(name, ctx, grads, out)
 
     # Function.apply's Python wrapper (functorch bookkeeping) costs ~1.5 us per call; with no functorch
     # transform active the base class's apply does the same work.
@@ -69,3 +79,24 @@ def kernel_op(name: str, forward: Callable, forward_fake: Callable, setup: Calla
 
     call.custom_op = forward_op  # for torch.library.opcheck in the tests
     return call
+
+
+def _first_order_only(name: str, ctx, grad_outputs: tuple, grads):
+    """``grads`` (a backward's result, computed without a graph) hung on a node that raises when differentiated.
+
+    The node is linked to everything the gradients were computed from that requires grad: the incoming
+    gradients and the saved tensors, so any later grad that depends on them runs into it.
+    (torch.autograd.function.once_differentiable marks gradients only when an incoming one requires grad, on
+    fresh leaves: d/dx of a LayerNorm's dL/dx, through its saved x, is still dropped in silence.) With
+    nothing to link (linear_cross_entropy saves only gradients computed in its forward, whose dependence on
+    the inputs does not show) it raises at once; a false alarm only where the second derivative is 0 anyway
+    (rope under a constant upstream gradient)."""
+    message = (f"{name}: the backward of this kernel is not differentiable (no double backward: create_graph=True "
+               f"then another grad); use backend=\"torch\" for higher-order gradients")
+    links = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not links:
+        raise RuntimeError(message)
+    single = not isinstance(grads, tuple)
+    grads = (grads,) if single else grads
+    marked = torch._C._functions.DelayedError(message, len(grads) + len(links))(*grads, *links)[:len(grads)]
+    return marked[0] if single else marked

@@ -20,7 +20,8 @@ Attention takes every mask of the reference (causal, document ids, sliding windo
 (csrc/cpu/attention.cpp: O(S D) scratch per thread in the forward, fixed 64 x 256 tiles in the
 backward). It reads q, k, v through their strides (no copies of the model's head views) and, when they
 are the head views of one fused qkv projection, returns that projection's gradient in one tensor (see
-_fused_qkv).
+_fused_qkv; SwiGLU likewise for the halves of one projection, _fused_projection): the views themselves are
+then not in the autograd graph (no gradient, hook or retain_grad on them; see pyllm.ops.attention).
 linear (and linear_cross_entropy's GEMMs) in float32 run through oneDNN where the CPU is not Intel's and has
 AVX2 or AVX-512 (PyTorch's MKL runs its generic AVX2 code there), else through MKL: see "linear (GEMMs)" below.
 Not here, so the reference runs: matmul and the loss-scale update (a few scalars).
@@ -259,6 +260,11 @@ _swiglu = kernel_op("pyllm::swiglu_cpu", _swiglu_fwd, swiglu_fwd_fake, swiglu_se
 # 2 x rows x n floats, as costly as the SwiGLU backward itself). When gate and up are exactly the two
 # halves of one contiguous (..., 2n) tensor, the op below takes that tensor instead and its backward
 # writes dgate and dup straight into the halves of one (..., 2n) gradient: no split, no concatenation.
+# The price: the halves' own autograd nodes are left out of the graph, so a gradient with respect to a
+# half (torch.autograd.grad(y, gate)), or a hook or retain_grad() on one, never arrives; gradients to the
+# tensor they split, and on to the parameters, are exact. No check at call time can tell whether a view
+# will be differentiated against later, so the limitation is documented (pyllm.ops.swiglu, attention)
+# instead: copies of the views (gate.clone()) or backend="torch" opt out.
 
 
 def _shared_base(*views: Tensor) -> Optional[Tensor]:
@@ -711,9 +717,9 @@ def _linear_cross_entropy_backward(ctx, _forward, dloss, _ddh, _ddw, _ddb):
         raise RuntimeError("pyllm.ops.linear_cross_entropy (cpu): gradients were not computed in the forward")
     db = db if ctx.has_bias else None
     # Skip the scaling passes in the usual case loss.backward() (dloss == 1). Reading dloss costs no sync
-    # on the CPU; while tracing (torch.compile, opcheck) it is a fake tensor without a value, and under
-    # create_graph the product keeps the gradients' dependence on dloss.
-    if type(dloss) is not Tensor or torch.is_grad_enabled() or float(dloss) != 1.0:
+    # on the CPU; while tracing (torch.compile, opcheck) it is a fake tensor without a value. (No double
+    # backward: dh, dw, db were computed in the forward, with no graph to the inputs; autograd_op refuses it.)
+    if type(dloss) is not Tensor or float(dloss) != 1.0:
         dh, dw, db = dh * dloss, dw * dloss, (db * dloss if db is not None else None)
     return dh, dw, db, None, None, None, None, None, None, None
 
@@ -897,7 +903,7 @@ _attention = kernel_op("pyllm::attention_cpu", _attention_fwd, _attention_fwd_fa
 # transposing copy, more time than the attention backward itself at nanoGPT's shape). When q, k, v are
 # exactly those views (self-attention, T == S), the op below takes qkv instead: the kernels read the heads
 # in place through their strides and the backward writes dq, dk, dv into one (B, T, (Hq + 2 Hkv) D)
-# gradient, the projection's.
+# gradient, the projection's. As for SwiGLU above, q, k, v themselves then get no gradient of their own.
 
 
 def _fused_qkv(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:

@@ -19,6 +19,7 @@ from pyllm.kernels import matmul as matmul_kernel
 from pyllm.kernels import rope as rope_kernel
 from pyllm.kernels import softmax as softmax_kernel
 
+from . import reference
 from .registry import Unsupported, register
 
 
@@ -118,5 +119,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
                          reduction="mean"):
     _require(launch.runnable_reason(hidden, weight, target, bias)
              or ce_kernel.unsupported_reason(hidden) or matmul_kernel.unsupported_reason(hidden, weight, bias))
+    if hidden.shape[-1] == 0 or weight.shape[0] == 0:  # no features or no classes: nothing to fuse (as on cpu)
+        return reference.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
+                                              reduction)
     return ce_kernel.linear_cross_entropy(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss,
                                           reduction)

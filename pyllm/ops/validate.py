@@ -8,6 +8,8 @@ never accept what the full checks refuse; it may refuse what they accept (they t
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -64,3 +66,15 @@ def shape(op: str, name: str, t, expected: tuple, what: str = ""):
 def choice(op: str, name: str, value, valid):
     if value not in valid:
         raise ValueError(f"pyllm.ops.{op}: argument '{name}'={value!r} is not one of {list(valid)}")
+
+
+def integer(op: str, name: str, value):
+    """Check that argument ``name`` of ``op`` is an integer (a Python or NumPy int, or a one-element integer
+    tensor): not a bool, and not a float, even a whole one (the kernels take an int; one truncated 1.5 to 1)."""
+    try:
+        operator.index(value)
+        ok = not isinstance(value, bool) and getattr(value, "dtype", None) is not torch.bool
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"pyllm.ops.{op}: argument '{name}'={value!r} must be an integer, got {type(value).__name__}")

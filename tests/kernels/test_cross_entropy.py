@@ -1,6 +1,8 @@
 """Cross-entropy Triton kernel vs the reference: reductions, ignore_index, label smoothing, z-loss,
 vocabularies that are not a multiple of the chunk and (on GPU) above 65,536."""
 
+import math
+
 import pytest
 import torch
 
@@ -61,6 +63,20 @@ def test_cross_entropy_3d_int32_targets():
     check_op(_ce(), [logits.view(2, 3, 50), target.view(2, 3).int()], torch.float32)
 
 
+def test_target_out_of_range_gives_its_row_a_nan_loss():
+    """Past pyllm.ops' check (CPU tensors only: on a GPU it would be a host sync per step) the kernels flag
+    a target outside [0, V) with a nan loss, as the cuda backend does; they read the neighbouring logits."""
+    from pyllm.kernels import cross_entropy as ce_kernel
+
+    x = torch.randn(4, 5, device=DEVICE)
+    target = torch.tensor([0, 5, -1, -100], device=DEVICE)
+    loss = ce_kernel.cross_entropy(x, target, reduction="none")
+    want = ops.cross_entropy(x, torch.tensor([0, 0, 0, -100], device=DEVICE), reduction="none", backend="torch")
+    assert loss[1].isnan() and loss[2].isnan()
+    torch.testing.assert_close(loss[[0, 3]], want[[0, 3]])
+    assert ce_kernel.linear_cross_entropy(x, torch.eye(5, device=DEVICE), target).isnan()
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,V", [(4096, 50257), (1023, 128256), (3, 262147)])
@@ -101,6 +117,22 @@ def test_linear_cross_entropy_no_grad():
     with torch.no_grad():
         got = ops.linear_cross_entropy(h, w, t, backend="triton")
     torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, t, backend="torch"))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_with_no_features(bias):
+    # hidden size 0: the logits are the bias (or zeros: ln V); the chunk sizing divided by H
+    h = torch.randn(4, 0, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 0, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, device=DEVICE, requires_grad=True) if bias else None
+    t = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    got = ops.linear_cross_entropy(h, w, t, b, backend="triton")
+    want = ops.linear_cross_entropy(h, w, t, b, backend="torch")
+    torch.testing.assert_close(got, want)
+    if not bias:
+        torch.testing.assert_close(got, torch.tensor(math.log(5), device=DEVICE))
+    got.backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape
 
 
 @requires_gpu

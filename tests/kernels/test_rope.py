@@ -61,6 +61,24 @@ def test_rope_out_of_place_under_no_grad():
     torch.testing.assert_close(k_rot, want_k)
 
 
+@pytest.mark.filterwarnings("ignore:pyllm.ops.rope.*falling back:RuntimeWarning")
+def test_rope_declines_cos_sin_that_need_a_gradient(monkeypatch):
+    # learned angles: the kernel treats cos/sin as constants, so it returned no gradient for them; it is
+    # declined instead (strict mode: an error) and the reference runs, as on the cpu backend
+    q, k = torch.randn(1, 2, 5, 8, device=DEVICE), torch.randn(1, 1, 5, 8, device=DEVICE)
+    theta = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    with pytest.raises(ops.BackendError, match="rope has no gradient for cos/sin"):
+        ops.rope(q, k, theta.cos(), theta.sin(), backend="triton")
+    monkeypatch.delenv("PYLLM_STRICT_BACKEND")
+    grads = []
+    for backend in ("torch", "triton"):
+        theta.grad = None
+        q_rot, k_rot = ops.rope(q, k, theta.cos(), theta.sin(), backend=backend)
+        (q_rot.sum() + k_rot.sum()).backward()
+        grads.append(theta.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hq,Hkv,D", [(32, 8, 128), (12, 12, 64), (5, 1, 256)])

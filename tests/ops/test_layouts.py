@@ -5,7 +5,8 @@ view. Each case is the three-way rule of STYLE.md (pyllm.ops.tolerance), outputs
 every input, with the layout applied inside the op so that gradients flow back to contiguous leaves.
 
 Found this way (random layouts, then pinned here): the Triton linear_cross_entropy returned its hidden
-gradient in transposed order for a column-major hidden.
+gradient in transposed order for a column-major hidden; the Triton cross-entropy kernels read a strided
+target (a column of a label table) as if contiguous.
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def _cases():
         cases[f"linear_cross_entropy-{name}"] = ([_randn(19, 24), _randn(37, 24, scale=0.3), target],
                                                  lambda h, w, t, backend, lay=lay: ops.linear_cross_entropy(
                                                      lay(h), lay(w), t, z_loss=1e-3, backend=backend))
+    # the target as a column of a (rows, 2) label table (stride 2): the Triton kernels read it as contiguous
+    labels = torch.stack([target, torch.zeros_like(target)], 1)
+    cases["cross_entropy-strided_target"] = ([_randn(19, 37, scale=3), labels],
+                                             lambda x, t, backend: ops.cross_entropy(x, t[:, 0], reduction="none",
+                                                                                     backend=backend))
+    cases["linear_cross_entropy-strided_target"] = ([_randn(19, 24), _randn(37, 24, scale=0.3), labels],
+                                                    lambda h, w, t, backend: ops.linear_cross_entropy(
+                                                        h, w, t[:, 0], backend=backend))
     for name, lay in HEAD_LAYOUTS.items():
         theta = torch.rand(13, 8, generator=torch.Generator().manual_seed(2), dtype=F64) * 6
         cases[f"rope-{name}"] = ([_randn(2, 4, 13, 16), _randn(2, 2, 13, 16)],

@@ -104,6 +104,42 @@ CASES = {
     "linear_cross_entropy weight dtype": (lambda: ops.linear_cross_entropy(t(2, 4), t(9, 4, dtype=torch.bfloat16),
                                                                            ids[0, :2]), TypeError,
                                           "'weight' has dtype bfloat16, expected float32 \\(the dtype of 'hidden'\\)"),
+    # integer arguments: the cpu kernel truncated window=1.5 to 1, the Triton op schema refused it; a bool is no size
+    "attention float window": (lambda: ops.attention(q4, kv4, kv4, window=1.5), ValueError,
+                               "'window'=1.5 must be an integer, got float"),
+    "attention bool window": (lambda: ops.attention(q4, kv4, kv4, window=True), ValueError,
+                              "'window'=True must be an integer, got bool"),
+    "cross_entropy float ignore_index": (lambda: ops.cross_entropy(t(2, 5), ids[0, :2], ignore_index=-100.0),
+                                         ValueError, "'ignore_index'=-100.0 must be an integer"),
+    "linear_cross_entropy float ignore_index": (lambda: ops.linear_cross_entropy(t(2, 4), t(9, 4), ids[0, :2],
+                                                                                 ignore_index=0.5), ValueError,
+                                                "'ignore_index'=0.5 must be an integer"),
+    "loss scale float growth_interval": (lambda: ops.update_loss_scale_(t(1), t(1, dtype=torch.int32), t(1),
+                                                                        growth_interval=2.5), ValueError,
+                                         "'growth_interval'=2.5 must be an integer"),
+    # the loss-scaling scalars: the kernels read element 0 of each and ignored the rest
+    "adamw found_inf size": (lambda: ops.adamw_step([t(2)], [t(2)], [t(2)], [t(2)], lr=1e-3, step=1,
+                                                    found_inf=t(2)), ValueError,
+                             r"'found_inf' must have exactly one element, got shape \(2,\)"),
+    "loss scale found_inf dtype": (lambda: ops.update_loss_scale_(t(1), t(1, dtype=torch.int32),
+                                                                  t(1, dtype=torch.int32)), TypeError,
+                                   "'found_inf' has dtype int32, expected one of float32"),
+    "loss scale found_inf size": (lambda: ops.update_loss_scale_(t(1), t(1, dtype=torch.int32), t(2)), ValueError,
+                                  "'found_inf' must have exactly one element"),
+    "loss scale scale size": (lambda: ops.update_loss_scale_(t(2), t(2, dtype=torch.int32), t(1)), ValueError,
+                              "'scale' must have exactly one element"),
+    "loss scale tracker size": (lambda: ops.update_loss_scale_(t(1), t(2, dtype=torch.int32), t(1)), ValueError,
+                                "'growth_tracker' must have exactly one element"),
+    # a parameter without a gradient: AttributeError / TypeError from deep inside
+    "adamw None grad": (lambda: ops.adamw_step([t(2), t(3)], [t(2), None], [t(2), t(3)], [t(2), t(3)], lr=1e-3,
+                                               step=1), TypeError,
+                        r"argument 'grads\[1\]' must be a torch.Tensor, got NoneType"),
+    "adamw None param": (lambda: ops.adamw_step([None], [t(2)], [t(2)], [t(2)], lr=1e-3, step=1), TypeError,
+                         r"argument 'params\[0\]' must be a torch.Tensor, got NoneType"),
+    "unscale None grad": (lambda: ops.unscale_and_check_([t(2), None], 1.0, t(1)), TypeError,
+                          r"argument 'grads\[1\]' must be a torch.Tensor, got NoneType"),
+    "unscale inv_scale size": (lambda: ops.unscale_and_check_([t(2)], t(2), t(1)), ValueError,
+                               "'inv_scale' must have exactly one element"),
 }
 
 
@@ -123,3 +159,29 @@ def test_gemm_operands_of_two_dtypes_are_taken_under_autocast(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.linear(x, w, backend=backend).dtype == torch.bfloat16
         assert torch.isfinite(ops.linear_cross_entropy(x, w, target, backend=backend))
+
+
+def _available(backend):
+    if ops.backends()[backend] != "available":
+        pytest.skip(f"{backend} backend {ops.backends()[backend]}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("bad", [5, -1, -7])
+def test_target_out_of_range_is_refused_on_every_backend(op, bad, backend, monkeypatch):
+    # V=5: the reference raised an IndexError-like RuntimeError from inside, the Triton kernel read the
+    # neighbouring logits; a target equal to ignore_index (also outside [0, V)) is fine
+    _available(backend)
+    monkeypatch.setenv("PYLLM_STRICT_BACKEND", "1")
+    x = torch.randn(3, 5)
+
+    def run(target):
+        if op == "cross_entropy":
+            return ops.cross_entropy(x, target, ignore_index=-100, backend=backend)
+        return ops.linear_cross_entropy(x, torch.eye(5), target, ignore_index=-100, backend=backend)
+
+    with pytest.raises(ValueError, match=rf"pyllm.ops.{op}: argument 'target' holds class indices outside "
+                                         rf"\[0, 5\) that are not ignore_index=-100"):
+        run(torch.tensor([0, bad, 1]))
+    assert torch.isfinite(run(torch.tensor([0, -100, 4])))
