@@ -298,9 +298,9 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
             if t.shape != p.shape:
                 raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] shape {tuple(t.shape)} != params[{i}] "
                                  f"shape {tuple(p.shape)}")
-            if dtypes is not None and t.dtype not in dtypes:
+            if dtypes is not None and t.dtype not in dtypes or not t.is_floating_point():
                 raise TypeError(f"pyllm.ops.adamw_step: {name}[{i}] has dtype {str(t.dtype).removeprefix('torch.')}, "
-                                "expected float32")
+                                f"expected {'float32' if dtypes else 'a floating-point dtype'}")
             if t.device != p.device:
                 raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
     if found_inf is not None:
