@@ -191,13 +191,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         if (directory / "tokenizer.json").exists():
             return HFTokenizer.from_file(directory / "tokenizer.json")
         raise FileNotFoundError(f"{directory}: no {META_FILE} or tokenizer.json found")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise ValueError(f"{meta_path}: not valid JSON ({where})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path}: must hold a JSON object")
+    from pyllm.data.jsonl import read_json_object
+
+    meta = read_json_object(meta_path)
     kind = meta.get("kind")
     if kind == "byte":
         return ByteTokenizer()

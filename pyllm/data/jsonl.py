@@ -21,6 +21,21 @@ class JsonLinesError(ValueError):
         super().__init__(f"{path}:{line}: {problem}")
 
 
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in the file ``path`` (a config, a manifest); text that is not UTF-8, not JSON or not
+    an object is a one-line ValueError naming the file and where."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
 def split_lines(f) -> Iterator[tuple[int, bytes]]:
     """(file offset, line without its end) of each line of the binary file ``f``. A line ends at "\\n",
     "\\r\\n" or a lone "\\r", as in Python's text mode (universal newlines), never at a Unicode line break

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pyllm.data.jsonl import read_json_object
 from pyllm.typecheck import type_problem
 
 from .config import ModelConfig
@@ -281,12 +282,7 @@ def load_hf(directory: str | Path, device="cpu", dtype=torch.float32, **override
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({getattr(e, 'msg', 'not UTF-8 text')})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: must hold a JSON object")
+    raw = read_json_object(cfg_path)
     try:
         cfg = config_from_hf(raw, **overrides)
     except KeyError as e:

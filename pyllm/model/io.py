@@ -17,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 
+from pyllm.data.jsonl import read_json_object
+
 from .config import ModelConfig
 from .transformer import Transformer
 
@@ -72,13 +74,7 @@ def load_model(directory: str | Path, device="cpu", dtype=torch.float32, **overr
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a pyllm model directory)")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        raise ValueError(f"{cfg_path}: not valid JSON ({where})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: must hold a JSON object")
+    raw = read_json_object(cfg_path)
     if "pyllm_model" not in raw and "model_type" in raw:  # a Hugging Face checkpoint (GPT-2, Llama)
         from .hf import load_hf
 
