@@ -128,32 +128,9 @@ def test_truncated_stage_record_reruns_the_stage(tmp_path):
     assert sorted(x.name for x in (tmp_path / "data").iterdir()) == ["stage.json"]  # no temp file left
 
 
-def test_eval_reruns_when_the_reward_model_changes(tmp_path, monkeypatch):
-    """run_eval scores every checkpoint with the rm stage's model: eval's cache key includes it."""
-    from pyllm import report
-
-    calls = []
-    for name in ("data", "pretrain", "sft", "rm", "dpo", "rl", "eval"):
-        monkeypatch.setattr(pipeline, f"run_{name}",
-                            lambda cfg, d, *a, _n=name: calls.append(_n) or {"model_dir": str(d)})
-    monkeypatch.setattr(report, "write_pipeline_report", lambda cfg, S, d: d / "report.md")
-    monkeypatch.setattr(pipeline, "measured_matmul_tflops", lambda *a: 1.0)
-
-    def run(**kw):
-        calls.clear()
-        Pipeline(PipelineConfig(out_dir=str(tmp_path), device="cpu", **kw), log=lambda s: None).run()
-        return calls[:]
-
-    assert run() == ["data", "pretrain", "sft", "rm", "dpo", "rl", "eval"]
-    (tmp_path / "rm.stale-1").mkdir()  # left by a run killed while clearing the rm stage
-    assert run(rm={"seq_len": 32}) == ["rm", "eval"] and not (tmp_path / "rm.stale-1").exists()
-    assert run(rm={"seq_len": 32}) == []
-    assert run(rm={"seq_len": 32}, skip=("rm",)) == ["eval"]
-
-
-def test_force_reruns_the_stages_that_read_the_forced_one(tmp_path, monkeypatch):
-    """--force sft re-runs sft and what was made from its output (rm, dpo, rl, eval), not data or pretrain;
-    device "auto" and "cpu" name the same device here, so switching between them re-runs nothing."""
+@pytest.fixture
+def stand_in_run(tmp_path, monkeypatch):
+    """``run(force=(), **config) -> [stages that ran]``: the whole pipeline in tmp_path with stand-in stages."""
     from pyllm import report
 
     calls = []
@@ -164,11 +141,29 @@ def test_force_reruns_the_stages_that_read_the_forced_one(tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline, "measured_matmul_tflops", lambda *a: 1.0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
-    def run(force=(), device="cpu"):
+    def run(force=(), **kw):
         calls.clear()
-        Pipeline(PipelineConfig(out_dir=str(tmp_path), device=device), force=force, log=lambda s: None).run()
+        cfg = PipelineConfig(**{"out_dir": str(tmp_path), "device": "cpu", **kw})
+        Pipeline(cfg, force=force, log=lambda s: None).run()
         return calls[:]
 
+    return run
+
+
+def test_eval_reruns_when_the_reward_model_changes(tmp_path, stand_in_run):
+    """run_eval scores every checkpoint with the rm stage's model: eval's cache key includes it."""
+    run = stand_in_run
+    assert run() == ["data", "pretrain", "sft", "rm", "dpo", "rl", "eval"]
+    (tmp_path / "rm.stale-1").mkdir()  # left by a run killed while clearing the rm stage
+    assert run(rm={"seq_len": 32}) == ["rm", "eval"] and not (tmp_path / "rm.stale-1").exists()
+    assert run(rm={"seq_len": 32}) == []
+    assert run(rm={"seq_len": 32}, skip=("rm",)) == ["eval"]
+
+
+def test_force_reruns_the_stages_that_read_the_forced_one(stand_in_run):
+    """--force sft re-runs sft and what was made from its output (rm, dpo, rl, eval), not data or pretrain;
+    device "auto" and "cpu" name the same device here, so switching between them re-runs nothing."""
+    run = stand_in_run
     assert run() == ["data", "pretrain", "sft", "rm", "dpo", "rl", "eval"]
     assert run(force=("sft",)) == ["sft", "rm", "dpo", "rl", "eval"]
     assert run() == []  # the forced run's output is now the cached one
