@@ -48,6 +48,10 @@ def setup_for(device: str) -> DistInfo:
 
 
 def resolve_mode(mode: str, world_size: int) -> str:
+    """The data-parallel wrapping a run of ``world_size`` processes uses: "none", "ddp" or "fsdp"."""
+    if mode == "none" and world_size > 1:  # each process would train its own model on its share of the data
+        raise ValueError(f"distributed='none' with {world_size} processes (torchrun) would train {world_size} "
+                         "separate models; use 'auto', 'ddp' or 'fsdp', or run one process")
     if mode == "auto":
         return "ddp" if world_size > 1 else "none"
     if mode != "none" and world_size == 1:

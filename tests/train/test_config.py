@@ -171,3 +171,13 @@ def test_python_api_values_of_the_wrong_type_are_one_line_errors(field, value, k
     with pytest.raises(ConfigError, match=f"TrainConfig: {field}={value!r} must be {kind}"):
         TrainConfig(**{field: value})
     assert TrainConfig(lr=1, warmup_steps=0, micro_batch_size=None).lr == 1  # an int is a number; None fits Optional
+
+
+def test_distributed_none_under_torchrun_is_refused():
+    """Each process would train its own model on its share of the data, and rank 0's would be saved."""
+    from pyllm.train.distributed import resolve_mode
+
+    with pytest.raises(ValueError, match=r"^distributed='none' with 2 processes \(torchrun\) would train 2 separate"):
+        resolve_mode("none", 2)
+    assert [resolve_mode(m, 1) for m in ("none", "auto", "ddp", "fsdp")] == ["none"] * 4
+    assert resolve_mode("auto", 2) == "ddp" and resolve_mode("fsdp", 2) == "fsdp"
