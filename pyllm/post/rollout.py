@@ -15,6 +15,7 @@ per-token quantities are aligned with ``input_ids[:, 1:]`` (N, L-1).
 from __future__ import annotations
 
 import copy
+import os
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -95,8 +96,8 @@ class RolloutBatches:
         """Round, seed, the current rollout (its tensors as tensors: the Trainer's checkpoint stores them
         in state.safetensors), the minibatches already served from it, and the ``stateful`` objects' states."""
         rollout = None if self.rollout is None else {"stats": self.rollout.stats, "tensors": self.rollout.tensors}
-        return {"round": self.round, "seed": self.seed, "served": self.served, "rollout": rollout,
-                "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
+        return {"round": self.round, "seed": self.seed, "served": self.served, "minibatch_size": self.minibatch_size,
+                "rollout": rollout, "stateful": {k: v.state_dict() for k, v in self.stateful.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.round, self.seed = state["round"], state["seed"]
@@ -110,7 +111,13 @@ class RolloutBatches:
             raise CheckpointError("this checkpoint keeps the rollout buffer as JSON lists (written by an older "
                                   "pyllm); resuming it is not supported: start the stage in another out_dir")
         self.rollout = Rollout(dict(saved["tensors"]), saved["stats"])
-        self.served = state["served"]
+        # served counts minibatches of the saved size; the samples they hold are the same shuffled passes
+        # whatever the size, so a resume with another micro-batch continues at the same sample
+        samples = state["served"] * state.get("minibatch_size", self.minibatch_size)
+        if samples % self.minibatch_size:
+            raise CheckpointError(f"the checkpoint is {samples} samples into its rollout, not a whole number of "
+                                  f"minibatches of {self.minibatch_size}; resume with a micro-batch that divides it")
+        self.served = samples // self.minibatch_size
         self._queue = self._minibatches(self.rollout, self.round - 1)[self.served:]
 
 
@@ -247,9 +254,11 @@ class RLConfig(StageConfig):
     def samples_per_prompt(self) -> int:
         return 1
 
-    def check_minibatch(self, world_size: int = 1, n_prompts: int | None = None) -> None:
-        """The rollout splits evenly over ``world_size`` processes, and each share into minibatches.
-        ``n_prompts``: the training prompts there are; a process's rollout samples at most that many."""
+    def check_minibatch(self, world_size: int | None = None, n_prompts: int | None = None) -> None:
+        """The rollout splits evenly over ``world_size`` processes (None: torchrun's WORLD_SIZE, else 1), and each
+        share into minibatches. ``n_prompts``: the training prompts there are; a process's rollout samples at
+        most that many."""
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         if self.prompts_per_rollout % world_size:
             raise ValueError(f"{type(self).__name__}: prompts_per_rollout={self.prompts_per_rollout} does not split "
                              f"evenly over {world_size} processes; make it a multiple of {world_size}")

@@ -101,6 +101,23 @@ def test_rollout_batches_state_round_trips_mid_rollout():
     assert len(served) == 4 and a.round == b.round == 3
 
 
+def test_rollout_batches_resume_with_another_minibatch_size_continues_at_the_same_sample():
+    """served counts minibatches: a resume with another micro-batch went on from the wrong sample."""
+    def make(round_):
+        return Rollout({"ids": torch.arange(12) + 100 * round_}, {"reward": float(round_)})
+
+    a = RolloutBatches(make, minibatch_size=4, epochs=2, seed=1)
+    [a.next_batch() for _ in range(3)]  # 12 samples in: the second pass over round 0 begins
+    b = RolloutBatches(make, minibatch_size=2, epochs=2, seed=1)
+    b.load_state_dict(a.state_dict())
+    rest_a = torch.cat([a.next_batch()["ids"] for _ in range(5)])  # the rest of round 0, then round 1
+    rest_b = torch.cat([b.next_batch()["ids"] for _ in range(10)])
+    assert torch.equal(rest_a, rest_b)
+    c = RolloutBatches(make, minibatch_size=8, epochs=2, seed=1)
+    with pytest.raises(CheckpointError, match="12 samples into its rollout, not a whole number of minibatches of 8"):
+        c.load_state_dict(a.state_dict() | {"served": 3, "minibatch_size": 4})
+
+
 def _lm_rollout(round_):
     """A rollout of 8 language-model rows (what lm_loss trains on) plus a per-token float buffer."""
     g = torch.Generator().manual_seed(round_)
@@ -268,3 +285,10 @@ def test_exact_match_strips_the_reference_as_well_as_the_answer(monkeypatch):
     examples = [Example("q1", " yes"), Example("q2", "yes\n"), Example("q3", "no")]
     metrics = heldout_metrics(policy, reference, template, examples, lambda p, r: [0.0] * len(p), 4)
     assert metrics["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_rollout_size_check_under_torchrun_names_the_per_process_numbers(monkeypatch):
+    """Under torchrun the config's own check used one process's numbers: 6 samples vs a minibatch of 4."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"a rollout of 3 samples per process is not a multiple of the minibatch \(2\)"):
+        PPOConfig(prompts_per_rollout=6, train={"batch_size": 4})
