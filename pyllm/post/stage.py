@@ -18,6 +18,7 @@ another batch); sampled responses draw the random numbers they draw in the batch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -189,7 +190,12 @@ def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eva
     """Train with pyllm's Trainer; returns its summary (steps, tokens/s, history...)."""
     # what makes a checkpoint in out_dir this run's: another stage's (same shapes) must not be resumed
     run = {"stage": type(cfg).__name__.removesuffix("Config").lower(), "model": cfg.model, "data": cfg.data}
-    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run).fit()
+    # the stage's own settings, which a resume compares and names when they changed (the TrainConfig's are
+    # compared already; run's fields must match); a Python reward function by its name
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "out_dir", *run)}
+    settings = json.loads(json.dumps(settings, default=lambda o: getattr(o, "__qualname__", repr(o))))
+    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run,
+                   settings=settings).fit()
 
 
 def final_metrics(train: dict, measure, model: torch.nn.Module) -> dict:

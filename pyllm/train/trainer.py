@@ -71,8 +71,12 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, batches, loss_fn: LossFn | None = None,
-                 eval_fn: Callable[[nn.Module], dict] | None = None, run: dict | None = None):
+                 eval_fn: Callable[[nn.Module], dict] | None = None, run: dict | None = None,
+                 settings: dict | None = None):
         self.cfg, self.batches, self.eval_fn = cfg, batches, eval_fn
+        # the config a checkpoint records and a resume compares: the TrainConfig, plus the calling stage's own
+        # settings (a post-training stage's beta, kl_coef, epochs...) under "stage"
+        self.config_record = {**cfg.to_dict(), **({"stage": settings} if settings else {})}
         self.own_run = run is None  # the default identity, whose data is a path
         self.run = run if run is not None else {"data": data.data_identity(cfg.data), "tokenizer": cfg.tokenizer}
         self.dist = distributed.setup_for(cfg.device)
@@ -330,7 +334,7 @@ class Trainer:
         if self.dist.is_main:
             np_state = np.random.get_state()
             meta = {"data": data_states, "best": None if math.isinf(self.best) else self.best,
-                    "metrics": metrics or {}, "config": self.cfg.to_dict(), "run": self.run,
+                    "metrics": metrics or {}, "config": self.config_record, "run": self.run,
                     "world_size": self.dist.world_size,
                     "rng_python": random.getstate(),  # tuples: JSON lists
                     "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
@@ -407,7 +411,9 @@ class Trainer:
         stretches the schedule: the lr jumps): allowed, but the user should know."""
         if not isinstance(saved, dict):
             return
-        old, new = _flatten(saved), _flatten(self.cfg.to_dict())
+        # (a checkpoint of an older pyllm has no stage settings: nothing to compare them with)
+        new = {k: v for k, v in self.config_record.items() if k != "stage" or k in saved}
+        old, new = _flatten(saved), _flatten(new)
         changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
                    if k.split(".")[0] not in self.UNWARNED and old.get(k) != new.get(k)]
         if changed:

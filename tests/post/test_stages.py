@@ -126,8 +126,11 @@ def test_a_stage_does_not_resume_another_stages_checkpoint_in_its_out_dir(tmp_pa
     with pytest.raises(ValueError, match=r"holds a checkpoint of another run \(step_00000002: stage='sft' "
                                          r"\(this run: 'dpo'\), data='builtin:reverse' \(this run: 'builtin:tasks'\)"):
         dpo(DPOConfig(data="builtin:tasks", train=quick(max_steps=4, batch_size=4), **common))
-    # the same stage resumes, with more steps
-    s = sft(SFTConfig(data="builtin:reverse", train=quick(max_steps=3, batch_size=4), **common))
+    # the same stage resumes, with more steps; a changed setting of the stage's own is named
+    with pytest.warns(RuntimeWarning, match=r"settings that differ from its run: max_steps 2 -> 3; "
+                                            r"stage.heldout_fraction 0.2 -> 0.3$"):
+        s = sft(SFTConfig(data="builtin:reverse", train=quick(max_steps=3, batch_size=4), heldout_fraction=0.3,
+                          **common))
     assert s["train"]["resumed_from"] == 2
 
 
