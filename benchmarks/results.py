@@ -2,8 +2,9 @@
 
 Every line is self-contained: the measurement plus the machine it ran on (device, driver, commit,
 versions), the run it belongs to and when. ``cpu.jsonl`` and ``gpu.jsonl`` are the committed logs; a
-run's lines share a ``run_id``, and runs of the same commit, device and suite form one "session" that
-the renderer tabulates together (a GPU sweep is run in pieces under 10 minutes each).
+run's lines share a ``run_id``, and runs of one configuration (``session_key``: commit, device, suite and
+the settings that change timings) form one "session" that the renderer tabulates together (a GPU sweep is
+run in pieces under 10 minutes each).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ def default_path(device: str) -> Path:
 
 
 def session_key(record: dict) -> tuple:
-    """Records with the same key were measured on the same code, device and suite."""
-    m = record.get("machine", {})
-    return (m.get("commit"), m.get("device_name"), record.get("suite"))
+    """Records with the same key were measured in one configuration, so their numbers may be divided by one
+    another: the same commit, device and suite, torch threads, host-memory setting and uncommitted changes or
+    none (``dirty`` does not say which changes). A field that older records lack is None in all of them, so
+    they still group by commit, device and suite."""
+    m = record.get("machine") or {}
+    return (m.get("commit"), m.get("device_name"), record.get("suite"),
+            m.get("torch_threads"), m.get("host_memory"), m.get("dirty"))
 
 
 class ResultLog:
