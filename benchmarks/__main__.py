@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", help="comma-separated substrings of case labels to keep")
     parser.add_argument("--out", help="results file (default: benchmarks/results/{cpu,gpu}.jsonl)")
     parser.add_argument("--resume", action="store_true",
-                        help="skip (op, case, dtype) already in the results file for this configuration (commit, device, suite, threads, ...)")
+                        help="skip (op, case, dtype) already in the results file for this configuration "
+                             "(commit, device, suite, threads, ...)")
     parser.add_argument("--time-limit", type=float, help="minutes; no new case starts after this")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); recorded")
     parser.add_argument("--default-malloc", action="store_true",
