@@ -535,12 +535,14 @@ def run_eval(cfg: PipelineConfig, directory: Path, checkpoints: dict[str, str], 
              builtin_task("stdlib_doc", limit=limit)]
     judge = _reward_judge(rm, device)
     reference = load_model(checkpoints["sft"], device=device) if "sft" in checkpoints else None
-    results, samples = {}, {}
+    results, samples, items = {}, {}, {}
     for name, path in checkpoints.items():
         model, tok = load_model(path, device=device), load_tokenizer(path)
         template = ChatTemplate(tok)
         with torch.no_grad():
             scores = run_tasks(model, tok, tasks)
+            # items evaluated per task (the same for every checkpoint): a task may hold fewer than the limit
+            items = {task: m.get("n", m.get("documents")) for task, m in scores.items()}
             _, _, greedy, _ = generate_responses(model, template, prompts, max_new_tokens=max_new, temperature=0.0)
             row = {"bits_per_byte": scores["stdlib_ppl"]["bits_per_byte"],
                    "mc_name_acc": scores["stdlib_name"]["acc"], "mc_doc_acc": scores["stdlib_doc"]["acc_norm"],
@@ -555,7 +557,8 @@ def run_eval(cfg: PipelineConfig, directory: Path, checkpoints: dict[str, str], 
         samples[name] = dict(zip(prompts[:settings.get("samples", 4)], greedy))
         del model
     (directory / "eval.json").write_text(json.dumps({"checkpoints": results, "samples": samples}, indent=1))
-    return {"checkpoints": results, "samples": samples, "heldout_prompts": len(prompts), "task_limit": limit}
+    return {"checkpoints": results, "samples": samples, "heldout_prompts": len(prompts), "task_limit": limit,
+            "task_items": items}
 
 
 def _reward_judge(rm: StageRecord | None, device: str):

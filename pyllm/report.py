@@ -17,7 +17,6 @@ Columns of the evaluation table, each measured the same way on every checkpoint:
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import statistics
 from pathlib import Path
@@ -26,6 +25,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .markdown import md_code, md_text  # noqa: E402
 
 TRAIN_STAGES = ("pretrain", "sft", "rm", "dpo", "rl")
 CPU_WATTS_PER_CORE = 10.0
@@ -49,64 +50,82 @@ def stage_checks(records: dict) -> list[dict]:
     One dict per check: stage, metric, goal ("higher", "lower" or a bound), before, after, ok, and for a
     rate over n held-out items its binomial standard error ``se`` (at the mean of before and after).
     Improvement checks compare held-out measurements before and after the stage (ok: strictly better);
-    "keep" checks allow the stated slack. Stages that did not run give no checks."""
+    "keep" checks allow the stated slack. A check that could not be measured (a stage it reads did not
+    run, a value is missing) has ok None and says why in ``why``. Stages not in ``records`` give no checks."""
     def done(name):
         rec = records.get(name)
         return rec is not None and rec.status == "done"
 
+    def why_not_done(*names):
+        """Why the first of these stages that is not done has no results; None when all are done."""
+        for name in names:
+            rec = records.get(name)
+            if rec is None:
+                return f"{name} not run"
+            if rec.status != "done":
+                reason = rec.summary.get("reason")
+                return f"{name} {rec.status}" + (f" ({reason})" if reason else "")
+        return None
+
     def post(name, key):
-        s = records[name].summary
+        s = records[name].summary if done(name) else {}
         return (s.get("before") or {}).get(key), (s.get("after") or {}).get(key)
 
-    ev = records["eval"].summary["checkpoints"] if done("eval") else {}
+    def evaluated(key, *checkpoints):
+        return [(ev.get(c) or {}).get(key) for c in checkpoints]
+
+    ev = (records["eval"].summary.get("checkpoints") or {}) if done("eval") else {}
     n_prompts = records["eval"].summary.get("heldout_prompts", 0) if done("eval") else 0
     checks = []
 
-    def add(stage, metric, goal, before, after, ok=None, n=None):
-        if before is None or after is None:
+    def add(stage, metric, goal, before, after, source, needs, keep=None, n=None):
+        """source: where before and after come from; needs: the stages that make them; keep(before, after):
+        whether a "keep" check holds."""
+        missing = [w for w, v in (("before", before), ("after", after)) if v is None]
+        why = why_not_done(*needs) or (f"no {' and '.join(missing)} value in {source}" if missing else None)
+        if why:
+            checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after,
+                           "ok": None, "se": None, "why": why})
             return
-        if ok is None:
-            ok = after > before if goal == "higher" else after < before
+        ok = keep(before, after) if keep else (after > before if goal == "higher" else after < before)
         se = _accuracy_slack((before + after) / 2, n) if n else None
         checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after, "ok": ok,
                        "se": se})
 
-    if done("pretrain"):
-        hist = records["pretrain"].summary.get("history") or []
-        first = next((r for r in hist if "loss" in r), None)
+    if "pretrain" in records:
+        hist = (records["pretrain"].summary.get("history") or []) if done("pretrain") else []
+        first = next((r for r in hist if "loss" in r), {})
         val = [r["val_loss"] for r in hist if "val_loss" in r]
-        if first and val:
-            add("pretrain", f"next-token loss, nats/token (before: training loss at step {first['step']}; "
-                "after: validation loss)", "lower", first["loss"], val[-1])
-    if done("sft") and "pretrain" in ev and "sft" in ev:
-        add("sft", "task accuracy, held-out prompts (greedy)", "higher", ev["pretrain"]["task_acc"],
-            ev["sft"]["task_acc"], n=n_prompts)
-        bpb0, bpb1 = ev["pretrain"]["bits_per_byte"], ev["sft"]["bits_per_byte"]
+        add("pretrain", f"next-token loss, nats/token (before: training loss at step {first.get('step', '-')}; "
+            "after: validation loss)", "lower", first.get("loss"), val[-1] if val else None,
+            "pretrain's logged history", ("pretrain",))
+    if "sft" in records:
+        needs, source = ("sft", "eval"), "eval's rows of pretrain and sft"
+        add("sft", "task accuracy, held-out prompts (greedy)", "higher", *evaluated("task_acc", "pretrain", "sft"),
+            source, needs, n=n_prompts)
         add("sft", "bits/byte on held-out stdlib text (forgetting)", f"keep: <= +{FORGETTING_TOLERANCE:.0%}",
-            bpb0, bpb1, bpb1 <= bpb0 * (1 + FORGETTING_TOLERANCE))
-    if done("rm"):
-        add("rm", "pairwise accuracy, held-out pairs", "higher", *post("rm", "pairwise_accuracy"),
-            n=records["rm"].summary.get("heldout_pairs"))
-    if done("dpo"):
+            *evaluated("bits_per_byte", "pretrain", "sft"), source, needs,
+            keep=lambda b, a: a <= b * (1 + FORGETTING_TOLERANCE))
+    if "rm" in records:
+        add("rm", "pairwise accuracy, held-out pairs", "higher", *post("rm", "pairwise_accuracy"), "rm's summary",
+            ("rm",), n=records["rm"].summary.get("heldout_pairs"))
+    if "dpo" in records:
         add("dpo", "implicit-reward accuracy, held-out pairs", "higher", *post("dpo", "reward_accuracy"),
-            n=records["dpo"].summary.get("heldout_pairs"))
-        add("dpo", "implicit-reward margin, held-out pairs", "higher", *post("dpo", "reward_margin"))
-        if "sft" in ev and "dpo" in ev:
-            a0, a1 = ev["sft"]["task_acc"], ev["dpo"]["task_acc"]
-            add("dpo", "task accuracy, held-out prompts (greedy)", "keep: >= SFT - 1 s.e.", a0, a1,
-                a1 >= a0 - _accuracy_slack(a0, n_prompts), n=n_prompts)
-    if done("rl"):
-        name = _stage_name("rl", records["rl"].summary)
+            "dpo's summary", ("dpo",), n=records["dpo"].summary.get("heldout_pairs"))
+        add("dpo", "implicit-reward margin, held-out pairs", "higher", *post("dpo", "reward_margin"),
+            "dpo's summary", ("dpo",))
+        add("dpo", "task accuracy, held-out prompts (greedy)", "keep: >= SFT - 1 s.e.",
+            *evaluated("task_acc", "sft", "dpo"), "eval's rows of sft and dpo", ("dpo", "eval"),
+            keep=lambda b, a: a >= b - _accuracy_slack(b, n_prompts), n=n_prompts)
+    if "rl" in records:
         rl = records["rl"].summary  # a 0/1 task reward makes the mean reward a rate
+        name, start = _stage_name("rl", rl), rl.get("start", "sft")
         add(name, "mean reward of sampled answers (T=1), held-out prompts", "higher", *post("rl", "sampled_reward"),
-            n=rl.get("heldout_prompts") if rl.get("reward") == "task" else None)
-        start = rl.get("start", "sft")
-        if start in ev and "rl" in ev:
-            add(name, f"task accuracy, held-out prompts (greedy), vs {start}", "higher", ev[start]["task_acc"],
-                ev["rl"]["task_acc"], n=n_prompts)
-        kl0, kl1 = post("rl", "kl_to_ref")
-        add(name, "KL to the start model, nats/response", f"keep: <= {KL_BUDGET:g}", kl0, kl1,
-            kl1 is not None and kl1 <= KL_BUDGET)
+            "rl's summary", ("rl",), n=rl.get("heldout_prompts") if rl.get("reward") == "task" else None)
+        add(name, f"task accuracy, held-out prompts (greedy), vs {start}", "higher",
+            *evaluated("task_acc", start, "rl"), f"eval's rows of {start} and rl", ("rl", "eval"), n=n_prompts)
+        add(name, "KL to the start model, nats/response", f"keep: <= {KL_BUDGET:g}", *post("rl", "kl_to_ref"),
+            "rl's summary", ("rl",), keep=lambda b, a: a <= KL_BUDGET)
     return checks
 
 
@@ -170,10 +189,13 @@ def plot_losses(records: dict, path: Path) -> Path | None:
     return path
 
 
-def plot_eval(rows: dict, path: Path) -> Path:
+def plot_eval(rows: dict, path: Path) -> Path | None:
+    """One bar panel per metric over the checkpoints; None (no plot) when no checkpoint has any of them."""
     metrics = [("bits_per_byte", "bits/byte (lower is better)"), ("mc_name_acc", "MC name acc"),
                ("task_acc", "task acc"), ("reward", "reward")]
     metrics = [(k, t) for k, t in metrics if any(k in r for r in rows.values())]
+    if not metrics:
+        return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
     names = list(rows)
     for ax, (key, title) in zip(axes[0], metrics):
@@ -197,19 +219,30 @@ def _checks_section(records: dict) -> list[str]:
     checks = stage_checks(records)
     if not checks:
         return []
-    failed = [c for c in checks if not c["ok"]]
+    failed = [c for c in checks if c["ok"] is False]
+    unmeasured = [c for c in checks if c["ok"] is None]
+
+    def outcome(c):
+        if c["ok"] is None:
+            return f"not measured: {md_text(c['why'])}"
+        return ("yes" if c["ok"] else "**NO**") + (f" ({(c['after'] - c['before']) / c['se']:+.1f} s.e.)"
+                                                   if c["se"] else "")
+
     lines = ["## Did each stage improve what it should?", "",
              "| stage | metric | goal | before | after | ok? |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['stage']} | {c['metric']} | {c['goal']} | {_f(c['before'])} | {_f(c['after'])} | "
-              f"{'yes' if c['ok'] else '**NO**'}"
-              + (f" ({(c['after'] - c['before']) / c['se']:+.1f} s.e.)" if c["se"] else "") + " |" for c in checks]
-    verdict = (f"All {len(checks)} checks pass." if not failed else
-               f"**{len(failed)} of {len(checks)} checks fail**: "
-               + "; ".join(f"{c['stage']} {c['metric'].split(',')[0]}" for c in failed) + ".")
-    return lines + ["", verdict + " Computed from the evaluation below (held-out data only); \"keep\" rows allow "
-                    "the stated slack, improvement rows need a strictly better value. For rates, the change is "
-                    "also given in binomial standard errors (s.e., at the mean rate over the n held-out items): "
-                    "a change under about 2 s.e. is within the noise of one run.", ""]
+    lines += [f"| {c['stage']} | {c['metric']} | {c['goal']} | {_f(c['before'])} | {_f(c['after'])} | {outcome(c)} |"
+              for c in checks]
+    passed = len(checks) - len(failed) - len(unmeasured)
+    verdict = [f"All {len(checks)} checks pass" if passed == len(checks) else f"{passed} of {len(checks)} checks pass"]
+    if failed:
+        verdict.append(f"**{len(failed)} fail**: " + ", ".join(f"{c['stage']} {c['metric'].split(',')[0]}"
+                                                                 for c in failed))
+    if unmeasured:
+        verdict.append(f"{len(unmeasured)} not measured")
+    return lines + ["", "; ".join(verdict) + ". Computed from the evaluation below (held-out data only); "
+                    "\"keep\" rows allow the stated slack, improvement rows need a strictly better value. For "
+                    "rates, the change is also given in binomial standard errors (s.e., at the mean rate over the n "
+                    "held-out items): a change under about 2 s.e. is within the noise of one run.", ""]
 
 
 def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
@@ -223,7 +256,8 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
     total_s = sum(r.seconds for r in R.values())
     lines = ["# pyllm pipeline report", "",
              f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {device}; "
-             f"torch {torch.__version__}; precision {cfg.precision}. Stage outputs are under `{cfg.out_dir}`.", "",
+             f"torch {torch.__version__}; precision {cfg.precision}. "
+             f"Stage outputs are under {md_code(cfg.out_dir)}.", "",
              *_checks_section(R),
              "## Stages, time and energy", "",
              "| stage | status | wall time (s) | CPU time (s) | energy | note |", "|---|---|---|---|---|---|"]
@@ -242,7 +276,7 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
         if rec.attempts > 1:
             note = f"resumed {rec.attempts - 1} time(s) after an interruption; CPU time of the last attempt only"
         lines.append(f"| {_stage_name(name, rec.summary)} | {rec.status} | {rec.seconds:.0f} | {rec.cpu_seconds:.0f} | "
-                     f"{energy} | {note} |")
+                     f"{energy} | {md_text(note)} |")
     lines += ["", f"Total wall time of these stage runs: {total_s:.0f} s (cached stages show the time of the run "
               f"that produced them). Energy estimates assume {CPU_WATTS_PER_CORE:.0f} W per busy CPU core times the "
               "CPU time (no energy counter on this machine); GPU stages read NVML where available.", ""]
@@ -252,11 +286,12 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
         funnel = plot_funnel(data["funnel"], directory / "funnel.png")
         lines += ["## Data", "",
                   "| step | documents left |", "|---|---|"] + [f"| {s} | {n} |" for s, n in data["funnel"]]
+        drops = "; ".join(f"{md_text(stage)}: " + ", ".join(f"{md_text(k)} {v}" for k, v in reasons.items())
+                          for stage, reasons in data["dropped"].items() if reasons)
         lines += ["", f"{data['bytes_in'] / 1e6:.2f} MB read, {data['bytes_out'] / 1e6:.2f} MB kept, "
                   f"{data['tokens']} tokens ({data['bytes_per_token']:.2f} bytes/token). Drop reasons: "
-                  + "; ".join(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in reasons.items())
-                              for stage, reasons in data["dropped"].items() if reasons)
-                  + (f". Full data report: `{data['data_report']}`." if data.get("data_report") else "."), "",
+                  + (drops or "none")
+                  + (f". Full data report: {md_code(data['data_report'])}." if data.get("data_report") else "."), "",
                   f"![data funnel]({funnel.name})", ""]
 
     losses = plot_losses(R, directory / "losses.png")
@@ -266,9 +301,13 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
     ev = R.get("eval")
     if ev is not None and ev.status == "done":
         rows = ev.summary["checkpoints"]
+        items = ev.summary.get("task_items")  # absent from a summary written before it was recorded
+        evaluated = (f"{items['stdlib_ppl']} stdlib docstrings (bits/byte), {items['stdlib_name']} and "
+                     f"{items['stdlib_doc']} multiple-choice items (MC name, MC doc)" if items
+                     else f"up to {ev.summary['task_limit']} items per stdlib task")
         lines += ["## Evaluation of every checkpoint", "",
-                  f"Held-out data only: {ev.summary['task_limit']} items per stdlib task, "
-                  f"{ev.summary['heldout_prompts']} held-out task prompts. See `pyllm/report.py` for the columns.", "",
+                  f"Held-out data only: {evaluated}, {ev.summary['heldout_prompts']} held-out task prompts. "
+                  "See `pyllm/report.py` for the columns.", "",
                   "| checkpoint | bits/byte | MC name acc | MC doc acc | task acc | reward | KL to SFT |",
                   "|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
@@ -276,7 +315,8 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
             lines.append(f"| {label} | {_f(row.get('bits_per_byte'))} | {_f(row.get('mc_name_acc'))} | "
                          f"{_f(row.get('mc_doc_acc'))} | {_f(row.get('task_acc'))} | {_f(row.get('reward'))} | "
                          f"{_f(row.get('kl_to_sft'))} |")
-        lines += ["", f"![evaluation]({plot_eval(rows, directory / 'eval.png').name})", ""]
+        plot = plot_eval(rows, directory / "eval.png")
+        lines += ["", f"![evaluation]({plot.name})", ""] if plot else [""]
         samples = ev.summary["samples"]
         names = list(samples)
         prompts = list(dict.fromkeys(p for s in samples.values() for p in s))
@@ -284,8 +324,10 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
                   "| prompt | " + " | ".join(_stage_name(n, R[n].summary) if n in R else n for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for p in prompts:
-            cells = [json.dumps(samples[n].get(p, ""))[1:-1].replace("|", "\\|") or "(empty)" for n in names]
-            lines.append(f"| `{p}` | " + " | ".join(cells) + " |")
+            # *(...)* marks are ours: md_text escapes the asterisks of an answer that reads the same
+            cells = [("*(not sampled)*" if p not in samples[n] else md_text(samples[n][p]) or "*(empty)*")
+                     for n in names]
+            lines.append(f"| {md_text(p)} | " + " | ".join(cells) + " |")
         lines.append("")
 
     post = [(n, R[n]) for n in ("sft", "rm", "dpo", "rl") if n in R and R[n].status == "done"]
@@ -295,7 +337,8 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
         lines += [f"| {_stage_name(n, r.summary)} | {_before_after(r.summary)} |" for n, r in post] + [""]
 
     lines += ["## Throughput", "", "Medians over the logged windows of each stage (robust to a resumed run and to "
-              "evaluation pauses).", "", "| stage | steps | tokens/s | MFU | peak memory (GB) |", "|---|---|---|---|---|"]
+              "evaluation pauses).", "", "| stage | steps | tokens/s | MFU | peak memory (GiB) |",
+              "|---|---|---|---|---|"]
     for name in TRAIN_STAGES:
         rec = R.get(name)
         if rec is None or rec.status != "done":
@@ -303,10 +346,11 @@ def write_pipeline_report(cfg, records: dict, directory: Path) -> Path:
         train = [r for r in rec.summary.get("history") or [] if "tokens_per_s" in r]
         rate = statistics.median(r["tokens_per_s"] for r in train) if train else None
         mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
-        mfu = 100 * statistics.median(mfus) if mfus else None
-        mem = max((r.get("peak_memory_gb") or 0 for r in train), default=None)
-        lines.append(f"| {_stage_name(name, rec.summary)} | {train[-1]['step'] if train else '-'} | {_f(rate, '.0f')} | "
-                     f"{_f(mfu, '.2f')}% | {_f(mem, '.2f')} |")
+        mfu = statistics.median(mfus) if mfus else None
+        mem = max((r["peak_memory_gb"] for r in train if r.get("peak_memory_gb") is not None), default=None)
+        steps = train[-1]["step"] if train else "-"
+        lines.append(f"| {_stage_name(name, rec.summary)} | {steps} | {_f(rate, '.0f')} | {_f(mfu, '.2%')} | "
+                     f"{_f(mem, '.2f')} |")
     pre = R["pretrain"].summary
     if pre.get("peak_tflops_used"):
         lines += ["", f"MFU on a CPU is against the matmul rate measured on this device at the start of each stage "

@@ -236,8 +236,12 @@ def test_stage_checks_judge_each_stage_on_held_out_numbers():
     # rates carry their binomial standard error at the mean rate; a margin or a loss has none
     assert checks[1]["se"] == pytest.approx((0.4 * 0.6 / 100) ** 0.5) and checks[0]["se"] is None
     assert [c["se"] for c in checks if c["metric"].startswith("implicit-reward margin")] == [None]
-    del records["eval"], records["rl"]
-    assert {c["stage"] for c in stage_checks(records)} == {"pretrain", "rm", "dpo"}
+    del records["eval"], records["rl"]  # checks that read eval are listed, as not measured
+    checks = stage_checks(records)
+    assert {c["stage"] for c in checks if c["ok"] is not None} == {"pretrain", "rm", "dpo"}
+    assert {c["why"] for c in checks if c["ok"] is None} == {"eval not run"} and "grpo" not in str(checks)
+    records["rm"] = StageRecord(key="", finished=True, status="skipped", summary={"reason": "needs sft"})
+    assert [c.get("why") for c in stage_checks(records) if c["stage"] == "rm"] == ["rm skipped (needs sft)"]
 
 
 def test_smoke_preset_end_to_end(tmp_path):
@@ -260,8 +264,12 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert set(rows) == {"pretrain", "sft", "dpo", "rl"}
     assert all(0 < rows[n]["bits_per_byte"] < 16 and 0 <= rows[n]["task_acc"] <= 1 for n in rows)
     assert rows["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-4) and "reward" in rows["dpo"]
+    # the items evaluated, which a built-in task may hold fewer of than the limit asks for
+    limit, items = records["eval"].summary["task_limit"], records["eval"].summary["task_items"]
+    assert set(items) == {"stdlib_ppl", "stdlib_name", "stdlib_doc"} and all(0 < n <= limit for n in items.values())
     report = (tmp_path / "run" / "report" / "report.md").read_text()
-    for section in ("## Did each stage improve what it should?", "## Data", "## Loss curves", "## Evaluation of every checkpoint", "## Sample answers",
+    for section in ("## Did each stage improve what it should?", "## Data", "## Loss curves",
+                    "## Evaluation of every checkpoint", "## Sample answers",
                     "## Throughput", "## Stages, time and energy"):
         assert section in report
     assert all((tmp_path / "run" / "report" / f).exists() for f in ("funnel.png", "losses.png", "eval.png"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyllm.markdown import md_code, md_text
+
 
 def _plots(stats: dict, out: Path) -> dict[str, str]:
     import matplotlib
@@ -47,8 +49,11 @@ def _plots(stats: dict, out: Path) -> dict[str, str]:
     if cur["duplicate_cluster_sizes"]:
         fig, ax = plt.subplots(figsize=(6, 3))
         sizes = np.array(cur["duplicate_cluster_sizes"])
-        ax.hist(sizes, bins=np.arange(2, sizes.max() + 2) - 0.5)
-        ax.set(xlabel="documents in cluster", ylabel="clusters", title="Duplicate cluster sizes")
+        # at most 40 bins, log-spaced edges rounded to integers: one bin per size while sizes are small,
+        # wider bins above (one bin per size took minutes and GBs for a cluster of 10^6 copies)
+        edges = np.unique(np.geomspace(2, sizes.max() + 1, 40).round()) - 0.5
+        ax.hist(sizes, bins=edges)
+        ax.set(xscale="log", xlabel="documents in cluster", ylabel="clusters", title="Duplicate cluster sizes")
         save(fig, "clusters.png")
 
     if cur["pii"]:
@@ -67,6 +72,11 @@ def _plots(stats: dict, out: Path) -> dict[str, str]:
     return made
 
 
+def _table(header: str, rows: list[str]) -> list[str]:
+    """A Markdown table under ``header`` ("| a | b |"), or the line "none" when there are no rows."""
+    return [header, "|" + "---|" * (header.count("|") - 1), *rows] if rows else ["none"]
+
+
 def write_report(stats: dict, out_dir: str | Path) -> Path:
     """Write ``out_dir/report.md`` and its plots; returns the path of the Markdown file."""
     out = Path(out_dir)
@@ -74,33 +84,37 @@ def write_report(stats: dict, out_dir: str | Path) -> Path:
     plots = _plots(stats, out)
     cur, pack = stats["curate"], stats["pack"]
     lines = ["# Data report", ""]
-    lines += [f"Engine `{stats['engine']}` with {stats['workers']} worker(s)"
-              + (f"; reused cached stages: {', '.join(stats['cached'])}" if stats["cached"] else "") + ".", ""]
+    lines += [f"Engine {md_code(stats['engine'])} with {stats['workers']} worker(s)"
+              + (f"; reused cached stages: {md_text(', '.join(stats['cached']))}" if stats["cached"] else "") + ".", ""]
     lines += ["## Throughput", "", "| stage | seconds | rate |", "|---|---|---|",
               f"| curate | {cur['seconds']:.1f} | {cur['docs_per_s']:.1f} docs/s, {cur['mb_per_s']:.2f} MB/s |",
-              f"| pack | {pack['seconds']:.1f} | {pack['tokens_per_s']:.0f} tokens/s, {pack['mb_per_s']:.2f} MB/s |", ""]
+              f"| pack | {pack['seconds']:.1f} | {pack['tokens_per_s']:.0f} tokens/s, {pack['mb_per_s']:.2f} MB/s |",
+              ""]
     lines += ["## Documents", "", "| | documents | MB |", "|---|---|---|",
               f"| read | {cur['documents_in']} | {cur['bytes_in'] / 1e6:.2f} |",
               f"| kept | {cur['documents_out']} | {cur['bytes_out'] / 1e6:.2f} |", ""]
-    lines += ["### Dropped, by stage and rule", "", "| stage | rule | documents |", "|---|---|---|"]
-    lines += [f"| {stage} | {rule} | {n} |" for stage, c in cur["dropped"].items() for rule, n in c.items()]
+    lines += ["### Dropped, by stage and rule", ""]
+    lines += _table("| stage | rule | documents |", [f"| {md_text(stage)} | {md_text(rule)} | {n} |"
+                                                    for stage, c in cur["dropped"].items() for rule, n in c.items()])
     lines += ["", f"Near-duplicate threshold (estimated Jaccard, (1/bands)^(1/rows)): {cur['dedup_threshold']:.3f}.",
               f"Clusters with duplicates: {len(cur['duplicate_cluster_sizes'])}, largest "
               f"{max(cur['duplicate_cluster_sizes'], default=0)}.", ""]
     if cur["classifier"]:
         lines += [f"Classifier: {cur['classifier']}; score histogram (20 bins over [0, 1]): "
                   f"{cur['classifier_score_histogram']}.", ""]
-    lines += ["### Cleaning repairs", ""] + [f"- {k}: {v}" for k, v in cur["cleaning"].items()] + [""]
-    lines += ["## PII redactions", "", "| type | count |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in cur["pii"].items()] + [""]
+    lines += ["### Cleaning repairs", ""] + ([f"- {md_text(k)}: {v}" for k, v in cur["cleaning"].items()]
+                                             or ["none"]) + [""]
+    lines += ["## PII redactions", ""] + _table("| type | count |", [f"| {md_text(k)} | {v} |"
+                                                                     for k, v in cur["pii"].items()]) + [""]
     issues = cur["issues"]
-    lines += ["## Input issues", "", "| kind | count |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in issues["counts"].items()] + [""]
+    lines += ["## Input issues", ""] + _table("| kind | count |", [f"| {md_text(k)} | {v} |"
+                                                                  for k, v in issues["counts"].items()]) + [""]
     for ex in issues["examples"][:50]:
         where = ex["file"] if ex["line"] is None else f"{ex['file']}:{ex['line']}"
-        lines.append(f"- `{where}` {ex['kind']}: {ex['message']}")
-    lines += ["", "## Shards", "", "| split | shards | documents | tokens |", "|---|---|---|---|"]
-    lines += [f"| {s} | {t['shards']} | {t['documents']} | {t['tokens']} |" for s, t in pack["totals"].items()]
+        lines.append(f"- {md_code(where)} {md_text(ex['kind'])}: {md_text(ex['message'])}")
+    lines += ["", "## Shards", ""]
+    lines += _table("| split | shards | documents | tokens |",
+                    [f"| {s} | {t['shards']} | {t['documents']} | {t['tokens']} |" for s, t in pack["totals"].items()])
     lines += ["", f"Bytes per token: {pack['bytes_per_token']:.2f}.", ""]
     lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     path = out / "report.md"

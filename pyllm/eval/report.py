@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pyllm.markdown import md_text
+
 
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per (task, metric): | task | metric | value | n |."""
@@ -15,17 +17,20 @@ def markdown_table(results: dict[str, dict]) -> str:
             if metric in ("n", "documents"):
                 continue
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"| {task} | {metric} | {shown} | {n} |")
+            lines.append(f"| {md_text(task)} | {md_text(metric)} | {shown} | {n} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(results: dict[str, dict], meta: dict, json_path: str | Path, markdown_path: str | Path | None = None):
-    """Write {"meta": ..., "results": ...} to ``json_path`` and the table to ``markdown_path``."""
+    """Write {"meta": ..., "results": ...} to ``json_path`` (strict JSON: a nan / inf figure as null) and the
+    table to ``markdown_path``."""
+    from pyllm.post.stage import strict_json  # here, not at the top: it loads all of pyllm.post and pyllm.train
+
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    json_path.write_text(json.dumps(strict_json({"meta": meta, "results": results}), indent=1))
     if markdown_path is not None:
         markdown_path = Path(markdown_path)
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        header = f"# Evaluation of {meta.get('model', '?')}\n\n"
+        header = f"# Evaluation of {md_text(meta.get('model', '?'))}\n\n"
         markdown_path.write_text(header + markdown_table(results))
