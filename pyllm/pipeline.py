@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pyllm
-from pyllm.data.jsonl import read_json_lines
+from pyllm.data.jsonl import read_json_lines, strict_json
 from pyllm.data.shards import write_atomic
 from pyllm.typecheck import check_fields
 
@@ -556,7 +556,8 @@ def run_eval(cfg: PipelineConfig, directory: Path, checkpoints: dict[str, str], 
         results[name] = row
         samples[name] = dict(zip(prompts[:settings.get("samples", 4)], greedy))
         del model
-    (directory / "eval.json").write_text(json.dumps({"checkpoints": results, "samples": samples}, indent=1))
+    eval_json = strict_json({"checkpoints": results, "samples": samples})  # a NaN metric: null, not bare NaN
+    (directory / "eval.json").write_text(json.dumps(eval_json, indent=1))
     return {"checkpoints": results, "samples": samples, "heldout_prompts": len(prompts), "task_limit": limit,
             "task_items": items}
 

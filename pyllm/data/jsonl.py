@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,18 @@ def read_json_object(path: str | Path) -> dict:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def strict_json(value):
+    """``value`` with every nan / inf float replaced by None: json.dumps would write the bare NaN / Infinity
+    tokens, which are not JSON (strict parsers reject the file)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
     return value
 
 

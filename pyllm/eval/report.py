@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pyllm.data.jsonl import strict_json
 from pyllm.markdown import md_text
 
 
@@ -24,7 +25,6 @@ def markdown_table(results: dict[str, dict]) -> str:
 def write_report(results: dict[str, dict], meta: dict, json_path: str | Path, markdown_path: str | Path | None = None):
     """Write {"meta": ..., "results": ...} to ``json_path`` (strict JSON: a nan / inf figure as null) and the
     table to ``markdown_path``."""
-    from pyllm.post.stage import strict_json  # here, not at the top: it loads all of pyllm.post and pyllm.train
 
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"pyllm {name}: error: {e}", file=sys.stderr)
         return 2
-    from .stage import strict_json
+    from pyllm.data.jsonl import strict_json
 
     report = {k: summary[k] for k in ("stage", "before", "after", "model_dir") if k in summary}
     report["train_time_s"] = summary["train"].get("train_time_s")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pyllm.data.jsonl import strict_json
 from pyllm.model import Transformer, load_model, save_model
 from pyllm.tokenizer import ByteTokenizer, load_tokenizer
 from pyllm.train import distributed
@@ -221,18 +221,6 @@ def export(cfg: StageConfig, model: Transformer, tokenizer) -> str:
     directory = Path(cfg.out_dir) / "final"
     on_main(cfg, lambda: save_model(model, directory, tokenizer))
     return str(directory)
-
-
-def strict_json(value):
-    """``value`` with every nan / inf float replaced by None: json.dumps would write the bare NaN / Infinity
-    tokens, which are not JSON (strict parsers reject the file)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def write_summary(cfg: StageConfig, summary: dict) -> dict:

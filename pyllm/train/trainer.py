@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pyllm.data.jsonl import strict_json
 from pyllm.model import ModelConfig
 from pyllm.model.flops import flops_per_token
 
@@ -256,7 +257,7 @@ class Trainer:
         }
         if self.dist.is_main:
             log_line = {k: v for k, v in summary.items() if k != "history"}
-            (self.out_dir / "summary.json").write_text(json.dumps(log_line, indent=1))
+            (self.out_dir / "summary.json").write_text(json.dumps(strict_json(log_line), indent=1))
         return summary
 
     def _total_kwh(self, energy: EnergyMeter) -> float | None:
