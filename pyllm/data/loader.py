@@ -1,13 +1,15 @@
 """ShardLoader: a streaming, deterministic, resumable batch source over a pyllm shard directory.
 
 Each shard of the chosen split is cut into windows of ``seq_len + 1`` tokens at stride ``seq_len``
-(inputs are the first ``seq_len``, targets the last ``seq_len``); windows never cross shards. An epoch
-is a permutation of all windows drawn from ``(seed, epoch)``; rank ``r`` of ``world_size`` takes every
-``world_size``-th window of it (truncated so every rank gets the same count and the ranks stay in
-step), ``batch_size`` at a time, so after n batches the ranks together have read the first
-n x batch_size x world_size windows of the permutation. The state is (epoch, that count), so
-``load_state_dict`` resumes at the exact next window, also with another batch size or number of ranks
-(``layout_free``). Shards are memory-mapped: nothing is read before it is needed.
+(inputs are the first ``seq_len``, targets the last ``seq_len``); windows never cross shards. The windows
+are read as one endless stream: epoch e is a permutation of all windows drawn from ``(seed, e)``, and
+stream position g is window ``perm_{g // n}[g % n]`` of the n windows. Each step the ranks together read
+the next ``batch_size`` x ``world_size`` positions, rank ``r`` every ``world_size``-th of them from the
+r-th, so the windows read (and where an epoch ends) depend on the seed and the count alone, not on the
+micro-batch size or number of ranks; rank r's k-th window is position r + k x world_size of a run that
+never resumed. The state is that count (as the epoch and the windows read in it), so ``load_state_dict``
+resumes at the exact next window, also with another batch size or number of ranks (``layout_free``).
+Shards are memory-mapped: nothing is read before it is needed.
 
 ``doc_ids`` (B, T) numbers the documents inside each row (from the ``.idx`` offsets) so attention can
 stay within a document (``Transformer(doc_ids=...)``).
@@ -96,6 +98,7 @@ class ShardLoader:
         windows = [max(0, (e["tokens"] - 1) // seq_len) for e in self.shards]
         self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
         self.num_windows = int(self._first_window[-1])
+        # whole steps in an epoch (for progress); the stream runs on, so a step may straddle two epochs
         self.steps_per_epoch = self.num_windows // world_size // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.dir}: split {split!r} has {self.num_windows} window(s) of {seq_len + 1} "
@@ -103,8 +106,8 @@ class ShardLoader:
                              "lower seq_len/batch_size or add data")
         self._tokens: dict[int, np.ndarray] = {}
         self._starts: dict[int, np.ndarray] = {}
-        self.epoch, self.step = 0, 0
-        self._order_epoch, self._order = -1, None
+        self.position = 0  # stream positions read by all ranks together
+        self._permutations: dict[int, np.ndarray] = {}
 
     # -- data access ----------------------------------------------------------------------------------
     @staticmethod
@@ -131,14 +134,24 @@ class ShardLoader:
             self._starts[i] = np.fromfile(self.dir / self._index_file(entry), dtype="<u8").astype(np.int64)
         return self._tokens[i], self._starts[i]
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next window to be read."""
+        return self.position // self.num_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """The window ids of ``epoch`` in stream order (the last two epochs read are cached)."""
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                del self._permutations[min(self._permutations)]
+            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._permutations[epoch]
+
     def _rank_order(self) -> np.ndarray:
-        """This rank's window ids for the current epoch (cached per epoch)."""
-        if self._order_epoch != self.epoch:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
-            per_rank = self.num_windows // self.world_size
-            self._order = perm[self.rank::self.world_size][:per_rank]
-            self._order_epoch = self.epoch
-        return self._order
+        """The window ids this rank reads in the current epoch, in order (the ranks' steps of batch_size x
+        world_size positions keep rank r on the positions position + r + k x world_size)."""
+        first = (self.position + self.rank - self.epoch * self.num_windows) % self.world_size
+        return self._permutation(self.epoch)[first::self.world_size]
 
     def _window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(seq_len + 1,) tokens of window ``w`` and the (seq_len,) document number of each input token."""
@@ -150,15 +163,24 @@ class ShardLoader:
         return chunk, doc - doc[0]
 
     # -- batch source protocol (pyllm.train.Trainer) ----------------------------------------------------
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        ids = self._rank_order()[self.step * self.batch_size:(self.step + 1) * self.batch_size]
-        chunks, docs = zip(*(self._window(int(w)) for w in ids))
+    def take(self, k: int) -> range:
+        """The next ``k`` stream positions, drawn by all ranks together (every rank calls it alike, as
+        ``next_batch`` does; a source that shares windows out itself, pyllm.post.packing.ReplayBatches,
+        reads its share with ``windows``)."""
+        start = self.position
+        self.position += k
+        return range(start, self.position)
+
+    def windows(self, positions) -> dict[str, torch.Tensor]:
+        """The windows at these stream positions, in that order: input_ids, targets, doc_ids (len, T)."""
+        ids = [int(self._permutation(g // self.num_windows)[g % self.num_windows]) for g in positions]
+        chunks, docs = zip(*(self._window(w) for w in ids))
         block = torch.from_numpy(np.stack(chunks))  # (B, T + 1)
-        self.step += 1
         return {"input_ids": block[:, :-1].contiguous(), "targets": block[:, 1:].contiguous(),
                 "doc_ids": torch.from_numpy(np.stack(docs))}
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.windows(self.take(self.batch_size * self.world_size)[self.rank::self.world_size])
 
     def __iter__(self):
         while True:
@@ -167,22 +189,28 @@ class ShardLoader:
     layout_free = True  # the state is the same on every rank and holds for any batch size and world size
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "windows": self.step * self.batch_size * self.world_size, "seed": self.seed,
-                "split": self.split, "seq_len": self.seq_len}
+        epoch, windows = divmod(self.position, self.num_windows)
+        return {"epoch": epoch, "windows": windows, "seed": self.seed, "split": self.split, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at the state's stream position (windows read by all ranks together), which must be a whole
+        number of this loader's steps. States of earlier versions, whose epochs ended at a whole number of
+        steps, hold the same fields (the position is the window they read next) or, before the count was
+        global, (step, batch_size, world_size)."""
         for key in ("seed", "split", "seq_len"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"ShardLoader state has {key}={state[key]!r} but this loader has "
                                  f"{getattr(self, key)!r}; resume with the same {key}")
-        # states written before the count was global hold (step, batch_size, world_size)
-        windows = state.get("windows", int(state.get("step", 0)) * state.get("batch_size", self.batch_size)
-                            * state.get("world_size", self.world_size))
-        step = resume_step(windows, self.batch_size, self.world_size, batches="batches",
-                           saved=f"ShardLoader state: {windows} windows read in epoch {state['epoch']}",
-                           resize="batch size x world size")
-        self.epoch, self.step = int(state["epoch"]), step
+        epoch = int(state["epoch"])
+        windows = int(state.get("windows", int(state.get("step", 0)) * state.get("batch_size", self.batch_size)
+                                * state.get("world_size", self.world_size)))
+        position = epoch * self.num_windows + windows
+        where = "in epoch 0" if epoch == 0 else f"({windows} of them in epoch {epoch})"
+        resume_step(position, self.batch_size, self.world_size, batches="batches", resize="batch size x world size",
+                    saved=f"ShardLoader state: {position} windows read {where}")
+        self.position = position
 
     @property
     def tokens_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.batch_size * self.world_size * self.seq_len
+        """Tokens trained in an epoch: every window's seq_len targets."""
+        return self.num_windows * self.seq_len

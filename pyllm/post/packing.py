@@ -181,31 +181,79 @@ class PackedBatches(RankBatches):
 
 
 class ReplayBatches:
-    """Packed SFT rows plus ``n_replay`` windows of pretraining text in every batch, both resumable.
+    """Packed SFT rows and windows of pretraining text (replay) in a share of every optimiser step that
+    does not depend on how the step is split into micro-batches and processes.
 
-    ``next_batch()`` -> the keys of ``PackedBatches`` (batch_size + n_replay, seq_len) with the replay
-    rows last, laid out as in pretraining (positions 0..seq_len-1, the shards' document ids, every token
-    a target), and ``replay`` (batch_size + n_replay,) bool, True on those rows."""
+    Each step of ``batch_size`` rows the ranks together draw ``batch_size - n_replay`` packed rows (from
+    ``packed``'s order) and ``n_replay`` windows (``text.take``: a pyllm.data.loader.ShardLoader's stream).
+    The step's M = batch_size / micro micro-batches (micro-step a of rank r is number a x world_size + r;
+    micro is ``packed.batch_size``) take the windows in order, floor((m + 1) n / M) - floor(m n / M) for
+    micro-batch m, and the packed rows in order for the rest of their rows: any split of the step trains
+    the same rows, and one process with no accumulation reads what it did when the share was counted per
+    micro-batch. The state (both counts, between steps) is the same on every rank and resumes on another
+    split (``layout_free``).
 
-    def __init__(self, packed: PackedBatches, text):
-        # text: a pyllm.data.loader.ShardLoader (next_batch -> input_ids, targets, doc_ids (n_replay, T))
-        self.packed, self.text = packed, text
+    ``next_batch()`` -> the keys of ``PackedBatches`` (micro, seq_len) with the replay rows last, laid out
+    as in pretraining (positions 0..seq_len-1, the shards' document ids, every token a target);
+    ``replay_rows``, how many; and ``part_weights`` (2,): M x this micro-batch's share of the step's trained
+    packed tokens and of its replayed tokens (0 for a part it lacks). ``replay_loss`` weighs its two means
+    by them, so the step's loss is (1 - mix) x the mean over every trained packed token of the step plus
+    mix x the mean over its replayed tokens, however the step is split."""
+
+    def __init__(self, packed: PackedBatches, text, n_replay: int, batch_size: int):
+        # text: a pyllm.data.loader.ShardLoader of batch_size 1 on one rank (take(k) -> stream positions,
+        # windows(positions) -> batch; its state then loads at any count)
+        micro, world_size = packed.batch_size, packed.world_size
+        if batch_size % (micro * world_size):
+            raise ValueError(f"ReplayBatches: batch_size={batch_size} is not a whole number of micro-batches of "
+                             f"{micro} rows on {world_size} rank(s)")
+        if not 0 < n_replay < batch_size:
+            raise ValueError(f"ReplayBatches: n_replay={n_replay} must leave rows of both kinds in a batch of "
+                             f"{batch_size}")
+        if text.seq_len != packed.rows["input_ids"].shape[1]:
+            raise ValueError(f"ReplayBatches: text windows of {text.seq_len} tokens but packed rows of "
+                             f"{packed.rows['input_ids'].shape[1]}; build both with the same seq_len")
+        self.packed, self.text, self.n_replay, self.batch_size = packed, text, n_replay, batch_size
+        self.micro_batches = batch_size // micro  # M, over all ranks
         self.layout_free = packed.layout_free and getattr(text, "layout_free", False)
-        self.replay = torch.tensor([False] * packed.batch_size + [True] * text.batch_size)
-        self.positions = torch.arange(text.seq_len).expand(text.batch_size, -1)
+        self._plan: list[tuple[list[int], range]] = []  # this rank's micro-batches left in the step
+        self._per_micro = torch.ones(2, dtype=torch.float64)  # the step's (trained, replayed) tokens / M
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        rows, text = self.packed.next_batch(), self.text.next_batch()
-        del rows["loss_weight"]  # the mixed loss is a sum of two means (below): the micro-batches weigh alike
-        if text["input_ids"].shape[1] != rows["input_ids"].shape[1]:
-            raise ValueError(f"ReplayBatches: text windows of {text['input_ids'].shape[1]} tokens but packed rows "
-                             f"of {rows['input_ids'].shape[1]}; build both with the same seq_len")
-        text = {**text, "positions": self.positions}
-        return {**{k: torch.cat([rows[k], text[k]]) for k in rows}, "replay": self.replay}
+    def _draw_step(self) -> None:
+        """Draw the next step's rows (as every rank does) and keep this rank's micro-batches of it."""
+        M, n, micro = self.micro_batches, self.n_replay, self.packed.batch_size
+        ids, windows = self.packed.order.take(self.batch_size - n), self.text.take(n)
+        cut_text = [m * n // M for m in range(M + 1)]  # micro-batch m: windows[cut_text[m]:cut_text[m + 1]]
+        cut_ids = [m * micro - cut_text[m] for m in range(M + 1)]
+        self._plan = [(ids[cut_ids[m]:cut_ids[m + 1]], windows[cut_text[m]:cut_text[m + 1]])
+                      for m in range(self.packed.rank, M, self.packed.world_size)]
+        trained = int((self.packed.rows["targets"][torch.tensor(ids)] != IGNORE).sum())
+        self._per_micro = torch.tensor([max(trained, 1), n * self.text.seq_len], dtype=torch.float64) / M
+
+    def next_batch(self) -> dict:
+        if not self._plan:
+            self._draw_step()
+        ids, positions = self._plan.pop(0)
+        parts, trained = [], 0
+        if ids:
+            rows = self.packed.collate(ids)
+            trained = rows.pop("loss_weight")  # the mixed loss is weighed by part_weights instead
+            parts.append(rows)
+        if positions:
+            text = self.text.windows(positions)
+            parts.append({**text, "positions": torch.arange(self.text.seq_len).expand(len(positions), -1)})
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        counts = torch.tensor([trained, len(positions) * self.text.seq_len], dtype=torch.float64)
+        return {**batch, "replay_rows": len(positions), "part_weights": (counts / self._per_micro).float()}
 
     def state_dict(self) -> dict:
+        if self._plan:
+            raise ValueError("ReplayBatches: the state is kept between optimiser steps, not within one")
         return {"packed": self.packed.state_dict(), "text": self.text.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume both counts; any split of the steps continues from them (the text position need not be a
+        whole number of this split's steps: states of earlier versions counted per micro-batch)."""
         self.packed.load_state_dict(state["packed"])
         self.text.load_state_dict(state["text"])
+        self._plan = []

@@ -34,8 +34,9 @@ class SFTConfig(StageConfig):
     max_new_tokens: int = 8
     """Tokens generated per held-out prompt for exact match."""
     pretrain_mix: float = 0.0
-    """Share of each batch's rows that are windows of pretraining text (replay), and the weight of their
-    language-model loss in the total: loss = (1 - mix) * SFT loss + mix * replay loss. 0 disables."""
+    """Share of each optimiser step's rows that are windows of pretraining text (replay; rounded, whatever
+    the micro-batch size and number of processes), and the weight of their language-model loss in the
+    total: loss = (1 - mix) * SFT loss + mix * replay loss. 0 disables."""
     pretrain_data: str | None = None
     """The pretraining shard directory (``pyllm data`` output, tokenized with the model's tokenizer):
     its training split is replayed when ``pretrain_mix`` > 0; its validation split gives the held-out
@@ -55,12 +56,13 @@ class SFTConfig(StageConfig):
             raise ValueError(f"SFTConfig: pretrain_data={self.pretrain_data!r} is not a shard directory "
                              "(no manifest.json); give the data stage's shards/")
 
-    def replay_rows(self, world_size: int = 1) -> int:
-        """Rows of pretraining text in each micro-batch (the rest are packed SFT rows)."""
-        micro = self.train_config().micro_batch(world_size)
-        n = round(self.pretrain_mix * micro)
-        if self.pretrain_mix > 0 and not 1 <= n < micro:
-            raise ValueError(f"SFTConfig: pretrain_mix={self.pretrain_mix} of a micro-batch of {micro} rows gives "
+    def replay_rows(self) -> int:
+        """Rows of pretraining text in each optimiser step (the rest are packed SFT rows); how they are shared
+        out over micro-batches and processes: pyllm.post.packing.ReplayBatches."""
+        rows = self.train_config().batch_size
+        n = round(self.pretrain_mix * rows)
+        if self.pretrain_mix > 0 and not 1 <= n < rows:
+            raise ValueError(f"SFTConfig: pretrain_mix={self.pretrain_mix} of a batch of {rows} rows gives "
                              f"{n} replay rows; it must leave at least one row of each kind")
         return n
 
@@ -75,25 +77,34 @@ def sft_loss(model, batch):
 
 
 def replay_loss(mix: float):
-    """(1 - mix) * SFT loss of the packed rows + mix * next-token loss of the replayed text rows; both
-    parts are logged (``sft_loss``, ``replay_loss``)."""
+    """(1 - mix) * SFT loss of the packed rows + mix * next-token loss of the replayed text rows (the last
+    ``replay_rows``), each mean weighed by ``part_weights`` (ReplayBatches: the step's loss is then the
+    same however it is split; a part the micro-batch lacks weighs 0); both parts are logged (``sft_loss``,
+    ``replay_loss``)."""
 
     def loss_fn(model, batch):
-        replay = batch["replay"]
-        parts = [model.loss(batch["input_ids"][rows], batch["targets"][rows], positions=batch["positions"][rows],
-                            doc_ids=batch["doc_ids"][rows]) for rows in (~replay, replay)]
-        return (1 - mix) * parts[0] + mix * parts[1], {"sft_loss": parts[0].detach(), "replay_loss": parts[1].detach()}
+        def part(lo: int, hi: int, weight):
+            if lo == hi:  # a micro-batch without rows of this kind
+                return weight.new_zeros(())
+            return weight * model.loss(batch["input_ids"][lo:hi], batch["targets"][lo:hi],
+                                       positions=batch["positions"][lo:hi], doc_ids=batch["doc_ids"][lo:hi])
+
+        rows, weights = batch["input_ids"].shape[0], batch["part_weights"]
+        first = rows - batch["replay_rows"]  # the packed rows come first
+        sft_part, text_part = part(0, first, weights[0]), part(first, rows, weights[1])
+        metrics = {"sft_loss": sft_part.detach(), "replay_loss": text_part.detach()}
+        return (1 - mix) * sft_part + mix * text_part, metrics
 
     return loss_fn
 
 
 def _text_replay(cfg: SFTConfig, tokenizer_dir: str | None):
-    """The ShardLoader of replayed pretraining windows; the shards must use the model's tokenizer."""
+    """The ShardLoader of replayed pretraining windows; the shards must use the model's tokenizer. One
+    stream on every process, of batch size 1: ReplayBatches shares its windows out."""
     from pyllm.data.loader import ShardLoader
 
-    info = data_parallel(cfg)
-    loader = ShardLoader(cfg.pretrain_data, cfg.seq_len, cfg.replay_rows(info.world_size), seed=cfg.seed,
-                         rank=info.rank, world_size=info.world_size)
+    cfg.replay_rows()  # a share that leaves rows of both kinds, checked before anything is read
+    loader = ShardLoader(cfg.pretrain_data, cfg.seq_len, 1, seed=cfg.seed)
     ours = Path(tokenizer_dir, "tokenizer.json") if tokenizer_dir else None
     if ours is None or not ours.exists() or \
             hashlib.sha256(ours.read_bytes()).hexdigest() != loader.manifest.get("tokenizer_sha256"):
@@ -125,11 +136,12 @@ def sft(cfg: SFTConfig) -> dict:
     heldout_enc = encode_examples(template, heldout_items, cfg.seq_len)
     rows = pack(train_enc, cfg.seq_len, tokenizer.pad_id)
     info = data_parallel(cfg)
-    n_replay = cfg.replay_rows(info.world_size)
-    batches = PackedBatches(rows, micro_batch(cfg) - n_replay, cfg.seed, info.rank, info.world_size)
+    n_replay = cfg.replay_rows()
+    batches = PackedBatches(rows, micro_batch(cfg), cfg.seed, info.rank, info.world_size)
     loss_fn = sft_loss
     if text is not None:
-        batches, loss_fn = ReplayBatches(batches, text), replay_loss(cfg.pretrain_mix)
+        batches = ReplayBatches(batches, text, n_replay, cfg.train_config().batch_size)
+        loss_fn = replay_loss(cfg.pretrain_mix)
     qa = [e for e in heldout_items if isinstance(e, Example)]  # single-turn items have a reference answer
     text_val_loss = None
     if cfg.pretrain_data:  # its batches are shared out when they split evenly over the processes

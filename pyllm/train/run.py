@@ -28,10 +28,11 @@ def build_data(cfg: TrainConfig, rank: int, world_size: int):
             tokenizer = load_tokenizer(cfg.data)
             train_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, rank=rank, world_size=world_size,
                                     split="train", vocab_size=tokenizer.vocab_size)
-            val_src = ShardLoader(cfg.data, cfg.seq_len, micro, cfg.seed, split="val", vocab_size=tokenizer.vocab_size)
+            # one stream on every process, read micro windows at a time (the same windows for any micro)
+            val_src = ShardLoader(cfg.data, cfg.seq_len, 1, cfg.seed, split="val", vocab_size=tokenizer.vocab_size)
         except (ValueError, FileNotFoundError) as e:
             raise data.DataError(str(e)) from None
-        return tokenizer, train_src, [val_src.next_batch() for _ in range(n_val)]
+        return tokenizer, train_src, [val_src.windows(val_src.take(micro)) for _ in range(n_val)]
     docs = data.read_documents(cfg.data)
     tokenizer = data.build_tokenizer(cfg.tokenizer, docs)
     tokens = data.tokenize_documents(tokenizer, docs)

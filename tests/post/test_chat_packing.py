@@ -123,36 +123,46 @@ def test_packed_logits_equal_unpacked(name):
 
 
 class _Text:
-    """Stand-in for pyllm.data.loader.ShardLoader: windows of a counting stream, two documents per row."""
+    """Stand-in for pyllm.data.loader.ShardLoader's stream: window g counts on from 1000 + g x (seq_len + 1),
+    two documents per row."""
 
-    def __init__(self, batch_size, seq_len):
-        self.batch_size, self.seq_len, self.step = batch_size, seq_len, 0
+    layout_free = True
 
-    def next_batch(self):
-        start = 1000 + self.step * self.batch_size * self.seq_len
-        block = torch.arange(start, start + self.batch_size * (self.seq_len + 1)).view(self.batch_size, -1) % 250
-        self.step += 1
-        doc = (torch.arange(self.seq_len) >= self.seq_len // 2).long().expand(self.batch_size, -1)
+    def __init__(self, seq_len):
+        self.seq_len, self.position = seq_len, 0
+
+    def take(self, k):
+        self.position += k
+        return range(self.position - k, self.position)
+
+    def windows(self, positions):
+        block = torch.stack([torch.arange(1000 + g * (self.seq_len + 1), 1000 + (g + 1) * (self.seq_len + 1))
+                             for g in positions]) % 250
+        doc = (torch.arange(self.seq_len) >= self.seq_len // 2).long().expand(len(positions), -1)
         return {"input_ids": block[:, :-1], "targets": block[:, 1:], "doc_ids": doc}
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"position": self.position}
 
     def load_state_dict(self, state):
-        self.step = state["step"]
+        self.position = state["position"]
 
 
-def _replay_batches(seed=0):
-    exs = encode_examples(ChatTemplate(TOK), [Example(f"{a}+{a}=", str(2 * a)) for a in range(40)], 24)
-    return ReplayBatches(PackedBatches(pack(exs, 24, TOK.pad_id), 3, seed=seed), _Text(2, 24))
+ROWS = pack(encode_examples(ChatTemplate(TOK), [Example(f"{a}+{a}=", str(2 * a)) for a in range(40)], 24), 24,
+            TOK.pad_id)
+
+
+def _replay_batches(seed=0, micro=5, n_replay=2, batch_size=5, rank=0, world_size=1):
+    return ReplayBatches(PackedBatches(ROWS, micro, seed=seed, rank=rank, world_size=world_size), _Text(24),
+                         n_replay, batch_size)
 
 
 def test_replay_rows_follow_the_packed_rows_laid_out_as_in_pretraining():
     src = _replay_batches()
     b = src.next_batch()
-    assert {k: tuple(v.shape) for k, v in b.items()} == {"input_ids": (5, 24), "targets": (5, 24), "doc_ids": (5, 24),
-                                                         "positions": (5, 24), "replay": (5,)}
-    assert b["replay"].tolist() == [False, False, False, True, True]
+    assert {k: tuple(v.shape) for k, v in b.items() if torch.is_tensor(v)} == {
+        "input_ids": (5, 24), "targets": (5, 24), "doc_ids": (5, 24), "positions": (5, 24), "part_weights": (2,)}
+    assert b["replay_rows"] == 2 and b["part_weights"].tolist() == [1.0, 1.0]  # the whole step in one batch
     text = b["input_ids"][3:]
     assert torch.equal(b["targets"][3:, :-1], text[:, 1:])  # every replayed token is a target
     assert (b["positions"][3:] == torch.arange(24)).all() and (b["targets"][:3] == IGNORE).any()
@@ -162,7 +172,65 @@ def test_replay_rows_follow_the_packed_rows_laid_out_as_in_pretraining():
     again = _replay_batches()
     again.load_state_dict(state)
     resumed = again.next_batch()
-    assert all(torch.equal(resumed[k], v) for k, v in expected.items())
+    assert all(torch.equal(resumed[k], v) if torch.is_tensor(v) else resumed[k] == v for k, v in expected.items())
+
+
+def _steps(sources, n_steps):
+    """Each step's micro-batches in the order of the step (micro-step a of rank r is number a x ranks + r)
+    from one source per rank."""
+    accum = sources[0].micro_batches // len(sources)
+    return [[b for per_rank in zip(*([s.next_batch() for _ in range(accum)] for s in sources)) for b in per_rank]
+            for _ in range(n_steps)]
+
+
+LAYOUTS = [(8, 1), (4, 1), (4, 2), (2, 2), (1, 2), (1, 8)]  # (micro-batch, ranks) of a step of 8 rows
+
+
+def test_replay_share_rows_and_loss_of_a_step_do_not_depend_on_its_split():
+    """3 of every 8 rows are replay whatever the micro-batch size and number of ranks (it was round(mix x
+    micro) per micro-batch and rank: 3 of 8 on one process of 8, 2 + 2 on two of 4), the same rows, and the
+    step's loss (the mean of its micro-batches' losses, as the Trainer takes it) is the same."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", n_layer=1, d_model=32, n_head=2, vocab_size=TOK.vocab_size))
+    loss_fn = replay_loss(0.375)
+    seen = {}
+    for micro, ranks in LAYOUTS:
+        steps = _steps([_replay_batches(micro=micro, n_replay=3, batch_size=8, rank=r, world_size=ranks)
+                        for r in range(ranks)], 3)
+        seen[micro, ranks] = [
+            (torch.cat([b["input_ids"][:micro - b["replay_rows"]] for b in step]),  # packed rows, in order
+             torch.cat([b["input_ids"][micro - b["replay_rows"]:] for b in step]),  # replayed windows, in order
+             torch.stack([b["part_weights"] for b in step]).mean(0),
+             torch.stack([loss_fn(model, b)[0] for b in step]).mean().item()) for step in steps]
+    one = seen[8, 1]
+    assert all(len(text) == 3 for _, text, _, _ in one)
+    for layout, steps in seen.items():
+        for (rows, text, weights, loss), (rows1, text1, _, loss1) in zip(steps, one):
+            assert torch.equal(rows, rows1) and torch.equal(text, text1), layout
+            torch.testing.assert_close(weights, torch.ones(2))  # the parts' weights average to 1
+            assert loss == pytest.approx(loss1, rel=1e-5), layout
+
+
+def test_replay_resumes_on_another_split():
+    """Two ranks' (equal) states after two steps load into one process of 8 or four ranks of 1 row, which go
+    on with the rows an uninterrupted process reads."""
+    whole = _steps([_replay_batches(micro=8, n_replay=3, batch_size=8)], 3)[2]
+    ranks = [_replay_batches(micro=2, n_replay=3, batch_size=8, rank=r, world_size=2) for r in range(2)]
+    _steps(ranks, 2)
+    states = [r.state_dict() for r in ranks]
+    assert states[0] == states[1]
+    for micro, n_ranks in ((8, 1), (1, 4)):
+        resumed = [_replay_batches(micro=micro, n_replay=3, batch_size=8, rank=r, world_size=n_ranks)
+                   for r in range(n_ranks)]
+        for r in resumed:
+            r.load_state_dict(states[0])
+        step = _steps(resumed, 1)[0]
+        rows = torch.cat([b["input_ids"][:micro - b["replay_rows"]] for b in step])
+        text = torch.cat([b["input_ids"][micro - b["replay_rows"]:] for b in step])
+        assert torch.equal(torch.cat([rows, text]), whole[0]["input_ids"])
+    with pytest.raises(ValueError, match="between optimiser steps"):
+        ranks[0].next_batch()
+        ranks[0].state_dict()
 
 
 def test_replay_loss_weights_the_sft_and_text_parts():
@@ -170,7 +238,7 @@ def test_replay_loss_weights_the_sft_and_text_parts():
     model = Transformer(preset("tiny", n_layer=1, d_model=32, n_head=2, vocab_size=TOK.vocab_size))
     b = _replay_batches().next_batch()
     loss, parts = replay_loss(0.25)(model, b)
-    sft_part = sft_loss(model, {k: v[:3] for k, v in b.items()})[0]
+    sft_part = sft_loss(model, {k: v[:3] for k, v in b.items() if torch.is_tensor(v)})[0]
     text_part = model.loss(b["input_ids"][3:], b["targets"][3:], doc_ids=b["doc_ids"][3:])
     torch.testing.assert_close(parts["sft_loss"], sft_part.detach())
     torch.testing.assert_close(parts["replay_loss"], text_part.detach())
@@ -187,5 +255,5 @@ def test_pretrain_mix_config_errors(tmp_path):
     with pytest.raises(ValueError, match=r"pretrain_data='.*' is not a shard directory"):
         SFTConfig(pretrain_mix=0.3, pretrain_data=str(tmp_path))
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"pretrain_mix=0.01 of a micro-batch of 16 rows gives 0 replay rows"):
+    with pytest.raises(ValueError, match=r"pretrain_mix=0.01 of a batch of 16 rows gives 0 replay rows"):
         SFTConfig(pretrain_mix=0.01, pretrain_data=str(tmp_path), train={"batch_size": 16}).replay_rows()

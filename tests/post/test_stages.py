@@ -150,3 +150,50 @@ def test_chat_only_sft_writes_strict_json(tmp_path):
     from pyllm.post.stage import strict_json  # any other non-finite figure is written as null
 
     assert strict_json({"a": [float("nan"), 1.0, float("-inf")]}) == {"a": [None, 1.0, None]}
+
+
+@pytest.fixture(scope="module")
+def replay_setup(tmp_path_factory):
+    """A tiny fresh model saved with a BPE tokenizer, and pretraining shards made with that tokenizer."""
+    from pyllm.data.bpe import TokenizerConfig, train_bpe
+    from pyllm.data.shards import ShardConfig, pack_shards
+    from pyllm.model import Transformer, preset, save_model
+    from pyllm.tokenizer import load_tokenizer
+    from pyllm.train.data import builtin_text
+
+    tmp = tmp_path_factory.mktemp("replay")
+    docs = [(f"topic-{i}", t) for i, t in enumerate(builtin_text()[:30_000].split("\n\n")) if t.strip()]
+    train_bpe((t for _, t in docs), TokenizerConfig(vocab_size=300), tmp / "tok")
+    pack_shards(iter(docs), tmp / "tok", tmp / "shards", ShardConfig(val_fraction=0.1), {"test": 1}, workers=1)
+    tokenizer = load_tokenizer(tmp / "shards")
+    torch.manual_seed(0)
+    save_model(Transformer(preset("tiny", **MODEL, vocab_size=tokenizer.vocab_size, max_seq_len=48)), tmp / "model",
+               tokenizer)
+    return str(tmp / "model"), str(tmp / "shards")
+
+
+def test_sft_replay_does_not_depend_on_the_micro_batch_and_resumes_on_another(replay_setup, tmp_path):
+    """pretrain_mix 0.375 of a step of 8 rows is 3 replayed windows, however the step is split (it was
+    counted per micro-batch: 3 in one micro-batch of 8, 2 + 2 in two of 4), with the same step losses; a
+    run checkpointed with micro-batches of 4 resumes with micro-batches of 8 (it was refused: "8 windows
+    ... not a whole number of batches of 3 x 1") and goes on as an uninterrupted run."""
+    model, shards = replay_setup
+
+    def run(out, micro, steps):
+        return sft(SFTConfig(model=model, data="builtin:add", out_dir=str(tmp_path / out), max_train=64,
+                             max_heldout=4, max_new_tokens=2, seq_len=48, pretrain_mix=0.375, pretrain_data=shards,
+                             train=quick(max_steps=steps, batch_size=8, micro_batch_size=micro, ckpt_every=2)))
+
+    whole = run("whole", 8, 4)
+    assert whole["replay_rows"] == 3
+    split = run("split", 4, 4)
+    assert losses(split) == pytest.approx(losses(whole), rel=1e-5)
+    run("resumed", 4, 2)
+    with pytest.warns(RuntimeWarning, match="micro_batch_size 4 -> 8"):
+        resumed = run("resumed", 8, 4)
+    assert resumed["train"]["resumed_from"] == 2
+    assert losses(resumed) == pytest.approx(losses(whole)[2:], rel=1e-5)
+
+
+def losses(summary: dict) -> list[float]:
+    return [r["loss"] for r in summary["train"]["history"] if "loss" in r]
