@@ -18,7 +18,7 @@ import torch
 
 from pyllm import ops
 from pyllm.ops import reference
-from pyllm.ops.registry import BackendError
+from pyllm.ops.registry import BackendError, dispatch
 from pyllm.ops.tolerance import assert_close, error_bound
 
 from csrc_checks import check
@@ -198,10 +198,11 @@ def test_swiglu_on_rows_behind_a_size_one_dim_of_any_stride(dtype):
 def test_adamw_step_refuses_a_found_inf_it_cannot_read():
     """A CPU flag, or several values, with CUDA parameters: the kernel would read a host pointer."""
     params, grads, m, v = _adam_state([(5, 3)], torch.float32, 2)
-    host_flag = [] if EMULATED else [torch.zeros(1)]  # emulated, the parameters are on the CPU too
-    for found_inf in (*host_flag, torch.zeros(2, device=DEV)):
+    if not EMULATED:  # emulated, the parameters are on the CPU too
         with pytest.raises(BackendError, match=f"'found_inf' must be one value on {DEV}"):
-            ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=found_inf, backend=BACKEND)
+            ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=torch.zeros(1), backend=BACKEND)
+    with pytest.raises(ValueError, match="'found_inf' must have exactly one element"):  # (pyllm.ops, any backend)
+        ops.adamw_step(params, grads, m, v, lr=0.1, step=1, found_inf=torch.zeros(2, device=DEV), backend=BACKEND)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -265,8 +266,18 @@ def test_cross_entropy_with_an_infinite_logit_is_the_references(dtype, vocab):
 
 
 def test_cross_entropy_bad_target_gives_nan_not_a_crash():
-    loss = ops.cross_entropy(_randn(3, 10), torch.tensor([1, 10, 2], device=DEV), reduction="none", backend=BACKEND)
+    """The kernel flags a class index outside [0, V) with a nan row loss (checking it on the host would sync).
+    pyllm.ops refuses such targets in CPU tensors (the emulator's) before any kernel: the kernel is called
+    through the dispatcher here, as the public op calls it after its checks."""
+    logits, target = _randn(3, 10), torch.tensor([1, 10, 2], device=DEV)
+    loss = dispatch("cross_entropy", logits.device, BACKEND, logits, target, ignore_index=-100, label_smoothing=0.0,
+                    z_loss=0.0, reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    if EMULATED:
+        with pytest.raises(ValueError, match=r"'target' holds class indices outside \[0, 10\)"):
+            ops.cross_entropy(logits, target, reduction="none", backend=BACKEND)
+    else:
+        assert torch.equal(ops.cross_entropy(logits, target, reduction="none", backend=BACKEND).isnan(), loss.isnan())
 
 
 # ---- GEMM (csrc/cuda/gemm.cu): 128 x 128 tiles, K in steps of 32; N and K multiples of 8 (16-byte rows for
