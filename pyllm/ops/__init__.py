@@ -292,9 +292,8 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1=0.9, beta2=0.9
     states = [("grads", grads, None), ("exp_avgs", exp_avgs, wide), ("exp_avg_sqs", exp_avg_sqs, wide),
               ("master_params", master_params, wide)]
     for name, lst, dtypes in states:
+        _check_tensor_list("adamw_step", name, lst or ())
         for i, (p, t) in enumerate(zip(params, lst or ())):
-            if not isinstance(t, torch.Tensor):
-                validate.tensor("adamw_step", f"{name}[{i}]", t)  # raises, naming the element
             if t.shape != p.shape:
                 raise ValueError(f"pyllm.ops.adamw_step: {name}[{i}] shape {tuple(t.shape)} != params[{i}] "
                                  f"shape {tuple(p.shape)}")
