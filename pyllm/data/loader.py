@@ -1,7 +1,8 @@
 """ShardLoader: a streaming, deterministic, resumable batch source over a pyllm shard directory.
 
 Each shard of the chosen split is cut into windows of ``seq_len + 1`` tokens at stride ``seq_len``
-(inputs are the first ``seq_len``, targets the last ``seq_len``); windows never cross shards. The windows
+(inputs are the first ``seq_len``, targets the last ``seq_len``); windows never cross shards, so a shard's
+last (tokens - 1) % seq_len tokens are not read (``unread_tokens``; a warning above 1% of the split). The windows
 are read as one endless stream: epoch e is a permutation of all windows drawn from ``(seed, e)``, and
 stream position g is window ``perm_{g // n}[g % n]`` of the n windows. Each step the ranks together read
 the next ``batch_size`` x ``world_size`` positions, rank ``r`` every ``world_size``-th of them from the
@@ -22,12 +23,15 @@ naming the file, not a numpy or torch error when a bad shard is first read mid-r
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .shards import read_manifest
+
+UNREAD_WARN = 0.01  # the share of a split's tokens left unread in shard tails above which the loader warns
 
 
 def resume_step(count: int, batch_size: int, world_size: int, *, saved: str, batches: str, resize: str,
@@ -98,6 +102,14 @@ class ShardLoader:
         windows = [max(0, (e["tokens"] - 1) // seq_len) for e in self.shards]
         self._first_window = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)
         self.num_windows = int(self._first_window[-1])
+        # a shard's last (tokens - 1) % seq_len tokens (all of a shard shorter than a window) are never read
+        total = sum(e["tokens"] for e in self.shards)
+        self.unread_tokens = total - sum(w * seq_len + (w > 0) for w in windows)
+        if self.unread_tokens > UNREAD_WARN * total:
+            warnings.warn(f"{self.dir}: {self.unread_tokens:,} of the {total:,} tokens of split {split!r} "
+                          f"({self.unread_tokens / total:.1%}) are in shard tails shorter than a window of "
+                          f"{seq_len + 1} tokens and are never read (windows do not cross shards); write larger "
+                          "shards (pyllm data --shard-tokens) or use a shorter seq_len", RuntimeWarning, stacklevel=2)
         # whole steps in an epoch (for progress); the stream runs on, so a step may straddle two epochs
         self.steps_per_epoch = self.num_windows // world_size // batch_size
         if self.steps_per_epoch == 0:

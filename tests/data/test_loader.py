@@ -1,6 +1,7 @@
 """ShardLoader on damaged shard directories: a one-line error naming the file when the loader is made."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -142,3 +143,17 @@ def test_resume_across_an_epoch_end_with_another_layout_and_older_states(stream_
     with pytest.raises(ValueError, match=r"20 windows read \(3 of them in epoch 1\) is not a whole number of "
                                          r"batches of 3 x 1 rank\(s\)"):
         make(3).load_state_dict(state)
+
+
+def test_tokens_in_shard_tails_are_counted_and_warned_of(shard_dir):
+    """Windows do not cross shards, so each shard's last (tokens - 1) % seq_len tokens are never read: counted,
+    and a warning when they are more than 1% of the split (they were dropped silently)."""
+    with pytest.warns(RuntimeWarning, match=r"10 of the 500 tokens of split 'train' \(2.0%\) are in shard tails"):
+        loader = ShardLoader(shard_dir, seq_len=8, batch_size=2)
+    assert loader.unread_tokens == (300 - 1) % 8 + (200 - 1) % 8
+    read = sum(int(w) for w in loader._first_window[1:] - loader._first_window[:-1]) * 8 + len(loader.shards)
+    assert loader.unread_tokens == 500 - read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 2 + 1 of 500 unread: 0.6%, no warning
+        assert ShardLoader(shard_dir, seq_len=99, batch_size=1).unread_tokens == (299 % 99) + (199 % 99)
+        assert ShardLoader(shard_dir, seq_len=1, batch_size=1).unread_tokens == 0
