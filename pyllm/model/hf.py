@@ -330,8 +330,9 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
 
     With an ``HFTokenizer`` or a ``ByteTokenizer`` (converted by ``byte_tokenizer_as_hf``), also writes
     tokenizer.json, tokenizer_config.json and generation_config.json (eos), so that ``AutoTokenizer``
-    and generation in other tools work. A char tokenizer has no Hugging Face equivalent here and is
-    saved only in pyllm's format.
+    and generation in other tools work. As in pyllm, special-token strings in a text encode there as plain
+    text (``split_special_tokens``): append ``eos_token_id`` to ids, not the ``eos_token`` string to a text.
+    A char tokenizer has no Hugging Face equivalent here and is saved only in pyllm's format.
     """
     from pyllm.tokenizer import EOS, ByteTokenizer, HFTokenizer
 
@@ -359,9 +360,12 @@ def save_hf(model: Transformer, directory: str | Path, tokenizer=None) -> Path:
         if isinstance(tokenizer, ByteTokenizer):
             byte_tokenizer_as_hf(tokenizer).save(str(directory / "tokenizer.json"))
         if isinstance(tokenizer, (HFTokenizer, ByteTokenizer)):
+            # pyllm encodes special-token strings in a text as plain text; tokenizer.json cannot say so
+            # (tokenizers does not save encode_special_tokens), transformers' split_special_tokens does
             (directory / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
-                "pad_token": EOS, "unk_token": None, "model_max_length": cfg.max_seq_len}, indent=1))
+                "pad_token": EOS, "unk_token": None, "model_max_length": cfg.max_seq_len,
+                "split_special_tokens": True}, indent=1))
             (directory / "generation_config.json").write_text(json.dumps({
                 "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}, indent=1))
     (directory / "config.json").write_text(json.dumps(hf_cfg, indent=1))

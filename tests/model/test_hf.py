@@ -130,10 +130,11 @@ def test_save_over_a_sharded_checkpoint_reads_as_transformers_does(tmp_path):
     torch.testing.assert_close(logits_of(load_hf(tmp_path / "both"), IDX), logits_of(new, IDX))
 
 
-def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
+def tiny_hf_tokenizer():
+    """pyllm's HFTokenizer over a byte-level BPE trained on a few words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pyllm.tokenizer import HFTokenizer, load_tokenizer
+    from pyllm.tokenizer import HFTokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -141,7 +142,13 @@ def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(["the cat sat on the mat", "a dog and a cat"] * 5, trainer)
-    tok = HFTokenizer(bpe)
+    return HFTokenizer(bpe)
+
+
+def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
+    from pyllm.tokenizer import load_tokenizer
+
+    tok = tiny_hf_tokenizer()
     model = Transformer(preset("tiny", n_layer=1, d_model=32, n_head=4, vocab_size=tok.vocab_size))
     save_hf(model, tmp_path, tokenizer=tok)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -152,11 +159,33 @@ def test_export_with_tokenizer_reads_in_auto_tokenizer(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == tok.eos_id
 
 
+@pytest.mark.parametrize("kind", ["hf", "byte"])
+def test_exported_tokenizer_reads_special_token_text_as_plain_text(kind, tmp_path):
+    from pyllm.tokenizer import ByteTokenizer, load_tokenizer
+
+    tok = tiny_hf_tokenizer() if kind == "hf" else ByteTokenizer()
+    save_hf(Transformer(preset("tiny", n_layer=1, d_model=32, n_head=4, vocab_size=tok.vocab_size)), tmp_path,
+            tokenizer=tok)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "the cat<|endoftext|>a dog <|user|> sat"
+    ids = tok.encode(text)
+    assert tok.eos_id not in ids and tok.token_id("<|user|>") not in ids  # pyllm: literal text, not the specials
+    assert auto(text)["input_ids"] == auto.encode(text) == ids
+    assert load_tokenizer(tmp_path).encode(text) == ids
+    # the special ids still work in transformers: eos and padding with it, decoding it as pyllm does
+    assert auto.eos_token_id == auto.bos_token_id == auto.pad_token_id == tok.eos_id
+    assert auto(["the cat", "a"], padding=True)["input_ids"][1][-1] == tok.eos_id
+    with_eos = tok.encode("the cat") + [tok.eos_id]
+    assert auto.decode(with_eos) == tok.decode(with_eos) == "the cat<|endoftext|>"
+    assert auto.decode(with_eos, skip_special_tokens=True) == "the cat"  # transformers' option; pyllm has none
+
+
 BAD_HF = {
     "model_type": ({"model_type": "mistral"}, "model_type='mistral' is not supported; pyllm reads 'gpt2' and 'llama'"),
     "rope_scaling": ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 8.0}},
                      "RoPE scaling 'yarn' is not supported"),
-    "activation": ({"model_type": "gpt2", "activation_function": "relu"}, "activation_function='relu' is not supported"),
+    "activation": ({"model_type": "gpt2", "activation_function": "relu"},
+                   "activation_function='relu' is not supported"),
     "act_llama": ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     "bias": ({"model_type": "llama", "attention_bias": True}, "attention_bias/mlp_bias are not supported"),
 }
