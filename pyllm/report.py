@@ -51,7 +51,8 @@ def stage_checks(records: dict) -> list[dict]:
     rate over n held-out items its binomial standard error ``se`` (at the mean of before and after).
     Improvement checks compare held-out measurements before and after the stage (ok: strictly better);
     "keep" checks allow the stated slack. A check that could not be measured (a stage it reads did not
-    run, a value is missing) has ok None and says why in ``why``. Stages not in ``records`` give no checks."""
+    run, a value is missing) has ok None and says why in ``why``; one with a NaN before or after fails (ok
+    False). Stages not in ``records`` give no checks."""
     def done(name):
         rec = records.get(name)
         return rec is not None and rec.status == "done"
@@ -86,6 +87,10 @@ def stage_checks(records: dict) -> list[dict]:
         if why:
             checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after,
                            "ok": None, "se": None, "why": why})
+            return
+        if before != before or after != after:  # NaN: a broken measurement fails, whatever the comparison says
+            checks.append({"stage": stage, "metric": metric, "goal": goal, "before": before, "after": after,
+                           "ok": False, "se": None})
             return
         ok = keep(before, after) if keep else (after > before if goal == "higher" else after < before)
         se = _accuracy_slack((before + after) / 2, n) if n else None
@@ -130,7 +135,10 @@ def stage_checks(records: dict) -> list[dict]:
 
 
 def _f(x, spec: str = ".3f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) and x == x else "-"
+    """A number as a table cell: "-" when there is none, "nan" when a NaN was measured (in any ``spec``)."""
+    if not isinstance(x, (int, float)):
+        return "-"
+    return format(x, spec) if x == x else "nan"
 
 
 def _stage_name(name: str, summary: dict) -> str:

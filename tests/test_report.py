@@ -62,6 +62,19 @@ def test_md_text_and_md_code_show_the_text_verbatim():
         assert code and html.unescape(code.group(1)) == re.sub(r"\r\n|\n", " ", text), rendered
 
 
+def test_a_long_text_is_cut_with_a_mark_saying_how_much():
+    """A text longer than MAX_CHARS shows its first MAX_CHARS characters and how many more there were; a
+    text of MAX_CHARS characters is shown whole."""
+    from pyllm.markdown import MAX_CHARS, md_code, md_text
+
+    whole = "a" * MAX_CHARS
+    assert md_text(whole) == whole and md_code(whole) == f"`{whole}`"
+    long = "b" * MAX_CHARS + "|" * 12_345
+    mark = "*… (12,345 more characters)*"
+    assert md_text(long) == f"{'b' * MAX_CHARS} {mark}" and md_code(long) == f"`{'b' * MAX_CHARS}` {mark}"
+    assert md_text("x" * (MAX_CHARS + 1)).endswith("*… (1 more character)*")
+
+
 def _done(summary, **kw):
     return StageRecord(key="k", finished=True, status="done", seconds=10, cpu_seconds=10, started=1.0, attempts=1,
                        summary=summary, **kw)
@@ -123,6 +136,37 @@ def test_sample_answers_are_shown_verbatim(tmp_path):
     assert rows[1] == [prompts[1], "(empty)", "(empty)", "(not sampled)", "(empty)"]
     assert rows[2][0] == prompts[2]
     assert "é 日本" in section and "\\u00e9" not in section
+
+
+def test_a_long_sample_answer_is_cut(tmp_path):
+    """A 200 kB answer is cut to MAX_CHARS characters with a mark in its cell; short answers are whole."""
+    from pyllm.markdown import MAX_CHARS
+
+    records = _records()
+    answer = "yes <b> " * 25_000
+    records["eval"].summary["samples"]["sft"]["1+1="] = answer
+    report = _write(tmp_path, records)
+    cells = _Cells(_render(_section(report, "## Sample answers")))
+    assert cells.cells[5:] == ["1+1=", "2", f"{answer[:MAX_CHARS]} … ({len(answer) - MAX_CHARS:,} more characters)",
+                               "2", "2"]
+    assert cells.tags == {"em"} and len(report) < 10_000
+
+
+def test_a_nan_metric_reads_nan_and_its_check_fails(tmp_path):
+    """A NaN (a diverged loss, a broken metric) is shown as "nan", not as "-" like a missing value, and a
+    check reading it fails, whichever side holds it."""
+    records = _records()
+    records["eval"].summary["checkpoints"]["sft"]["task_acc"] = float("nan")
+    records["rl"].summary["after"]["kl_to_ref"] = float("nan")
+    records["eval"].summary["checkpoints"]["dpo"].pop("reward")
+    report = _write(tmp_path, records)
+    checks = _section(report, "## Did each stage improve what it should?")
+    assert "| sft | task accuracy, held-out prompts (greedy) | higher | 0.000 | nan | **NO** |" in checks
+    assert "| keep: >= SFT - 1 s.e. | nan | 0.650 | **NO** |" in checks
+    assert "| higher | nan | 0.700 | **NO** |" in checks and "| keep: <= 2 | 0.000 | nan | **NO** |" in checks
+    assert "6 of 10 checks pass; **4 fail**" in checks and "not measured" not in checks
+    assert "| sft | 2.000 | 0.300 | 0.300 | nan | 0.100 | - |" in report
+    assert "| dpo | 2.000 | 0.300 | 0.300 | 0.650 | - | - |" in report  # missing: still "-"
 
 
 def test_every_check_is_listed_and_the_verdict_counts_the_unmeasured(tmp_path):

@@ -7,11 +7,21 @@ length histograms before and after, tokens per shard.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from pyllm.markdown import md_code, md_text
+
+_VERBATIM = {"parse_math": False, "usetex": False}
+"""Text properties of a plot label taken from the data (a rule name, a PII type): drawn as it is, never read
+as mathtext ("$...$", which can also raise) or as TeX."""
+
+
+def _one_line(label) -> str:
+    """A label from the data on one line: control characters (a line break, a tab) as their Python escapes."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(label))
 
 
 def _plots(stats: dict, out: Path) -> dict[str, str]:
@@ -41,7 +51,8 @@ def _plots(stats: dict, out: Path) -> dict[str, str]:
     reasons = [(f"{stage}: {r}", n) for stage, c in cur["dropped"].items() for r, n in c.items()]
     if reasons:
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(reasons) + 1.2))
-        ax.barh([r for r, _ in reasons], [n for _, n in reasons])
+        ax.barh(range(len(reasons)), [n for _, n in reasons])
+        ax.set_yticks(range(len(reasons)), [_one_line(r) for r, _ in reasons], **_VERBATIM)
         ax.invert_yaxis()
         ax.set(xlabel="documents dropped", title="Drops per rule")
         save(fig, "drops.png")
@@ -58,9 +69,9 @@ def _plots(stats: dict, out: Path) -> dict[str, str]:
 
     if cur["pii"]:
         fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar(list(cur["pii"]), list(cur["pii"].values()))
+        ax.bar(range(len(cur["pii"])), list(cur["pii"].values()))
+        ax.set_xticks(range(len(cur["pii"])), [_one_line(k) for k in cur["pii"]], rotation=45, **_VERBATIM)
         ax.set(ylabel="redactions", title="PII redactions per type")
-        ax.tick_params(axis="x", rotation=45)
         save(fig, "pii.png")
 
     if pack["tokens_per_shard"]:

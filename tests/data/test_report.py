@@ -3,6 +3,7 @@
 import re
 
 import matplotlib.axes
+import matplotlib.figure
 import numpy as np
 
 from pyllm.data.report import write_report
@@ -68,3 +69,24 @@ def test_a_cluster_of_a_million_duplicates_is_plotted_in_few_bins(tmp_path, monk
     assert drawn and (tmp_path / "clusters.png").read_bytes()[:4] == b"\x89PNG"
     write_report(_stats(duplicate_cluster_sizes=[2, 2, 3, 5]), tmp_path)  # small sizes: one bin per size
     assert drawn[-1] == 5
+
+
+def test_labels_from_the_data_are_drawn_verbatim(tmp_path, monkeypatch):
+    """Rule names and PII types come from the data: "$^$" is not mathtext (matplotlib raised on it), "a\\$b"
+    keeps its backslash, and a line break is shown as "\\n" on the label's one line."""
+    names = ["cost $^$", "a$b$c_d", "x^2", "a\\$b", "$x", "p_{i}"]
+    labels = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, **kw):
+        savefig(fig, path, **kw)  # drawn first: the labels read below are those in the PNG
+        if path.name in ("drops.png", "pii.png"):
+            ax = fig.axes[0]
+            ticks = ax.get_yticklabels() if path.name == "drops.png" else ax.get_xticklabels()
+            labels.append([(t.get_text(), t.get_parse_math(), t.get_usetex()) for t in ticks])
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    write_report(_stats(dropped={"quality": {n: 1 for n in names + ["two\nlines"]}},
+                        pii={n: 1 for n in names}), tmp_path)
+    assert labels == [[(f"quality: {n}", False, False) for n in names + ["two\\nlines"]],
+                      [(n, False, False) for n in names]]
