@@ -14,6 +14,7 @@ import os
 import sys
 import typing
 
+from pyllm.train.cli import print_error
 from pyllm.train.config import ConfigError, parse_overrides
 
 from .datasets import DataError
@@ -84,10 +85,16 @@ def main(argv: list[str]) -> int:
         print("and any `pyllm train` option (--lr, --max_steps, --batch_size, --model.n_layer ...); "
               f"this stage's training defaults: {cls().stage_defaults()}")
         return 0
+    errors = (ConfigError, DataError, ValueError, FileNotFoundError)
     try:
-        summary = run(parse(cls, rest))
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"pyllm {name}: error: {e}", file=sys.stderr)
+        cfg = parse(cls, rest)
+    except errors as e:  # found in the command line and the files it names: every process finds the same
+        print_error(f"pyllm {name}", e, same_on_every_rank=True)
+        return 2
+    try:
+        summary = run(cfg)
+    except errors as e:  # may be one process's own (its share of the data, its node's files)
+        print_error(f"pyllm {name}", e, same_on_every_rank=False)
         return 2
     from pyllm.data.jsonl import strict_json
 

@@ -35,6 +35,20 @@ def format_summary(summary: dict) -> str:
     return "\n".join(f"  {k:<15} {fmt(summary[k])}" for k in keys if summary.get(k) is not None)
 
 
+def print_error(prog: str, error: Exception, same_on_every_rank: bool) -> None:
+    """``<prog>: error: <error>`` on stderr. Under torchrun (env RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) an
+    error every process finds alike is printed once per node (by its local rank 0: another node may lack a file),
+    any other by each process that meets it; with more than one process "rank N: " names the one that printed,
+    except for the first kind on a single node."""
+    env = lambda key, default: int(os.environ.get(key, default))  # noqa: E731
+    rank, world_size = env("RANK", "0"), env("WORLD_SIZE", "1")
+    if world_size > 1 and same_on_every_rank and env("LOCAL_RANK", "0") != 0:
+        return
+    single_node = env("LOCAL_WORLD_SIZE", str(world_size)) == world_size
+    prefix = f"rank {rank}: " if world_size > 1 and not (same_on_every_rank and single_node) else ""
+    print(f"{prefix}{prog}: error: {error}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="pyllm train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,11 +60,15 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         cfg = build_config(args.preset, parse_overrides(rest))
-        from .run import train
+    except ConfigError as e:  # found in the command line alone: every process finds the same
+        print_error("pyllm train", e, same_on_every_rank=True)
+        return 2
+    from .run import train
 
+    try:
         summary = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"pyllm train: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError) as e:  # may be one process's own (its shards, its node's files)
+        print_error("pyllm train", e, same_on_every_rank=False)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
         print(f"pyllm train: done\n{format_summary(summary)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,12 @@ def wrap(module: LossModule, mode: str, device: torch.device) -> nn.Module:
 
         from pyllm.model.transformer import Block
 
+        # A block returns its MLP's output projection, which every linear backend (F.linear too) makes as a (B, T, N)
+        # view of its (B*T, N) GEMM result. FSDP2 warns on each such output of a unit, since an in-place op on it
+        # would drop the unit's pre-backward hook; a block's outputs are only read out of place (the next norm adds
+        # them to the residual), so the warning is noise, which a copy of every block's output would cost to avoid.
+        warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor", UserWarning,
+                                r"torch\.distributed\.fsdp\.")
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for sub in module.modules():
             if isinstance(sub, Block):
