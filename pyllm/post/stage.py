@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,10 @@ class StageConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"{type(self).__name__}: {msg}")
-        self.train_config()  # validates the overrides now, not after data preparation
+        # validates the overrides now, not after data preparation; FSDP under torchrun is refused here, where
+        # every process finds it alike (the command line prints it once), as data_parallel would later
+        if self.train_config().distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(_no_fsdp(self))
 
     def stage_defaults(self) -> dict:
         """TrainConfig values this stage uses unless ``train`` overrides them."""
@@ -137,9 +141,13 @@ def data_parallel(cfg: StageConfig) -> distributed.DistInfo:
     """This process's rank among torchrun's processes (it joins their group; alone: rank 0 of 1)."""
     info = distributed.setup_for(cfg.train_config().device)
     if info.world_size > 1 and cfg.train_config().distributed == "fsdp":
-        raise ValueError(f"{type(cfg).__name__}: post-training stages run data-parallel with DDP "
-                         "(train['distributed'] 'auto' or 'ddp'); FSDP is for pretraining")
+        raise ValueError(_no_fsdp(cfg))
     return info
+
+
+def _no_fsdp(cfg: StageConfig) -> str:
+    return (f"{type(cfg).__name__}: post-training stages run data-parallel with DDP (train['distributed'] 'auto' "
+            "or 'ddp'); FSDP is for pretraining")
 
 
 def micro_batch(cfg: StageConfig) -> int:

@@ -46,7 +46,8 @@ def print_error(prog: str, error: Exception, same_on_every_rank: bool) -> None:
         return
     single_node = env("LOCAL_WORLD_SIZE", str(world_size)) == world_size
     prefix = f"rank {rank}: " if world_size > 1 and not (same_on_every_rank and single_node) else ""
-    print(f"{prefix}{prog}: error: {error}", file=sys.stderr)
+    sys.stderr.write(f"{prefix}{prog}: error: {error}\n")  # one write: the processes' lines do not interleave
+    sys.stderr.flush()
 
 
 def main(argv: list[str]) -> int:

@@ -98,3 +98,20 @@ def test_post_cli_prints_config_errors_once_and_names_the_rank_of_others(monkeyp
         assert err.startswith("pyllm sft: error: unknown config key 'bogus_key'") if rank == 0 else err == ""
         assert post_cli.main(["sft", "--max_steps", "2"]) == 2
         assert capsys.readouterr().err == f"rank {rank}: pyllm sft: error: data.jsonl not found\n"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_post_stage_refuses_fsdp_under_torchrun_when_parsed(monkeypatch, capsys, rank):
+    """The FSDP refusal of the post-training stages came from inside run(): each process printed it, and the two
+    lines ran together ("...for pretrainingrank 1: pyllm sft: error..."). It is found when the config is made."""
+    _as_rank(monkeypatch, rank)
+    with pytest.raises(ValueError, match=r"SFTConfig: post-training stages run data-parallel with DDP"):
+        SFTConfig(train={"distributed": "fsdp"})
+    monkeypatch.setattr(post_cli, "_stages", lambda: {"sft": (SFTConfig, lambda cfg: pytest.fail("ran"))})
+    assert post_cli.main(["sft", "--distributed", "fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyllm sft: error: SFTConfig: post-training") and err.count("\n") == 1 if rank == 0 \
+        else err == ""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key)
+    assert SFTConfig(train={"distributed": "fsdp"}).train["distributed"] == "fsdp"  # one process: nothing to shard
