@@ -28,8 +28,8 @@ from .stage import (StageConfig, add_lora, data_parallel, device_of, export, fin
 
 @dataclass
 class SFTConfig(StageConfig):
-    """Supervised fine-tuning. ``data``: builtin:tasks|add|sort|reverse|docstrings or a JSONL file of
-    {"prompt", "completion"} or {"messages": [...]} rows."""
+    """Supervised fine-tuning. ``data``: builtin:tasks|noisy_tasks|add|sort|reverse|docstrings|judge_tasks or a
+    JSONL file of {"prompt", "completion"} or {"messages": [...]} rows."""
 
     max_new_tokens: int = 8
     """Tokens generated per held-out prompt for exact match."""

@@ -96,3 +96,12 @@ def test_a_lone_surrogate_escape_names_file_line_and_field(tmp_path):
     split(items, 0.2)  # the split key is JSON (escaped): no error here, the encoding names the line
     with pytest.raises(DataError, match=r"chat.jsonl:1: .*surrogates not allowed"):
         encode_examples(ChatTemplate(ByteTokenizer()), items, 64)
+
+
+def test_sft_help_names_every_builtin_dataset():
+    """`pyllm sft --help` prints SFTConfig's docstring: it listed five of the seven built-in datasets."""
+    from pyllm.post.datasets import BUILTIN_EXAMPLES
+    from pyllm.post.sft import SFTConfig
+
+    listed = SFTConfig.__doc__.split("builtin:")[1].split()[0].split("|")
+    assert sorted(listed) == sorted(BUILTIN_EXAMPLES)
