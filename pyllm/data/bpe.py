@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyllm.tokenizer import SPECIAL_TOKENS, HFTokenizer
+from pyllm.typecheck import check_fields
 
 
 @dataclass
@@ -23,6 +24,7 @@ class TokenizerConfig:
     """A pair must occur at least this often to be merged."""
 
     def __post_init__(self):
+        check_fields(self, label="tokenizer")
         smallest = 256 + len(SPECIAL_TOKENS)
         # 2**24 (16.8M) is ~64x the largest vocabularies in use, keeps ids exact in float32, and its embedding
         # table is already ~25 GB at d_model 768 in bf16; beyond it the trainer's per-entry tables exhaust memory

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyllm.typecheck import check_fields
+
 from .dedup import _splitmix64, word_hashes
 from .jsonl import read_json_lines
 
@@ -45,6 +47,9 @@ class ClassifierConfig:
     """Seed of the example shuffle and the SGD order."""
 
     def __post_init__(self):
+        if isinstance(self.train_file, Path):
+            self.train_file = str(self.train_file)
+        check_fields(self, label="classifier")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"classifier.threshold={self.threshold}: must be a probability in [0, 1]")
         if not 8 <= self.hash_bits <= 26:

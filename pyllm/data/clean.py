@@ -12,6 +12,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from pyllm.typecheck import check_fields
+
 from .document import INVALID_BYTE, Document
 
 # C0 and C1 control characters except tab and newline, plus invisible format characters that only
@@ -38,6 +40,7 @@ class CleanConfig:
     """Runs of more blank lines than this are shortened to this many."""
 
     def __post_init__(self):
+        check_fields(self, label="clean")
         if self.normalization not in ("NFC", "NFKC", "none"):
             raise ValueError(f"clean.normalization={self.normalization!r}: use 'NFC', 'NFKC' or 'none'")
         if self.invalid_bytes not in ("repair", "drop"):

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pyllm.typecheck import check_fields
+
 _POLY = np.uint64(0x100000001B3)  # FNV-64 prime: polynomial base for byte -> word and word -> shingle keys
 _POLY_INVERSE = pow(0x100000001B3, -1, 2**64)
 _BLOCK = 4096  # shingles per (num_perm, block) product: bounds temporary memory to num_perm*block*8 bytes
@@ -50,6 +52,7 @@ class DedupConfig:
     """Seed of the permutation parameters (part of the result: keep it fixed for reproducibility)."""
 
     def __post_init__(self):
+        check_fields(self, label="dedup")
         if self.shingle_size < 1:
             raise ValueError(f"dedup.shingle_size={self.shingle_size}: must be >= 1")
         if self.num_perm < 1 or self.bands < 1 or self.num_perm % self.bands:

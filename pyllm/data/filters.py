@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from pyllm.typecheck import check_fields, type_problem
+
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's list
 TERMINAL_PUNCT = (".", "!", "?", '"', "'", "”")
 BULLETS = ("*", "-", "•", "‣", "○", "▪", "▸", "–")
@@ -68,13 +70,15 @@ class QualityConfig:
     """Drop placeholder text containing 'lorem ipsum' (C4)."""
 
     def __post_init__(self):
+        check_fields(self, label="quality")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ValueError(f"quality.{f.name}={v}: thresholds must be >= 0 (or None to turn the rule off)")
         for name in ("max_top_ngram_char_fraction", "max_dup_ngram_char_fraction"):
             for n, frac in getattr(self, name).items():
-                if int(n) < 1 or not 0 <= frac <= 1:
+                # JSON gives the keys as strings
+                if not str(n).isdecimal() or int(n) < 1 or type_problem(frac, float) or not 0 <= frac <= 1:
                     raise ValueError(f"quality.{name}[{n}]={frac}: n must be >= 1 and the fraction in [0, 1]")
             setattr(self, name, {int(n): float(f) for n, f in getattr(self, name).items()})
         if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:

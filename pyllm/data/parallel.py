@@ -7,7 +7,9 @@ independent of the number of workers and of their timing.
 
 Engines:
 - ``"local"`` with ``workers <= 1``: in this process (no pickling);
-- ``"local"``: a ``multiprocessing`` pool (spawn context: safe with threads and torch);
+- ``"local"``: a ``ProcessPoolExecutor`` of spawned processes (safe with threads and torch). A worker that
+  dies (killed, out of memory, a failing initializer, a script without a ``__main__`` guard) is an error;
+  ``multiprocessing.Pool`` would replace it silently and wait forever for its result;
 - ``"ray"``: Ray tasks on the cluster found by ``ray.init(address=...)`` (``address=None`` starts a local
   one); the same ``fn`` runs remotely with the same ``initializer``.
 
@@ -20,8 +22,17 @@ first malformed record. An ordered window of remote tasks keeps both properties 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import pickle
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+_WORKER_DIED = ("a data worker process died: it was killed (out of memory?), its initializer raised (see the "
+                "traceback above), or a script that runs pyllm's data pipeline lacks `if __name__ == \"__main__\":` "
+                "around its entry point (workers are spawned processes that import the script)")
 
 
 def ordered_map(fn: Callable, items: Iterable, *, workers: int, initializer: Callable | None = None,
@@ -38,14 +49,36 @@ def ordered_map(fn: Callable, items: Iterable, *, workers: int, initializer: Cal
             initializer(*initargs)
         yield from map(fn, items)
         return
-    with mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs) as pool:
-        pending: deque = deque()
+    # The initializer's arguments (configs, classifier weights) reach the workers through a file: spawn writes a
+    # process's arguments into a pipe whose reading end the parent holds open until the write ends, so a child that
+    # dies before reading them (a script without a __main__ guard) blocks the parent for good once they exceed the
+    # pipe's 64 KiB (CPython gh-118981, present in 3.11).
+    fd, init_file = tempfile.mkstemp(prefix="pyllm-initargs-", suffix=".pkl")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump((initializer, initargs), f)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_from_file,
+                               initargs=(init_file,))
+    pending: deque = deque()
+    try:
         for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
+            pending.append(pool.submit(fn, item))
             if len(pending) >= window:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise RuntimeError(_WORKER_DIED) from e
+    finally:
+        # after an error, Ctrl-C or a generator closed early: drop the queued items, wait only for the running ones
+        pool.shutdown(cancel_futures=True)
+        os.unlink(init_file)
+
+
+def _init_from_file(path: str) -> None:
+    with open(path, "rb") as f:
+        initializer, initargs = pickle.load(f)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _ray_map(fn, items, workers, initializer, initargs, address, window) -> Iterator:

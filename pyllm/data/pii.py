@@ -30,6 +30,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pyllm.typecheck import check_fields
+
 PII_TYPES = ("PRIVATE_KEY", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "GITHUB_TOKEN", "SLACK_TOKEN", "EMAIL",
              "CREDIT_CARD", "US_SSN", "PHONE", "IP_ADDRESS")
 
@@ -80,6 +82,7 @@ class PIIConfig:
     """Placeholder domains whose addresses are kept."""
 
     def __post_init__(self):
+        check_fields(self, label="pii")
         unknown = set(self.types) - set(PII_TYPES)
         if unknown:
             raise ValueError(f"pii.types has unknown {sorted(unknown)}; choose from {PII_TYPES}")

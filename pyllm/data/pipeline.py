@@ -20,14 +20,13 @@ import json
 import os
 import sys
 import time
-import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from pyllm.typecheck import type_problem
+from pyllm.typecheck import check_fields
 
 from .bpe import TokenizerConfig, train_bpe
 from .classifier import ClassifierConfig, QualityClassifier, train_classifier
@@ -77,7 +76,18 @@ class DataConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
 
     def __post_init__(self):
-        self.inputs = [str(p) for p in self.inputs]
+        if isinstance(self.inputs, (str, os.PathLike)):  # iterating it would read one path per character
+            raise ValueError(f"DataConfig: inputs={self.inputs!r} must be a list of paths: "
+                             f"inputs=[{os.fspath(self.inputs)!r}]")
+        if isinstance(self.inputs, (list, tuple)):
+            self.inputs = [os.fspath(p) if isinstance(p, os.PathLike) else p for p in self.inputs]
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        check_fields(self)
+        for name, section in _SECTIONS.items():
+            if not isinstance(getattr(self, name), section):
+                raise ValueError(f"DataConfig: {name}={getattr(self, name)!r} must be a {section.__name__} "
+                                 f"(DataConfig.from_dict takes sections as dicts)")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers}: use 0 (all cores) or a positive count")
         if self.engine not in ("local", "ray"):
@@ -110,10 +120,8 @@ class DataConfig:
                 bad = set(v) - {f.name for f in fields(section)}
                 if bad:
                     raise ValueError(f"{k} has no field(s) {sorted(bad)}")
-                _check_json_types(section, v, f"{k}.")
                 v = section(**v)
             kwargs[k] = v
-        _check_json_types(cls, {k: v for k, v in kwargs.items() if k not in _SECTIONS}, "")
         return cls(**kwargs)
 
     def output_config(self) -> dict:
@@ -123,14 +131,6 @@ class DataConfig:
             d.pop(k)
         d["shards"].pop("batch_documents")
         return d
-
-
-def _check_json_types(cls, values: dict, prefix: str) -> None:
-    """A one-line ValueError naming the first field whose JSON value has the wrong type."""
-    hints = typing.get_type_hints(cls)
-    for k, v in values.items():
-        if (want := type_problem(v, hints[k])) is not None:
-            raise ValueError(f"{prefix}{k}={v!r} must be {want}")
 
 
 _SECTIONS = {"clean": CleanConfig, "quality": QualityConfig, "classifier": ClassifierConfig,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyllm.typecheck import check_fields
+
 from .parallel import ordered_map
 
 FORMAT = "pyllm-shards-v1"
@@ -50,6 +52,7 @@ class ShardConfig:
     """Documents per tokenization task sent to a worker."""
 
     def __post_init__(self):
+        check_fields(self, label="shards")
         if self.shard_tokens < 1:
             raise ValueError(f"shards.shard_tokens={self.shard_tokens}: must be >= 1")
         if self.dtype not in ("auto", "uint16", "uint32"):

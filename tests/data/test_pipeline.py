@@ -135,10 +135,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
               "not valid JSON (line 1: Expecting property name enclosed in double quotes)"),
              ('{"vocab_size": 300}', "DataConfig has no field(s) ['vocab_size']; 'vocab_size' is a field of section "
                                      "'tokenizer': {'tokenizer': {'vocab_size': ...}}"),
-             ('{"tokenizer": {"vocab_size": "big"}}', "tokenizer.vocab_size='big' must be an integer"),
-             ('{"pii": {"types": ["EMAIL", 3]}}', "pii.types=['EMAIL', 3] must be a list of strings"),
-             ('{"quality": {"min_words": 2.5}}', "quality.min_words=2.5 must be an integer"),
-             ('{"workers": true}', "workers=True must be an integer"),
+             ('{"tokenizer": {"vocab_size": "big"}}', "tokenizer: vocab_size='big' must be an integer"),
+             ('{"pii": {"types": ["EMAIL", 3]}}', "pii: types=['EMAIL', 3] must be a list of strings"),
+             ('{"quality": {"min_words": 2.5}}', "quality: min_words=2.5 must be an integer"),
+             ('{"workers": true}', "DataConfig: workers=True must be an integer"),
+             ('{"inputs": "corpus/"}', "DataConfig: inputs='corpus/' must be a list of paths: inputs=['corpus/']"),
              ('{"shards": 5}', "DataConfig section 'shards' must be a JSON object of ShardConfig fields"),
              ('[1]', "a DataConfig must be a JSON object of its fields, got list")]
     for text, message in cases:
