@@ -19,9 +19,15 @@ _VERBATIM = {"parse_math": False, "usetex": False}
 as mathtext ("$...$", which can also raise) or as TeX."""
 
 
+LABEL_CHARS = 60
+"""The most characters of a plot label from the data (a longer one would widen the figure without bound)."""
+
+
 def _one_line(label) -> str:
-    """A label from the data on one line: control characters (a line break, a tab) as their Python escapes."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(label))
+    """A label from the data on one line: control characters (a line break, a tab) as their Python escapes, cut to
+    ``LABEL_CHARS`` characters ending in "…" (the report's tables give the whole name)."""
+    s = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], str(label))
+    return s if len(s) <= LABEL_CHARS else s[:LABEL_CHARS - 1] + "…"
 
 
 def _plots(stats: dict, out: Path) -> dict[str, str]:

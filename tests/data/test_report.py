@@ -90,3 +90,19 @@ def test_labels_from_the_data_are_drawn_verbatim(tmp_path, monkeypatch):
                         pii={n: 1 for n in names}), tmp_path)
     assert labels == [[(f"quality: {n}", False, False) for n in names + ["two\\nlines"]],
                       [(n, False, False) for n in names]]
+
+
+def test_a_long_label_from_the_data_is_cut(tmp_path, monkeypatch):
+    """A 10,000-character rule name made a 10,000-character tick label (and a figure as wide as it)."""
+    labels = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, **kw):
+        if path.name == "drops.png":
+            labels.extend(t.get_text() for t in fig.axes[0].get_yticklabels())
+        savefig(fig, path, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    write_report(_stats(dropped={"quality": {"x" * 10_000: 1, "short": 2}}), tmp_path)
+    assert labels == ["quality: " + "x" * 50 + "…", "quality: short"]
+
