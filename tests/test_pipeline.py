@@ -32,7 +32,8 @@ def test_stage_runs_once_then_is_cached_until_its_inputs_change(tmp_path):
     assert calls == ["data", "pretrain"] and any("data: cached" in line for line in logs)
     # a changed setting re-runs that stage in a clean directory, and the stages that read from it
     p, _ = _pipe(tmp_path)
-    p.run_stage("data", {"docs": 11}, (), lambda d: calls.append("data2") or {"seen": sorted(x.name for x in d.iterdir())})
+    p.run_stage("data", {"docs": 11}, (),
+                lambda d: calls.append("data2") or {"seen": sorted(x.name for x in d.iterdir())})
     p.run_stage("pretrain", {"steps": 5}, ("data",), lambda d: calls.append("pretrain2") or {})
     assert calls[-2:] == ["data2", "pretrain2"]
     assert p.records["data"].summary["seen"] == ["stage.json"]  # out.txt of the old inputs is gone
@@ -245,7 +246,12 @@ def test_stage_checks_judge_each_stage_on_held_out_numbers():
 
 
 def test_smoke_preset_end_to_end(tmp_path):
-    """Every stage on the built-in data; each training stage improves its own held-out metric."""
+    """Every stage runs on the built-in data, and what this tiny preset reliably improves on held-out data does:
+    pretraining's validation loss, SFT's completion loss, the reward model's mean margin, DPO's implicit-reward
+    accuracy and margin; every "keep" check of the report holds. Margins are well inside the gains measured with
+    seeds 0-3. Not checked for improvement, as the preset does not reliably improve them: task accuracy (0 for
+    every checkpoint), the reward model's pairwise accuracy (unchanged at seed 0) and RL (no sampled answer earns
+    a reward, so GRPO has nothing to learn from)."""
     cfg = pipeline.smoke(out_dir=str(tmp_path / "run"))
     records = pipeline.run(cfg)
     status = {name: rec.status for name, rec in records.items()}
@@ -253,10 +259,24 @@ def test_smoke_preset_end_to_end(tmp_path):
                       "rl": "done", "eval": "done"}, status
     data = records["data"].summary
     assert data["funnel"][0][0] == "read" and data["funnel"][-1][1] > 0 and data["tokens"] > 0
-    hist = [r for r in records["pretrain"].summary["history"] if "loss" in r]
-    assert hist[-1]["loss"] < hist[0]["loss"]
-    sft = records["sft"].summary
-    assert sft["after"]["completion_loss"] < sft["before"]["completion_loss"]
+    checks = stage_checks(records)
+
+    def check(stage, metric):
+        return next(c for c in checks if c["stage"] == stage and c["metric"].startswith(metric))
+
+    pretrain = check("pretrain", "next-token loss")  # first training loss -> last validation loss: -0.55 to -0.6
+    assert pretrain["after"] < pretrain["before"] - 0.3
+    val = [r["val_loss"] for r in records["pretrain"].summary["history"] if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0] - 0.05  # steps 10 -> 20: -0.12 to -0.15
+    sft = records["sft"].summary  # on the held-out examples: -2.0
+    assert sft["after"]["completion_loss"] < sft["before"]["completion_loss"] - 1.0
+    rm = records["rm"].summary  # on the held-out pairs: +0.021 (+0.003 to +0.017 with seeds 1-3)
+    assert rm["after"]["margin"] > rm["before"]["margin"] + 0.001
+    # DPO starts at its reference, where every implicit reward is 0; after: 11-14 of the 16 pairs right, margin 0.003
+    accuracy, margin = check("dpo", "implicit-reward accuracy"), check("dpo", "implicit-reward margin")
+    assert accuracy["before"] == margin["before"] == 0 and accuracy["after"] > 0.5 and margin["after"] > 0.001
+    keep = [c for c in checks if c["goal"].startswith("keep")]  # SFT's forgetting: +4% to +6% of +15% allowed
+    assert {c["stage"] for c in keep} == {"sft", "dpo", "grpo"} and all(c["ok"] for c in keep), keep
     # SFT replays pretraining text (2 of its 8 rows) and measures held-out text loss before and after
     assert sft["replay_rows"] == 2 and "text_loss" in sft["after"]
     assert all("replay_loss" in r for r in sft["history"] if "loss" in r)

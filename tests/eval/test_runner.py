@@ -1,17 +1,19 @@
+import importlib
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyllm.eval import make_eval_fn, perplexity, run_tasks
+from pyllm.eval import Scorer, make_eval_fn, perplexity, run_tasks
 from pyllm.eval.cli import main as eval_main
 from pyllm.model import save_model
 from pyllm.tokenizer import ByteTokenizer
 
 from .conftest import tiny_model
+
+perplexity_module = importlib.import_module("pyllm.eval.perplexity")  # the name perplexity is the function
 
 ITEMS = [{"q": f"item {i}", "opts": ["yes", "no", "maybe " * (1 + i % 3)], "label": i % 3} for i in range(7)]
 TEXTS = ["first held-out text " * 5, "second one", "third, the last\n" * 3]
@@ -56,7 +58,8 @@ def test_cli_writes_json_and_markdown(tmp_path, tok, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["results"]["quiz"] == run_tasks(model, tok, [task])["quiz"]
-    assert res["results"]["text:held.txt"]["bits_per_byte"] == pytest.approx(perplexity(model, tok, [TEXTS[0]])["bits_per_byte"])
+    held = perplexity(model, tok, [TEXTS[0]])
+    assert res["results"]["text:held.txt"]["bits_per_byte"] == pytest.approx(held["bits_per_byte"])
     md = (tmp_path / "r.md").read_text()
     assert "| quiz | acc_norm |" in md and "| text:held.txt | bits_per_byte |" in md
     assert "| quiz | acc |" in capsys.readouterr().out
@@ -95,6 +98,24 @@ def test_cli_bad_device_data_folder_and_report_path_are_one_line(tmp_path, tok, 
     assert "data is not a file" in capsys.readouterr().err
 
 
+def _spy_on_scoring(tok) -> dict[str, list]:
+    """Record, in this process, the quiz items (their questions) and the held-out texts the model scores."""
+    scored = {"items": [], "texts": []}
+    choices, rolling_windows = Scorer.choices, perplexity_module.rolling_windows
+
+    def spy_choices(scorer, ctx, conts):
+        scored["items"].append(tok.decode(ctx[1:]))  # ctx[0] is the eos prefix
+        return choices(scorer, ctx, conts)
+
+    def spy_rolling_windows(tokens, *args, **kwargs):
+        scored["texts"].append(tok.decode(tokens))
+        return rolling_windows(tokens, *args, **kwargs)
+
+    Scorer.choices = spy_choices
+    perplexity_module.rolling_windows = spy_rolling_windows
+    return scored
+
+
 def _worker(rank, world_size, store, task, out_dir):
     torch.set_num_threads(1)  # two processes on a small CPU
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
@@ -102,8 +123,10 @@ def _worker(rank, world_size, store, task, out_dir):
         torch.manual_seed(0)
         tok = ByteTokenizer()
         model = tiny_model(tok.vocab_size)
+        scored = _spy_on_scoring(tok)  # a spawned process: the patch dies with it
         res = run_tasks(model, tok, [task], distributed=True)
         res["ppl"] = make_eval_fn(tok, texts=TEXTS)(model)
+        res["scored"] = scored
         (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
@@ -116,11 +139,16 @@ def test_data_parallel_evaluation_equals_single_process(tmp_path, tok):
     model = tiny_model(tok.vocab_size)
     single = run_tasks(model, tok, [task])
     single["ppl"] = make_eval_fn(tok, texts=TEXTS)(model)
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["quiz"]["n"] == 7  # 4 items on rank 0, 3 on rank 1, summed
-        assert got["quiz"] == pytest.approx(single["quiz"])
-        assert got["ppl"] == pytest.approx(single["ppl"], rel=1e-6)
+    got = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for res in got:
+        assert res["quiz"]["n"] == 7  # 4 items on rank 0, 3 on rank 1, summed
+        assert res["quiz"] == pytest.approx(single["quiz"])
+        assert res["ppl"] == pytest.approx(single["ppl"], rel=1e-6)
+    # each rank scored its own share, not everything: 4 and 3 of the 7 items, 2 and 1 of the 3 texts
+    items = [res["scored"]["items"] for res in got]
+    assert [len(i) for i in items] == [4, 3] and sorted(items[0] + items[1]) == sorted(f"{i['q']}?" for i in ITEMS)
+    texts = [res["scored"]["texts"] for res in got]
+    assert [len(t) for t in texts] == [2, 1] and sorted(texts[0] + texts[1]) == sorted(TEXTS)
 
 
 def test_trainer_calls_eval_fn_at_its_interval(tmp_path, tok):

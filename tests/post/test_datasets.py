@@ -1,10 +1,13 @@
 """Built-in data: answers, noisy demonstrations, the held-out split, docstring preferences."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from pyllm.post.datasets import (Conversation, docstring_pairs, is_heldout, solve_task, split, task_examples,
+from pyllm.post.datasets import (Conversation, docstring_pairs, solve_task, split, task_examples,
                                  task_pairs, task_reward)
 from pyllm.post.grpo import GRPOConfig
 from pyllm.post.rollout import rl_setup
@@ -33,7 +36,13 @@ def test_split_is_deterministic_and_disjoint():
     assert {e.prompt for e in train}.isdisjoint({e.prompt for e in held})
     assert 0.15 < len(held) / len(items) < 0.25
     assert split(items, 0.2) == (train, held)
-    assert is_heldout("reverse abc", 0.2) == is_heldout("reverse abc", 0.2)
+    # the same in a fresh interpreter whose hash() is salted differently (runs and processes agree)
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    code = ("import json; from pyllm.post.datasets import split, task_examples; "
+            "print(json.dumps([e.prompt for e in split(task_examples(n=1000), 0.2)[1]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": seed})
+    assert json.loads(out.stdout) == [e.prompt for e in held]
 
 
 def test_docstring_pairs_respect_the_eval_holdout():

@@ -7,6 +7,7 @@ import torch
 
 from pyllm.data.bpe import TokenizerConfig, train_bpe
 from pyllm.data.shards import ShardConfig, pack_shards
+from pyllm.model import Transformer
 from pyllm.train import TrainConfig, train
 from pyllm.train.data import builtin_text
 from pyllm.train.run import build_data
@@ -26,9 +27,9 @@ def test_train_on_shards(tmp_path):
     assert summary["history"][-1]["step"] == 30
 
 
-def _stream_shards(directory, train_windows=30, val_windows=7, seq_len=16):
+def _stream_shards(directory, train_windows=30, val_windows=7, seq_len=16, doc_tokens=None):
     """A shard directory written by hand: ``train_windows`` and ``val_windows`` windows of the built-in
-    text's bytes, one document each, with the byte tokenizer."""
+    text's bytes, one document each (or documents of ``doc_tokens`` tokens), with the byte tokenizer."""
     import numpy as np
 
     from pyllm.data.shards import FORMAT
@@ -40,7 +41,7 @@ def _stream_shards(directory, train_windows=30, val_windows=7, seq_len=16):
         tokens = windows * seq_len + 1
         text[:tokens].astype("<u2").tofile(directory / f"{split}.bin")
         text = text[tokens:]
-        np.array([0], dtype="<u8").tofile(directory / f"{split}.idx")
+        np.arange(0, tokens, doc_tokens or tokens, dtype="<u8").tofile(directory / f"{split}.idx")
         entries.append({"file": f"{split}.bin", "index_file": f"{split}.idx", "split": split, "tokens": tokens})
     ByteTokenizer().save(directory)
     (directory / "manifest.json").write_text(json.dumps({"format": FORMAT, "dtype": "uint16", "vocab_size": 256,
@@ -81,3 +82,27 @@ def test_the_validation_set_does_not_depend_on_the_layout(tmp_path):
             val = torch.cat([b["input_ids"] for b in build_data(cfg, rank, world_size)[2]])
             expected = val if expected is None else expected
             assert torch.equal(val, expected), (micro, world_size, rank)
+
+
+def test_training_and_validation_see_the_loaders_doc_ids(tmp_path, monkeypatch):
+    """Every loss train() computes, training steps and validation alike, gets the doc_ids of the loader's
+    batch (documents of 11 tokens, so a window of 16 holds two or three and attention must stop at them)."""
+    data = _stream_shards(tmp_path / "shards", doc_tokens=11)
+    cfg = _tiny(data, tmp_path / "run", max_steps=4, eval_every=2)
+    _, train_src, val_batches = build_data(cfg, 0, 1)
+    steps = [train_src.next_batch() for _ in range(cfg.max_steps)]
+    assert all((b["doc_ids"].amax(1) >= 1).all() for b in steps + val_batches)  # every window crosses a boundary
+    seen = {True: [], False: []}  # training mode -> (input_ids, doc_ids) of each loss computed
+    loss = Transformer.loss
+
+    def spy(model, idx, targets, **kwargs):
+        seen[model.training].append((idx.clone(), kwargs.get("doc_ids")))
+        return loss(model, idx, targets, **kwargs)
+
+    monkeypatch.setattr(Transformer, "loss", spy)
+    train(cfg)
+    evaluations = len(seen[False]) // len(val_batches)
+    assert len(seen[True]) == len(steps) and evaluations >= 2 and len(seen[False]) == evaluations * len(val_batches)
+    for call, ((idx, doc_ids), batch) in enumerate(zip(seen[True] + seen[False], steps + val_batches * evaluations)):
+        assert torch.equal(idx, batch["input_ids"]), call
+        assert doc_ids is not None and torch.equal(doc_ids, batch["doc_ids"]), call
