@@ -204,7 +204,9 @@ def test_strided_1d_inputs(op, make_inputs):
     leaf = torch.randn(515, 2, requires_grad=True) if op == "swiglu" else torch.randn(9, 11, requires_grad=True)
     out, grad = _forward_and_grads(op, "cpu", make_inputs, leaf)
     ref_out, ref_grad = _forward_and_grads(op, "torch", make_inputs, leaf)
-    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-6)
+    truth, truth_grad = _forward_and_grads(op, "torch", make_inputs, leaf.detach().double().requires_grad_())
+    assert_close(out, truth, ref_out, f"{op} on strided 1-D inputs")
+    assert_close(grad, truth_grad, ref_grad, f"{op} gradient on strided 1-D inputs")
 
 
 @pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-4), (0.2, 1e-3)])
@@ -235,44 +237,86 @@ def test_cross_entropy_with_an_infinite_logit_is_the_references(vocab):
     x, target = _logits_with_infinities(vocab)
     loss = ops.cross_entropy(x, target, reduction="none", backend="cpu")
     want = ops.cross_entropy(x, target, reduction="none", backend="torch")
+    truth = ops.cross_entropy(x.double(), target, reduction="none", backend="torch")
     assert want[0] == want[2] == float("inf") and want[1].isnan() and want[3] == 0  # the reference's semantics
-    torch.testing.assert_close(loss, want, equal_nan=True)
+    # +inf and nan are exact by definition, not rounded values: the same ones, in the same rows
+    rows = want.isfinite()
+    torch.testing.assert_close(loss[~rows], want[~rows], rtol=0, atol=0, equal_nan=True)
+    assert_close(loss[rows], truth[rows], want[rows], "cross-entropy of the finite rows")
 
 
-# ---- linear (cpu_backend.linear): float32 GEMMs through oneDNN or MKL (chosen per machine); both are
-# forced here, whatever this machine would choose
+# ---- linear (cpu_backend.linear): float32 GEMMs through oneDNN or MKL (chosen per machine); each is
+# forced here, whatever this machine would choose. With MKL, and for non-float32 operands, under autocast
+# or on empty operands, cpu_backend.linear returns reference.linear by design: comparing that with the
+# reference would compare the reference with itself, so the C++ path's numbers are checked with oneDNN
+# pinned (the onednn fixture) and the delegated cases by a spy (test_linear_delegates_to_the_reference).
+
+def _pin_gemm(monkeypatch, library):
+    from pyllm.ops import cpu_backend as cb
+
+    monkeypatch.setattr(cb, "_onednn", library == "onednn")
+    monkeypatch.setattr(cb, "_ONEDNN_MIN_MNK", 0)  # the tests' small GEMMs too
+
 
 @pytest.fixture(params=["onednn", "mkl"])
 def gemm(request, monkeypatch):
-    from pyllm.ops import cpu_backend as cb
-
-    monkeypatch.setattr(cb, "_onednn", request.param == "onednn")
-    monkeypatch.setattr(cb, "_ONEDNN_MIN_MNK", 0)  # the tests' small GEMMs too
+    _pin_gemm(monkeypatch, request.param)
     return request.param
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """The C++ linear path (cpu_backend._linear), every GEMM on oneDNN."""
+    _pin_gemm(monkeypatch, "onednn")
+
+
+def _assert_delegated(op, call):
+    """call() runs ops.<op> on the cpu backend: assert it returned what reference.<op> made, as it is."""
+    made = []
+    real = getattr(reference, op)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference, op, lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+        out = call()
+    assert len(made) == 1 and out is made[0], f"cpu backend: {op} did not return the reference's result"
 
 
 @pytest.mark.parametrize("x_shape,n_out,with_bias,activation", [
     ((1, 1), 1, False, None), ((7, 13), 5, True, None), ((3, 11, 64), 33, False, "gelu_tanh"),
     ((5, 1023), 129, True, "gelu"), ((2, 12, 64, 128), 384, True, None),  # nanoGPT's qkv projection
 ])
-def test_linear(x_shape, n_out, with_bias, activation, gemm):
+def test_linear(x_shape, n_out, with_bias, activation, onednn):
     args = [torch.randn(x_shape), torch.randn(n_out, x_shape[-1]) * x_shape[-1] ** -0.5]
     if with_bias:
         args.append(torch.randn(n_out))
     _check("linear", args, activation=activation)
 
 
-@pytest.mark.parametrize("x_shape,n_out", [((4, 0), 3), ((0, 5), 3), ((4, 5), 0)])
-def test_linear_and_linear_cross_entropy_on_empty_operands(x_shape, n_out, gemm):
-    # a width of 0 gives the bias (the flattening reshape(-1, 0) used to raise from inside the backend)
-    args = [torch.randn(x_shape), torch.randn(n_out, x_shape[-1]), torch.randn(n_out)]
-    _check("linear", args)
-    if n_out:  # a vocabulary of 0 classes is not a valid input
-        target = torch.randint(0, n_out, x_shape[:-1])
-        _check("linear_cross_entropy", [args[0], args[1], target], bias=args[2])
+@pytest.mark.parametrize("case", ["mkl", "bfloat16", "bf16 autocast", "no rows", "no features", "no outputs"])
+def test_linear_delegates_to_the_reference(case, monkeypatch):
+    # MKL's GEMM is F.linear's own and oneDNN's bf16 GEMM runs inside F.linear (nothing to gain); empty
+    # operands have nothing to fuse (a width of 0 gives the bias; the flattening reshape(-1, 0) used to
+    # raise from inside the backend)
+    _pin_gemm(monkeypatch, "mkl" if case == "mkl" else "onednn")
+    x_shape = {"no rows": (0, 5), "no features": (4, 0)}.get(case, (4, 5))
+    n_out = 0 if case == "no outputs" else 3
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    x, w, b = (torch.randn(s).to(dtype).requires_grad_() for s in (x_shape, (n_out, x_shape[-1]), (n_out,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16 autocast"):
+        _assert_delegated("linear", lambda: ops.linear(x, w, b, activation="gelu", backend="cpu"))
 
 
-def test_linear_on_strided_operands_and_frozen_weight(gemm):
+@pytest.mark.parametrize("x_shape", [(4, 0), (0, 5)])
+def test_linear_cross_entropy_on_empty_operands(x_shape, gemm):
+    # no rows: the C++ path; no features: the logits are the bias, nothing to fuse (the reference's)
+    args = [torch.randn(x_shape), torch.randn(3, x_shape[-1]), torch.randint(0, 3, x_shape[:-1])]
+    bias = torch.randn(3)
+    if x_shape[-1]:
+        _check("linear_cross_entropy", args, bias=bias)
+    else:
+        _assert_delegated("linear_cross_entropy", lambda: ops.linear_cross_entropy(*args, bias, backend="cpu"))
+
+
+def test_linear_on_strided_operands_and_frozen_weight(onednn):
     from pyllm.ops import cpu_backend as cb
 
     x = torch.randn(40, 24).t()  # (24, 40), column-major
@@ -285,8 +329,7 @@ def test_linear_on_strided_operands_and_frozen_weight(gemm):
         mp.setattr(cb, "_gemm_nt", lambda *a: calls.append(a[0].shape) or real(*a))
         xl = x.detach().requires_grad_()
         ops.linear(xl, w, backend="cpu").backward(torch.ones(24, 17))
-    # oneDNN: the forward and dx = dy W; MKL: the reference's F.linear (autograd skips dW the same way)
-    assert calls == ([(24, 40), (24, 17)] if gemm == "onednn" else [])
+    assert calls == [(24, 40), (24, 17)]  # the forward and dx = dy W
     assert_close(xl.grad, torch.ones(24, 17).double() @ w.double(), torch.ones(24, 17) @ w, "linear dx, frozen w")
 
 
@@ -321,6 +364,7 @@ def test_gemm_library_chosen_while_torch_compile_traces(monkeypatch):
     from pyllm.ops import cpu_backend as cb
 
     monkeypatch.setattr(cb, "_onednn", None)
+    monkeypatch.setenv("PYLLM_CPU_GEMM", "onednn")  # MKL (auto on Intel) would compile the reference itself
     x, w, b = torch.randn(6, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True), torch.randn(8)
 
     def fn(x, w, b, backend="cpu"):
@@ -328,7 +372,7 @@ def test_gemm_library_chosen_while_torch_compile_traces(monkeypatch):
 
     out = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w, b)
     out.backward()
-    assert cb._onednn is not None
+    assert cb._onednn is True
     truth = fn(x.detach().double(), w.detach().double(), b.double(), "torch")
     assert_close(out.detach(), truth, fn(x, w, b, "torch").detach(), "compiled linear")
 

@@ -4,9 +4,9 @@ The interpreter (TRITON_INTERPRET=1, how CI runs kernels) is lenient: it never t
 values, never lowers to PTX and knows nothing of registers or shared memory. This tool runs the real
 compiler pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas) for a CUDA
 compute-capability 9.0 target, with bf16 inputs and the GPU autotune configs, and prints per kernel
-instance: registers per thread, local-memory bytes (spills), shared memory, and whether the
-tensor-core path is Hopper's wgmma. ``test_sm90_compile.py`` runs it in a subprocess (the interpreter
-must be off when the kernels are imported).
+instance: the @triton.jit function compiled (module.name), registers per thread, local-memory bytes
+(spills), shared memory, and whether the tensor-core path is Hopper's wgmma. ``test_sm90_compile.py``
+runs it in a subprocess (the interpreter must be off when the kernels are imported).
 
 Usage: python tests/kernels/sm90_compile.py [--all-configs] [--quick] [kernel-name substrings...]
 (--quick: attention at head dim 128 only.)
@@ -32,7 +32,8 @@ from pyllm.kernels import (adamw, attention, cross_entropy, gelu, layernorm, los
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-SIZES = {"M", "N", "T", "S", "HQ", "HKV", "HALF", "M_BUCKET", "T_BUCKET"}  # upper-case names that are integers, not pointers
+# upper-case names that are integers, not pointers
+SIZES = {"M", "N", "T", "S", "HQ", "HKV", "HALF", "M_BUCKET", "T_BUCKET"}
 FLOATS = {"eps", "qk_scale", "sm_scale", "label_smoothing", "z_loss", "inv_value", "lr_value", "step_value",
           "beta1", "beta2", "log2_beta1", "log2_beta2", "weight_decay", "growth_factor", "backoff_factor"}
 
@@ -55,7 +56,8 @@ def _compile(kernel, constexprs: dict, pointers=None, default_ptr="*bf16", num_w
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     src = ASTSource(fn=fn, signature=_signature(fn, constexprs, pointers or {}, default_ptr), constexprs=constexprs)
     k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-    return {**_resource_usage(k.asm["cubin"]), "shared": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"]}
+    return {"function": f"{fn.fn.__module__.rsplit('.', 1)[-1]}.{fn.fn.__name__}", **_resource_usage(k.asm["cubin"]),
+            "shared": k.metadata.shared, "wgmma": "wgmma" in k.asm["ptx"]}
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -124,6 +126,8 @@ def instances(all_configs: bool, quick: bool = False):
             HAS_BIAS=False, ACTIVATION=0, STORE_PRE=False, ACCUMULATE=True, PRECISION=None), all_configs,
             pointers={"C": f32, "K": "i32"}):
         yield "matmul_accumulate_fp32", label, info
+    yield "attention_bwd_preprocess", "D=128", lambda: _compile(attention._attention_bwd_preprocess_kernel, dict(
+        HQ=32, HEAD_DIM=128, BLOCK_M=64, BLOCK_D=128), pointers={"DELTA": f32})
     lse = {"LSE": f32, "DELTA": f32, "DOC": "*i64"}
     packed = dict(GROUP=4, CAUSAL=True, HAS_WINDOW=True, HAS_DOC=True, PRECISION=None, HEAD_DIM=128, BLOCK_D=128)
     for kernel, name, extra in ((attention._attention_fwd_kernel, "attention_fwd", {}),

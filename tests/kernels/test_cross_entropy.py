@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from pyllm import ops
+from pyllm.ops import reference
+from pyllm.ops.tolerance import assert_close
 from kernel_checks import DEVICE, check_op, kernel_dtypes, requires_gpu, strict_backend  # noqa: F401
 
 pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("strict_backend")]
@@ -54,8 +56,12 @@ def test_cross_entropy_with_an_infinite_logit_is_the_references(V):
     x[2, 0] = float("-inf")
     loss = ops.cross_entropy(x, target, reduction="none", backend="triton")
     want = ops.cross_entropy(x, target, reduction="none", backend="torch")
+    truth = ops.cross_entropy(x.double(), target, reduction="none", backend="torch")
     assert want[0] == want[2] == float("inf") and want[1].isnan() and want[3] == 0
-    torch.testing.assert_close(loss, want, equal_nan=True)
+    # +inf and nan are exact by definition, not rounded values: the same ones, in the same rows
+    rows = want.isfinite()
+    torch.testing.assert_close(loss[~rows], want[~rows], rtol=0, atol=0, equal_nan=True)
+    assert_close(loss[rows], truth[rows], want[rows], "cross-entropy of the finite rows")
 
 
 def test_cross_entropy_3d_int32_targets():
@@ -71,9 +77,11 @@ def test_target_out_of_range_gives_its_row_a_nan_loss():
     x = torch.randn(4, 5, device=DEVICE)
     target = torch.tensor([0, 5, -1, -100], device=DEVICE)
     loss = ce_kernel.cross_entropy(x, target, reduction="none")
-    want = ops.cross_entropy(x, torch.tensor([0, 0, 0, -100], device=DEVICE), reduction="none", backend="torch")
+    in_range = torch.tensor([0, 0, 0, -100], device=DEVICE)
+    want = ops.cross_entropy(x, in_range, reduction="none", backend="torch")
+    truth = ops.cross_entropy(x.double(), in_range, reduction="none", backend="torch")
     assert loss[1].isnan() and loss[2].isnan()
-    torch.testing.assert_close(loss[[0, 3]], want[[0, 3]])
+    assert_close(loss[[0, 3]], truth[[0, 3]], want[[0, 3]], "cross-entropy of the rows in range")
     assert ce_kernel.linear_cross_entropy(x, torch.eye(5, device=DEVICE), target).isnan()
 
 
@@ -116,19 +124,24 @@ def test_linear_cross_entropy_no_grad():
     t = torch.randint(0, 33, (9,), device=DEVICE)
     with torch.no_grad():
         got = ops.linear_cross_entropy(h, w, t, backend="triton")
-    torch.testing.assert_close(got, ops.linear_cross_entropy(h, w, t, backend="torch"))
+        want = ops.linear_cross_entropy(h, w, t, backend="torch")
+        truth = ops.linear_cross_entropy(h.double(), w.double(), t, backend="torch")
+    assert_close(got, truth, want, "linear_cross_entropy under no-grad")
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_with_no_features(bias):
-    # hidden size 0: the logits are the bias (or zeros: ln V); the chunk sizing divided by H
+def test_linear_cross_entropy_with_no_features(bias, monkeypatch):
+    # hidden size 0: the logits are the bias (or zeros: ln V); the chunk sizing divided by H. Nothing to
+    # fuse: the backend hands the call to the reference (a spy shows it), so no kernel output is compared.
     h = torch.randn(4, 0, device=DEVICE, requires_grad=True)
     w = torch.randn(5, 0, device=DEVICE, requires_grad=True)
     b = torch.randn(5, device=DEVICE, requires_grad=True) if bias else None
     t = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    made = []
+    real = reference.linear_cross_entropy
+    monkeypatch.setattr(reference, "linear_cross_entropy", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     got = ops.linear_cross_entropy(h, w, t, b, backend="triton")
-    want = ops.linear_cross_entropy(h, w, t, b, backend="torch")
-    torch.testing.assert_close(got, want)
+    assert len(made) == 1 and got is made[0]
     if not bias:
         torch.testing.assert_close(got, torch.tensor(math.log(5), device=DEVICE))
     got.backward()
