@@ -202,17 +202,20 @@ def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eva
     # compared already; run's fields must match); a Python reward function by its name
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "out_dir", *run)}
     settings = json.loads(json.dumps(settings, default=lambda o: getattr(o, "__qualname__", repr(o))))
-    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run,
-                   settings=settings).fit()
+    trainer = Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run,
+                      settings=settings)
+    summary = trainer.fit()
+    if eval_fn is not None and not summary["eval"]:
+        # resumed at its last step (a crash after the final checkpoint): evaluated as at any last step, under
+        # the run's autocast (measured outside it, a bf16 run's metrics were fp32 ones, unlike an unbroken run's)
+        summary["eval"] = trainer.evaluate()
+    return summary
 
 
 def final_metrics(train: dict, measure, model: torch.nn.Module) -> dict:
-    """Held-out metrics after training: the Trainer's final evaluation (it calls ``measure`` at the last
-    step); measured here only when it made none (a run resumed at its last step)."""
-    if train.get("eval"):
-        return train["eval"]
-    model.eval()
-    return measure(model)
+    """Held-out metrics after training: the Trainer's final evaluation, which ``run_trainer`` makes for a run
+    resumed at its last step too (``measure`` and ``model`` are not needed)."""
+    return train["eval"]
 
 
 def on_main(cfg: StageConfig, write) -> None:

@@ -25,7 +25,7 @@ def quick(**train):
     return {"model": MODEL, "progress": False, "log_every": 1, **train}
 
 
-def test_sft_resumes_and_exports(sft_dir, tmp_path):
+def test_sft_with_lora_exports_a_merged_plain_model(sft_dir, tmp_path):
     model = load_model(sft_dir)
     assert model.cfg.n_layer == 1
     # a LoRA run exports a plain (merged) model with the same parameter names
