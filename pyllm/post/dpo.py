@@ -23,8 +23,8 @@ from .lora import BaseModelView
 from .losses import DPO_VARIANTS, dpo_loss
 from .reward import PairBatches, encode_pairs, load_preferences
 from .sequences import collate, response_logprobs, sequence_logprob
-from .stage import (StageConfig, add_lora, data_parallel, device_of, export, final_metrics, gather_shares,
-                    heldout_share, load_start, micro_batch, run_trainer, write_summary)
+from .stage import (StageConfig, add_lora, autocast_of, data_parallel, device_of, export, final_metrics, gather_shares,
+                    heldout_share, initial_metrics, load_start, micro_batch, run_trainer, write_summary)
 
 
 @dataclass
@@ -130,9 +130,10 @@ def dpo(cfg: DPOConfig) -> dict:
     pad = tokenizer.pad_id
     info = data_parallel(cfg)
     mine = heldout_share(h_chosen, info), heldout_share(h_rejected, info)  # the held-out pairs this process scores
-    h_ref = reference_logprobs(policy, *mine, pad, cfg.length_normalize)
+    with autocast_of(cfg):  # in the precision the policy's log-probs are computed in during training
+        h_ref = reference_logprobs(policy, *mine, pad, cfg.length_normalize)
+        cached = reference_logprobs(policy, chosen, rejected, pad, cfg.length_normalize) if cfg.precompute_ref else None
     if cfg.precompute_ref:
-        cached = reference_logprobs(policy, chosen, rejected, pad, cfg.length_normalize)
         reference = None
     else:
         reference = BaseModelView(policy) if cfg.lora_rank else copy.deepcopy(policy).requires_grad_(False)
@@ -151,11 +152,11 @@ def dpo(cfg: DPOConfig) -> dict:
         values = preference_values(m, *mine, *h_ref, pad, cfg.beta, cfg.length_normalize)
         return preference_metrics(*gather_shares(values, len(h_chosen), info, device))
 
-    before = measure(policy)
+    before = initial_metrics(cfg, measure, policy)
     params = add_lora(cfg, policy)
     batches = PairBatches(chosen, rejected, micro_batch(cfg), pad, cfg.seed, info.rank, info.world_size)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
-    after = final_metrics(train, measure, policy)
+    after = final_metrics(train)
     summary = {"stage": "dpo", "data": cfg.data, "variant": cfg.variant, "beta": cfg.beta,
                "length_normalize": cfg.length_normalize, "sft_coef": cfg.sft_coef,
                "precompute_ref": cfg.precompute_ref,

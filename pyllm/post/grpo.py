@@ -16,7 +16,8 @@ import torch
 from .losses import grpo_advantages, kl_penalty, ppo_policy_loss, sequence_mean
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import add_lora, data_parallel, export, final_metrics, micro_batch, run_trainer, write_summary
+from .stage import (add_lora, data_parallel, export, final_metrics, initial_metrics, micro_batch, run_trainer,
+                    write_summary)
 
 
 @dataclass
@@ -87,12 +88,11 @@ def grpo(cfg: GRPOConfig) -> dict:
         return heldout_metrics(m, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed,
                                cfg.heldout_samples, info)
 
-    policy.eval()
-    before = measure(policy)
+    before = initial_metrics(cfg, measure, policy)
     params = add_lora(cfg, policy)
     batches = RolloutBatches(make_rollout, micro_batch(cfg), cfg.epochs, cfg.seed)
     train = run_trainer(cfg, policy, batches, loss_fn, eval_fn=measure)
-    after = final_metrics(train, measure, policy)
+    after = final_metrics(train)
     summary = {"stage": "grpo", "data": cfg.data, "reward": str(cfg.reward), "group_size": cfg.group_size,
                "rollouts": batches.round, "heldout_prompts": len(heldout), "before": before, "after": after,
                **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}

@@ -18,7 +18,7 @@ from .heads import PolicyWithValue
 from .losses import AdaptiveKLController, gae, masked_whiten, ppo_policy_loss, ppo_value_loss, token_logprobs
 from .rollout import RLConfig, Rollout, RolloutBatches, heldout_metrics, rl_setup, rollout_seed, sample
 from .sequences import response_logprobs
-from .stage import (add_lora, data_parallel, export, final_metrics, mean_over_processes, micro_batch,
+from .stage import (add_lora, data_parallel, export, final_metrics, initial_metrics, mean_over_processes, micro_batch,
                     run_trainer, write_summary)
 
 
@@ -124,13 +124,12 @@ def ppo(cfg: PPOConfig) -> dict:
         return heldout_metrics(m.policy, reference, template, heldout, reward_fn, cfg.max_new_tokens, cfg.seed,
                                cfg.heldout_samples, info)
 
-    model.eval()
-    before = measure(model)
+    before = initial_metrics(cfg, measure, model)
     params = add_lora(cfg, policy, model)
     batches = RolloutBatches(make_rollout, micro_batch(cfg), cfg.epochs, cfg.seed,
                              stateful={"kl_controller": kl_ctl})
     train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
-    after = final_metrics(train, measure, model)
+    after = final_metrics(train)
     summary = {"stage": "ppo", "data": cfg.data, "reward": str(cfg.reward), "rollouts": batches.round,
                "final_kl_coef": kl_ctl.coef, "heldout_prompts": len(heldout), "before": before, "after": after,
                **params, "train": train, "model_dir": export(cfg, policy, tokenizer)}

@@ -20,7 +20,7 @@ from .losses import bradley_terry_loss
 from .packing import RankBatches, encode_examples
 from .sequences import collate
 from .stage import (StageConfig, add_lora, data_parallel, device_of, final_metrics, gather_shares, heldout_share,
-                    load_start, micro_batch, on_main, run_trainer, write_summary)
+                    initial_metrics, load_start, micro_batch, on_main, run_trainer, write_summary)
 
 
 @dataclass
@@ -125,11 +125,10 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         margins = pairwise_margins(m, *mine, tokenizer.pad_id)
         return pairwise_metrics(*gather_shares([margins], len(h_chosen), info, device))
 
-    rm.eval()
-    before = measure(rm)
+    before = initial_metrics(cfg, measure, rm)
     params = add_lora(cfg, rm.body, rm)
     train = run_trainer(cfg, rm, batches, loss_fn, eval_fn=measure)
-    after = final_metrics(train, measure, rm)
+    after = final_metrics(train)
     merge_lora(rm.body)
     model_dir = Path(cfg.out_dir) / "final"
     on_main(cfg, lambda: rm.save(model_dir, tokenizer))

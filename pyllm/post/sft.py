@@ -23,7 +23,7 @@ from .datasets import BUILTIN_EXAMPLES, Example, load_examples, resolve, split
 from .packing import PackedBatches, ReplayBatches, encode_examples, pack
 from .sequences import completion_nll, exact_matches
 from .stage import (StageConfig, add_lora, data_parallel, device_of, export, final_metrics, heldout_share,
-                    load_start, micro_batch, run_trainer, sum_shares, write_summary)
+                    initial_metrics, load_start, micro_batch, run_trainer, sum_shares, write_summary)
 
 
 @dataclass
@@ -162,11 +162,10 @@ def sft(cfg: SFTConfig) -> dict:
             out["text_loss"] = text_val_loss(m)["val_loss"]
         return out
 
-    model.eval()
-    before = measure(model)
+    before = initial_metrics(cfg, measure, model)
     params = add_lora(cfg, model)
     train = run_trainer(cfg, model, batches, loss_fn, eval_fn=measure)
-    after = final_metrics(train, measure, model)
+    after = final_metrics(train)
     summary = {"stage": "sft", "data": cfg.data, "train_examples": len(train_items),
                "heldout_examples": len(heldout_items), "packed_rows": int(rows["input_ids"].shape[0]),
                "pretrain_mix": cfg.pretrain_mix, "replay_rows": n_replay, "before": before, "after": after,

@@ -32,7 +32,7 @@ from pyllm.model import Transformer, load_model, save_model
 from pyllm.tokenizer import ByteTokenizer, load_tokenizer
 from pyllm.train import distributed
 from pyllm.train.config import TrainConfig
-from pyllm.train.trainer import Trainer, resolve_device
+from pyllm.train.trainer import Trainer, precision_autocast, resolve_device
 from pyllm.typecheck import check_fields
 
 from .chat import ChatTemplate
@@ -212,9 +212,24 @@ def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eva
     return summary
 
 
-def final_metrics(train: dict, measure, model: torch.nn.Module) -> dict:
+def autocast_of(cfg: StageConfig):
+    """The autocast context of the stage's precision, in which the Trainer computes its losses, batches and
+    evaluations: what is compared with them (a cached reference, the metrics before training) is computed in it
+    too, or a bf16 run would compare its bf16 figures with fp32 ones."""
+    return precision_autocast(cfg.train_config().precision, device_of(cfg))
+
+
+def initial_metrics(cfg: StageConfig, measure, model: torch.nn.Module) -> dict:
+    """Held-out metrics before training, measured as the Trainer measures them after it (eval mode, the run's
+    autocast), so that before and after differ by the training alone."""
+    model.eval()
+    with autocast_of(cfg):
+        return measure(model)
+
+
+def final_metrics(train: dict) -> dict:
     """Held-out metrics after training: the Trainer's final evaluation, which ``run_trainer`` makes for a run
-    resumed at its last step too (``measure`` and ``model`` are not needed)."""
+    resumed at its last step too."""
     return train["eval"]
 
 

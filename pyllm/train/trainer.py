@@ -36,6 +36,13 @@ from .schedule import lr_at
 
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+def precision_autocast(precision: str, device: torch.device):
+    """The autocast context of a run's precision ("fp32": none) on ``device``: the Trainer's forward passes,
+    evaluations and batch sources run in it, and so should anything compared with them."""
+    low = LOW_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None)
+
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 
 
@@ -118,8 +125,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- one step
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.low_dtype or torch.float32,
-                              enabled=self.low_dtype is not None)
+        return precision_autocast(self.cfg.precision, self.device)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -129,7 +135,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         metric_sums: dict = {}
         tokens = 0
-        batches = [self._to_device(self.batches.next_batch()) for _ in range(self.grad_accum)]
+        with self.autocast():  # what a batch source computes (RL rollouts: samples, old and reference log-probs)
+            batches = [self._to_device(self.batches.next_batch()) for _ in range(self.grad_accum)]
         shares = self._loss_shares(batches)
         for micro, batch in enumerate(batches):
             last = micro == self.grad_accum - 1
