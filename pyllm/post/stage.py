@@ -202,14 +202,8 @@ def run_trainer(cfg: StageConfig, module: torch.nn.Module, batches, loss_fn, eva
     # compared already; run's fields must match); a Python reward function by its name
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "out_dir", *run)}
     settings = json.loads(json.dumps(settings, default=lambda o: getattr(o, "__qualname__", repr(o))))
-    trainer = Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run,
-                      settings=settings)
-    summary = trainer.fit()
-    if eval_fn is not None and not summary["eval"]:
-        # resumed at its last step (a crash after the final checkpoint): evaluated as at any last step, under
-        # the run's autocast (measured outside it, a bf16 run's metrics were fp32 ones, unlike an unbroken run's)
-        summary["eval"] = trainer.evaluate()
-    return summary
+    return Trainer(module, cfg.train_config(), batches, loss_fn=loss_fn, eval_fn=eval_fn, run=run,
+                   settings=settings).fit()
 
 
 def autocast_of(cfg: StageConfig):
@@ -228,8 +222,8 @@ def initial_metrics(cfg: StageConfig, measure, model: torch.nn.Module) -> dict:
 
 
 def final_metrics(train: dict) -> dict:
-    """Held-out metrics after training: the Trainer's final evaluation, which ``run_trainer`` makes for a run
-    resumed at its last step too."""
+    """Held-out metrics after training: the Trainer's final evaluation (a run resumed at its last step makes it
+    too)."""
     return train["eval"]
 
 

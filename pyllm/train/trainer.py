@@ -251,6 +251,8 @@ class Trainer:
                 log.record(self.step, {"energy_kwh": kwh, "co2_kg": kwh * cfg.carbon_intensity})
         finally:
             log.close()
+        if self.eval_fn is not None and not self.last_eval and start_step >= cfg.max_steps:
+            self.evaluate()  # resumed at its last step (a crash after the final checkpoint): its final evaluation
         last = self.history[-1] if self.history else {}
         summary = {
             "steps": self.step, "resumed_from": start_step, "tokens": total_tokens, "train_time_s": train_time,

@@ -211,6 +211,18 @@ def test_resume_says_where_it_resumed_and_when_nothing_is_left(tmp_path, capsys)
             "nothing to train (raise max_steps to continue)") in capsys.readouterr().err
 
 
+def test_a_run_resumed_at_its_last_step_makes_its_final_evaluation(tmp_path):
+    """A crash after the final checkpoint, then the same command: nothing is left to train, and the summary (and
+    summary.json) gave no evaluation where the unbroken run had one; the pipeline's checks read it."""
+    def val(model):
+        return {"val_loss": sum(float(p.double().square().sum()) for p in model.parameters())}
+
+    first = make_trainer(tmp_path, max_steps=2, eval_fn=val).fit()
+    again = make_trainer(tmp_path, max_steps=2, eval_fn=val).fit()
+    assert again["tokens"] == 0 and again["eval"] == first["eval"] != {}
+    assert json.loads((tmp_path / "summary.json").read_text())["eval"] == first["eval"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_corrupted_checkpoint_is_named_and_skipped(tmp_path, damage):
     make_trainer(tmp_path, max_steps=6, ckpt_every=2, keep_last=3).fit()
