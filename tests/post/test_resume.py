@@ -25,24 +25,10 @@ class _Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def start(tmp_path_factory):
+def start(tmp_path_factory, model_with_shards):
     """A tiny fresh model with dropout 0.1 saved with a BPE tokenizer, and pretraining shards made with
     that tokenizer (for SFT's replay)."""
-    from pyllm.data.bpe import TokenizerConfig, train_bpe
-    from pyllm.data.shards import ShardConfig, pack_shards
-    from pyllm.model import Transformer, preset, save_model
-    from pyllm.tokenizer import load_tokenizer
-    from pyllm.train.data import builtin_text
-
-    tmp = tmp_path_factory.mktemp("resume")
-    docs = [(f"topic-{i}", t) for i, t in enumerate(builtin_text()[:20_000].split("\n\n")) if t.strip()]
-    train_bpe((t for _, t in docs), TokenizerConfig(vocab_size=300), tmp / "tok")
-    pack_shards(iter(docs), tmp / "tok", tmp / "shards", ShardConfig(val_fraction=0.1), {"test": 1}, workers=1)
-    tokenizer = load_tokenizer(tmp / "shards")
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny", **MODEL, vocab_size=tokenizer.vocab_size, max_seq_len=48, dropout=0.1))
-    save_model(model, tmp / "model", tokenizer)
-    return str(tmp / "model"), str(tmp / "shards")
+    return model_with_shards(tmp_path_factory.mktemp("resume"), 20_000, **MODEL, dropout=0.1)
 
 
 def common(start, out_dir, train: dict | None) -> dict:

@@ -153,23 +153,9 @@ def test_chat_only_sft_writes_strict_json(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def replay_setup(tmp_path_factory):
+def replay_setup(tmp_path_factory, model_with_shards):
     """A tiny fresh model saved with a BPE tokenizer, and pretraining shards made with that tokenizer."""
-    from pyllm.data.bpe import TokenizerConfig, train_bpe
-    from pyllm.data.shards import ShardConfig, pack_shards
-    from pyllm.model import Transformer, preset, save_model
-    from pyllm.tokenizer import load_tokenizer
-    from pyllm.train.data import builtin_text
-
-    tmp = tmp_path_factory.mktemp("replay")
-    docs = [(f"topic-{i}", t) for i, t in enumerate(builtin_text()[:30_000].split("\n\n")) if t.strip()]
-    train_bpe((t for _, t in docs), TokenizerConfig(vocab_size=300), tmp / "tok")
-    pack_shards(iter(docs), tmp / "tok", tmp / "shards", ShardConfig(val_fraction=0.1), {"test": 1}, workers=1)
-    tokenizer = load_tokenizer(tmp / "shards")
-    torch.manual_seed(0)
-    save_model(Transformer(preset("tiny", **MODEL, vocab_size=tokenizer.vocab_size, max_seq_len=48)), tmp / "model",
-               tokenizer)
-    return str(tmp / "model"), str(tmp / "shards")
+    return model_with_shards(tmp_path_factory.mktemp("replay"), 30_000, **MODEL)
 
 
 def test_sft_replay_does_not_depend_on_the_micro_batch_and_resumes_on_another(replay_setup, tmp_path):
