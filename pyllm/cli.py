@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,24 @@ COMMANDS = {
 RESUMES = {**{stage: "resumes from its last checkpoint" for stage in ("train", "sft", "rm", "dpo", "ppo", "grpo")},
            "pipeline": "skips the finished stages and resumes the interrupted one",
            "data": "skips the finished stages"}
+
+
+# commands whose options are spelled with dashes (--out-dir); train and the post-training stages take config keys,
+# which accept both spellings already
+DASHED = ("info", "pipeline", "data", "plan", "eval", "bench")
+_UNDERSCORED_OPTION = re.compile(r"^--[a-z0-9]+(?:_[a-z0-9]+)+(?==|$)")
+
+
+def dashed(argv: list[str]) -> list[str]:
+    """``--out_dir x`` as ``--out-dir x`` (and ``--out_dir=x``): a user of ``pyllm train --max_steps`` types it;
+    these commands have no option spelled with an underscore, so nothing else changes. Tokens after ``--`` are
+    left as they are."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        out.append(_UNDERSCORED_OPTION.sub(lambda m: m.group().replace("_", "-"), arg, count=1))
+    return out
 
 
 def usage() -> str:
@@ -70,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[name][0])
         # post-training stages share one module; it learns which stage from the command name
+        if name in DASHED:
+            rest = dashed(rest)
         result = module.main([name, *rest]) if module.__name__ == "pyllm.post.cli" else module.main(rest)
     except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the run was
         resume = RESUMES.get(name, "")
