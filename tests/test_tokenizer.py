@@ -65,7 +65,7 @@ def test_hf_round_trip_specials_and_save(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(KeyError, match="no special token '<|bos|>'"):
+    with pytest.raises(KeyError, match=r"no special token '<\|bos\|>'"):
         ByteTokenizer().token_id("<|bos|>")
     with pytest.raises(FileNotFoundError, match="no pyllm_tokenizer.json or tokenizer.json"):
         load_tokenizer(tmp_path)

@@ -130,10 +130,8 @@ def test_loader_batches_targets_and_doc_ids(packed):
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
     eos = manifest["eos_id"]
     for row_x, row_d in zip(x, d):
-        # a new document starts right after every eos
-        after_eos = (row_x[:-1] == eos).nonzero().flatten() + 1
-        assert all(row_d[i] == row_d[i - 1] + 1 for i in after_eos)
-        assert row_d[0] == 0 and (row_d.diff() >= 0).all()
+        # a new document starts right after every eos, and only there (one id per token passed the old check)
+        assert row_d[0] == 0 and torch.equal(row_d.diff(), (row_x[:-1] == eos).long())
 
 
 def test_loader_deterministic_sharded_and_resumable(packed):
