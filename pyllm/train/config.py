@@ -21,6 +21,7 @@ from pyllm.model import ModelConfig
 from pyllm.typecheck import check_fields
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the half precisions' dtypes (fp32: none)
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 

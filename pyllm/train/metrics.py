@@ -23,6 +23,9 @@ import torch
 from pyllm.data.shards import write_atomic
 from pyllm.model.flops import peak_flops
 
+from .config import LOW_DTYPES
+
+
 def device_peak_flops(device: torch.device, precision: str, override_tflops: float | None) -> float | None:
     """Peak FLOP/s for MFU: the configured figure, else pyllm.model.flops' table for known GPUs; None on
     CPUs (give peak_tflops, e.g. from pyllm.model.flops.cpu_peak_flops)."""
@@ -48,7 +51,7 @@ def warn_if_emulated(precision: str, device: torch.device) -> None:
     """A RuntimeWarning when ``precision`` runs its matmuls emulated on ``device``: nothing fails, but the
     run is slow for a reason the user may not suspect (the nanoGPT CPU preset, 30 steps on a Zen 4 CPU
     with AVX512-BF16 but no fp16 units: fp32 20,400 tokens/s, bf16 26,400, fp16 1,150)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = LOW_DTYPES.get(precision)
     if dtype is not None and half_matmul_emulated(dtype, device.type):
         units = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "AMX-FP16"
         warnings.warn(f"precision={precision!r} on a CPU without {units}: its matmuls are emulated, often 10x "

@@ -28,13 +28,11 @@ from pyllm.model.flops import flops_per_token
 
 from . import checkpoint, data, distributed, host_memory
 from .checkpoint import CheckpointError, CheckpointManager
-from .config import ConfigError, TrainConfig
+from .config import LOW_DTYPES, ConfigError, TrainConfig
 from .metrics import EnergyMeter, MetricsLog, device_peak_flops, peak_memory_gb, warn_if_emulated
 from .optimizer import AdamW
 from .scaler import LossScaler
 from .schedule import lr_at
-
-LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precision_autocast(precision: str, device: torch.device):
@@ -42,6 +40,7 @@ def precision_autocast(precision: str, device: torch.device):
     evaluations and batch sources run in it, and so should anything compared with them."""
     low = LOW_DTYPES.get(precision)
     return torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None)
+
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict]]
 
